@@ -1,0 +1,28 @@
+# Two commands do all the set-up on a fresh machine with only python3:
+#   make run    the demo: gpumgr in front of simulated consumers
+#   make test   the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+LISTEN ?= tcp:8770:interface=127.0.0.1
+
+.PHONY: run test venv clean
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt \
+		--config-settings editable_mode=compat -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/twistd --nodaemon --pidfile= gpumgr --demo --listen '$(LISTEN)'
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,123 @@
+"""One error type per failure, mapped to the JSON error contract in one place.
+
+Every error gpumgr itself makes has the body
+``{"error": {"code": ..., "message": ..., "consumer": <name or null>}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import ClassVar, Sequence
+
+
+class GpumgrError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        consumer: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.consumer = consumer
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        if self.retry_after_s is None:
+            return []
+        seconds = max(1, math.ceil(self.retry_after_s))
+        return [(b"Retry-After", str(seconds).encode("ascii"))]
+
+    def body(self) -> bytes:
+        return json.dumps(
+            {"error": {"code": self.code, "message": self.message, "consumer": self.consumer}}
+        ).encode("utf-8")
+
+
+class UnknownRoute(GpumgrError):
+    status = 404
+    code = "unknown_route"
+
+
+class MethodNotAllowed(GpumgrError):
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, method: str, allowed: Sequence[str]) -> None:
+        super().__init__(f"{method} is not allowed here; use {', '.join(allowed)}")
+        self.allowed = tuple(allowed)
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"Allow", ", ".join(self.allowed).encode("ascii"))]
+
+
+class ConsumerUnhealthy(GpumgrError):
+    status = 503
+    code = "consumer_unhealthy"
+
+
+class UpstreamUnreachable(GpumgrError):
+    status = 502
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(GpumgrError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class BodyTooLarge(GpumgrError):
+    status = 413
+    code = "body_too_large"
+
+
+class BadPath(GpumgrError):
+    status = 400
+    code = "bad_path"
+
+
+class QueueFull(GpumgrError):
+    status = 503
+    code = "queue_full"
+
+
+class QueueTimeout(GpumgrError):
+    status = 503
+    code = "queue_timeout"
+
+
+class InsufficientVram(GpumgrError):
+    status = 503
+    code = "insufficient_vram"
+
+
+def write_error(request, error: GpumgrError) -> None:
+    """Send `error` as the complete response to a twisted.web request."""
+    body = error.body()
+    request.setResponseCode(error.status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
+    for name, value in error.headers():
+        request.setHeader(name, value)
+    request.write(body)
+    request.finish()
+
+
+def raw_error_response(error: GpumgrError) -> bytes:
+    """A whole HTTP/1.1 response, for replies sent before twisted.web has a Request ready."""
+    body = error.body()
+    head = [
+        f"HTTP/1.1 {error.status} {_REASONS.get(error.status, 'Error')}".encode("ascii"),
+        b"Content-Type: application/json",
+        b"Content-Length: " + str(len(body)).encode("ascii"),
+        b"Connection: close",
+    ]
+    head += [name + b": " + value for name, value in error.headers()]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+_REASONS = {400: "Bad Request", 413: "Content Too Large"}

@@ -1,0 +1,306 @@
+"""nvidia-smi: pure CSV parsing, a subprocess runner with a hard timeout, and a sampler.
+
+NVIDIA does not promise stable output across drivers, so the parser is
+tolerant: bracketed values (``[N/A]``, ``[Not Supported]``) are unknown, stray
+units are stripped, and names may contain commas.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+from typing import Callable, Sequence
+
+import attrs
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+GPU_QUERY = (
+    "--query-gpu=index,name,memory.total,memory.used,memory.free,"
+    "utilization.gpu,temperature.gpu"
+)
+APPS_QUERY = "--query-compute-apps=pid,process_name,used_memory"
+CSV_FORMAT = "--format=csv,noheader,nounits"
+_OUTPUT_LIMIT_BYTES = 1024 * 1024
+_KILL_GRACE_S = 1.0
+
+log = Logger()
+
+
+class GpuParseError(ValueError):
+    pass
+
+
+class GpuCommandError(Exception):
+    pass
+
+
+@attrs.frozen
+class GpuInfo:
+    index: int
+    name: str
+    memory_total_mib: int | None
+    memory_used_mib: int | None
+    memory_free_mib: int | None
+    utilization_pct: int | None
+    temperature_c: int | None
+
+
+@attrs.frozen
+class GpuProcess:
+    pid: int
+    name: str
+    used_mib: int | None
+
+
+@attrs.frozen
+class GpuSample:
+    """One reading. `error` is set (and the lists empty) when sampling failed."""
+
+    sampled_at: float | None
+    gpus: tuple[GpuInfo, ...] = ()
+    processes: tuple[GpuProcess, ...] = ()
+    error: str | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.error is None and self.sampled_at is not None
+
+    @property
+    def memory_free_mib(self) -> int | None:
+        """Free memory summed over GPUs; None if any GPU's figure is unknown."""
+        if not self.available or not self.gpus:
+            return None
+        free = [g.memory_free_mib for g in self.gpus]
+        return None if None in free else sum(free)  # type: ignore[arg-type]
+
+
+NOT_SAMPLED = GpuSample(sampled_at=None, error="not sampled yet")
+
+
+def _unknown(field: str) -> bool:
+    return not field or (field.startswith("[") and field.endswith("]")) or field == "N/A"
+
+
+def _int_field(field: str, what: str, line_no: int) -> int | None:
+    field = field.strip()
+    if _unknown(field):
+        return None
+    for unit in (" MiB", "MiB", " %", "%", " C"):
+        if field.endswith(unit):
+            field = field[: -len(unit)].strip()
+            break
+    try:
+        return int(float(field))
+    except ValueError:
+        raise GpuParseError(f"line {line_no}: {what} is not a number: {field!r}") from None
+
+
+def _lines(text: str) -> list[tuple[int, str]]:
+    return [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def parse_gpu_csv(text: str) -> tuple[GpuInfo, ...]:
+    """Parse ``--query-gpu=index,name,memory.total,memory.used,memory.free,
+    utilization.gpu,temperature.gpu --format=csv,noheader,nounits``."""
+    gpus = []
+    for line_no, line in _lines(text):
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) < 7:
+            raise GpuParseError(f"line {line_no}: expected 7 fields, got {len(fields)}: {line!r}")
+        # The name is the only free-text field; rejoin any commas inside it.
+        index, name, rest = fields[0], ", ".join(fields[1:-5]), fields[-5:]
+        idx = _int_field(index, "index", line_no)
+        if idx is None:
+            raise GpuParseError(f"line {line_no}: GPU index is unknown: {line!r}")
+        gpus.append(
+            GpuInfo(
+                index=idx,
+                name=name,
+                memory_total_mib=_int_field(rest[0], "memory.total", line_no),
+                memory_used_mib=_int_field(rest[1], "memory.used", line_no),
+                memory_free_mib=_int_field(rest[2], "memory.free", line_no),
+                utilization_pct=_int_field(rest[3], "utilization.gpu", line_no),
+                temperature_c=_int_field(rest[4], "temperature.gpu", line_no),
+            )
+        )
+    if not gpus:
+        raise GpuParseError("no GPUs in nvidia-smi output")
+    return tuple(gpus)
+
+
+def parse_apps_csv(text: str) -> tuple[GpuProcess, ...]:
+    """Parse ``--query-compute-apps=pid,process_name,used_memory``; empty means none."""
+    procs = []
+    for line_no, line in _lines(text):
+        if line.lower().startswith("no running"):
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) < 3:
+            raise GpuParseError(f"line {line_no}: expected 3 fields, got {len(fields)}: {line!r}")
+        pid = _int_field(fields[0], "pid", line_no)
+        if pid is None:
+            raise GpuParseError(f"line {line_no}: pid is unknown: {line!r}")
+        procs.append(
+            GpuProcess(
+                pid=pid,
+                name=", ".join(fields[1:-1]),
+                used_mib=_int_field(fields[-1], "used_memory", line_no),
+            )
+        )
+    return tuple(procs)
+
+
+class _CaptureProtocol(ProcessProtocol):
+    """Collects stdout (bounded) and enforces a TERM-then-KILL deadline."""
+
+    def __init__(self, clock: IReactorTime, timeout_s: float, label: str) -> None:
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+        self._clock = clock
+        self._timeout_s = timeout_s
+        self._label = label
+        self._out: list[bytes] = []
+        self._err: list[bytes] = []
+        self._size = 0
+        self._timer = None
+        self._timed_out = False
+
+    def connectionMade(self) -> None:
+        self._timer = self._clock.callLater(self._timeout_s, self._expire)
+
+    def outReceived(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size <= _OUTPUT_LIMIT_BYTES:
+            self._out.append(data)
+
+    def errReceived(self, data: bytes) -> None:
+        if sum(map(len, self._err)) < 4096:
+            self._err.append(data)
+
+    def _signal(self, sig: str) -> None:
+        try:
+            self.transport.signalProcess(sig)
+        except error.ProcessExitedAlready:
+            pass
+
+    def _expire(self) -> None:
+        self._timed_out = True
+        self._signal("TERM")
+        self._timer = self._clock.callLater(_KILL_GRACE_S, self._signal, "KILL")
+
+    def processEnded(self, reason) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self._timed_out:
+            msg = f"{self._label} timed out after {self._timeout_s:g}s"
+            self.done.errback(GpuCommandError(msg))
+        elif self._size > _OUTPUT_LIMIT_BYTES:
+            self.done.errback(GpuCommandError(f"{self._label} printed over 1 MiB"))
+        elif reason.check(error.ProcessDone):
+            self.done.callback(b"".join(self._out))
+        else:
+            stderr = b"".join(self._err).decode("utf-8", "replace").strip()
+            stdout = b"".join(self._out).decode("utf-8", "replace").strip()
+            code = getattr(reason.value, "exitCode", None)
+            detail = (stderr or stdout)[:300]
+            msg = f"{self._label} exited with status {code}" + (f": {detail}" if detail else "")
+            self.done.errback(GpuCommandError(msg))
+
+
+def run_command(
+    reactor, argv: Sequence[str], timeout_s: float, env: dict[str, str] | None = None
+) -> defer.Deferred[bytes]:
+    """Run argv, returning stdout; fails with GpuCommandError on any trouble."""
+    label = os.path.basename(argv[0])
+    executable = shutil.which(argv[0])
+    if executable is None:
+        return defer.fail(GpuCommandError(f"{argv[0]} not found"))
+    proto = _CaptureProtocol(reactor, timeout_s, label)
+    try:
+        IReactorProcess(reactor).spawnProcess(
+            proto,
+            executable,
+            list(argv),
+            env=dict(os.environ) if env is None else env,
+        )
+    except OSError as e:
+        return defer.fail(GpuCommandError(f"cannot run {argv[0]}: {e}"))
+    return proto.done
+
+
+def nvidia_smi_argv(command: str) -> list[str]:
+    """The configured command may carry arguments (the simulator does)."""
+    return shlex.split(command)
+
+
+class GpuSampler:
+    """Samples nvidia-smi periodically; `latest` always holds the newest reading."""
+
+    def __init__(
+        self,
+        reactor,
+        command: str,
+        interval_s: float,
+        timeout_s: float,
+        run: Callable[..., defer.Deferred[bytes]] = run_command,
+    ) -> None:
+        self._reactor = reactor
+        self._argv = nvidia_smi_argv(command)
+        self._interval_s = interval_s
+        self._timeout_s = timeout_s
+        self._run = run
+        self.latest: GpuSample = NOT_SAMPLED
+        self._loop: LoopingCall | None = None
+        self._last_logged_error: str | None = None
+
+    def start(self) -> None:
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self._reactor
+        self._loop.start(self._interval_s, now=True)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def _tick(self) -> defer.Deferred[None]:
+        # sample_now never fails; the loop would die silently if it did.
+        return self.sample_now().addCallback(lambda _: None)
+
+    @defer.inlineCallbacks
+    def sample_now(self):
+        """Take a reading now and make it `latest`. Never fails."""
+        try:
+            gpu_out, apps_out = yield defer.gatherResults(
+                [
+                    self._run(self._reactor, self._argv + [GPU_QUERY, CSV_FORMAT], self._timeout_s),
+                    self._run(self._reactor, self._argv + [APPS_QUERY, CSV_FORMAT], self._timeout_s),
+                ],
+                consumeErrors=True,
+            )
+            sample = GpuSample(
+                sampled_at=self._reactor.seconds(),
+                gpus=parse_gpu_csv(gpu_out.decode("utf-8", "replace")),
+                processes=parse_apps_csv(apps_out.decode("utf-8", "replace")),
+            )
+        except defer.FirstError as e:
+            sample = self._failed(str(e.subFailure.value))
+        except GpuParseError as e:
+            sample = self._failed(f"unreadable nvidia-smi output: {e}")
+        except Exception as e:  # never let the loop die
+            sample = self._failed(f"{type(e).__name__}: {e}")
+        else:
+            if self._last_logged_error is not None:
+                log.info("GPU sampling recovered")
+                self._last_logged_error = None
+        self.latest = sample
+        return sample
+
+    def _failed(self, message: str) -> GpuSample:
+        if message != self._last_logged_error:
+            log.warn("GPU sampling failed: {message}", message=message)
+            self._last_logged_error = message
+        return GpuSample(sampled_at=self._reactor.seconds(), error=message)

@@ -1,0 +1,337 @@
+"""The streaming hop: one client request relayed to one consumer, both ways.
+
+Invariants:
+- Bodies are never buffered whole. The request body was spooled by
+  twisted.web (memory under 100 kB, a temp file above); it is streamed out
+  with FileBodyProducer. The response body is written through chunk by chunk,
+  with the upstream transport registered as the client's push producer, so a
+  slow client pauses the upstream.
+- A client that leaves cancels the upstream request (before headers) or stops
+  the upstream transport (during the body).
+- An upstream that breaks mid-body aborts the client connection; `finish()`
+  is never called on a truncated body.
+- `forward()` returns a Deferred that fires with an `Outcome` once the
+  exchange is entirely over. It never errbacks, so a scheduler holding the GPU
+  lock around it always gets its release.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import FileBodyProducer, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent
+
+from gpumgr.errors import GpumgrError, UpstreamTimeout, UpstreamUnreachable, write_error
+
+log = Logger()
+
+#: Never forwarded in either direction (RFC 9110 7.6.1 plus proxy-specific ones).
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"expect",
+        b"content-length",
+    }
+)
+_READ_SIZE = 256 * 1024
+
+
+class Outcome(enum.Enum):
+    COMPLETED = "completed"  # response relayed in full
+    CLIENT_GONE = "client_gone"  # client left; upstream cancelled
+    UPSTREAM_BROKE = "upstream_broke"  # upstream failed mid-body; client aborted
+    REFUSED = "refused"  # gpumgr answered with its own error
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    tokens = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def _end_to_end(headers: Headers):
+    """Yield (name, values) of the headers a proxy may forward."""
+    drop = _connection_tokens(headers)
+    for name, values in headers.getAllRawHeaders():
+        lower = name.lower()
+        if lower in _HOP_BY_HOP or lower in drop or lower.startswith(b"proxy-"):
+            continue
+        yield name, values
+
+
+def forward_request_headers(headers: Headers, client_ip: str | None) -> Headers:
+    """Client request headers as sent upstream: hop-by-hop gone, X-Forwarded-For added."""
+    out = Headers()
+    for name, values in _end_to_end(headers):
+        out.setRawHeaders(name, list(values))
+    if client_ip:
+        prior = headers.getRawHeaders(b"x-forwarded-for", [])
+        chain = b", ".join(prior + [client_ip.encode("ascii", "replace")])
+        out.setRawHeaders(b"X-Forwarded-For", [chain])
+    return out
+
+
+def copy_response_headers(upstream: Headers, response_headers: Headers) -> None:
+    """Upstream response headers onto the client response, hop-by-hop removed."""
+    for name, values in _end_to_end(upstream):
+        response_headers.setRawHeaders(name, list(values))
+
+
+def _client_ip(request) -> str | None:
+    peer = request.getClientAddress()
+    return getattr(peer, "host", None)
+
+
+#: on_upstream_error(consumer, reachable, reason): `reachable` is False when
+#: the consumer could not be reached at all (passive health marks it down).
+UpstreamErrorHook = Callable[[str, bool, str], None]
+
+
+class _Relay(Protocol):
+    """Writes upstream body chunks straight to the client, with backpressure."""
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self._exchange = exchange
+
+    def connectionMade(self) -> None:
+        self._exchange.body_started(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._exchange.request.write(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._exchange.body_ended(reason)
+
+
+class _Exchange:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        cooperator: Cooperator,
+        request,
+        consumer: str,
+        agent: IAgent,
+        url: bytes,
+        request_timeout_s: float,
+        extra_headers: list[tuple[bytes, bytes]],
+        on_upstream_error: UpstreamErrorHook,
+    ) -> None:
+        self.request = request
+        self._clock = clock
+        self._cooperator = cooperator
+        self._consumer = consumer
+        self._agent = agent
+        self._url = url
+        self._request_timeout_s = request_timeout_s
+        self._extra_headers = extra_headers
+        self._on_upstream_error = on_upstream_error
+        self.done: defer.Deferred[Outcome] = defer.Deferred(self._cancel)
+        self._pending: defer.Deferred | None = None
+        self._timer = None
+        self._timed_out = False
+        self._client_gone = False
+        self._upstream_transport = None
+        self._outcome: Outcome | None = None
+
+    def start(self) -> None:
+        self.request.notifyFinish().addErrback(self._client_left)
+        if self._client_gone or self.request._disconnected:
+            self._client_gone = True
+            self._end(Outcome.CLIENT_GONE)
+            return
+        content = self.request.content
+        content.seek(0)
+        producer = FileBodyProducer(content, cooperator=self._cooperator, readSize=_READ_SIZE)
+        headers = forward_request_headers(self.request.requestHeaders, _client_ip(self.request))
+        method = self.request.method
+        self._pending = self._agent.request(method, self._url, headers, producer)
+        self._timer = self._clock.callLater(self._request_timeout_s, self._time_out)
+        self._pending.addCallbacks(self._got_response, self._request_failed)
+
+    # -- before the response headers ---------------------------------------
+
+    def _time_out(self) -> None:
+        self._timer = None
+        self._timed_out = True
+        if self._pending is not None:
+            self._pending.cancel()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _request_failed(self, failure: Failure) -> None:
+        self._pending = None
+        self._stop_timer()
+        if self._client_gone:
+            self._end(Outcome.CLIENT_GONE)
+            return
+        if self._timed_out:
+            reason = f"no response headers within {self._request_timeout_s:g}s"
+            err: GpumgrError = UpstreamTimeout(
+                f"{self._consumer} sent {reason}", consumer=self._consumer
+            )
+            self._on_upstream_error(self._consumer, True, reason)
+        else:
+            reason = _describe_failure(failure)
+            err = UpstreamUnreachable(
+                f"{self._consumer} could not be reached: {reason}", consumer=self._consumer
+            )
+            self._on_upstream_error(self._consumer, False, reason)
+        self._refuse(err)
+
+    def _refuse(self, err: GpumgrError) -> None:
+        if not self._client_gone:
+            write_error(self.request, err)
+        self._end(Outcome.REFUSED)
+
+    def _got_response(self, response) -> None:
+        self._pending = None
+        self._stop_timer()
+        request = self.request
+        if self._client_gone:
+            response.deliverBody(_Discard())
+            self._end(Outcome.CLIENT_GONE)
+            return
+        request.setResponseCode(response.code, response.phrase)
+        # twisted.web would invent "Content-Type: text/html"; relay what upstream said.
+        request.defaultContentType = None
+        copy_response_headers(response.headers, request.responseHeaders)
+        if response.length is not UNKNOWN_LENGTH:
+            request.responseHeaders.setRawHeaders(
+                b"Content-Length", [str(response.length).encode("ascii")]
+            )
+        for name, value in self._extra_headers:
+            request.responseHeaders.setRawHeaders(name, [value])
+        response.deliverBody(_Relay(self))
+
+    # -- during the body ---------------------------------------------------
+
+    def body_started(self, transport) -> None:
+        self._upstream_transport = transport
+        self.request.registerProducer(transport, True)
+
+    def body_ended(self, reason: Failure) -> None:
+        if self.request.channel is not None and self.request.producer is not None:
+            self.request.unregisterProducer()
+        self._upstream_transport = None
+        if self._client_gone:
+            self._end(Outcome.CLIENT_GONE)
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            # PotentialDataLoss: no length, no chunking, ended by close -- the
+            # normal end of an HTTP/1.0-style body.
+            self.request.finish()
+            self._end(Outcome.COMPLETED)
+        else:
+            why = _describe_failure(reason)
+            log.warn(
+                "{consumer} broke mid-body ({why}); aborting the client",
+                consumer=self._consumer,
+                why=why,
+            )
+            self._on_upstream_error(self._consumer, True, f"broke mid-body: {why}")
+            _abort_client(self.request)
+            self._end(Outcome.UPSTREAM_BROKE)
+
+    # -- either phase ------------------------------------------------------
+
+    def _client_left(self, failure: Failure) -> None:
+        if self._outcome is not None:
+            return
+        self._client_gone = True
+        if self._pending is not None:
+            self._pending.cancel()
+        elif self._upstream_transport is not None:
+            self._upstream_transport.stopProducing()
+
+    def _cancel(self, _d) -> None:
+        """The job was cancelled (shutdown): drop both sides now."""
+        if self._outcome is not None:
+            return
+        self._client_gone = True
+        _abort_client(self.request)
+        if self._pending is not None:
+            self._pending.cancel()
+        elif self._upstream_transport is not None:
+            self._upstream_transport.stopProducing()
+        self._end(Outcome.CLIENT_GONE)
+
+    def _end(self, outcome: Outcome) -> None:
+        if self._outcome is not None:
+            return
+        self._outcome = outcome
+        self._stop_timer()
+        if not self.done.called:
+            self.done.callback(outcome)
+
+
+class _Discard(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
+def _abort_client(request) -> None:
+    transport = getattr(request.channel, "transport", None) if request.channel else None
+    if transport is not None:
+        transport.abortConnection()
+
+
+def _describe_failure(failure: Failure) -> str:
+    value = failure.value
+    reasons = getattr(value, "reasons", None)
+    if reasons:
+        return "; ".join(_describe_failure(r) for r in reasons)
+    text = str(value).strip() or type(value).__name__
+    return text if len(text) < 300 else text[:297] + "..."
+
+
+class StreamingProxy:
+    def __init__(
+        self, clock: IReactorTime, cooperator: Cooperator, on_upstream_error: UpstreamErrorHook
+    ) -> None:
+        self._clock = clock
+        self._cooperator = cooperator
+        self._on_upstream_error = on_upstream_error
+
+    def forward(
+        self,
+        request,
+        consumer: str,
+        agent: IAgent,
+        url: bytes,
+        request_timeout_s: float,
+        extra_headers: list[tuple[bytes, bytes]] = (),
+    ) -> defer.Deferred[Outcome]:
+        exchange = _Exchange(
+            self._clock,
+            self._cooperator,
+            request,
+            consumer,
+            agent,
+            url,
+            request_timeout_s,
+            list(extra_headers),
+            self._on_upstream_error,
+        )
+        exchange.start()
+        return exchange.done

@@ -1,0 +1,221 @@
+"""`twistd gpumgr`: options, and the service tree that wires the parts together."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from treq.client import HTTPClient
+
+from gpumgr import __version__
+from gpumgr.config import Config, ConfigError, load_config, require_available_mode
+from gpumgr.control import ControlClient
+from gpumgr.gpu import GpuSampler
+from gpumgr.health import HealthMonitor
+from gpumgr.proxy import StreamingProxy
+from gpumgr.registry import Registry
+from gpumgr.scheduler import Passthrough, Scheduler
+from gpumgr.status import build_status
+from gpumgr.web import Broker, GpumgrSite, RootResource
+
+log = Logger()
+
+#: Idle upstream connections are dropped before the consumers' own keep-alive
+#: timeouts (whisper.cpp's is 5 s), so a POST never lands on a connection the
+#: consumer is closing: Agent retries only idempotent methods.
+_IDLE_CONNECTION_S = 4
+#: Cached idle connections per consumer; concurrency itself is not capped here.
+_IDLE_CONNECTIONS_PER_HOST = 32
+#: How long shutdown waits for pools to close.
+_SHUTDOWN_GRACE_S = 5.0
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """The pool makes a factory per connection; don't log each start and stop."""
+
+    noisy = False
+
+
+def _make_pool(reactor) -> HTTPConnectionPool:
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory
+    pool.cachedConnectionTimeout = _IDLE_CONNECTION_S
+    return pool
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH | --demo] [--listen ENDPOINT]"
+    longdesc = (
+        "gpumgr fronts several GPU services behind one HTTP door: routing, "
+        "streaming, health probes, a GPU lock and VRAM-driven eviction."
+    )
+    optParameters = [
+        ["config", "c", None, "Path of the YAML config (see etc/consumers.yaml)."],
+        ["listen", None, None, "Twisted server endpoint; overrides the config's listen."],
+    ]
+    optFlags = [
+        ["demo", None, "Run against built-in simulated consumers and a simulated GPU."],
+    ]
+
+    def postOptions(self) -> None:
+        if self["demo"] and self["config"]:
+            raise usage.UsageError("use either --config or --demo, not both")
+        if not self["demo"]:
+            if not self["config"]:
+                raise usage.UsageError("--config PATH is required (or --demo to try it out)")
+            try:
+                config = load_config(self["config"])
+                require_available_mode(config)
+            except ConfigError as e:
+                raise usage.UsageError(f"config error: {e}") from None
+            self["parsed_config"] = config
+        listen = self["listen"] or (None if self["demo"] else self["parsed_config"].listen)
+        if listen is not None:
+            _check_endpoint(listen, "--listen" if self["listen"] else "listen")
+
+
+def _check_endpoint(description: str, what: str) -> None:
+    from twisted.internet import reactor
+
+    try:
+        serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise usage.UsageError(f"{what}: invalid endpoint {description!r}: {e}") from None
+
+
+class _ListenService(Service):
+    """Listens on an endpoint; `listening` fires with the port (tests read it)."""
+
+    def __init__(self, reactor, description: str, factory) -> None:
+        self._endpoint = serverFromString(reactor, description)
+        self._description = description
+        self._factory = factory
+        self.listening: defer.Deferred[Any] | None = None
+        self._port = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.listening = self._endpoint.listen(self._factory)
+        failed = []
+        self.listening.addCallbacks(self._got_port, failed.append)
+        if failed:  # a TCP bind fails synchronously: make startup fail loudly
+            failed[0].raiseException()
+
+    def _got_port(self, port):
+        self._port = port
+        address = port.getHost()
+        log.info(
+            "gpumgr {version} listening on http://{host}:{port}/",
+            version=__version__, host=address.host, port=address.port,
+        )
+        return port
+
+    def stopService(self):
+        super().stopService()
+        if self._port is not None:
+            return self._port.stopListening()
+        return None
+
+
+def make_scheduler(config: Config, clock, registry: Registry) -> Scheduler:
+    require_available_mode(config)
+    return Passthrough(clock, registry)
+
+
+class GpumgrService(MultiService):
+    """The broker: HTTP site, health monitor, GPU sampler and scheduler."""
+
+    def __init__(self, reactor, config: Config, listen: str | None = None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self.registry = Registry(config.consumers)
+
+        self._data_pool = _make_pool(reactor)
+        self._data_pool.maxPersistentPerHost = _IDLE_CONNECTIONS_PER_HOST
+        agents = {
+            name: Agent(reactor, connectTimeout=c.connect_timeout_s, pool=self._data_pool)
+            for name, c in config.consumers.items()
+        }
+        self._control_pool = _make_pool(reactor)
+        self.control = ControlClient(
+            HTTPClient(
+                Agent(reactor, connectTimeout=config.health.timeout_s, pool=self._control_pool)
+            )
+        )
+        self.health = HealthMonitor(
+            reactor,
+            config.consumers,
+            self.registry,
+            self.control.probe,
+            config.health.interval_s,
+            config.health.timeout_s,
+        )
+        self.gpu = GpuSampler(
+            reactor, config.gpu.nvidia_smi, config.gpu.interval_s, config.gpu.timeout_s
+        )
+        self.scheduler = make_scheduler(config, reactor, self.registry)
+        self._cooperator = Cooperator(scheduler=lambda f: reactor.callLater(0, f))
+        self.proxy = StreamingProxy(reactor, self._cooperator, self._upstream_error)
+        self.started_at = reactor.seconds()
+        broker = Broker(
+            reactor, config, self.registry, self.scheduler, self.proxy, agents, self.status
+        )
+        self.site = GpumgrSite(RootResource(broker), reactor, config.limits.max_body_bytes)
+        self.http = _ListenService(reactor, listen or config.listen, self.site)
+        self.http.setServiceParent(self)
+
+    def status(self) -> dict:
+        return build_status(
+            self.reactor.seconds(),
+            self.started_at,
+            self.config,
+            self.registry,
+            self.gpu.latest,
+            self.scheduler.stats(),
+        )
+
+    def _upstream_error(self, consumer: str, reachable: bool, reason: str) -> None:
+        self.registry.upstream_error(consumer, self.reactor.seconds(), reason, reachable)
+        if not reachable:
+            log.warn("{consumer} unreachable ({reason}); re-probing now",
+                     consumer=consumer, reason=reason)
+            self.health.probe_now(consumer)
+
+    def startService(self) -> None:
+        self.started_at = self.reactor.seconds()
+        super().startService()
+        self.health.start()
+        self.gpu.start()
+
+    def stopService(self):
+        self.health.stop()
+        self.gpu.stop()
+        d = defer.maybeDeferred(super().stopService)
+        d.addBoth(lambda _: self._close_pools())
+        return d
+
+    def _close_pools(self):
+        self._cooperator.stop()
+        closing = defer.DeferredList(
+            [self._data_pool.closeCachedConnections(), self._control_pool.closeCachedConnections()]
+        )
+        timer = self.reactor.callLater(_SHUTDOWN_GRACE_S, closing.cancel)
+        closing.addBoth(lambda _: timer.active() and timer.cancel())
+        return closing
+
+
+def makeService(options: Options) -> MultiService:
+    from twisted.internet import reactor
+
+    if options["demo"]:
+        from gpumgr.testing.demo import make_demo_service
+
+        return make_demo_service(reactor, options["listen"])
+    return GpumgrService(reactor, options["parsed_config"], options["listen"])

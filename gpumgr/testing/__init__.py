@@ -1,0 +1,130 @@
+"""Simulated consumers and a simulated GPU, for the demo and for tests.
+
+Like `twisted.internet.testing` and `treq.testing`, this ships with the
+package: `twistd gpumgr --demo` runs on it, and so does the test suite.
+
+    world = make_world(reactor, state_dir)       # four consumers, one GPU
+    world.listen(reactor)                        # ephemeral loopback ports
+    config = world_config(world)                 # a validated gpumgr Config
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from typing import Any
+
+from gpumgr.config import Config, parse_config
+from gpumgr.testing.consumers import (
+    Behaviour,
+    ComfyUISim,
+    MvoiceSim,
+    OllamaSim,
+    RecordedRequest,
+    SimulatedConsumer,
+    SimulatedWorld,
+    WhisperSim,
+    make_wav,
+)
+from gpumgr.testing.gpu import SimulatedGpu
+
+__all__ = [
+    "Behaviour",
+    "ComfyUISim",
+    "MvoiceSim",
+    "OllamaSim",
+    "RecordedRequest",
+    "SimulatedConsumer",
+    "SimulatedGpu",
+    "SimulatedWorld",
+    "WhisperSim",
+    "make_wav",
+    "make_world",
+    "sim_nvidia_smi_command",
+    "world_config",
+]
+
+#: How each flavour is described to gpumgr: its real API routes.
+_CONSUMER_CONFIG: dict[type, dict[str, Any]] = {
+    OllamaSim: {
+        "health": "/api/version",
+        "paths": {"llm": "/api/generate"},
+        "load": {"method": "POST", "path": "/api/generate", "body": '{"model":"llama3"}',
+                 "content_type": "application/json"},
+        "unload": {"method": "POST", "path": "/api/generate",
+                   "body": '{"model":"llama3","keep_alive":0}',
+                   "content_type": "application/json"},
+    },
+    ComfyUISim: {
+        "health": "/system_stats",
+        "paths": {"image": "/prompt"},
+        "unload": {"method": "POST", "path": "/free",
+                   "body": '{"unload_models":true,"free_memory":true}',
+                   "content_type": "application/json"},
+    },
+    WhisperSim: {"health": "/health", "paths": {"stt": "/inference"}},
+    MvoiceSim: {
+        "health": "/health",
+        "paths": {"tts": "/tts"},
+        "load": {"method": "POST", "path": "/load"},
+        "unload": {"method": "POST", "path": "/unload"},
+    },
+}
+
+
+def sim_nvidia_smi_command(state_path: str) -> str:
+    return " ".join(
+        shlex.quote(a)
+        for a in (sys.executable, "-m", "gpumgr.testing.nvidia_smi", "--state", state_path)
+    )
+
+
+def make_world(clock, state_dir: str, total_mib: int = 24576, behaviours=None) -> SimulatedWorld:
+    """The standard four: ollama, comfyui, whisper and mvoice on one GPU."""
+    behaviours = behaviours or {}
+    gpu = SimulatedGpu(os.path.join(state_dir, "gpu-state.json"), total_mib=total_mib)
+    world = SimulatedWorld(clock, gpu)
+    defaults = {
+        "ollama": Behaviour(vram_mib=9000),
+        "comfyui": Behaviour(vram_mib=7000, job_s=0.2),
+        "whisper": Behaviour(vram_mib=1500),
+        "mvoice": Behaviour(vram_mib=2500),
+    }
+    for name, behaviour in defaults.items():
+        world.add(name, name, behaviours.get(name, behaviour))
+    return world
+
+
+def world_config(world: SimulatedWorld, **sections: Any) -> Config:
+    """A validated Config routing the four kinds to the world's consumers.
+
+    Keyword arguments replace or extend top-level sections, e.g.
+    ``world_config(world, health={"interval_s": 0.2})``.
+    """
+    consumers = {}
+    for name, consumer in world.consumers.items():
+        if consumer.url is None:
+            raise ValueError(f"simulated consumer {name} is not listening; call world.listen()")
+        entry = dict(_CONSUMER_CONFIG[type(consumer)])
+        entry["url"] = consumer.url
+        entry["vram_resident_mib"] = consumer.behaviour.vram_mib
+        consumers[name] = entry
+    routes = {}
+    for name, consumer in world.consumers.items():
+        for kind in _CONSUMER_CONFIG[type(consumer)]["paths"]:
+            routes.setdefault(kind, name)
+        if isinstance(consumer, MvoiceSim):
+            routes.setdefault("audio_proxy", name)
+    raw: dict[str, Any] = {
+        "listen": "tcp:0:interface=127.0.0.1",
+        "gpu": {"nvidia_smi": sim_nvidia_smi_command(world.gpu.state_path)},
+        "routes": routes,
+        "consumers": consumers,
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return parse_config(raw, "<simulated world>")

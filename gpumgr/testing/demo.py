@@ -1,0 +1,53 @@
+"""`twistd gpumgr --demo`: the broker in front of a simulated box."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+
+from gpumgr.config import DEFAULT_LISTEN
+from gpumgr.service import GpumgrService
+from gpumgr.testing import Behaviour, make_world, world_config
+
+log = Logger()
+
+DEMO_BEHAVIOURS = {
+    "ollama": Behaviour(vram_mib=9000, stream_chunks=24, chunk_interval_s=0.08),
+    "comfyui": Behaviour(vram_mib=7000, job_s=3.0),
+    "whisper": Behaviour(vram_mib=1500, job_s=0.4),
+    "mvoice": Behaviour(vram_mib=2500, job_s=0.3),
+}
+
+
+class DemoService(MultiService):
+    def __init__(self, reactor, listen: str | None) -> None:
+        super().__init__()
+        self._state_dir = tempfile.mkdtemp(prefix="gpumgr-demo-")
+        self.world = make_world(reactor, self._state_dir, behaviours=DEMO_BEHAVIOURS)
+        self.world.listen(reactor)
+        config = world_config(
+            self.world,
+            listen=listen or DEFAULT_LISTEN,
+            gpu={"interval_s": 2},
+        )
+        self.broker = GpumgrService(reactor, config)
+        self.broker.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        for name, consumer in self.world.consumers.items():
+            log.info("demo: simulated {name} at {url}", name=name, url=consumer.url)
+        log.info("demo: try  curl -sN -X POST localhost:8770/v1/llm -d '{{\"prompt\":\"hi\"}}'")
+
+    def stopService(self):
+        d = super().stopService()
+        d.addBoth(lambda r: self.world.stop().addBoth(lambda _: r))
+        d.addBoth(lambda r: (shutil.rmtree(self._state_dir, ignore_errors=True), r)[1])
+        return d
+
+
+def make_demo_service(reactor, listen: str | None) -> DemoService:
+    return DemoService(reactor, listen)

@@ -1,0 +1,374 @@
+"""The twisted.web Resource tree, the body-size limit, and the Site.
+
+Routes:
+  POST /v1/{tts,stt,llm,image}   proxied to the routed consumer, scheduled
+  GET  /audio/<rest>             proxied to routes.audio_proxy, not scheduled
+  GET  /v1/status                live state (never waits for the scheduler)
+  GET  /healthz                  liveness of the broker itself
+  GET  /                         a small JSON index
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Callable
+from urllib.parse import unquote_to_bytes
+
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+from gpumgr import __version__
+from gpumgr.config import AUDIO_ROUTE, KINDS, Config
+from gpumgr.errors import (
+    BadPath,
+    BodyTooLarge,
+    ConsumerUnhealthy,
+    GpumgrError,
+    MethodNotAllowed,
+    UnknownRoute,
+    raw_error_response,
+    write_error,
+)
+from gpumgr.proxy import Outcome, StreamingProxy
+from gpumgr.registry import HEALTH_DOWN, Registry
+from gpumgr.scheduler import Scheduler
+
+log = Logger()
+
+#: How long a rejected upload may keep sending before the connection is cut.
+_LINGER_S = 2.0
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def write_json(request, value: Any, code: int = 200) -> bytes:
+    body = _json_bytes(value)
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
+    return body
+
+
+class JsonResource(Resource):
+    """A Resource whose every gpumgr-made error is JSON, 405 included."""
+
+    allowed_methods: tuple[str, ...] = ("GET",)
+
+    def getChild(self, path: bytes, request) -> Resource:
+        return ErrorResource(UnknownRoute(f"no route for {request.path.decode('latin-1')}"))
+
+    def render(self, request):
+        method = request.method.decode("ascii", "replace")
+        if method not in self.allowed_methods:
+            write_error(request, MethodNotAllowed(method, self.allowed_methods))
+            return server.NOT_DONE_YET
+        return self.handle(request)
+
+    def handle(self, request):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ErrorResource(Resource):
+    isLeaf = True
+
+    def __init__(self, error: GpumgrError) -> None:
+        super().__init__()
+        self._error = error
+
+    def render(self, request):
+        write_error(request, self._error)
+        return server.NOT_DONE_YET
+
+
+class Broker:
+    """What the resources share: config, state, the scheduler and the proxy."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        config: Config,
+        registry: Registry,
+        scheduler: Scheduler,
+        proxy: StreamingProxy,
+        agents: dict[str, Any],
+        status: Callable[[], dict],
+    ) -> None:
+        self.clock = clock
+        self.config = config
+        self.registry = registry
+        self.scheduler = scheduler
+        self.proxy = proxy
+        self.agents = agents
+        self.status = status
+
+
+class KindResource(JsonResource):
+    """POST /v1/<kind>: health gate, then the scheduler, then the proxy."""
+
+    isLeaf = True
+    allowed_methods = ("POST",)
+
+    def __init__(self, broker: Broker, kind: str) -> None:
+        super().__init__()
+        self._broker = broker
+        self._kind = kind
+
+    def handle(self, request):
+        if request.postpath not in ([], [b""]):
+            write_error(request, UnknownRoute(f"no route for {request.path.decode('latin-1')}"))
+            return server.NOT_DONE_YET
+        broker = self._broker
+        consumer = broker.config.consumer_for(self._kind)
+        if consumer is None:
+            write_error(request, UnknownRoute(f"no consumer is routed for {self._kind!r}"))
+            return server.NOT_DONE_YET
+        refusal = _health_refusal(broker, consumer.name)
+        if refusal is not None:
+            write_error(request, refusal)
+            return server.NOT_DONE_YET
+        url = consumer.url_for(consumer.paths[self._kind]).encode("utf-8")
+        query = request.uri.partition(b"?")[2]
+        if query:
+            url += b"?" + query
+        queued_at = broker.clock.seconds()
+
+        def job():
+            wait_ms = int((broker.clock.seconds() - queued_at) * 1000)
+            return broker.proxy.forward(
+                request,
+                consumer.name,
+                broker.agents[consumer.name],
+                url,
+                consumer.request_timeout_s,
+                [
+                    (b"X-Gpumgr-Consumer", consumer.name.encode("utf-8")),
+                    (b"X-Gpumgr-Wait-Ms", str(wait_ms).encode("ascii")),
+                ],
+            )
+
+        d = broker.scheduler.run(consumer.name, job, kind=self._kind)
+        # A client that leaves while queued must leave the queue at once.
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        d.addErrback(self._refused, request, consumer.name)
+        return server.NOT_DONE_YET
+
+    def _refused(self, failure: Failure, request, consumer: str) -> Outcome | None:
+        if failure.check(GpumgrError):
+            if not request._disconnected and not request.finished:
+                write_error(request, failure.value)
+            return Outcome.REFUSED
+        if failure.check(CancelledError):
+            return Outcome.CLIENT_GONE
+        log.failure("scheduling a job for {consumer} failed", failure, consumer=consumer)
+        if not request._disconnected and not request.finished:
+            write_error(request, GpumgrError("internal error; see the gpumgr log", consumer))
+        return Outcome.REFUSED
+
+
+def _health_refusal(broker: Broker, name: str) -> GpumgrError | None:
+    state = broker.registry[name]
+    if state.health != HEALTH_DOWN:
+        return None
+    why = f": {state.last_error}" if state.last_error else ""
+    return ConsumerUnhealthy(
+        f"{name} failed its last health check{why}",
+        consumer=name,
+        retry_after_s=broker.config.health.interval_s,
+    )
+
+
+def audio_path_is_safe(segments: list[bytes]) -> bool:
+    """Reject traversal, encoded separators and empty segments (pure)."""
+    if not segments:
+        return False
+    for raw in segments:
+        if not raw:
+            return False
+        decoded = unquote_to_bytes(raw)
+        if decoded in (b".", b"..") or b"/" in decoded or b"\\" in decoded or b"\x00" in decoded:
+            return False
+    return True
+
+
+class AudioResource(JsonResource):
+    """GET /audio/<rest>: straight to the audio_proxy consumer; no scheduling."""
+
+    isLeaf = True
+
+    def __init__(self, broker: Broker) -> None:
+        super().__init__()
+        self._broker = broker
+
+    def handle(self, request):
+        broker = self._broker
+        # request.postpath is already split on '/', but twisted.web does not
+        # collapse '..' for us; check the raw path of the URI instead.
+        raw_path = request.uri.partition(b"?")[0]
+        segments = raw_path.split(b"/")[2:]  # drop "", "audio"
+        if not audio_path_is_safe(segments):
+            write_error(request, BadPath("audio paths must be plain file names, no '..' or '//'"))
+            return server.NOT_DONE_YET
+        consumer = broker.config.consumer_for(AUDIO_ROUTE)
+        if consumer is None:
+            write_error(request, UnknownRoute("no consumer is routed for audio_proxy"))
+            return server.NOT_DONE_YET
+        refusal = _health_refusal(broker, consumer.name)
+        if refusal is not None:
+            write_error(request, refusal)
+            return server.NOT_DONE_YET
+        url = consumer.url.encode("utf-8") + request.uri
+        d = broker.proxy.forward(
+            request,
+            consumer.name,
+            broker.agents[consumer.name],
+            url,
+            consumer.request_timeout_s,
+            [(b"X-Gpumgr-Consumer", consumer.name.encode("utf-8"))],
+        )
+        d.addErrback(log.failure, "relaying /audio failed")
+        return server.NOT_DONE_YET
+
+
+class StatusResource(JsonResource):
+    isLeaf = True
+
+    def __init__(self, broker: Broker) -> None:
+        super().__init__()
+        self._broker = broker
+
+    def handle(self, request):
+        return write_json(request, self._broker.status())
+
+
+class HealthzResource(JsonResource):
+    isLeaf = True
+
+    def handle(self, request):
+        return write_json(request, {"status": "ok"})
+
+
+class IndexResource(JsonResource):
+    isLeaf = True
+
+    def handle(self, request):
+        if request.postpath not in ([], [b""]):
+            write_error(request, UnknownRoute(f"no route for {request.path.decode('latin-1')}"))
+            return server.NOT_DONE_YET
+        return write_json(
+            request,
+            {
+                "name": "gpumgr",
+                "version": __version__,
+                "endpoints": {
+                    **{f"POST /v1/{k}": f"proxied to routes.{k}" for k in KINDS},
+                    "GET /audio/<name>": "proxied to routes.audio_proxy",
+                    "GET /v1/status": "live state of GPU, consumers and scheduler",
+                    "GET /healthz": "liveness of gpumgr itself",
+                },
+            },
+        )
+
+
+class V1Resource(JsonResource):
+    def __init__(self, broker: Broker) -> None:
+        super().__init__()
+        for kind in KINDS:
+            self.putChild(kind.encode("ascii"), KindResource(broker, kind))
+        self.putChild(b"status", StatusResource(broker))
+
+    def handle(self, request):
+        write_error(request, UnknownRoute(f"no route for {request.path.decode('latin-1')}"))
+        return server.NOT_DONE_YET
+
+
+class RootResource(JsonResource):
+    def __init__(self, broker: Broker) -> None:
+        super().__init__()
+        self._index = IndexResource()
+        self.putChild(b"v1", V1Resource(broker))
+        self.putChild(b"audio", AudioResource(broker))
+        self.putChild(b"healthz", HealthzResource())
+
+    def getChild(self, path: bytes, request) -> Resource:
+        if path == b"":
+            return self._index
+        return super().getChild(path, request)
+
+    def handle(self, request):
+        return self._index.render(request)
+
+
+class LimitedRequest(server.Request):
+    """A Request that refuses bodies over the site's limit without storing them.
+
+    A declared Content-Length over the limit is refused before the body is
+    read (and before any `100 Continue`); a chunked body is refused as soon as
+    its running size passes the limit. The 413 is written straight to the
+    transport, the body received so far is discarded, and the connection is
+    closed after a short linger so the client can read the answer.
+    """
+
+    _rejected = False
+    _received = 0
+
+    def gotLength(self, length):
+        limit = self.channel.site.max_body_bytes
+        if length is not None and length > limit:
+            self.requestHeaders.removeHeader(b"expect")  # no 100 Continue
+            self._reject(f"request body of {length} bytes exceeds the {limit}-byte limit")
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self._rejected:
+            return
+        self._received += len(data)
+        limit = self.channel.site.max_body_bytes
+        if self._received > limit:
+            self._reject(f"request body exceeds the {limit}-byte limit")
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command, path, version):
+        if self._rejected:
+            return
+        super().requestReceived(command, path, version)
+
+    def _reject(self, message: str) -> None:
+        self._rejected = True
+        old = getattr(self, "content", None)
+        if old is not None:
+            old.close()
+        self.content = io.BytesIO()
+        transport = self.channel.transport
+        transport.write(raw_error_response(BodyTooLarge(message)))
+        self.channel.persistent = False
+        reactor = self.channel.site.clock
+        timer = reactor.callLater(_LINGER_S, transport.abortConnection)
+        self.notifyFinish().addBoth(lambda _: timer.active() and timer.cancel())
+        if hasattr(transport, "loseWriteConnection"):
+            transport.loseWriteConnection()
+        else:  # pragma: no cover - non-TCP transports
+            transport.loseConnection()
+
+
+class GpumgrSite(server.Site):
+    requestFactory = LimitedRequest
+
+    def __init__(self, resource: Resource, clock: IReactorTime, max_body_bytes: int) -> None:
+        super().__init__(resource, reactor=clock)
+        self.clock = clock
+        self.max_body_bytes = max_body_bytes
+        self.displayTracebacks = False
+
+    def log(self, request) -> None:
+        # Access logging formats a line per request on the hot path; gpumgr
+        # logs what matters (errors, health changes) itself.
+        pass

@@ -1,0 +1,8 @@
+from twisted.application.service import ServiceMaker
+
+gpumgr = ServiceMaker(
+    "gpumgr",
+    "gpumgr.service",
+    "One door in front of several GPU services: routing, health, GPU lock, eviction.",
+    "gpumgr",
+)
