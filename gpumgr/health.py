@@ -58,6 +58,10 @@ class HealthMonitor:
         for name in self._consumers:
             self.probe_now(name)
 
+    def probe_all_now(self) -> defer.Deferred[list]:
+        """Probe every consumer and fire when all probes have been recorded."""
+        return defer.gatherResults([self.probe_now(name) for name in self._consumers])
+
     def probe_now(self, name: str) -> defer.Deferred[None]:
         """Probe one consumer now, unless a probe of it is already running."""
         if name in self._in_progress:

@@ -363,7 +363,10 @@ class GpumgrSite(server.Site):
     requestFactory = LimitedRequest
 
     def __init__(self, resource: Resource, clock: IReactorTime, max_body_bytes: int) -> None:
-        super().__init__(resource, reactor=clock)
+        # parsePOSTFormSubmission: twisted.web would otherwise read a whole form
+        # or multipart body into memory to fill request.args (and answer 400
+        # itself when it is malformed). A proxy forwards bodies; never parses.
+        super().__init__(resource, reactor=clock, parsePOSTFormSubmission=False)
         self.clock = clock
         self.max_body_bytes = max_body_bytes
         self.displayTracebacks = False

@@ -514,7 +514,7 @@ class SimulatedWorld:
         for consumer in self.consumers.values():
             if consumer.url is not None:
                 continue
-            site = server.Site(consumer)
+            site = server.Site(consumer, parsePOSTFormSubmission=False)
             site.log = lambda request: None
             port = reactor.listenTCP(0, site, interface=interface)
             self._ports.append(port)

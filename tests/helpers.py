@@ -1,0 +1,92 @@
+"""Small HTTP client helpers for tests: a real Agent, bodies collected with timestamps."""
+
+from __future__ import annotations
+
+import json
+
+import attrs
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import Protocol
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+
+
+class Collector(Protocol):
+    """Collects a response body chunk by chunk, with arrival times."""
+
+    def __init__(self, on_chunk=None) -> None:
+        self.chunks: list[tuple[float, bytes]] = []
+        self.done: defer.Deferred = defer.Deferred()
+        self.on_chunk = on_chunk
+        self.reason = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append((reactor.seconds(), data))
+        if self.on_chunk is not None:
+            self.on_chunk(self, data)
+
+    def connectionLost(self, reason) -> None:
+        self.reason = reason
+        self.done.callback(None)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(c for _, c in self.chunks)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.reason and self.reason.check(ResponseDone, PotentialDataLoss))
+
+
+@attrs.define
+class Reply:
+    code: int
+    headers: Headers
+    body: bytes
+    complete: bool
+    collector: Collector
+
+    def json(self):
+        return json.loads(self.body)
+
+    def header(self, name: str) -> bytes | None:
+        values = self.headers.getRawHeaders(name.encode("ascii"))
+        return values[0] if values else None
+
+
+class Client:
+    def __init__(self) -> None:
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.agent = Agent(reactor, pool=self.pool)
+
+    async def request(self, method: str, url: str, body: bytes | None = None,
+                      headers: dict | None = None, on_chunk=None) -> Reply:
+        import io
+
+        producer = None if body is None else FileBodyProducer(io.BytesIO(body))
+        hdrs = Headers({k: [v] for k, v in (headers or {}).items()})
+        response = await self.agent.request(method.encode(), url.encode(), hdrs, producer)
+        collector = Collector(on_chunk)
+        response.deliverBody(collector)
+        await collector.done
+        return Reply(response.code, response.headers, collector.body, collector.complete, collector)
+
+    async def close(self) -> None:
+        await self.pool.closeCachedConnections()
+
+
+def sleep(seconds: float) -> defer.Deferred:
+    from twisted.internet import task
+
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+async def wait_for(predicate, timeout_s: float = 10.0, step_s: float = 0.01) -> None:
+    """Poll a condition on the real reactor (integration tests only)."""
+    waited = 0.0
+    while not predicate():
+        if waited >= timeout_s:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        await sleep(step_s)
+        waited += step_s
