@@ -1,0 +1,182 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from gpumgr.config import ConfigError, load_config, parse_config_text, require_available_mode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MINIMAL = """
+consumers:
+  ollama:
+    url: http://127.0.0.1:11434
+    health: /api/version
+    paths: {llm: /api/generate}
+routes:
+  llm: ollama
+"""
+
+
+def test_shipped_config_is_valid_and_describes_the_real_apis():
+    config = load_config(os.path.join(ROOT, "etc", "consumers.yaml"))
+    assert set(config.consumers) == {"ollama", "comfyui", "whisper", "mvoice"}
+    ollama = config.consumers["ollama"]
+    assert ollama.paths["llm"] == "/api/generate"
+    assert ollama.health_path == "/api/version"
+    assert b'"keep_alive":0' in ollama.unload.body
+    comfy = config.consumers["comfyui"]
+    assert comfy.paths["image"] == "/prompt" and comfy.unload.path == "/free"
+    assert config.consumers["whisper"].unload is None  # pinned
+    assert config.consumers["whisper"].paths["stt"] == "/inference"
+    assert config.routes["audio_proxy"] == "mvoice"
+    assert config.scheduler.mode == "passthrough"
+
+
+def test_minimal_config_gets_documented_defaults():
+    config = parse_config_text(MINIMAL, "min.yaml")
+    assert config.listen == "tcp:8770:interface=127.0.0.1"
+    assert (config.health.interval_s, config.health.timeout_s) == (5.0, 2.0)
+    assert config.gpu.nvidia_smi == "nvidia-smi" and config.gpu.headroom_mib == 512
+    assert config.scheduler.capacity == 1 and config.scheduler.max_queue == 64
+    assert config.scheduler.queue_timeout_s == 600
+    assert config.limits.max_body_bytes == 512 * 1024 * 1024
+    c = config.consumers["ollama"]
+    assert c.connect_timeout_s == 5 and c.request_timeout_s == 600
+    assert c.load is None and c.can_coexist_with is None
+
+
+def test_fractional_durations_are_allowed():
+    text = MINIMAL + "health: {interval_s: 0.5, timeout_s: 0.25}\n"
+    config = parse_config_text(text, "f.yaml")
+    assert config.health.interval_s == 0.5
+
+
+def test_one_consumer_may_serve_several_kinds():
+    text = """
+consumers:
+  mvoice:
+    url: http://127.0.0.1:8766/
+    health: /health
+    paths: {tts: /tts, stt: /stt}
+routes: {tts: mvoice, stt: mvoice, audio_proxy: mvoice}
+"""
+    config = parse_config_text(text, "multi.yaml")
+    assert config.consumer_for("stt").name == "mvoice"
+    assert config.consumers["mvoice"].url == "http://127.0.0.1:8766"  # trailing / dropped
+
+
+def _with(snippet: str) -> str:
+    return MINIMAL + textwrap.dedent(snippet)
+
+
+BAD = [
+    ("unknown top-level key", _with("colour: blue\n"), "colour", "unknown key"),
+    ("unknown nested key", _with("health: {interval: 5}\n"), "health.interval", "unknown key"),
+    ("wrong type", _with("health: {interval_s: soon}\n"), "health.interval_s", "must be a number"),
+    ("boolean as number", _with("gpu: {headroom_mib: true}\n"), "gpu.headroom_mib", "must be an integer"),
+    ("negative", _with("scheduler: {max_queue: -1}\n"), "scheduler.max_queue", "negative"),
+    ("zero interval", _with("health: {interval_s: 0}\n"), "health.interval_s", "greater than 0"),
+    ("fractional integer", _with("scheduler: {capacity: 1.5}\n"), "scheduler.capacity", "integer"),
+    ("unknown mode", _with("scheduler: {mode: yolo}\n"), "scheduler.mode", "one of passthrough"),
+    ("route to missing consumer", MINIMAL.replace("llm: ollama", "llm: llamas"), "routes.llm",
+     "unknown consumer 'llamas'"),
+    ("route without path", MINIMAL + "  tts: ollama\n", "routes.tts", "no paths.tts"),
+    ("unknown route", MINIMAL + "  video: ollama\n", "routes.video", "unknown route"),
+    ("duplicate key", MINIMAL.replace("    health: /api/version\n",
+                                      "    health: /api/version\n    health: /\n"),
+     "consumers.ollama.health", "duplicate key"),
+    ("duplicate consumer", MINIMAL + "consumers: {}\n", "consumers", "duplicate key"),
+    ("bad url", MINIMAL.replace("http://127.0.0.1:11434", "127.0.0.1:11434"),
+     "consumers.ollama.url", "http:// or https://"),
+    ("missing url", MINIMAL.replace("    url: http://127.0.0.1:11434\n", ""),
+     "consumers.ollama.url", "is required"),
+    ("relative path", MINIMAL.replace("/api/generate", "api/generate"),
+     "consumers.ollama.paths.llm", "absolute path"),
+    ("unknown kind in paths", MINIMAL.replace("{llm: /api/generate}", "{chat: /api/chat}"),
+     "consumers.ollama.paths.chat", "unknown kind"),
+    ("coexist with stranger", MINIMAL.replace("    paths:", "    can_coexist_with: [ghost]\n    paths:"),
+     "consumers.ollama.can_coexist_with", "unknown consumer 'ghost'"),
+    ("coexist listed twice",
+     MINIMAL.replace("    paths:", "    can_coexist_with: [ollama, ollama]\n    paths:"),
+     "consumers.ollama.can_coexist_with", "twice"),
+    ("unload without path", MINIMAL.replace("    paths:", "    unload: {method: POST}\n    paths:"),
+     "consumers.ollama.unload.path", "is required"),
+    ("unload bad method", MINIMAL.replace("    paths:", "    unload: {method: FETCH, path: /x}\n    paths:"),
+     "consumers.ollama.unload.method", "one of GET"),
+    ("no consumers", "routes: {}\n", "consumers", "at least one consumer"),
+    ("null value", _with("listen: null\n"), "listen", "got null"),
+    ("not a mapping", "- just\n- a list\n", "", "expected a mapping"),
+    ("bad consumer name", MINIMAL.replace("  ollama:\n", "  'bad name!':\n").replace(
+        "llm: ollama", "llm: x"), "consumers.bad name!", "consumer names"),
+    ("infinite number", _with("health: {timeout_s: .inf}\n"), "health.timeout_s", "finite"),
+]
+
+
+@pytest.mark.parametrize("text,key_path,problem", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_config_is_rejected_with_file_and_key_path(text, key_path, problem):
+    with pytest.raises(ConfigError) as info:
+        parse_config_text(text, "/etc/gpumgr/bad.yaml")
+    err = info.value
+    assert err.file == "/etc/gpumgr/bad.yaml"
+    assert err.key_path == key_path
+    assert problem in err.problem
+    assert str(err).startswith(f"/etc/gpumgr/bad.yaml: {key_path}" if key_path else "/etc/gpumgr/bad.yaml")
+
+
+def test_invalid_yaml_and_empty_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_config_text("consumers: [unclosed", "x.yaml")
+    with pytest.raises(ConfigError, match="empty"):
+        parse_config_text("", "x.yaml")
+    with pytest.raises(ConfigError, match="cannot read") as info:
+        load_config(str(tmp_path / "nope.yaml"))
+    assert info.value.file.endswith("nope.yaml")
+
+
+@pytest.mark.parametrize("mode", ["locked", "evicting"])
+def test_modes_not_yet_available_are_refused_clearly(mode):
+    config = parse_config_text(MINIMAL + f"scheduler: {{mode: {mode}}}\n", "m.yaml")
+    with pytest.raises(ConfigError, match="not available in gpumgr yet") as info:
+        require_available_mode(config)
+    assert info.value.key_path == "scheduler.mode"
+
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def _twistd(*args, cwd=None):
+    return subprocess.run(
+        [TWISTD, "--nodaemon", "--pidfile=", "gpumgr", *args],
+        capture_output=True, text=True, timeout=60, cwd=cwd,
+    )
+
+
+@pytest.mark.parametrize("snippet,key_path", [
+    ("scheduler: {mode: yolo}\n", "scheduler.mode"),
+    ("bogus: 1\n", "bogus"),
+])
+def test_twistd_refuses_bad_config_without_traceback(tmp_path, snippet, key_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(MINIMAL + snippet)
+    result = _twistd("--config", str(path))
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert f"{path}: {key_path}" in output
+    assert "Traceback" not in output
+
+
+def test_twistd_requires_a_config_or_demo():
+    result = _twistd()
+    assert result.returncode != 0
+    assert "--config PATH is required" in result.stdout + result.stderr
+
+
+def test_twistd_rejects_a_bad_listen_endpoint(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(MINIMAL)
+    result = _twistd("--config", str(path), "--listen", "carrier-pigeon:7")
+    assert result.returncode != 0
+    assert "--listen: invalid endpoint" in result.stdout + result.stderr

@@ -1,0 +1,168 @@
+import os
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+
+from gpumgr.gpu import (
+    GpuParseError,
+    GpuSampler,
+    parse_apps_csv,
+    parse_gpu_csv,
+    run_command,
+)
+from gpumgr.testing import SimulatedGpu, sim_nvidia_smi_command
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "nvidia-smi")
+
+
+def fixture(name: str) -> str:
+    with open(os.path.join(FIXTURES, name)) as f:
+        return f.read()
+
+
+def test_single_gpu():
+    (gpu,) = parse_gpu_csv(fixture("gpu-rtx4090.csv"))
+    assert gpu.index == 0 and gpu.name == "NVIDIA GeForce RTX 4090"
+    assert (gpu.memory_total_mib, gpu.memory_used_mib, gpu.memory_free_mib) == (24564, 1203, 22962)
+    assert (gpu.utilization_pct, gpu.temperature_c) == (3, 41)
+
+
+def test_several_gpus():
+    gpus = parse_gpu_csv(fixture("gpu-2xa100.csv"))
+    assert [g.index for g in gpus] == [0, 1]
+    assert gpus[1].memory_used_mib == 72011 and gpus[1].utilization_pct == 98
+
+
+@pytest.mark.parametrize("name,field", [("gpu-mig.csv", "utilization_pct"),
+                                        ("gpu-not-supported.csv", "temperature_c")])
+def test_bracketed_values_are_unknown(name, field):
+    (gpu,) = parse_gpu_csv(fixture(name))
+    assert getattr(gpu, field) is None
+    assert gpu.memory_total_mib is not None
+
+
+def test_header_and_units_are_tolerated():
+    (gpu,) = parse_gpu_csv(fixture("gpu-with-header-and-units.csv").split("\n", 1)[1])
+    assert gpu.memory_free_mib == 22962 and gpu.utilization_pct == 3
+
+
+def test_name_with_comma():
+    (gpu,) = parse_gpu_csv("0, NVIDIA RTX 6000 Ada, Generation, 49140, 1, 49139, 0, 30\n")
+    assert gpu.name == "NVIDIA RTX 6000 Ada, Generation" and gpu.memory_total_mib == 49140
+
+
+def test_processes():
+    procs = parse_apps_csv(fixture("apps-three.csv"))
+    assert [(p.pid, p.name, p.used_mib) for p in procs] == [
+        (1234, "/usr/local/bin/ollama", 9120),
+        (2345, "/opt/whisper.cpp/build/bin/whisper-server", 1490),
+        (3456, "python3", 6980),
+    ]
+
+
+def test_no_processes():
+    assert parse_apps_csv(fixture("apps-none.csv")) == ()
+    assert parse_apps_csv("No running processes found\n") == ()
+
+
+def test_process_memory_unknown():
+    (p,) = parse_apps_csv("77, [Insufficient Permissions], [N/A]\n")
+    assert p.used_mib is None and p.name == "[Insufficient Permissions]"
+
+
+@pytest.mark.parametrize("text,match", [
+    ("", "no GPUs"),
+    ("garbage\n", "expected 7 fields"),
+    ("0, X, lots, 1, 2, 3, 4\n", "memory.total is not a number"),
+    ("[N/A], X, 1, 1, 0, 1, 1\n", "index is unknown"),
+])
+def test_gpu_garbage_is_rejected_readably(text, match):
+    with pytest.raises(GpuParseError, match=match):
+        parse_gpu_csv(text)
+
+
+def test_apps_garbage_is_rejected():
+    with pytest.raises(GpuParseError, match="expected 3 fields"):
+        parse_apps_csv("12 python\n")
+
+
+# -- the sampler against the simulated executable, through real subprocesses --
+
+
+@pytest.fixture
+def sim_gpu(tmp_path):
+    return SimulatedGpu(str(tmp_path / "state.json"), total_mib=10000, baseline_mib=300)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sampler_reads_the_simulated_nvidia_smi(sim_gpu):
+    sim_gpu.allocate("ollama", 4242, "/usr/local/bin/ollama", 6000)
+    sampler = GpuSampler(reactor, sim_nvidia_smi_command(sim_gpu.state_path), 2, 10)
+    sample = await sampler.sample_now()
+    assert sample.available, sample.error
+    assert sample.gpus[0].memory_free_mib == 10000 - 300 - 6000
+    assert sample.memory_free_mib == 3700
+    assert [(p.pid, p.name, p.used_mib) for p in sample.processes] == [
+        (4242, "/usr/local/bin/ollama", 6000)]
+    assert sampler.latest is sample
+
+
+@pytest.mark.parametrize("mode,message", [
+    ("driver", "exited with status 9: NVIDIA-SMI has failed"),
+    ("garbage", "unreadable nvidia-smi output"),
+])
+@pytest_twisted.ensureDeferred
+async def test_sampler_reports_failures(sim_gpu, mode, message):
+    sim_gpu.set_smi_failure(mode)
+    sampler = GpuSampler(reactor, sim_nvidia_smi_command(sim_gpu.state_path), 2, 10)
+    sample = await sampler.sample_now()
+    assert not sample.available
+    assert message in sample.error
+    assert sample.gpus == ()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hung_nvidia_smi_is_killed_at_the_deadline(sim_gpu):
+    sim_gpu.set_smi_failure("hang")
+    sampler = GpuSampler(reactor, sim_nvidia_smi_command(sim_gpu.state_path), 2, 0.5)
+    sample = await sampler.sample_now()
+    assert not sample.available and "timed out after 0.5s" in sample.error
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_binary_is_an_error_not_a_crash():
+    sampler = GpuSampler(reactor, "/nonexistent/nvidia-smi", 2, 1)
+    sample = await sampler.sample_now()
+    assert not sample.available and "not found" in sample.error
+
+
+@pytest_twisted.ensureDeferred
+async def test_child_gets_the_environment():
+    os.environ["GPUMGR_ENV_PROBE"] = "present"
+    try:
+        out = await run_command(reactor, ["sh", "-c", "echo $GPUMGR_ENV_PROBE"], 5)
+    finally:
+        del os.environ["GPUMGR_ENV_PROBE"]
+    assert out == b"present\n"
+
+
+def test_sampling_loop_survives_failures_and_keeps_its_interval():
+    clock = Clock()
+    calls = []
+    outputs = iter([defer.fail(OSError("boom")), defer.fail(OSError("boom")),
+                    defer.succeed(b"0, G, 100, 10, 90, 1, 30\n"), defer.succeed(b"")])
+
+    def run(_reactor, argv, timeout_s):
+        calls.append((clock.seconds(), argv[-2]))
+        return next(outputs)
+
+    sampler = GpuSampler(clock, "nvidia-smi --id=0", 2, 5, run=run)
+    sampler.start()
+    assert not sampler.latest.available and "boom" in sampler.latest.error
+    clock.advance(2)
+    assert sampler.latest.available and sampler.latest.gpus[0].memory_free_mib == 90
+    assert [t for t, _ in calls] == [0, 0, 2, 2]
+    assert calls[0][1].startswith("--query-gpu=") and calls[1][1].startswith("--query-compute-apps=")
+    sampler.stop()

@@ -1,0 +1,104 @@
+from types import MappingProxyType
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from gpumgr.config import ConsumerConfig
+from gpumgr.health import HealthMonitor
+from gpumgr.registry import Registry
+
+
+def consumer(name):
+    return ConsumerConfig(
+        name=name, url=f"http://{name}", health_path="/health", paths=MappingProxyType({}),
+        vram_resident_mib=0, can_coexist_with=None, load=None, unload=None,
+        connect_timeout_s=5, request_timeout_s=600,
+    )
+
+
+class FakeProbes:
+    """Each probe returns a Deferred the test fires by hand."""
+
+    def __init__(self):
+        self.pending: dict[str, list[defer.Deferred]] = {}
+        self.cancelled: list[str] = []
+
+    def __call__(self, url):
+        d = defer.Deferred(lambda _: self.cancelled.append(url))
+        self.pending.setdefault(url, []).append(d)
+        return d
+
+    def answer(self, url, error=None):
+        d = self.pending[url].pop(0)
+        d.errback(error) if error else d.callback(None)
+
+
+def make(names=("a", "b"), interval=5, timeout=2):
+    clock = Clock()
+    consumers = {n: consumer(n) for n in names}
+    registry = Registry(consumers)
+    probes = FakeProbes()
+    monitor = HealthMonitor(clock, consumers, registry, probes, interval, timeout)
+    return clock, registry, probes, monitor
+
+
+def test_health_is_unknown_until_first_probe_then_ok():
+    clock, registry, probes, monitor = make()
+    assert registry["a"].health == "unknown"
+    monitor.start()  # now=True: probes go out at once
+    assert set(probes.pending) == {"http://a/health", "http://b/health"}
+    clock.advance(0.3)
+    probes.answer("http://a/health")
+    assert registry["a"].health == "ok" and registry["a"].last_probe == 0.3
+    assert registry["b"].health == "unknown"
+
+
+def test_failed_probe_marks_down_with_reason_and_loop_continues():
+    clock, registry, probes, monitor = make(("a",))
+    monitor.start()
+    probes.answer("http://a/health", RuntimeError("health check answered HTTP 503"))
+    assert registry["a"].health == "down"
+    assert "503" in registry["a"].last_error
+    clock.advance(5)
+    assert len(probes.pending["http://a/health"]) == 1  # the loop survived
+    probes.answer("http://a/health")
+    assert registry["a"].health == "ok" and registry["a"].last_error is None
+
+
+def test_probe_deadline_cancels_and_marks_down():
+    clock, registry, probes, monitor = make(("a",), timeout=2)
+    monitor.start()
+    clock.advance(2)
+    assert probes.cancelled == ["http://a/health"]
+    assert registry["a"].health == "down"
+    assert registry["a"].last_error == "probe timed out after 2s"
+
+
+def test_slow_consumer_does_not_delay_others_and_is_not_stacked():
+    clock, registry, probes, monitor = make(("slow", "fast"), interval=1, timeout=10)
+    monitor.start()
+    probes.answer("http://fast/health")
+    clock.advance(1)  # slow's first probe still running
+    assert len(probes.pending["http://fast/health"]) == 1  # fast probed again on time
+    assert len(probes.pending["http://slow/health"]) == 1  # slow not probed twice
+    probes.answer("http://fast/health")
+    assert registry["fast"].health == "ok" and registry["slow"].health == "unknown"
+
+
+def test_probe_now_reuses_a_running_probe():
+    clock, registry, probes, monitor = make(("a",))
+    monitor.start()
+    d = monitor.probe_now("a")
+    assert len(probes.pending["http://a/health"]) == 1
+    probes.answer("http://a/health")
+    assert d.called
+
+
+def test_stop_cancels_running_probes():
+    clock, registry, probes, monitor = make(("a",))
+    monitor.start()
+    monitor.stop()
+    assert probes.cancelled == ["http://a/health"]
+    clock.advance(100)
+    assert len(probes.pending["http://a/health"]) == 1  # no new probe after stop
+    assert probes.pending["http://a/health"][0].called
