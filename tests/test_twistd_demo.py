@@ -1,0 +1,93 @@
+"""A real `twistd -n gpumgr --demo` process, used as a newcomer would."""
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def demo(tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "twistd.log", "w+")
+    proc = subprocess.Popen(
+        [TWISTD, "--nodaemon", "--pidfile=", "gpumgr", "--demo",
+         "--listen", f"tcp:{port}:interface=127.0.0.1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"demo did not start:\n{log.read()}")
+            time.sleep(0.1)
+    yield port
+    proc.terminate()
+    proc.wait(timeout=15)
+    log.seek(0)
+    output = log.read()
+    assert "Traceback" not in output, output
+
+
+def _request(port, method, path, body=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    conn.request(method, path, body=body, headers=headers or {})
+    return conn, conn.getresponse()
+
+
+def test_demo_serves_tts_llm_status_and_audio(demo):
+    port = demo
+    _, r = _request(port, "GET", "/healthz")
+    assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}
+
+    _, r = _request(port, "POST", "/v1/tts", b'{"text":"Hallo Welt"}',
+                    {"Content-Type": "application/json"})
+    wav = r.read()
+    assert r.status == 200 and wav[:4] == b"RIFF"
+    assert r.getheader("X-Gpumgr-Consumer") == "mvoice"
+    audio_url = r.getheader("X-Audio-Url")
+
+    _, r = _request(port, "GET", audio_url)
+    assert r.status == 200 and r.read() == wav
+
+    # The LLM reply is a token stream: read it line by line as it arrives.
+    _, r = _request(port, "POST", "/v1/llm", b'{"model":"llama3","prompt":"hi"}',
+                    {"Content-Type": "application/json"})
+    assert r.status == 200 and r.getheader("Transfer-Encoding") == "chunked"
+    lines = []
+    while True:
+        line = r.readline()
+        if not line:
+            break
+        lines.append(json.loads(line))
+    assert len(lines) == 24 and lines[-1]["done"] is True
+
+    status = None
+    for _ in range(50):  # the first nvidia-smi sample may still be on its way
+        _, r = _request(port, "GET", "/v1/status")
+        status = json.loads(r.read())
+        if status["gpu"]["available"]:
+            break
+        time.sleep(0.1)
+    assert status["gpu"]["available"], status["gpu"]
+    assert status["gpu"]["gpus"][0]["memory_total_mib"] == 24576
+    assert status["consumers"]["mvoice"]["total_requests"] == 1
+    assert status["consumers"]["ollama"]["health"] == "ok"
+    assert status["scheduler"]["total_jobs"] == 2
