@@ -400,3 +400,95 @@ async def test_consumer_errors_pass_through_unchanged(broker, world, client):
     assert "CUDA out of memory" in reply.json()["error"]
     assert reply.header("X-Gpumgr-Consumer") == b"ollama"
     assert world.gpu.oom_count == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_client_pauses_the_upstream(world, start_broker):
+    """Backpressure: a client that stops reading stops the upstream too.
+
+    The upstream writes as long as its transport lets it. If gpumgr read on
+    without a reader behind it, the upstream would never be paused and would
+    push its whole 512 MiB into gpumgr's memory.
+    """
+    from zope.interface import implementer
+    from twisted.internet.interfaces import IPushProducer
+
+    total = 512 * 1024 * 1024
+    block = b"z" * 65536
+
+    @implementer(IPushProducer)
+    class Firehose(Protocol):
+        def connectionMade(self):
+            self.factory.instances.append(self)
+            self.sent = 0
+            self.paused = False
+            self.started = False
+            self.buf = b""
+
+        def dataReceived(self, data):
+            self.buf += data
+            if not self.started and b"\r\n\r\n" in self.buf and self.buf.startswith(b"POST"):
+                self.started = True
+                self.transport.registerProducer(self, True)
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                                     b"Content-Length: " + str(total).encode() + b"\r\n\r\n")
+                self.resumeProducing()
+            elif not self.started and b"\r\n\r\n" in self.buf:
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                self.buf = b""
+
+        def pauseProducing(self):
+            self.paused = True
+
+        def resumeProducing(self):
+            self.paused = False
+            while not self.paused and self.sent < total:
+                self.transport.write(block)
+                self.sent += len(block)
+
+        def stopProducing(self):
+            self.paused = True
+
+    factory = Factory.forProtocol(Firehose)
+    factory.instances = []
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        import attrs
+
+        config = world_config(world)
+        consumers = dict(config.consumers)
+        consumers["comfyui"] = attrs.evolve(
+            consumers["comfyui"], url=f"http://127.0.0.1:{port.getHost().port}")
+        service, url = await start_broker(attrs.evolve(config, consumers=consumers))
+        broker_port = int(url.rsplit(":", 1)[1])
+        got_headers = defer.Deferred()
+
+        class Sluggish(Protocol):
+            def connectionMade(self):
+                self.received = 0
+                self.transport.write(b"POST /v1/image HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+
+            def dataReceived(self, data):
+                self.received += len(data)
+                if not got_headers.called:
+                    self.transport.pauseProducing()  # stop reading entirely
+                    got_headers.callback(self)
+
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", broker_port).connect(
+            Factory.forProtocol(Sluggish))
+        sluggish = await got_headers
+        posts = lambda: [p for p in factory.instances if p.started]  # noqa: E731
+        await wait_for(lambda: posts() and posts()[0].paused, timeout_s=20)
+        from tests.helpers import sleep
+
+        await sleep(0.5)
+        upstream = posts()[0]
+        assert upstream.paused
+        # Only socket buffers' worth has left the upstream, not the body.
+        assert upstream.sent < 64 * 1024 * 1024, upstream.sent
+        sluggish.transport.abortConnection()
+        await wait_for(lambda: service.scheduler.stats().in_flight == 0)
+    finally:
+        await port.stopListening()
