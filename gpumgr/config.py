@@ -19,7 +19,7 @@ AUDIO_ROUTE = "audio_proxy"
 ROUTE_KEYS = KINDS + (AUDIO_ROUTE,)
 SCHEDULER_MODES = ("passthrough", "locked", "evicting")
 #: Modes this build can run. Others are accepted by the schema but refused.
-AVAILABLE_MODES = ("passthrough",)
+AVAILABLE_MODES = ("passthrough", "locked")
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -82,6 +82,9 @@ class SchedulerConfig:
     capacity: int = 1
     max_queue: int = 64
     queue_timeout_s: float = 600.0
+    #: kind -> priority; higher runs first. Kinds not listed get 0.
+    priority: Mapping[str, int] = attrs.field(factory=lambda: MappingProxyType({}))
+    aging_s: float = 30.0
 
 
 @attrs.frozen
@@ -282,6 +285,8 @@ def parse_config(raw: Any, source: str) -> Config:
         capacity=s.number("capacity", 1, integer=True, positive=True),
         max_queue=s.number("max_queue", 64, integer=True),
         queue_timeout_s=s.number("queue_timeout_s", 600.0, positive=True),
+        priority=_parse_priority(s.section("priority")),
+        aging_s=s.number("aging_s", 30.0, positive=True),
     )
     s.finish()
 
@@ -302,6 +307,19 @@ def parse_config(raw: Any, source: str) -> Config:
         routes=MappingProxyType(routes),
         consumers=MappingProxyType(consumers),
     )
+
+
+def _parse_priority(sec: _Section) -> Mapping[str, int]:
+    priority = {}
+    for kind in list(sec.raw):
+        if kind not in KINDS:
+            sec.fail(str(kind), f"unknown kind (known: {', '.join(KINDS)})")
+        value = sec.get(kind)
+        if isinstance(value, bool) or not isinstance(value, int):
+            sec.fail(kind, f"must be an integer, got {_type_name(value)} {value!r}")
+        priority[kind] = value
+    sec.finish()
+    return MappingProxyType(priority)
 
 
 def _parse_consumers(sec: _Section) -> dict[str, ConsumerConfig]:

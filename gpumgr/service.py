@@ -20,7 +20,7 @@ from gpumgr.gpu import GpuSampler
 from gpumgr.health import HealthMonitor
 from gpumgr.proxy import StreamingProxy
 from gpumgr.registry import Registry
-from gpumgr.scheduler import Passthrough, Scheduler
+from gpumgr.scheduler import Locked, Passthrough, Scheduler
 from gpumgr.status import build_status
 from gpumgr.web import Broker, GpumgrSite, RootResource
 
@@ -125,6 +125,11 @@ class _ListenService(Service):
 
 def make_scheduler(config: Config, clock, registry: Registry) -> Scheduler:
     require_available_mode(config)
+    sched = config.scheduler
+    if sched.mode == "locked":
+        return Locked(clock, registry, capacity=sched.capacity, max_queue=sched.max_queue,
+                      queue_timeout_s=sched.queue_timeout_s, priority=sched.priority,
+                      aging_s=sched.aging_s)
     return Passthrough(clock, registry)
 
 

@@ -136,7 +136,7 @@ def test_invalid_yaml_and_empty_and_missing_file(tmp_path):
     assert info.value.file.endswith("nope.yaml")
 
 
-@pytest.mark.parametrize("mode", ["locked", "evicting"])
+@pytest.mark.parametrize("mode", ["evicting"])
 def test_modes_not_yet_available_are_refused_clearly(mode):
     config = parse_config_text(MINIMAL + f"scheduler: {{mode: {mode}}}\n", "m.yaml")
     with pytest.raises(ConfigError, match="not available in gpumgr yet") as info:

@@ -1,0 +1,234 @@
+"""The Locked scheduler, driven by a Clock: order, limits, cancellation, no leaks."""
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from gpumgr.errors import QueueFull, QueueTimeout
+from gpumgr.registry import Registry
+from gpumgr.scheduler import Locked, Passthrough, Waiting, pick_next
+
+
+class Jobs:
+    """Jobs whose completion the test controls; records start order."""
+
+    def __init__(self):
+        self.started: list[str] = []
+        self.pending: dict[str, defer.Deferred] = {}
+        self.cancelled: list[str] = []
+
+    def job(self, name):
+        def run():
+            self.started.append(name)
+            d = defer.Deferred(lambda _: self.cancelled.append(name))
+            self.pending[name] = d
+            return d
+
+        return run
+
+    def finish(self, name, result="ok"):
+        self.pending.pop(name).callback(result)
+
+
+def make(capacity=1, **kw):
+    clock = Clock()
+    registry = Registry(["a", "b", "c"])
+    return clock, registry, Locked(clock, registry, capacity=capacity, **kw), Jobs()
+
+
+def outcome(d):
+    box = []
+    d.addBoth(box.append)
+    return box
+
+
+def test_fifo_within_a_priority():
+    clock, _, s, jobs = make()
+    for name in "wxyz":
+        s.run("a", jobs.job(name), kind="llm")
+    assert jobs.started == ["w"]
+    for name in "wxy":
+        jobs.finish(name)
+    assert jobs.started == ["w", "x", "y", "z"]
+
+
+def test_next_waiter_starts_in_the_same_turn_as_the_release():
+    clock, _, s, jobs = make()
+    s.run("a", jobs.job("first"))
+    s.run("b", jobs.job("second"))
+    jobs.finish("first")
+    assert jobs.started == ["first", "second"]  # no clock advance needed
+    assert s.stats().in_flight == 1
+
+
+def test_higher_priority_goes_first():
+    clock, _, s, jobs = make(priority={"tts": 10, "stt": 10, "llm": 5, "image": 0})
+    s.run("a", jobs.job("running"), kind="image")
+    s.run("a", jobs.job("image"), kind="image")
+    s.run("b", jobs.job("llm"), kind="llm")
+    s.run("c", jobs.job("tts"), kind="tts")
+    s.run("c", jobs.job("stt"), kind="stt")
+    for name in ("running", "tts", "stt", "llm"):
+        jobs.finish(name)
+    assert jobs.started == ["running", "tts", "stt", "llm", "image"]
+
+
+def test_aging_bounds_starvation():
+    clock, _, s, jobs = make(priority={"tts": 2}, aging_s=30)
+    s.run("a", jobs.job("running"), kind="image")
+    s.run("a", jobs.job("old-image"), kind="image")  # priority 0, enqueued at 0
+    clock.advance(61)  # old-image has aged two levels: 0 + 2
+    s.run("b", jobs.job("tts"), kind="tts")  # priority 2, enqueued at 61; FIFO breaks the tie
+    jobs.finish("running")
+    assert jobs.started == ["running", "old-image"]
+
+
+def test_aging_not_yet_enough():
+    clock, _, s, jobs = make(priority={"tts": 2}, aging_s=30)
+    s.run("a", jobs.job("running"), kind="image")
+    s.run("a", jobs.job("old-image"), kind="image")
+    clock.advance(59)  # aged one level only
+    s.run("b", jobs.job("tts"), kind="tts")
+    jobs.finish("running")
+    assert jobs.started == ["running", "tts"]
+
+
+def test_pick_next_is_pure_and_fifo_on_ties():
+    ws = [Waiting(seq=3, priority=1, enqueued_at=10), Waiting(seq=1, priority=1, enqueued_at=10),
+          Waiting(seq=2, priority=0, enqueued_at=-10)]
+    # At 10: seq 2 has waited 20 s < aging_s, still 0; seqs 1 and 3 tie at 1 -> FIFO.
+    assert pick_next(ws, now=10, aging_s=30) == 1
+    # At 20: seq 2 has aged to 1 (30 s), seqs 1 and 3 are still 1 -> three-way tie, FIFO.
+    assert pick_next(ws, now=20, aging_s=30) == 1
+    # Had seq 2 waited a full aging_s longer than the others, it would win.
+    ws[2] = Waiting(seq=2, priority=0, enqueued_at=-50)
+    assert pick_next(ws, now=10, aging_s=30) == 2
+
+
+def test_queue_full_is_refused_at_once_with_retry_after():
+    clock, _, s, jobs = make(max_queue=2)
+    s.run("a", jobs.job("run"))
+    s.run("a", jobs.job("q1"))
+    s.run("a", jobs.job("q2"))
+    box = outcome(s.run("b", jobs.job("q3")))
+    assert isinstance(box[0].value, QueueFull)
+    assert box[0].value.retry_after_s >= 1 and box[0].value.consumer == "b"
+    assert "q3" not in jobs.started
+    assert s.stats().rejected == 1 and s.stats().queue_depth == 2
+
+
+def test_queue_timeout_rejects_and_never_runs():
+    clock, _, s, jobs = make(queue_timeout_s=10)
+    s.run("a", jobs.job("run"))
+    box = outcome(s.run("b", jobs.job("late"), kind="llm"))
+    clock.advance(9.9)
+    assert box == []
+    clock.advance(0.1)
+    assert isinstance(box[0].value, QueueTimeout) and box[0].value.consumer == "b"
+    jobs.finish("run")
+    assert jobs.started == ["run"]
+    st = s.stats()
+    assert (st.queue_depth, st.in_flight, st.rejected) == (0, 0, 1)
+
+
+def test_cancel_while_queued_leaves_the_waiting_list_at_once():
+    clock, _, s, jobs = make(queue_timeout_s=10)
+    s.run("a", jobs.job("run"))
+    d = s.run("b", jobs.job("leaver"), kind="tts")
+    s.run("c", jobs.job("stayer"), kind="tts")
+    assert s.stats().queue_depth == 2
+    box = outcome(d)
+    d.cancel()
+    assert isinstance(box[0].value, defer.CancelledError)
+    assert s.stats().queue_depth == 1 and s.stats().queued_by_kind == {"tts": 1}
+    assert clock.getDelayedCalls().__len__() == 1  # its queue timer is gone too
+    jobs.finish("run")
+    assert jobs.started == ["run", "stayer"]
+
+
+def test_cancel_while_running_cancels_the_job_and_frees_the_slot():
+    clock, registry, s, jobs = make()
+    d = s.run("a", jobs.job("run"))
+    s.run("b", jobs.job("next"))
+    d.cancel()
+    assert jobs.cancelled == ["run"]
+    assert jobs.started == ["run", "next"]
+    assert registry["a"].active == 0 and registry["b"].active == 1
+
+
+def test_job_failure_and_synchronous_exception_release_the_slot():
+    clock, registry, s, jobs = make()
+
+    def boom():
+        raise RuntimeError("broken job")
+
+    failed = outcome(s.run("a", boom))
+    assert isinstance(failed[0].value, RuntimeError)
+    d = s.run("a", jobs.job("errs"))
+    s.run("b", jobs.job("after"))
+    err_box = outcome(d)
+    jobs.pending.pop("errs").errback(ValueError("upstream"))
+    assert isinstance(err_box[0].value, ValueError)
+    assert jobs.started == ["errs", "after"]
+    assert registry["a"].active == 0
+
+
+def test_job_ignoring_cancel_still_releases_when_it_ends():
+    clock, _, s, jobs = make()
+    stubborn = defer.Deferred()  # no canceller that fires it
+    stubborn_fired = []
+    stubborn.addBoth(lambda r: stubborn_fired.append(r))
+
+    def run():
+        d = defer.Deferred()
+        stubborn.addCallback(lambda _: d.callback("late"))
+        return d
+
+    d = s.run("a", run)
+    box = outcome(d)
+    d.cancel()  # the job's Deferred has no canceller: it errbacks CancelledError
+    assert isinstance(box[0].value, defer.CancelledError)
+    assert s.stats().in_flight == 0
+
+
+def test_stats_report_queue_shape():
+    clock, _, s, jobs = make(capacity=2)
+    s.run("a", jobs.job("r1"), kind="llm")
+    clock.advance(1)
+    s.run("a", jobs.job("r2"), kind="llm")
+    clock.advance(1)
+    s.run("b", jobs.job("q1"), kind="llm")
+    clock.advance(1)
+    s.run("c", jobs.job("q2"), kind="image")
+    st = s.stats()
+    assert (st.mode, st.capacity, st.in_flight, st.queue_depth) == ("locked", 2, 2, 2)
+    assert st.oldest_queued == 2 and st.queued_by_kind == {"llm": 1, "image": 1}
+    clock.advance(2)
+    jobs.finish("r1")
+    st = s.stats()
+    assert st.last_wait_ms == 3000 and st.last_run_ms == 5000 and st.total_jobs == 3
+
+
+def test_thousand_synchronous_jobs_do_not_recurse():
+    clock, _, s, jobs = make(max_queue=5000)
+    gate = defer.Deferred()
+    s.run("a", lambda: gate)
+    done = []
+    for i in range(2000):
+        s.run("a", lambda i=i: defer.succeed(i)).addCallback(done.append)
+    gate.callback(None)
+    assert len(done) == 2000 and s.stats().in_flight == 0
+
+
+@pytest.mark.parametrize("cls", [Passthrough])
+def test_passthrough_runs_everything_at_once(cls):
+    clock = Clock()
+    registry = Registry(["a"])
+    s = cls(clock, registry)
+    jobs = Jobs()
+    s.run("a", jobs.job("1"))
+    s.run("a", jobs.job("2"))
+    assert jobs.started == ["1", "2"] and s.stats().in_flight == 2
+    jobs.finish("1")
+    jobs.finish("2")
+    assert s.stats().in_flight == 0 and registry["a"].active == 0
