@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
+
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
@@ -14,7 +16,14 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from treq.client import HTTPClient
 
 from gpumgr import __version__
-from gpumgr.config import Config, ConfigError, load_config, require_available_mode
+from gpumgr.config import (
+    AVAILABLE_MODES,
+    SCHEDULER_MODES,
+    Config,
+    ConfigError,
+    load_config,
+    require_available_mode,
+)
 from gpumgr.control import ControlClient
 from gpumgr.gpu import GpuSampler
 from gpumgr.health import HealthMonitor
@@ -58,6 +67,7 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "Path of the YAML config (see etc/consumers.yaml)."],
         ["listen", None, None, "Twisted server endpoint; overrides the config's listen."],
+        ["mode", None, None, "Scheduler mode; overrides scheduler.mode (passthrough, locked)."],
     ]
     optFlags = [
         ["demo", None, "Run against built-in simulated consumers and a simulated GPU."],
@@ -70,14 +80,26 @@ class Options(usage.Options):
             if not self["config"]:
                 raise usage.UsageError("--config PATH is required (or --demo to try it out)")
             try:
-                config = load_config(self["config"])
+                config = with_mode(load_config(self["config"]), self["mode"])
                 require_available_mode(config)
             except ConfigError as e:
                 raise usage.UsageError(f"config error: {e}") from None
             self["parsed_config"] = config
+        elif self["mode"] is not None and self["mode"] not in AVAILABLE_MODES:
+            raise usage.UsageError(
+                f"--mode must be one of {', '.join(AVAILABLE_MODES)}; got {self['mode']!r}")
         listen = self["listen"] or (None if self["demo"] else self["parsed_config"].listen)
         if listen is not None:
             _check_endpoint(listen, "--listen" if self["listen"] else "listen")
+
+
+def with_mode(config: Config, mode: str | None) -> Config:
+    """The config with scheduler.mode replaced by --mode, if given."""
+    if mode is None:
+        return config
+    if mode not in SCHEDULER_MODES:
+        raise ConfigError("--mode", "", f"must be one of {', '.join(SCHEDULER_MODES)}; got {mode!r}")
+    return attrs.evolve(config, scheduler=attrs.evolve(config.scheduler, mode=mode))
 
 
 def _check_endpoint(description: str, what: str) -> None:
@@ -222,5 +244,5 @@ def makeService(options: Options) -> MultiService:
     if options["demo"]:
         from gpumgr.testing.demo import make_demo_service
 
-        return make_demo_service(reactor, options["listen"])
+        return make_demo_service(reactor, options["listen"], options["mode"])
     return GpumgrService(reactor, options["parsed_config"], options["listen"])

@@ -32,7 +32,9 @@ def test_shipped_config_is_valid_and_describes_the_real_apis():
     assert config.consumers["whisper"].unload is None  # pinned
     assert config.consumers["whisper"].paths["stt"] == "/inference"
     assert config.routes["audio_proxy"] == "mvoice"
-    assert config.scheduler.mode == "passthrough"
+    assert config.scheduler.mode == "locked"
+    assert config.scheduler.priority == {"tts": 10, "stt": 10, "llm": 5, "image": 0}
+    require_available_mode(config)
 
 
 def test_minimal_config_gets_documented_defaults():
@@ -111,6 +113,10 @@ BAD = [
     ("not a mapping", "- just\n- a list\n", "", "expected a mapping"),
     ("bad consumer name", MINIMAL.replace("  ollama:\n", "  'bad name!':\n").replace(
         "llm: ollama", "llm: x"), "consumers.bad name!", "consumer names"),
+    ("priority for unknown kind", _with("scheduler: {priority: {video: 1}}\n"),
+     "scheduler.priority.video", "unknown kind"),
+    ("priority not an integer", _with("scheduler: {priority: {tts: high}}\n"),
+     "scheduler.priority.tts", "must be an integer"),
     ("infinite number", _with("health: {timeout_s: .inf}\n"), "health.timeout_s", "finite"),
 ]
 
@@ -166,6 +172,14 @@ def test_twistd_refuses_bad_config_without_traceback(tmp_path, snippet, key_path
     output = result.stdout + result.stderr
     assert f"{path}: {key_path}" in output
     assert "Traceback" not in output
+
+
+def test_twistd_mode_override_is_validated(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(MINIMAL)
+    result = _twistd("--config", str(path), "--mode", "evicting")
+    assert result.returncode != 0
+    assert "not available in gpumgr yet" in result.stdout + result.stderr
 
 
 def test_twistd_requires_a_config_or_demo():

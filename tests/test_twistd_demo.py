@@ -91,3 +91,54 @@ def test_demo_serves_tts_llm_status_and_audio(demo):
     assert status["consumers"]["mvoice"]["total_requests"] == 1
     assert status["consumers"]["ollama"]["health"] == "ok"
     assert status["scheduler"]["total_jobs"] == 2
+
+
+def test_demo_serialises_concurrent_requests_in_priority_order(demo):
+    """Like a newcomer with curl: one LLM stream holds the GPU, others queue."""
+    import threading
+
+    port = demo
+    finished: list[tuple[float, str]] = []
+    lock = threading.Lock()
+
+    def post(path, body):
+        _, r = _request(port, "POST", path, body)
+        r.read()
+        with lock:
+            finished.append((time.monotonic(), path))
+        assert r.status == 200, (path, r.status)
+
+    first = threading.Thread(target=post, args=("/v1/llm", b'{"prompt":"long"}'))
+    first.start()
+    deadline = time.monotonic() + 10
+    while True:  # wait until the stream holds the GPU
+        _, r = _request(port, "GET", "/v1/status")
+        if json.loads(r.read())["scheduler"]["in_flight"] == 1:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    others = []
+    for path, body in (("/v1/llm", b'{"prompt":"2"}'), ("/v1/tts", b'{"text":"x"}'),
+                       ("/v1/stt", b"audio")):
+        t = threading.Thread(target=post, args=(path, body))
+        t.start()
+        others.append(t)
+        while True:  # arrival order is llm, tts, stt: each is queued before the next
+            _, r = _request(port, "GET", "/v1/status")
+            if json.loads(r.read())["scheduler"]["queue_depth"] == len(others):
+                break
+            assert time.monotonic() < deadline + 10
+            time.sleep(0.01)
+    depths = []
+    while first.is_alive() or any(t.is_alive() for t in others):
+        _, r = _request(port, "GET", "/v1/status")
+        depths.append(json.loads(r.read())["scheduler"]["queue_depth"])
+        time.sleep(0.02)
+    for t in [first, *others]:
+        t.join()
+    assert max(depths) == 3 and depths[-1] == 0  # the queue was visible, then drained
+    order = [path for _, path in sorted(finished)]
+    assert order == ["/v1/llm", "/v1/tts", "/v1/stt", "/v1/llm"]
+    _, r = _request(port, "GET", "/v1/status")
+    sched = json.loads(r.read())["scheduler"]
+    assert sched["mode"] == "locked" and sched["total_jobs"] == 4 and sched["queue_depth"] == 0

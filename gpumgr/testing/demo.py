@@ -23,7 +23,7 @@ DEMO_BEHAVIOURS = {
 
 
 class DemoService(MultiService):
-    def __init__(self, reactor, listen: str | None) -> None:
+    def __init__(self, reactor, listen: str | None, mode: str | None = None) -> None:
         super().__init__()
         self._state_dir = tempfile.mkdtemp(prefix="gpumgr-demo-")
         self.world = make_world(reactor, self._state_dir, behaviours=DEMO_BEHAVIOURS)
@@ -32,6 +32,8 @@ class DemoService(MultiService):
             self.world,
             listen=listen or DEFAULT_LISTEN,
             gpu={"interval_s": 2},
+            scheduler={"mode": mode or "locked", "max_queue": 256,
+                       "priority": {"tts": 10, "stt": 10, "llm": 5, "image": 0}},
         )
         self.broker = GpumgrService(reactor, config)
         self.broker.setServiceParent(self)
@@ -49,5 +51,5 @@ class DemoService(MultiService):
         return d
 
 
-def make_demo_service(reactor, listen: str | None) -> DemoService:
-    return DemoService(reactor, listen)
+def make_demo_service(reactor, listen: str | None, mode: str | None = None) -> DemoService:
+    return DemoService(reactor, listen, mode)
