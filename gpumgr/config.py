@@ -57,6 +57,7 @@ class ConsumerConfig:
     unload: HttpCall | None
     connect_timeout_s: float
     request_timeout_s: float
+    body_idle_timeout_s: float = 300.0
 
     def url_for(self, path: str) -> str:
         return self.url + path
@@ -90,6 +91,7 @@ class SchedulerConfig:
 @attrs.frozen
 class LimitsConfig:
     max_body_mib: float = 512
+    client_stall_timeout_s: float = 60.0
 
     @property
     def max_body_bytes(self) -> int:
@@ -291,7 +293,10 @@ def parse_config(raw: Any, source: str) -> Config:
     s.finish()
 
     lim = top.section("limits")
-    limits = LimitsConfig(max_body_mib=lim.number("max_body_mib", 512, positive=True))
+    limits = LimitsConfig(
+        max_body_mib=lim.number("max_body_mib", 512, positive=True),
+        client_stall_timeout_s=lim.number("client_stall_timeout_s", 60.0, positive=True),
+    )
     lim.finish()
 
     consumers = _parse_consumers(top.section("consumers"))
@@ -392,6 +397,7 @@ def _parse_consumer(sec: _Section, name: str) -> ConsumerConfig:
         unload=_parse_call(sec, "unload"),
         connect_timeout_s=sec.number("connect_timeout_s", 5.0, positive=True),
         request_timeout_s=sec.number("request_timeout_s", 600.0, positive=True),
+        body_idle_timeout_s=sec.number("body_idle_timeout_s", 300.0, positive=True),
     )
     sec.finish()
     return consumer

@@ -20,8 +20,11 @@ from __future__ import annotations
 import enum
 from typing import Callable
 
+import attrs
+from zope.interface import implementer
+
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
@@ -52,6 +55,15 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _READ_SIZE = 256 * 1024
+
+
+@attrs.frozen
+class Timeouts:
+    """Deadlines of one exchange, in seconds."""
+
+    request_s: float  # until the response headers
+    body_idle_s: float  # between upstream body chunks
+    client_stall_s: float  # the client not reading while we hold data for it
 
 
 class Outcome(enum.Enum):
@@ -106,6 +118,30 @@ def _client_ip(request) -> str | None:
 UpstreamErrorHook = Callable[[str, bool, str], None]
 
 
+@implementer(IPushProducer)
+class _WatchedProducer:
+    """The upstream transport as the client's producer, with a stall deadline.
+
+    twisted.web pauses it when the client stops reading. Paused longer than
+    the stall timeout, the exchange gives up rather than hold the GPU forever.
+    """
+
+    def __init__(self, transport, exchange: _Exchange) -> None:
+        self._transport = transport
+        self._exchange = exchange
+
+    def pauseProducing(self) -> None:
+        self._exchange.client_paused()
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._exchange.client_resumed()
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._transport.stopProducing()
+
+
 class _Relay(Protocol):
     """Writes upstream body chunks straight to the client, with backpressure."""
 
@@ -116,7 +152,7 @@ class _Relay(Protocol):
         self._exchange.body_started(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
-        self._exchange.request.write(data)
+        self._exchange.body_data(data)
 
     def connectionLost(self, reason: Failure) -> None:
         self._exchange.body_ended(reason)
@@ -131,7 +167,7 @@ class _Exchange:
         consumer: str,
         agent: IAgent,
         url: bytes,
-        request_timeout_s: float,
+        timeouts: Timeouts,
         extra_headers: list[tuple[bytes, bytes]],
         on_upstream_error: UpstreamErrorHook,
     ) -> None:
@@ -141,7 +177,8 @@ class _Exchange:
         self._consumer = consumer
         self._agent = agent
         self._url = url
-        self._request_timeout_s = request_timeout_s
+        self._timeouts = timeouts
+        self._request_timeout_s = timeouts.request_s
         self._extra_headers = extra_headers
         self._on_upstream_error = on_upstream_error
         self.done: defer.Deferred[Outcome] = defer.Deferred(self._cancel)
@@ -151,6 +188,9 @@ class _Exchange:
         self._client_gone = False
         self._upstream_transport = None
         self._outcome: Outcome | None = None
+        self._idle_timer = None
+        self._stall_timer = None
+        self._upstream_idle = False
 
     def start(self) -> None:
         self.request.notifyFinish().addErrback(self._client_left)
@@ -229,14 +269,64 @@ class _Exchange:
 
     def body_started(self, transport) -> None:
         self._upstream_transport = transport
-        self.request.registerProducer(transport, True)
+        self.request.registerProducer(_WatchedProducer(transport, self), True)
+        self._idle_timer = self._clock.callLater(self._timeouts.body_idle_s, self._upstream_went_idle)
+
+    def body_data(self, data: bytes) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self._timeouts.body_idle_s)
+        self.request.write(data)
+
+    def client_paused(self) -> None:
+        # The upstream cannot send while we are paused; that is not its idleness.
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        if self._stall_timer is None or not self._stall_timer.active():
+            self._stall_timer = self._clock.callLater(
+                self._timeouts.client_stall_s, self._client_stalled)
+
+    def client_resumed(self) -> None:
+        if self._stall_timer is not None and self._stall_timer.active():
+            self._stall_timer.cancel()
+        if self._outcome is None and self._upstream_transport is not None:
+            if self._idle_timer is None or not self._idle_timer.active():
+                self._idle_timer = self._clock.callLater(
+                    self._timeouts.body_idle_s, self._upstream_went_idle)
+
+    def _client_stalled(self) -> None:
+        log.warn(
+            "client of {consumer} read nothing for {s:g}s; dropping it to free the GPU",
+            consumer=self._consumer, s=self._timeouts.client_stall_s,
+        )
+        self._client_gone = True
+        _abort_client(self.request)
+        if self._upstream_transport is not None:
+            self._upstream_transport.stopProducing()
+
+    def _upstream_went_idle(self) -> None:
+        reason = f"sent no body data for {self._timeouts.body_idle_s:g}s"
+        log.warn("{consumer} {reason}; aborting the exchange",
+                 consumer=self._consumer, reason=reason)
+        self._upstream_idle = True
+        self._on_upstream_error(self._consumer, True, reason)
+        if self._upstream_transport is not None:
+            self._upstream_transport.stopProducing()
+
+    def _stop_body_timers(self) -> None:
+        for timer in (self._idle_timer, self._stall_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
 
     def body_ended(self, reason: Failure) -> None:
+        self._stop_body_timers()
         if self.request.channel is not None and self.request.producer is not None:
             self.request.unregisterProducer()
         self._upstream_transport = None
         if self._client_gone:
             self._end(Outcome.CLIENT_GONE)
+        elif self._upstream_idle:
+            _abort_client(self.request)
+            self._end(Outcome.UPSTREAM_BROKE)
         elif reason.check(ResponseDone, PotentialDataLoss):
             # PotentialDataLoss: no length, no chunking, ended by close -- the
             # normal end of an HTTP/1.0-style body.
@@ -281,6 +371,7 @@ class _Exchange:
             return
         self._outcome = outcome
         self._stop_timer()
+        self._stop_body_timers()
         if not self.done.called:
             self.done.callback(outcome)
 
@@ -319,7 +410,7 @@ class StreamingProxy:
         consumer: str,
         agent: IAgent,
         url: bytes,
-        request_timeout_s: float,
+        timeouts: Timeouts,
         extra_headers: list[tuple[bytes, bytes]] = (),
     ) -> defer.Deferred[Outcome]:
         exchange = _Exchange(
@@ -329,7 +420,7 @@ class StreamingProxy:
             consumer,
             agent,
             url,
-            request_timeout_s,
+            timeouts,
             list(extra_headers),
             self._on_upstream_error,
         )

@@ -34,7 +34,7 @@ from gpumgr.errors import (
     raw_error_response,
     write_error,
 )
-from gpumgr.proxy import Outcome, StreamingProxy
+from gpumgr.proxy import Outcome, StreamingProxy, Timeouts
 from gpumgr.registry import HEALTH_DOWN, Registry
 from gpumgr.scheduler import Scheduler
 
@@ -107,6 +107,17 @@ class Broker:
         self.proxy = proxy
         self.agents = agents
         self.status = status
+        self._timeouts = {
+            name: Timeouts(
+                request_s=c.request_timeout_s,
+                body_idle_s=c.body_idle_timeout_s,
+                client_stall_s=config.limits.client_stall_timeout_s,
+            )
+            for name, c in config.consumers.items()
+        }
+
+    def timeouts_for(self, consumer) -> Timeouts:
+        return self._timeouts[consumer.name]
 
 
 class KindResource(JsonResource):
@@ -146,7 +157,7 @@ class KindResource(JsonResource):
                 consumer.name,
                 broker.agents[consumer.name],
                 url,
-                consumer.request_timeout_s,
+                broker.timeouts_for(consumer),
                 [
                     (b"X-Gpumgr-Consumer", consumer.name.encode("utf-8")),
                     (b"X-Gpumgr-Wait-Ms", str(wait_ms).encode("ascii")),
@@ -229,7 +240,7 @@ class AudioResource(JsonResource):
             consumer.name,
             broker.agents[consumer.name],
             url,
-            consumer.request_timeout_s,
+            broker.timeouts_for(consumer),
             [(b"X-Gpumgr-Consumer", consumer.name.encode("utf-8"))],
         )
         d.addErrback(log.failure, "relaying /audio failed")

@@ -146,6 +146,18 @@ async def test_unhealthy_consumer_is_refused_fast_and_never_called(world, start_
     assert ok.code == 200 and ok.header("X-Gpumgr-Consumer") == b"mvoice"
 
 
+def config_with(world, name: str, url: str | None = None, sections=None, **changes):
+    """world_config with one consumer pointed elsewhere or otherwise changed."""
+    import attrs
+
+    config = world_config(world, **(sections or {}))
+    consumers = dict(config.consumers)
+    if url is not None:
+        changes["url"] = url
+    consumers[name] = attrs.evolve(consumers[name], **changes)
+    return attrs.evolve(config, consumers=consumers)
+
+
 def _closed_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -156,13 +168,8 @@ def _closed_port() -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_refused_connection_gives_502_and_marks_down(world, start_broker, client):
-    config = world_config(world, health={"interval_s": 30})
-    dead = f"http://127.0.0.1:{_closed_port()}"
-    import attrs
-
-    consumers = dict(config.consumers)
-    consumers["ollama"] = attrs.evolve(consumers["ollama"], url=dead)
-    config = attrs.evolve(config, consumers=consumers)
+    config = config_with(world, "ollama", f"http://127.0.0.1:{_closed_port()}",
+                         sections={"health": {"interval_s": 30}})
     service, url = await start_broker(config)
     await service.health.probe_all_now()
     # The probe already failed; force "unknown" to test the data-path failure.
@@ -304,13 +311,8 @@ async def test_chunked_oversized_body_gets_413(world, start_broker, client):
 
 @pytest_twisted.ensureDeferred
 async def test_upstream_timeout_gives_504(world, start_broker, client):
-    import attrs
-
     world["whisper"].behaviour.job_s = 5.0
-    config = world_config(world)
-    consumers = dict(config.consumers)
-    consumers["whisper"] = attrs.evolve(consumers["whisper"], request_timeout_s=0.2)
-    service, url = await start_broker(attrs.evolve(config, consumers=consumers))
+    service, url = await start_broker(config_with(world, "whisper", request_timeout_s=0.2))
     reply = await client.request("POST", url + "/v1/stt", b"audio")
     assert reply.code == 504
     assert reply.json()["error"]["code"] == "upstream_timeout"
@@ -333,13 +335,8 @@ async def test_upstream_breaking_mid_body_aborts_the_client(world, start_broker,
 
     port = reactor.listenTCP(0, Factory.forProtocol(HalfThenDie), interface="127.0.0.1")
     try:
-        import attrs
-
-        config = world_config(world)
-        consumers = dict(config.consumers)
-        consumers["ollama"] = attrs.evolve(
-            consumers["ollama"], url=f"http://127.0.0.1:{port.getHost().port}")
-        service, url = await start_broker(attrs.evolve(config, consumers=consumers))
+        service, url = await start_broker(
+            config_with(world, "ollama", f"http://127.0.0.1:{port.getHost().port}"))
         reply = await client.request("POST", url + "/v1/llm", b'{"prompt":"x"}')
         assert reply.code == 200
         assert reply.body.startswith(b'{"response":"partial"}')
@@ -373,13 +370,8 @@ async def test_content_encoding_passes_through_untouched(world, start_broker, cl
     factory.seen = []
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     try:
-        import attrs
-
-        config = world_config(world)
-        consumers = dict(config.consumers)
-        consumers["ollama"] = attrs.evolve(
-            consumers["ollama"], url=f"http://127.0.0.1:{port.getHost().port}")
-        service, url = await start_broker(attrs.evolve(config, consumers=consumers))
+        service, url = await start_broker(
+            config_with(world, "ollama", f"http://127.0.0.1:{port.getHost().port}"))
         reply = await client.request("POST", url + "/v1/llm", b"{}")
         assert reply.code == 200
         assert reply.header("Content-Encoding") == b"gzip"
@@ -453,13 +445,8 @@ async def test_slow_client_pauses_the_upstream(world, start_broker):
     factory.instances = []
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     try:
-        import attrs
-
-        config = world_config(world)
-        consumers = dict(config.consumers)
-        consumers["comfyui"] = attrs.evolve(
-            consumers["comfyui"], url=f"http://127.0.0.1:{port.getHost().port}")
-        service, url = await start_broker(attrs.evolve(config, consumers=consumers))
+        service, url = await start_broker(
+            config_with(world, "comfyui", f"http://127.0.0.1:{port.getHost().port}"))
         broker_port = int(url.rsplit(":", 1)[1])
         got_headers = defer.Deferred()
 
@@ -492,3 +479,74 @@ async def test_slow_client_pauses_the_upstream(world, start_broker):
         await wait_for(lambda: service.scheduler.stats().in_flight == 0)
     finally:
         await port.stopListening()
+
+
+class _SilentAfterHeaders(Protocol):
+    """Answers a POST with headers and a little body, then says nothing more."""
+
+    def dataReceived(self, data):
+        if data.startswith(b"POST"):
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        elif b"\r\n\r\n" in data:
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_silent_mid_body_is_aborted_and_frees_the_lock(world, start_broker, client):
+    port = reactor.listenTCP(0, Factory.forProtocol(_SilentAfterHeaders), interface="127.0.0.1")
+    try:
+        config = config_with(world, "ollama", f"http://127.0.0.1:{port.getHost().port}",
+                             sections={"scheduler": {"mode": "locked"}}, body_idle_timeout_s=0.3)
+        service, url = await start_broker(config)
+        reply = await client.request("POST", url + "/v1/llm", b'{"prompt":"x"}')
+        assert reply.code == 200 and reply.body == b"hello"
+        assert not reply.complete  # aborted: the cut-off body does not look complete
+        assert service.registry["ollama"].errors == 1
+        assert "no body data for 0.3s" in service.registry["ollama"].last_error
+        assert service.scheduler.stats().in_flight == 0
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_that_stops_reading_is_dropped_and_frees_the_lock(world, start_broker):
+    ollama = world["ollama"]
+    ollama.behaviour.stream_chunks = 100000
+    ollama.behaviour.chunk_interval_s = 0
+    config = world_config(world, scheduler={"mode": "locked"},
+                          limits={"client_stall_timeout_s": 0.5})
+    service, url = await start_broker(config)
+    await service.health.probe_all_now()
+    got_headers = defer.Deferred()
+
+    class Stopper(Protocol):
+        def connectionMade(self):
+            body = b'{"prompt":"endless"}'
+            self.transport.write(b"POST /v1/llm HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+        def dataReceived(self, data):
+            self.factory.received.append(data)
+            if not got_headers.called:
+                self.transport.pauseProducing()  # stop reading
+                got_headers.callback(self)
+
+        def connectionLost(self, reason):
+            self.factory.lost.append(reason)
+
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+
+    factory = Factory.forProtocol(Stopper)
+    factory.lost = []
+    factory.received = []
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", int(url.rsplit(":", 1)[1])).connect(factory)
+    stopper = await got_headers
+    assert service.scheduler.stats().in_flight == 1
+    await wait_for(lambda: service.scheduler.stats().in_flight == 0, timeout_s=20)
+    await wait_for(lambda: ollama.jobs_cancelled == 1)
+    # A paused transport cannot notice the close; read again to see it.
+    stopper.transport.resumeProducing()
+    await wait_for(lambda: factory.lost)
+    assert not b"".join(factory.received).endswith(b"0\r\n\r\n")  # never finished
+    assert world.active_jobs == 0
