@@ -18,8 +18,6 @@ KINDS = ("tts", "stt", "llm", "image")
 AUDIO_ROUTE = "audio_proxy"
 ROUTE_KEYS = KINDS + (AUDIO_ROUTE,)
 SCHEDULER_MODES = ("passthrough", "locked", "evicting")
-#: Modes this build can run. Others are accepted by the schema but refused.
-AVAILABLE_MODES = ("passthrough", "locked")
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -58,6 +56,15 @@ class ConsumerConfig:
     connect_timeout_s: float
     request_timeout_s: float
     body_idle_timeout_s: float = 300.0
+    #: Regex over nvidia-smi process names; when set, residency is measured.
+    gpu_process: re.Pattern[str] | None = None
+    idle_unload_s: float | None = None
+    preload: bool = False
+
+    @property
+    def pinned(self) -> bool:
+        """Without an unload route a consumer is never evicted."""
+        return self.unload is None
 
     def url_for(self, path: str) -> str:
         return self.url + path
@@ -75,6 +82,9 @@ class GpuConfig:
     interval_s: float = 2.0
     timeout_s: float = 5.0
     headroom_mib: int = 512
+    unload_settle_s: float = 10.0
+    #: Used for accounting only when no GPU sample is available.
+    total_mib: int | None = None
 
 
 @attrs.frozen
@@ -86,6 +96,7 @@ class SchedulerConfig:
     #: kind -> priority; higher runs first. Kinds not listed get 0.
     priority: Mapping[str, int] = attrs.field(factory=lambda: MappingProxyType({}))
     aging_s: float = 30.0
+    max_overtakes: int = 4
 
 
 @attrs.frozen
@@ -108,6 +119,7 @@ class Config:
     limits: LimitsConfig
     routes: Mapping[str, str]
     consumers: Mapping[str, ConsumerConfig]
+    admin_token: str | None = None
 
     def consumer_for(self, route: str) -> ConsumerConfig | None:
         name = self.routes.get(route)
@@ -278,6 +290,9 @@ def parse_config(raw: Any, source: str) -> Config:
         interval_s=g.number("interval_s", 2.0, positive=True),
         timeout_s=g.number("timeout_s", 5.0, positive=True),
         headroom_mib=g.number("headroom_mib", 512, integer=True),
+        unload_settle_s=g.number("unload_settle_s", 10.0),
+        total_mib=g.number("total_mib", None, integer=True, positive=True) if g.has("total_mib")
+        else None,
     )
     g.finish()
 
@@ -289,6 +304,7 @@ def parse_config(raw: Any, source: str) -> Config:
         queue_timeout_s=s.number("queue_timeout_s", 600.0, positive=True),
         priority=_parse_priority(s.section("priority")),
         aging_s=s.number("aging_s", 30.0, positive=True),
+        max_overtakes=s.number("max_overtakes", 4, integer=True),
     )
     s.finish()
 
@@ -301,6 +317,7 @@ def parse_config(raw: Any, source: str) -> Config:
 
     consumers = _parse_consumers(top.section("consumers"))
     routes = _parse_routes(top.section("routes"), consumers)
+    admin_token = top.string("admin_token", "") if top.has("admin_token") else None
     top.finish()
     return Config(
         source=source,
@@ -311,6 +328,7 @@ def parse_config(raw: Any, source: str) -> Config:
         limits=limits,
         routes=MappingProxyType(routes),
         consumers=MappingProxyType(consumers),
+        admin_token=admin_token,
     )
 
 
@@ -398,9 +416,36 @@ def _parse_consumer(sec: _Section, name: str) -> ConsumerConfig:
         connect_timeout_s=sec.number("connect_timeout_s", 5.0, positive=True),
         request_timeout_s=sec.number("request_timeout_s", 600.0, positive=True),
         body_idle_timeout_s=sec.number("body_idle_timeout_s", 300.0, positive=True),
+        gpu_process=_parse_regex(sec, "gpu_process"),
+        idle_unload_s=sec.number("idle_unload_s", None, positive=True)
+        if sec.has("idle_unload_s") else None,
+        preload=_parse_bool(sec, "preload", False),
     )
     sec.finish()
+    if consumer.idle_unload_s is not None and consumer.unload is None:
+        sec.fail("idle_unload_s", "needs an unload route to unload with")
+    if consumer.preload and consumer.load is None:
+        sec.fail("preload", "needs a load route to load with")
     return consumer
+
+
+def _parse_regex(sec: _Section, key: str) -> re.Pattern[str] | None:
+    if not sec.has(key):
+        return None
+    text = sec.string(key, None)
+    try:
+        return re.compile(text)
+    except re.error as e:
+        sec.fail(key, f"is not a valid regular expression: {e}")
+
+
+def _parse_bool(sec: _Section, key: str, default: bool) -> bool:
+    value = sec.get(key)
+    if not sec.has(key):
+        return default
+    if not isinstance(value, bool):
+        sec.fail(key, f"must be true or false, got {_type_name(value)} {value!r}")
+    return value
 
 
 def _parse_call(parent: _Section, key: str) -> HttpCall | None:
@@ -442,14 +487,3 @@ def _parse_routes(sec: _Section, consumers: Mapping[str, ConsumerConfig]) -> dic
         routes[kind] = target
     sec.finish()
     return routes
-
-
-def require_available_mode(config: Config) -> None:
-    """Refuse modes that the schema knows but this build cannot run yet."""
-    if config.scheduler.mode not in AVAILABLE_MODES:
-        raise ConfigError(
-            config.source,
-            "scheduler.mode",
-            f"{config.scheduler.mode!r} is not available in gpumgr yet "
-            f"(available: {', '.join(AVAILABLE_MODES)})",
-        )

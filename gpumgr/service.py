@@ -17,12 +17,10 @@ from treq.client import HTTPClient
 
 from gpumgr import __version__
 from gpumgr.config import (
-    AVAILABLE_MODES,
     SCHEDULER_MODES,
     Config,
     ConfigError,
     load_config,
-    require_available_mode,
 )
 from gpumgr.control import ControlClient
 from gpumgr.gpu import GpuSampler
@@ -81,13 +79,12 @@ class Options(usage.Options):
                 raise usage.UsageError("--config PATH is required (or --demo to try it out)")
             try:
                 config = with_mode(load_config(self["config"]), self["mode"])
-                require_available_mode(config)
             except ConfigError as e:
                 raise usage.UsageError(f"config error: {e}") from None
             self["parsed_config"] = config
-        elif self["mode"] is not None and self["mode"] not in AVAILABLE_MODES:
+        elif self["mode"] is not None and self["mode"] not in SCHEDULER_MODES:
             raise usage.UsageError(
-                f"--mode must be one of {', '.join(AVAILABLE_MODES)}; got {self['mode']!r}")
+                f"--mode: must be one of {', '.join(SCHEDULER_MODES)}; got {self['mode']!r}")
         listen = self["listen"] or (None if self["demo"] else self["parsed_config"].listen)
         if listen is not None:
             _check_endpoint(listen, "--listen" if self["listen"] else "listen")
@@ -98,7 +95,7 @@ def with_mode(config: Config, mode: str | None) -> Config:
     if mode is None:
         return config
     if mode not in SCHEDULER_MODES:
-        raise ConfigError("--mode", "", f"must be one of {', '.join(SCHEDULER_MODES)}; got {mode!r}")
+        raise usage.UsageError(f"--mode: must be one of {', '.join(SCHEDULER_MODES)}; got {mode!r}")
     return attrs.evolve(config, scheduler=attrs.evolve(config.scheduler, mode=mode))
 
 
@@ -146,7 +143,6 @@ class _ListenService(Service):
 
 
 def make_scheduler(config: Config, clock, registry: Registry) -> Scheduler:
-    require_available_mode(config)
     sched = config.scheduler
     if sched.mode == "locked":
         return Locked(clock, registry, capacity=sched.capacity, max_queue=sched.max_queue,

@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from gpumgr.config import ConfigError, load_config, parse_config_text, require_available_mode
+from gpumgr.config import ConfigError, load_config, parse_config_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,6 @@ def test_shipped_config_is_valid_and_describes_the_real_apis():
     assert config.routes["audio_proxy"] == "mvoice"
     assert config.scheduler.mode == "locked"
     assert config.scheduler.priority == {"tts": 10, "stt": 10, "llm": 5, "image": 0}
-    require_available_mode(config)
 
 
 def test_minimal_config_gets_documented_defaults():
@@ -117,6 +116,12 @@ BAD = [
      "scheduler.priority.video", "unknown kind"),
     ("priority not an integer", _with("scheduler: {priority: {tts: high}}\n"),
      "scheduler.priority.tts", "must be an integer"),
+    ("bad regex", MINIMAL.replace("    paths:", "    gpu_process: '(ollama'\n    paths:"),
+     "consumers.ollama.gpu_process", "not a valid regular expression"),
+    ("idle unload without route", MINIMAL.replace("    paths:", "    idle_unload_s: 60\n    paths:"),
+     "consumers.ollama.idle_unload_s", "needs an unload route"),
+    ("preload not a bool", MINIMAL.replace("    paths:", "    preload: yes please\n    paths:"),
+     "consumers.ollama.preload", "true or false"),
     ("infinite number", _with("health: {timeout_s: .inf}\n"), "health.timeout_s", "finite"),
 ]
 
@@ -140,14 +145,6 @@ def test_invalid_yaml_and_empty_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read") as info:
         load_config(str(tmp_path / "nope.yaml"))
     assert info.value.file.endswith("nope.yaml")
-
-
-@pytest.mark.parametrize("mode", ["evicting"])
-def test_modes_not_yet_available_are_refused_clearly(mode):
-    config = parse_config_text(MINIMAL + f"scheduler: {{mode: {mode}}}\n", "m.yaml")
-    with pytest.raises(ConfigError, match="not available in gpumgr yet") as info:
-        require_available_mode(config)
-    assert info.value.key_path == "scheduler.mode"
 
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -177,9 +174,9 @@ def test_twistd_refuses_bad_config_without_traceback(tmp_path, snippet, key_path
 def test_twistd_mode_override_is_validated(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text(MINIMAL)
-    result = _twistd("--config", str(path), "--mode", "evicting")
+    result = _twistd("--config", str(path), "--mode", "chaotic")
     assert result.returncode != 0
-    assert "not available in gpumgr yet" in result.stdout + result.stderr
+    assert "--mode: must be one of passthrough, locked, evicting" in result.stdout + result.stderr
 
 
 def test_twistd_requires_a_config_or_demo():

@@ -1,0 +1,129 @@
+"""What to evict before a job for `target` runs: a pure function of values.
+
+Rules (the README explains them with a worked example):
+
+- Exclusivity: X and Y may be loaded together unless one of them has a
+  `can_coexist_with` list that does not name the other. Every loaded or
+  unknown consumer that may not coexist with the target is evicted.
+- Pressure: a target that is not loaded needs `vram_resident_mib + headroom`.
+  If the free memory (after the exclusivity victims) is less, further loaded
+  consumers are evicted, least recently used first, until it fits.
+- The target itself is never evicted; a consumer without `unload` is pinned.
+- With no free-memory figure, pressure is not checked; exclusivity still is.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import attrs
+
+
+@attrs.frozen
+class ConsumerView:
+    name: str
+    #: True, False, or None when unknown (after a restart or a failed unload).
+    loaded: bool | None
+    #: What it holds (or may hold, when unknown): measured, else vram_resident_mib.
+    resident_mib: int
+    vram_resident_mib: int
+    can_coexist_with: tuple[str, ...] | None
+    pinned: bool
+    last_used: float | None
+
+
+@attrs.frozen
+class EvictionPlan:
+    target: str
+    #: Victims in the order to unload them, each with its reason.
+    victims: tuple[tuple[str, str], ...]
+    needed_mib: int | None  # None: the target is loaded, or pressure was not checked
+    free_mib: int | None  # free before any eviction
+    projected_free_mib: int | None  # free once every victim's memory is back
+    #: Loaded pinned consumers that may not coexist with the target.
+    blocked_by: tuple[str, ...] = ()
+
+    @property
+    def shortfall_mib(self) -> int:
+        if self.needed_mib is None or self.projected_free_mib is None:
+            return 0
+        return max(0, self.needed_mib - self.projected_free_mib)
+
+    @property
+    def runnable(self) -> bool:
+        return not self.blocked_by and self.shortfall_mib == 0
+
+    def victim_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.victims)
+
+
+def may_coexist(a: ConsumerView, b: ConsumerView) -> bool:
+    if a.can_coexist_with is not None and b.name not in a.can_coexist_with:
+        return False
+    if b.can_coexist_with is not None and a.name not in b.can_coexist_with:
+        return False
+    return True
+
+
+def _lru_key(view: ConsumerView) -> tuple[float, str]:
+    # Never used sorts first; the name makes the order total.
+    return (view.last_used if view.last_used is not None else float("-inf"), view.name)
+
+
+def plan_eviction(
+    target: str,
+    views: Mapping[str, ConsumerView],
+    free_mib: int | None,
+    headroom_mib: int,
+    exclude: Iterable[str] = (),
+) -> EvictionPlan:
+    """Decide which consumers to unload so that a job for `target` can run.
+
+    `exclude` names consumers not to choose again (already tried this time).
+    """
+    me = views[target]
+    skip = set(exclude)
+    victims: list[tuple[str, str]] = []
+    blocked: list[str] = []
+    freed = 0
+
+    others = sorted((v for n, v in views.items() if n != target), key=_lru_key)
+    for other in others:
+        if other.loaded is False or may_coexist(me, other):
+            continue
+        if other.pinned:
+            if other.loaded is True:
+                blocked.append(other.name)
+            continue
+        if other.name in skip:
+            continue
+        victims.append((other.name, "exclusivity"))
+        freed += other.resident_mib
+
+    if me.loaded is True or free_mib is None:
+        return EvictionPlan(target, tuple(victims), None, free_mib, None, tuple(blocked))
+
+    needed = me.vram_resident_mib + headroom_mib
+    projected = free_mib + freed
+    chosen = {name for name, _ in victims}
+    for other in others:
+        if projected >= needed:
+            break
+        if other.name in chosen or other.name in skip or other.pinned:
+            continue
+        if other.loaded is False:
+            continue
+        victims.append((other.name, "pressure"))
+        projected += other.resident_mib
+    return EvictionPlan(target, tuple(victims), needed, free_mib, projected, tuple(blocked))
+
+
+def settled(freed_mib: int, victim_resident_mib: int, free_mib: int, needed_mib: int | None) -> bool:
+    """Has enough memory come back after an unload to stop waiting?
+
+    CUDA frees lazily: wait until 75% of the victim's memory is back (as
+    ollama does), or until the target fits anyway.
+    """
+    if needed_mib is not None and free_mib >= needed_mib:
+        return True
+    return freed_mib >= 0.75 * victim_resident_mib

@@ -1,0 +1,153 @@
+"""The pure eviction decision, without a reactor."""
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpumgr.eviction import ConsumerView, may_coexist, plan_eviction, settled
+
+
+def view(name, loaded=True, mib=4000, coexist=None, pinned=False, last_used=None, resident=None):
+    return ConsumerView(
+        name=name, loaded=loaded,
+        resident_mib=(mib if loaded is not False else 0) if resident is None else resident,
+        vram_resident_mib=mib, can_coexist_with=coexist, pinned=pinned, last_used=last_used)
+
+
+def views(*vs):
+    return {v.name: v for v in vs}
+
+
+def test_coexistence_rules_both_directions():
+    a, b = view("a"), view("b")
+    assert may_coexist(a, b)  # no lists: anything goes
+    assert not may_coexist(view("a", coexist=["c"]), b)  # a's list excludes b
+    assert not may_coexist(a, view("b", coexist=[]))  # b's list excludes a
+    assert may_coexist(view("a", coexist=["b"]), b)  # listed on one side only
+    assert not may_coexist(view("a", coexist=["b"]), view("b", coexist=["c"]))
+
+
+def test_exclusivity_evicts_even_when_memory_would_fit():
+    plan = plan_eviction("c", views(view("c", loaded=False, coexist=["a"], mib=2000),
+                                    view("a", last_used=5), view("b", last_used=1)),
+                         free_mib=20000, headroom_mib=512)
+    assert plan.victims == (("b", "exclusivity"),)
+    assert plan.runnable
+
+
+def test_exclusivity_from_the_other_side():
+    plan = plan_eviction("c", views(view("c", loaded=False), view("a", coexist=["b"])),
+                         free_mib=20000, headroom_mib=0)
+    assert plan.victim_names() == ("a",)
+
+
+def test_unknown_state_is_evicted_for_exclusivity_and_not_when_unloaded():
+    plan = plan_eviction("c", views(view("c", loaded=False, coexist=[]), view("a", loaded=None),
+                                    view("b", loaded=False)), free_mib=20000, headroom_mib=0)
+    assert plan.victim_names() == ("a",)
+
+
+def test_pressure_evicts_least_recently_used_first():
+    vs = views(view("t", loaded=False, mib=6000), view("old", last_used=1, mib=3000),
+               view("mid", last_used=5, mib=3000), view("new", last_used=9, mib=3000))
+    plan = plan_eviction("t", vs, free_mib=1000, headroom_mib=500)
+    # needs 6500; 1000 + 3000 (old) + 3000 (mid) = 7000
+    assert plan.victims == (("old", "pressure"), ("mid", "pressure"))
+    assert plan.needed_mib == 6500 and plan.projected_free_mib == 7000 and plan.runnable
+
+
+def test_never_used_counts_as_least_recent():
+    vs = views(view("t", loaded=False, mib=3000), view("used", last_used=1), view("never"))
+    assert plan_eviction("t", vs, free_mib=0, headroom_mib=0).victim_names() == ("never",)
+
+
+def test_pinned_is_never_evicted_and_can_leave_a_shortfall():
+    vs = views(view("t", loaded=False, mib=8000), view("whisper", pinned=True, mib=5000),
+               view("a", last_used=1, mib=2000))
+    plan = plan_eviction("t", vs, free_mib=3000, headroom_mib=500)
+    assert plan.victim_names() == ("a",)
+    assert plan.shortfall_mib == 8500 - 5000 and not plan.runnable
+
+
+def test_loaded_pinned_consumer_that_may_not_coexist_blocks():
+    vs = views(view("t", loaded=False, coexist=["a"]), view("whisper", pinned=True))
+    plan = plan_eviction("t", vs, free_mib=50000, headroom_mib=0)
+    assert plan.blocked_by == ("whisper",) and not plan.runnable
+
+
+def test_loaded_target_needs_no_memory_and_is_never_a_victim():
+    vs = views(view("t", loaded=True), view("a", loaded=True))
+    plan = plan_eviction("t", vs, free_mib=0, headroom_mib=512)
+    assert plan.victims == () and plan.runnable
+
+
+def test_no_sample_skips_pressure_but_keeps_exclusivity():
+    vs = views(view("t", loaded=False, mib=90000, coexist=[]), view("a"))
+    plan = plan_eviction("t", vs, free_mib=None, headroom_mib=512)
+    assert plan.victims == (("a", "exclusivity"),)
+    assert plan.needed_mib is None and plan.runnable
+
+
+def test_insufficient_total():
+    vs = views(view("t", loaded=False, mib=30000), view("a", mib=5000))
+    plan = plan_eviction("t", vs, free_mib=10000, headroom_mib=512)
+    assert plan.victim_names() == ("a",)
+    assert plan.shortfall_mib == 30512 - 15000
+
+
+def test_exclude_skips_consumers_already_tried():
+    vs = views(view("t", loaded=False, mib=6000), view("a", last_used=1), view("b", last_used=2))
+    plan = plan_eviction("t", vs, free_mib=1000, headroom_mib=0, exclude=["a"])
+    assert plan.victim_names() == ("b",)
+
+
+def test_settled():
+    assert settled(freed_mib=4500, victim_resident_mib=6000, free_mib=5000, needed_mib=9000)
+    assert not settled(freed_mib=4000, victim_resident_mib=6000, free_mib=5000, needed_mib=9000)
+    assert settled(freed_mib=0, victim_resident_mib=6000, free_mib=9000, needed_mib=9000)
+
+
+names = st.sampled_from(["a", "b", "c", "d", "e"])
+
+
+@st.composite
+def worlds(draw):
+    vs = {}
+    for name in ["a", "b", "c", "d", "e"]:
+        vs[name] = view(
+            name,
+            loaded=draw(st.sampled_from([True, False, None])),
+            mib=draw(st.integers(0, 12000)),
+            coexist=draw(st.none() | st.lists(names, unique=True)),
+            pinned=draw(st.booleans()),
+            last_used=draw(st.none() | st.floats(0, 100)),
+        )
+    return vs
+
+
+@settings(max_examples=300, deadline=None)
+@given(vs=worlds(), target=names, free=st.none() | st.integers(0, 24000),
+       headroom=st.integers(0, 1024))
+def test_plan_invariants(vs, target, free, headroom):
+    plan = plan_eviction(target, vs, free, headroom)
+    victims = plan.victim_names()
+    assert target not in victims
+    assert len(set(victims)) == len(victims)
+    for name in victims:
+        assert not vs[name].pinned and vs[name].loaded is not False
+    # Whatever stays loaded (or unknown) may coexist with the target, or blocks it.
+    for name, v in vs.items():
+        if name == target or name in victims or v.loaded is False:
+            continue
+        if not may_coexist(vs[target], v):
+            assert v.pinned and (v.loaded is None or name in plan.blocked_by)
+    # Pressure victims are LRU-ordered and taken only while short.
+    pressure = [vs[n] for n, why in plan.victims if why == "pressure"]
+    keys = [(v.last_used if v.last_used is not None else float("-inf"), v.name) for v in pressure]
+    assert keys == sorted(keys)
+    if pressure:
+        assert plan.needed_mib is not None
+        before_last = plan.projected_free_mib - pressure[-1].resident_mib
+        assert before_last < plan.needed_mib
