@@ -95,6 +95,34 @@ class InsufficientVram(GpumgrError):
     code = "insufficient_vram"
 
 
+class ControlFailed(GpumgrError):
+    status = 502
+    code = "control_failed"
+
+
+class UnknownConsumer(GpumgrError):
+    status = 404
+    code = "unknown_consumer"
+
+
+class NotSupported(GpumgrError):
+    status = 409
+    code = "not_supported"
+
+
+class Unauthorized(GpumgrError):
+    status = 401
+    code = "unauthorized"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"WWW-Authenticate", b'Bearer realm="gpumgr"')]
+
+
+class Forbidden(GpumgrError):
+    status = 403
+    code = "forbidden"
+
+
 def write_error(request, error: GpumgrError) -> None:
     """Send `error` as the complete response to a twisted.web request."""
     body = error.body()

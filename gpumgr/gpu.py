@@ -256,6 +256,8 @@ class GpuSampler:
         self.latest: GpuSample = NOT_SAMPLED
         self._loop: LoopingCall | None = None
         self._last_logged_error: str | None = None
+        #: Called with every new sample (the registry measures residency).
+        self.listeners: list[Callable[[GpuSample], None]] = []
 
     def start(self) -> None:
         self._loop = LoopingCall(self._tick)
@@ -297,6 +299,11 @@ class GpuSampler:
                 log.info("GPU sampling recovered")
                 self._last_logged_error = None
         self.latest = sample
+        for listener in self.listeners:
+            try:
+                listener(sample)
+            except Exception:
+                log.failure("a GPU sample listener failed")
         return sample
 
     def _failed(self, message: str) -> GpuSample:

@@ -71,6 +71,21 @@ class Outcome(enum.Enum):
     CLIENT_GONE = "client_gone"  # client left; upstream cancelled
     UPSTREAM_BROKE = "upstream_broke"  # upstream failed mid-body; client aborted
     REFUSED = "refused"  # gpumgr answered with its own error
+    OOM = "oom"  # upstream said "out of memory"; nothing sent, the job may be replayed
+
+
+@attrs.frozen
+class Result:
+    outcome: Outcome
+    status: int | None = None  # the status the client got (or would have)
+
+
+#: How much of a 5xx body is held back to look for "out of memory".
+_OOM_PEEK_BYTES = 64 * 1024
+
+
+def is_oom(body: bytes) -> bool:
+    return b"out of memory" in body.lower()
 
 
 def _connection_tokens(headers: Headers) -> set[bytes]:
@@ -143,18 +158,51 @@ class _WatchedProducer:
 
 
 class _Relay(Protocol):
-    """Writes upstream body chunks straight to the client, with backpressure."""
+    """Writes upstream body chunks straight to the client, with backpressure.
 
-    def __init__(self, exchange: _Exchange) -> None:
+    When `holding`, the body is kept back (up to _OOM_PEEK_BYTES) so that an
+    out-of-memory answer can be replayed instead of relayed; past the limit,
+    or if it is not an OOM, what was held goes out and relaying continues.
+    """
+
+    def __init__(self, exchange: _Exchange, response, holding: bool) -> None:
         self._exchange = exchange
+        self._response = response
+        self._held: list[bytes] | None = [] if holding else None
+        self._held_size = 0
 
     def connectionMade(self) -> None:
-        self._exchange.body_started(self.transport)
+        if self._held is None:
+            self._exchange.body_started(self.transport)
+        else:
+            self._exchange.hold_started(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
-        self._exchange.body_data(data)
+        if self._held is None:
+            self._exchange.body_data(data)
+            return
+        self._held.append(data)
+        self._held_size += len(data)
+        self._exchange.hold_data()
+        if self._held_size > _OOM_PEEK_BYTES:
+            self._release()
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        self._exchange.send_head(self._response)
+        self._exchange.body_started(self.transport)
+        for chunk in held or ():
+            self._exchange.body_data(chunk)
 
     def connectionLost(self, reason: Failure) -> None:
+        if self._held is not None and self._exchange.client_gone:
+            self._held = None  # nobody to release it to
+        if self._held is not None:
+            body = b"".join(self._held)
+            if reason.check(ResponseDone, PotentialDataLoss) and is_oom(body):
+                self._exchange.out_of_memory(body)
+                return
+            self._release()
         self._exchange.body_ended(reason)
 
 
@@ -170,8 +218,11 @@ class _Exchange:
         timeouts: Timeouts,
         extra_headers: list[tuple[bytes, bytes]],
         on_upstream_error: UpstreamErrorHook,
+        hold_oom: bool = False,
     ) -> None:
         self.request = request
+        self._hold_oom = hold_oom
+        self._status: int | None = None
         self._clock = clock
         self._cooperator = cooperator
         self._consumer = consumer
@@ -181,7 +232,7 @@ class _Exchange:
         self._request_timeout_s = timeouts.request_s
         self._extra_headers = extra_headers
         self._on_upstream_error = on_upstream_error
-        self.done: defer.Deferred[Outcome] = defer.Deferred(self._cancel)
+        self.done: defer.Deferred[Result] = defer.Deferred(self._cancel)
         self._pending: defer.Deferred | None = None
         self._timer = None
         self._timed_out = False
@@ -191,6 +242,10 @@ class _Exchange:
         self._idle_timer = None
         self._stall_timer = None
         self._upstream_idle = False
+
+    @property
+    def client_gone(self) -> bool:
+        return self._client_gone
 
     def start(self) -> None:
         self.request.notifyFinish().addErrback(self._client_left)
@@ -241,6 +296,7 @@ class _Exchange:
         self._refuse(err)
 
     def _refuse(self, err: GpumgrError) -> None:
+        self._status = err.status
         if not self._client_gone:
             write_error(self.request, err)
         self._end(Outcome.REFUSED)
@@ -248,11 +304,20 @@ class _Exchange:
     def _got_response(self, response) -> None:
         self._pending = None
         self._stop_timer()
-        request = self.request
+        self._status = response.code
         if self._client_gone:
             response.deliverBody(_Discard())
             self._end(Outcome.CLIENT_GONE)
             return
+        if self._hold_oom and response.code >= 500:
+            response.deliverBody(_Relay(self, response, holding=True))
+            return
+        self.send_head(response)
+        response.deliverBody(_Relay(self, response, holding=False))
+
+    def send_head(self, response) -> None:
+        """Status and headers onto the client response (written with the first byte)."""
+        request = self.request
         request.setResponseCode(response.code, response.phrase)
         # twisted.web would invent "Content-Type: text/html"; relay what upstream said.
         request.defaultContentType = None
@@ -263,9 +328,26 @@ class _Exchange:
             )
         for name, value in self._extra_headers:
             request.responseHeaders.setRawHeaders(name, [value])
-        response.deliverBody(_Relay(self))
 
     # -- during the body ---------------------------------------------------
+
+    def hold_started(self, transport) -> None:
+        self._upstream_transport = transport
+        self._idle_timer = self._clock.callLater(self._timeouts.body_idle_s, self._upstream_went_idle)
+
+    def hold_data(self) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self._timeouts.body_idle_s)
+
+    def out_of_memory(self, body: bytes) -> None:
+        self._stop_body_timers()
+        self._upstream_transport = None
+        if self._client_gone:
+            self._end(Outcome.CLIENT_GONE)
+            return
+        log.warn("{consumer} answered out of memory: {body}",
+                 consumer=self._consumer, body=body[:200].decode("utf-8", "replace"))
+        self._end(Outcome.OOM)
 
     def body_started(self, transport) -> None:
         self._upstream_transport = transport
@@ -373,7 +455,7 @@ class _Exchange:
         self._stop_timer()
         self._stop_body_timers()
         if not self.done.called:
-            self.done.callback(outcome)
+            self.done.callback(Result(outcome, self._status))
 
 
 class _Discard(Protocol):
@@ -412,7 +494,10 @@ class StreamingProxy:
         url: bytes,
         timeouts: Timeouts,
         extra_headers: list[tuple[bytes, bytes]] = (),
-    ) -> defer.Deferred[Outcome]:
+        hold_oom: bool = False,
+    ) -> defer.Deferred[Result]:
+        """Relay `request` to `url`. With `hold_oom`, an out-of-memory answer
+        is not relayed: the Result's outcome is OOM and the caller may replay."""
         exchange = _Exchange(
             self._clock,
             self._cooperator,
@@ -423,6 +508,7 @@ class StreamingProxy:
             timeouts,
             list(extra_headers),
             self._on_upstream_error,
+            hold_oom,
         )
         exchange.start()
         return exchange.done

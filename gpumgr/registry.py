@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import attrs
+
+from gpumgr.config import ConsumerConfig
+from gpumgr.eviction import ConsumerView
+from gpumgr.gpu import GpuSample
 
 HEALTH_UNKNOWN = "unknown"
 HEALTH_OK = "ok"
@@ -52,6 +56,53 @@ class Registry:
         state = self._states[name]
         state.active -= 1
         state.last_used = now
+
+    # -- loaded state (tracked, or measured through gpu_process) ------------
+
+    def mark_loaded(self, name: str, resident_mib: int) -> None:
+        state = self._states[name]
+        state.loaded = True
+        state.gpu_resident_mib = resident_mib
+
+    def mark_unloaded(self, name: str) -> None:
+        state = self._states[name]
+        state.loaded = False
+        state.gpu_resident_mib = 0
+
+    def mark_unknown(self, name: str) -> None:
+        state = self._states[name]
+        state.loaded = None
+        state.gpu_resident_mib = 0
+
+    def apply_sample(self, sample: GpuSample, consumers: Mapping[str, ConsumerConfig]) -> None:
+        """Measured residency for consumers with a `gpu_process` pattern."""
+        if not sample.available:
+            return
+        for name, c in consumers.items():
+            if c.gpu_process is None:
+                continue
+            used = sum(p.used_mib or 0 for p in sample.processes if c.gpu_process.search(p.name))
+            state = self._states[name]
+            state.gpu_resident_mib = used
+            state.loaded = used > 0
+
+    def view(self, c: ConsumerConfig) -> ConsumerView:
+        state = self._states[c.name]
+        if state.loaded is True:
+            resident = state.gpu_resident_mib or c.vram_resident_mib
+        elif state.loaded is None:
+            resident = c.vram_resident_mib  # it may hold this much
+        else:
+            resident = 0
+        return ConsumerView(
+            name=c.name,
+            loaded=state.loaded,
+            resident_mib=resident,
+            vram_resident_mib=c.vram_resident_mib,
+            can_coexist_with=c.can_coexist_with,
+            pinned=c.pinned,
+            last_used=state.last_used,
+        )
 
     def upstream_error(self, name: str, now: float, reason: str, reachable: bool) -> None:
         state = self._states[name]

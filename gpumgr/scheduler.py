@@ -41,12 +41,17 @@ class SchedulerStats:
     oldest_queued: float | None
     rejected: int = 0
     queued_by_kind: dict[str, int] = attrs.field(factory=dict)
+    eviction_failures: int = 0
+    oom_retries: int = 0
+    recent_events: tuple[dict, ...] = ()
 
 
 class Scheduler(Protocol):
     mode: str
 
-    def run(self, consumer: str, job: Job, kind: str | None = None) -> defer.Deferred[Any]:
+    def run(self, consumer: str, job: Job, kind: str | None = None,
+            control: bool = False) -> defer.Deferred[Any]:
+        """`control` jobs (loads, unloads) hold the GPU but are not requests."""
         ...
 
     def stats(self) -> SchedulerStats:
@@ -65,22 +70,28 @@ class Passthrough:
         self._total = 0
         self._last_run_ms = 0
 
-    def run(self, consumer: str, job: Job, kind: str | None = None) -> defer.Deferred[Any]:
+    def run(self, consumer: str, job: Job, kind: str | None = None,
+            control: bool = False) -> defer.Deferred[Any]:
         started = self._clock.seconds()
         self._in_flight += 1
         self._total += 1
-        self._registry.job_started(consumer, started)
+        if not control:
+            self._registry.job_started(consumer, started)
 
         def ended(result):
             now = self._clock.seconds()
             self._in_flight -= 1
             self._last_run_ms = int((now - started) * 1000)
-            self._registry.job_ended(consumer, now)
+            if not control:
+                self._registry.job_ended(consumer, now)
             return result
 
         d = defer.maybeDeferred(job)
         d.addBoth(ended)
         return d
+
+    def queued_for(self, consumer: str) -> int:
+        return 0
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
@@ -103,6 +114,10 @@ class Waiting:
     seq: int
     priority: int
     enqueued_at: float
+    #: Its consumer is already loaded: running it needs no eviction.
+    cheap: bool = False
+    #: How often a cheaper job went ahead of it.
+    overtaken: int = 0
 
 
 def effective_priority(w: Waiting, now: float, aging_s: float) -> int:
@@ -121,9 +136,38 @@ def pick_next(waiting: Sequence[Waiting], now: float, aging_s: float) -> int:
     return best
 
 
+def pick_next_avoiding_swaps(
+    waiting: Sequence[Waiting], now: float, aging_s: float, max_overtakes: int
+) -> tuple[int, tuple[int, ...]]:
+    """Like `pick_next`, but a job whose consumer is loaded may go first.
+
+    Returns (index to run, indexes of the jobs it overtook). A cheap job may
+    overtake only jobs of no higher effective priority, and no job is ever
+    overtaken more than `max_overtakes` times, so starvation stays bounded:
+    queued A B A B (A loaded, A and B exclusive) runs as A A B B.
+    """
+    base = pick_next(waiting, now, aging_s)
+    head = waiting[base]
+    if head.cheap or head.overtaken >= max_overtakes:
+        return base, ()
+
+    def key(w: Waiting) -> tuple[int, int]:
+        return (effective_priority(w, now, aging_s), -w.seq)
+
+    floor = effective_priority(head, now, aging_s)
+    cheap = [i for i, w in enumerate(waiting) if w.cheap and key(w)[0] >= floor]
+    if not cheap:
+        return base, ()
+    best = max(cheap, key=lambda i: key(waiting[i]))
+    passed = tuple(i for i, w in enumerate(waiting) if not w.cheap and key(w) > key(waiting[best]))
+    if any(waiting[i].overtaken >= max_overtakes for i in passed):
+        return base, ()
+    return best, passed
+
+
 class _Ticket:
     __slots__ = ("seq", "consumer", "kind", "priority", "job", "enqueued_at", "outer",
-                 "inner", "timer", "state")
+                 "inner", "timer", "state", "overtaken", "control")
 
     def __init__(self, seq, consumer, kind, priority, job, enqueued_at):
         self.seq = seq
@@ -136,9 +180,11 @@ class _Ticket:
         self.inner: defer.Deferred[Any] | None = None
         self.timer = None
         self.state = "waiting"  # -> running -> done; or waiting -> dropped
+        self.overtaken = 0
+        self.control = False
 
-    def waiting_view(self) -> Waiting:
-        return Waiting(self.seq, self.priority, self.enqueued_at)
+    def waiting_view(self, cheap: bool = False) -> Waiting:
+        return Waiting(self.seq, self.priority, self.enqueued_at, cheap, self.overtaken)
 
 
 class Locked:
@@ -160,6 +206,8 @@ class Locked:
         queue_timeout_s: float = 600.0,
         priority: Mapping[str, int] | None = None,
         aging_s: float = 30.0,
+        is_loaded: Callable[[str], bool] | None = None,
+        max_overtakes: int = 0,
     ) -> None:
         self._clock = clock
         self._registry = registry
@@ -168,6 +216,8 @@ class Locked:
         self._queue_timeout_s = queue_timeout_s
         self._priority = dict(priority or {})
         self._aging_s = aging_s
+        self._is_loaded = is_loaded
+        self._max_overtakes = max_overtakes
         self._seq = itertools.count()
         self._waiting: list[_Ticket] = []
         self._running: set[_Ticket] = set()
@@ -180,10 +230,12 @@ class Locked:
 
     # -- the seam ----------------------------------------------------------
 
-    def run(self, consumer: str, job: Job, kind: str | None = None) -> defer.Deferred[Any]:
+    def run(self, consumer: str, job: Job, kind: str | None = None,
+            control: bool = False) -> defer.Deferred[Any]:
         now = self._clock.seconds()
         ticket = _Ticket(next(self._seq), consumer, kind,
                          self._priority.get(kind, 0) if kind else 0, job, now)
+        ticket.control = control
         ticket.outer = defer.Deferred(lambda _d: self._cancel(ticket))
         if len(self._running) < self.capacity and not self._waiting:
             self._start(ticket)
@@ -238,7 +290,8 @@ class Locked:
         self._max_running_seen = max(self._max_running_seen, len(self._running))
         self._total += 1
         self._last_wait_ms = int((now - ticket.enqueued_at) * 1000)
-        self._registry.job_started(ticket.consumer, now)
+        if not ticket.control:
+            self._registry.job_started(ticket.consumer, now)
         started_at = now
         ticket.inner = defer.maybeDeferred(ticket.job)
         ticket.inner.addBoth(self._finished, ticket, started_at)
@@ -249,7 +302,8 @@ class Locked:
             ticket.state = "done"
             self._running.discard(ticket)
             self._last_run_ms = int((now - started_at) * 1000)
-            self._registry.job_ended(ticket.consumer, now)
+            if not ticket.control:
+                self._registry.job_ended(ticket.consumer, now)
         finally:
             self._dispatch()
         # If the caller cancelled and the job did not stop at once, the caller
@@ -268,11 +322,27 @@ class Locked:
         self._dispatching = True
         try:
             while self._waiting and len(self._running) < self.capacity:
-                now = self._clock.seconds()
-                index = pick_next([t.waiting_view() for t in self._waiting], now, self._aging_s)
-                self._start(self._waiting.pop(index))
+                self._start(self._waiting.pop(self._choose()))
         finally:
             self._dispatching = False
+
+    def _choose(self) -> int:
+        now = self._clock.seconds()
+        if self._is_loaded is None or self._max_overtakes <= 0:
+            return pick_next([t.waiting_view() for t in self._waiting], now, self._aging_s)
+        loaded: dict[str, bool] = {}
+        views = []
+        for t in self._waiting:
+            if t.consumer not in loaded:
+                loaded[t.consumer] = self._is_loaded(t.consumer)
+            views.append(t.waiting_view(loaded[t.consumer]))
+        index, passed = pick_next_avoiding_swaps(views, now, self._aging_s, self._max_overtakes)
+        for i in passed:
+            self._waiting[i].overtaken += 1
+        return index
+
+    def queued_for(self, consumer: str) -> int:
+        return sum(1 for t in self._waiting if t.consumer == consumer)
 
     def _expire(self, ticket: _Ticket) -> None:
         ticket.timer = None
@@ -295,3 +365,36 @@ class Locked:
             # outer errbacks with CancelledError once we return.
         elif ticket.state == "running" and ticket.inner is not None:
             ticket.inner.cancel()
+
+
+class Evicting:
+    """`Locked`, plus admission: before a job runs, room is made for it.
+
+    `admission.admit_and_run(consumer, job)` evicts what the job's consumer
+    may not coexist with or has no room beside, runs the job, and replays it
+    once after an out-of-memory answer. It runs inside the locked job, so
+    evictions are serialised with everything else.
+    """
+
+    mode = "evicting"
+
+    def __init__(self, locked: Locked, admission: Any) -> None:
+        self._locked = locked
+        self._admission = admission
+
+    def run(self, consumer: str, job: Job, kind: str | None = None,
+            control: bool = False) -> defer.Deferred[Any]:
+        if control:
+            return self._locked.run(consumer, job, kind, control=True)
+        return self._locked.run(
+            consumer, lambda: self._admission.admit_and_run(consumer, job), kind)
+
+    def queued_for(self, consumer: str) -> int:
+        return self._locked.queued_for(consumer)
+
+    @property
+    def max_running_seen(self) -> int:
+        return self._locked.max_running_seen
+
+    def stats(self) -> SchedulerStats:
+        return attrs.evolve(self._locked.stats(), mode=self.mode)

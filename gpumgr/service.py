@@ -27,7 +27,8 @@ from gpumgr.gpu import GpuSampler
 from gpumgr.health import HealthMonitor
 from gpumgr.proxy import StreamingProxy
 from gpumgr.registry import Registry
-from gpumgr.scheduler import Locked, Passthrough, Scheduler
+from gpumgr.admission import Admission
+from gpumgr.scheduler import Evicting, Locked, Passthrough, Scheduler
 from gpumgr.status import build_status
 from gpumgr.web import Broker, GpumgrSite, RootResource
 
@@ -142,13 +143,18 @@ class _ListenService(Service):
         return None
 
 
-def make_scheduler(config: Config, clock, registry: Registry) -> Scheduler:
+def make_scheduler(config: Config, clock, registry: Registry, admission: Admission) -> Scheduler:
     sched = config.scheduler
-    if sched.mode == "locked":
-        return Locked(clock, registry, capacity=sched.capacity, max_queue=sched.max_queue,
-                      queue_timeout_s=sched.queue_timeout_s, priority=sched.priority,
-                      aging_s=sched.aging_s)
-    return Passthrough(clock, registry)
+    if sched.mode == "passthrough":
+        return Passthrough(clock, registry)
+    evicting = sched.mode == "evicting"
+    locked = Locked(
+        clock, registry, capacity=sched.capacity, max_queue=sched.max_queue,
+        queue_timeout_s=sched.queue_timeout_s, priority=sched.priority, aging_s=sched.aging_s,
+        is_loaded=(lambda name: registry[name].loaded is True) if evicting else None,
+        max_overtakes=sched.max_overtakes if evicting else 0,
+    )
+    return Evicting(locked, admission) if evicting else locked
 
 
 class GpumgrService(MultiService):
@@ -183,25 +189,34 @@ class GpumgrService(MultiService):
         self.gpu = GpuSampler(
             reactor, config.gpu.nvidia_smi, config.gpu.interval_s, config.gpu.timeout_s
         )
-        self.scheduler = make_scheduler(config, reactor, self.registry)
+        self.gpu.listeners.append(lambda sample: self.registry.apply_sample(sample, config.consumers))
+        self.admission = Admission(reactor, config, self.registry, self.gpu, self.control)
+        self.scheduler = make_scheduler(config, reactor, self.registry, self.admission)
+        self.admission.submit = lambda name, job: self.scheduler.run(name, job, control=True)
+        self.admission.queued_for = self.scheduler.queued_for
         self._cooperator = Cooperator(scheduler=lambda f: reactor.callLater(0, f))
         self.proxy = StreamingProxy(reactor, self._cooperator, self._upstream_error)
         self.started_at = reactor.seconds()
         broker = Broker(
-            reactor, config, self.registry, self.scheduler, self.proxy, agents, self.status
+            reactor, config, self.registry, self.scheduler, self.proxy, agents, self.status,
+            self.admission,
         )
         self.site = GpumgrSite(RootResource(broker), reactor, config.limits.max_body_bytes)
         self.http = _ListenService(reactor, listen or config.listen, self.site)
         self.http.setServiceParent(self)
 
     def status(self) -> dict:
+        a = self.admission
+        stats = attrs.evolve(
+            self.scheduler.stats(), evictions=a.evictions, eviction_failures=a.eviction_failures,
+            oom_retries=a.oom_retries, recent_events=tuple(a.events))
         return build_status(
             self.reactor.seconds(),
             self.started_at,
             self.config,
             self.registry,
             self.gpu.latest,
-            self.scheduler.stats(),
+            stats,
         )
 
     def _upstream_error(self, consumer: str, reachable: bool, reason: str) -> None:
@@ -216,10 +231,17 @@ class GpumgrService(MultiService):
         super().startService()
         self.health.start()
         self.gpu.start()
+        for name, c in self.config.consumers.items():
+            if c.preload:
+                d = self.scheduler.run(name, lambda name=name: self.admission.load(name, "preload"),
+                                       control=True)
+                d.addErrback(lambda f, name=name: log.warn(
+                    "preloading {name} failed: {why}", name=name, why=f.getErrorMessage()))
 
     def stopService(self):
         self.health.stop()
         self.gpu.stop()
+        self.admission.stop()
         d = defer.maybeDeferred(super().stopService)
         d.addBoth(lambda _: self._close_pools())
         return d

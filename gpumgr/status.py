@@ -81,5 +81,8 @@ def build_status(
             "oldest_queued": iso(scheduler.oldest_queued),
             "rejected": scheduler.rejected,
             "queued_by_kind": dict(scheduler.queued_by_kind),
+            "eviction_failures": scheduler.eviction_failures,
+            "oom_retries": scheduler.oom_retries,
+            "recent_events": list(scheduler.recent_events),
         },
     }

@@ -10,7 +10,9 @@ Routes:
 
 from __future__ import annotations
 
+import hmac
 import io
+import ipaddress
 import json
 from typing import Any, Callable
 from urllib.parse import unquote_to_bytes
@@ -28,13 +30,17 @@ from gpumgr.errors import (
     BadPath,
     BodyTooLarge,
     ConsumerUnhealthy,
+    Forbidden,
     GpumgrError,
     MethodNotAllowed,
+    NotSupported,
+    Unauthorized,
+    UnknownConsumer,
     UnknownRoute,
     raw_error_response,
     write_error,
 )
-from gpumgr.proxy import Outcome, StreamingProxy, Timeouts
+from gpumgr.proxy import StreamingProxy, Timeouts
 from gpumgr.registry import HEALTH_DOWN, Registry
 from gpumgr.scheduler import Scheduler
 
@@ -99,6 +105,7 @@ class Broker:
         proxy: StreamingProxy,
         agents: dict[str, Any],
         status: Callable[[], dict],
+        admission: Any = None,
     ) -> None:
         self.clock = clock
         self.config = config
@@ -107,6 +114,7 @@ class Broker:
         self.proxy = proxy
         self.agents = agents
         self.status = status
+        self.admission = admission
         self._timeouts = {
             name: Timeouts(
                 request_s=c.request_timeout_s,
@@ -150,7 +158,8 @@ class KindResource(JsonResource):
             url += b"?" + query
         queued_at = broker.clock.seconds()
 
-        def job():
+        def job(retry_oom: bool = False):
+            """The whole exchange. With retry_oom an OOM answer is held back."""
             wait_ms = int((broker.clock.seconds() - queued_at) * 1000)
             return broker.proxy.forward(
                 request,
@@ -162,25 +171,14 @@ class KindResource(JsonResource):
                     (b"X-Gpumgr-Consumer", consumer.name.encode("utf-8")),
                     (b"X-Gpumgr-Wait-Ms", str(wait_ms).encode("ascii")),
                 ],
+                hold_oom=retry_oom,
             )
 
         d = broker.scheduler.run(consumer.name, job, kind=self._kind)
         # A client that leaves while queued must leave the queue at once.
         request.notifyFinish().addErrback(lambda _: d.cancel())
-        d.addErrback(self._refused, request, consumer.name)
+        d.addErrback(_render_failure, request, consumer.name)
         return server.NOT_DONE_YET
-
-    def _refused(self, failure: Failure, request, consumer: str) -> Outcome | None:
-        if failure.check(GpumgrError):
-            if not request._disconnected and not request.finished:
-                write_error(request, failure.value)
-            return Outcome.REFUSED
-        if failure.check(CancelledError):
-            return Outcome.CLIENT_GONE
-        log.failure("scheduling a job for {consumer} failed", failure, consumer=consumer)
-        if not request._disconnected and not request.finished:
-            write_error(request, GpumgrError("internal error; see the gpumgr log", consumer))
-        return Outcome.REFUSED
 
 
 def _health_refusal(broker: Broker, name: str) -> GpumgrError | None:
@@ -287,12 +285,98 @@ class IndexResource(JsonResource):
         )
 
 
+def _is_loopback(request) -> bool:
+    host = getattr(request.getClientAddress(), "host", None)
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_refusal(request, token: str | None) -> GpumgrError | None:
+    """Bearer token when one is configured; otherwise loopback clients only."""
+    if token is None:
+        if _is_loopback(request):
+            return None
+        return Forbidden("admin endpoints are served to loopback clients only "
+                         "unless admin_token is set")
+    given = request.getHeader(b"authorization") or b""
+    scheme, _, value = given.partition(b" ")
+    if scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), token.encode("utf-8")):
+        return None
+    return Unauthorized("a valid 'Authorization: Bearer <admin_token>' is required")
+
+
+class ConsumerAdminResource(JsonResource):
+    """POST /v1/consumers/<name>/{load,unload}: through the scheduler, like any job."""
+
+    isLeaf = True
+    allowed_methods = ("POST",)
+
+    def __init__(self, broker: Broker) -> None:
+        super().__init__()
+        self._broker = broker
+
+    def handle(self, request):
+        broker = self._broker
+        refusal = admin_refusal(request, broker.config.admin_token)
+        if refusal is not None:
+            write_error(request, refusal)
+            return server.NOT_DONE_YET
+        parts = request.postpath
+        if len(parts) != 2 or parts[1] not in (b"load", b"unload"):
+            write_error(request, UnknownRoute("use /v1/consumers/<name>/load or .../unload"))
+            return server.NOT_DONE_YET
+        name, action = parts[0].decode("utf-8", "replace"), parts[1].decode("ascii")
+        consumer = broker.config.consumers.get(name)
+        if consumer is None:
+            write_error(request, UnknownConsumer(f"no consumer named {name!r}"))
+            return server.NOT_DONE_YET
+        if getattr(consumer, action) is None:
+            write_error(request, NotSupported(f"{name} has no {action} route configured",
+                                              consumer=name))
+            return server.NOT_DONE_YET
+        admission = broker.admission
+        if action == "load":
+            job = lambda: admission.load(name, "admin")  # noqa: E731
+        else:
+            job = lambda: admission.admin_unload(name)  # noqa: E731
+        d = broker.scheduler.run(name, job, control=True)
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+
+        def done(_):
+            if request._disconnected:
+                return
+            state = broker.registry[name]
+            body = write_json(request, {"consumer": name, "action": action,
+                                        "loaded": state.loaded,
+                                        "gpu_resident_mib": state.gpu_resident_mib})
+            request.write(body)
+            request.finish()
+
+        d.addCallback(done)
+        d.addErrback(_render_failure, request, name)
+        return server.NOT_DONE_YET
+
+
+def _render_failure(failure: Failure, request, consumer: str) -> None:
+    if failure.check(CancelledError):
+        return
+    if not failure.check(GpumgrError):
+        log.failure("a job for {consumer} failed", failure, consumer=consumer)
+    if not request._disconnected and not request.finished and not request.startedWriting:
+        err = failure.value if failure.check(GpumgrError) else GpumgrError(
+            "internal error; see the gpumgr log", consumer)
+        write_error(request, err)
+
+
 class V1Resource(JsonResource):
     def __init__(self, broker: Broker) -> None:
         super().__init__()
         for kind in KINDS:
             self.putChild(kind.encode("ascii"), KindResource(broker, kind))
         self.putChild(b"status", StatusResource(broker))
+        self.putChild(b"consumers", ConsumerAdminResource(broker))
 
     def handle(self, request):
         write_error(request, UnknownRoute(f"no route for {request.path.decode('latin-1')}"))

@@ -232,3 +232,53 @@ def test_passthrough_runs_everything_at_once(cls):
     jobs.finish("1")
     jobs.finish("2")
     assert s.stats().in_flight == 0 and registry["a"].active == 0
+
+
+def test_swaps_avoided_within_the_overtake_bound():
+    from gpumgr.scheduler import pick_next_avoiding_swaps
+
+    # A loaded (cheap), queue B1 A2 B2 A3 in arrival order.
+    q = [Waiting(1, 0, 0), Waiting(2, 0, 0, cheap=True), Waiting(3, 0, 0),
+         Waiting(4, 0, 0, cheap=True)]
+    index, passed = pick_next_avoiding_swaps(q, 0, 30, max_overtakes=4)
+    assert index == 1 and passed == (0,)  # A2 goes before B1
+    q[0] = Waiting(1, 0, 0, overtaken=4)
+    assert pick_next_avoiding_swaps(q, 0, 30, max_overtakes=4) == (0, ())  # bound reached
+
+
+def test_cheap_job_never_overtakes_higher_priority():
+    from gpumgr.scheduler import pick_next_avoiding_swaps
+
+    q = [Waiting(1, 10, 0), Waiting(2, 5, 0, cheap=True)]
+    assert pick_next_avoiding_swaps(q, 0, 30, max_overtakes=4) == (0, ())
+
+
+def test_locked_runs_abab_as_aabb_when_a_is_loaded():
+    clock = Clock()
+    registry = Registry(["A", "B"])
+    loaded = {"A"}
+    s = Locked(clock, registry, is_loaded=lambda c: c in loaded, max_overtakes=4)
+    jobs = Jobs()
+    s.run("A", jobs.job("A1"))
+    for name in ("B1", "A2", "B2"):
+        s.run(name[0], jobs.job(name))
+    jobs.finish("A1")
+    jobs.finish("A2")
+    loaded.clear()
+    loaded.add("B")
+    jobs.finish("B1")
+    assert jobs.started == ["A1", "A2", "B1", "B2"]
+
+
+def test_overtakes_are_bounded_so_nobody_starves():
+    clock = Clock()
+    registry = Registry(["A", "B"])
+    s = Locked(clock, registry, is_loaded=lambda c: c == "A", max_overtakes=2, max_queue=100)
+    jobs = Jobs()
+    s.run("A", jobs.job("A0"))
+    s.run("B", jobs.job("B"))
+    for i in range(1, 6):
+        s.run("A", jobs.job(f"A{i}"))
+    for name in ["A0", "A1", "A2"]:
+        jobs.finish(name)
+    assert jobs.started == ["A0", "A1", "A2", "B"]  # B overtaken twice, then runs

@@ -96,23 +96,36 @@ def make_world(clock, state_dir: str, total_mib: int = 24576, behaviours=None) -
     return world
 
 
-def world_config(world: SimulatedWorld, **sections: Any) -> Config:
-    """A validated Config routing the four kinds to the world's consumers.
+def world_config(
+    world: SimulatedWorld,
+    kinds: dict[str, str] | None = None,
+    consumers: dict[str, dict[str, Any]] | None = None,
+    **sections: Any,
+) -> Config:
+    """A validated Config routing kinds to the world's consumers.
 
-    Keyword arguments replace or extend top-level sections, e.g.
+    `kinds` serves a consumer under another kind than its flavour's (e.g.
+    ``{"B": "stt"}`` for a second mvoice); `consumers` adds or replaces keys of
+    a consumer's entry (``{"C": {"can_coexist_with": ["A"]}}``). Other keyword
+    arguments replace or extend top-level sections, e.g.
     ``world_config(world, health={"interval_s": 0.2})``.
     """
-    consumers = {}
+    kinds = kinds or {}
+    entries = {}
     for name, consumer in world.consumers.items():
         if consumer.url is None:
             raise ValueError(f"simulated consumer {name} is not listening; call world.listen()")
         entry = dict(_CONSUMER_CONFIG[type(consumer)])
+        if name in kinds:
+            (path,) = entry["paths"].values()
+            entry["paths"] = {kinds[name]: path}
         entry["url"] = consumer.url
         entry["vram_resident_mib"] = consumer.behaviour.vram_mib
-        consumers[name] = entry
+        entry.update((consumers or {}).get(name, {}))
+        entries[name] = entry
     routes = {}
     for name, consumer in world.consumers.items():
-        for kind in _CONSUMER_CONFIG[type(consumer)]["paths"]:
+        for kind in entries[name]["paths"]:
             routes.setdefault(kind, name)
         if isinstance(consumer, MvoiceSim):
             routes.setdefault("audio_proxy", name)
@@ -120,7 +133,7 @@ def world_config(world: SimulatedWorld, **sections: Any) -> Config:
         "listen": "tcp:0:interface=127.0.0.1",
         "gpu": {"nvidia_smi": sim_nvidia_smi_command(world.gpu.state_path)},
         "routes": routes,
-        "consumers": consumers,
+        "consumers": entries,
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):

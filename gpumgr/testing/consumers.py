@@ -491,6 +491,8 @@ class SimulatedWorld:
         self.active_jobs = 0
         self.max_active_jobs = 0
         self.total_jobs = 0
+        #: Consumer names in the order their GPU jobs started.
+        self.work_log: list[str] = []
         self._ports: list[Any] = []
 
     def add(self, flavour: str, name: str | None = None, behaviour: Behaviour | None = None):
@@ -504,6 +506,7 @@ class SimulatedWorld:
     def job_started(self, consumer: SimulatedConsumer) -> None:
         self.active_jobs += 1
         self.total_jobs += 1
+        self.work_log.append(consumer.name)
         self.max_active_jobs = max(self.max_active_jobs, self.active_jobs)
 
     def job_ended(self, consumer: SimulatedConsumer) -> None:

@@ -1,0 +1,252 @@
+"""Carrying out eviction decisions: unloads, the settle wait, loads, OOM replay.
+
+`eviction.plan_eviction` decides; this module does the I/O. Everything here
+runs inside a scheduler job, i.e. while holding the GPU lock, so an unload
+or a load never races a request.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from gpumgr.config import Config
+from gpumgr.errors import ControlFailed, InsufficientVram
+from gpumgr.eviction import plan_eviction, settled
+from gpumgr.gpu import GpuSampler
+from gpumgr.proxy import Outcome, Result
+from gpumgr.registry import Registry
+from gpumgr.status import iso
+
+log = Logger()
+
+#: Deadline of a load or unload call.
+CONTROL_TIMEOUT_S = 30.0
+#: How often nvidia-smi is re-read while waiting for memory to come back.
+SETTLE_POLL_S = 0.25
+RECENT_EVENTS = 50
+
+
+class Admission:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        config: Config,
+        registry: Registry,
+        gpu: GpuSampler,
+        control,
+    ) -> None:
+        self._clock = clock
+        self._config = config
+        self._registry = registry
+        self._gpu = gpu
+        self._control = control
+        self.evictions = 0
+        self.eviction_failures = 0
+        self.oom_retries = 0
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_EVENTS)
+        self._no_sample_logged = False
+        self._idle_timers: dict[str, Any] = {}
+        #: Set by the service: submit(consumer, job) runs job through the scheduler.
+        self.submit: Callable[[str, Callable[[], defer.Deferred]], defer.Deferred] | None = None
+        #: Set by the service: queued jobs for a consumer (idle unload waits for them).
+        self.queued_for: Callable[[str], int] = lambda name: 0
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    def event(self, kind: str, consumer: str, reason: str | None = None,
+              mib: int | None = None, detail: str | None = None) -> None:
+        self.events.append({
+            "at": iso(self._clock.seconds()), "event": kind, "consumer": consumer,
+            "reason": reason, "mib": mib, "detail": detail,
+        })
+
+    def views(self):
+        return {name: self._registry.view(c) for name, c in self._config.consumers.items()}
+
+    def free_mib(self) -> int | None:
+        """Free GPU memory: measured, else accounted from config, else unknown."""
+        free = self._gpu.latest.memory_free_mib
+        if free is not None:
+            return free
+        total = self._config.gpu.total_mib
+        if total is not None:
+            held = sum(v.resident_mib for v in self.views().values() if v.loaded is not False)
+            return total - held
+        if not self._no_sample_logged:
+            log.warn("no GPU sample and no gpu.total_mib: VRAM pressure is not checked "
+                     "(exclusivity still is)")
+            self._no_sample_logged = True
+        return None
+
+    # -- admission -------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def admit(self, target: str):
+        """Make room for a job of `target`; fails with InsufficientVram."""
+        if self._registry[target].loaded is not True:
+            yield self._gpu.sample_now()  # decide on memory as it is now
+        tried: set[str] = set()
+        failed: list[str] = []
+        while True:
+            plan = plan_eviction(target, self.views(), self.free_mib(),
+                                 self._config.gpu.headroom_mib, exclude=tried)
+            if plan.blocked_by:
+                self._refuse(target, f"{target} may not coexist with pinned "
+                             f"{', '.join(plan.blocked_by)}, which cannot be unloaded", failed)
+            if plan.shortfall_mib > 0:
+                self._refuse(target, f"{target} needs {plan.needed_mib} MiB (with headroom); "
+                             f"{plan.projected_free_mib} MiB would be free after evicting "
+                             f"everything evictable: short by {plan.shortfall_mib} MiB", failed)
+            if not plan.victims:
+                return
+            for victim, reason in plan.victims:
+                tried.add(victim)
+                ok = yield self.unload(victim, reason, needed_mib=plan.needed_mib)
+                if not ok:
+                    failed.append(victim)
+
+    def _refuse(self, target: str, message: str, failed: list[str]) -> None:
+        if failed:
+            message += f"; unload failed for {', '.join(failed)}"
+        self.event("refusal", target, "insufficient_vram", detail=message)
+        log.warn("refusing a job for {target}: {message}", target=target, message=message)
+        raise InsufficientVram(message, consumer=target, retry_after_s=5)
+
+    @defer.inlineCallbacks
+    def admit_and_run(self, consumer: str, job):
+        """The evicting mode's job: make room, run, and replay once on OOM."""
+        yield self.admit(consumer)
+        result = yield job(retry_oom=True)
+        if isinstance(result, Result) and result.outcome is Outcome.OOM:
+            self.oom_retries += 1
+            self.event("oom_retry", consumer, "oom")
+            for name, view in self.views().items():
+                if name != consumer and not view.pinned and view.loaded is not False:
+                    yield self.unload(name, "oom")
+            result = yield job(retry_oom=False)
+        if isinstance(result, Result) and result.outcome is Outcome.COMPLETED \
+                and result.status is not None and result.status < 400:
+            self._became_loaded(consumer)
+        self.schedule_idle_unload(consumer)
+        return result
+
+    # -- control calls -----------------------------------------------------------
+
+    def _call(self, name: str, which: str):
+        c = self._config.consumers[name]
+        d = self._control.call(c.url, getattr(c, which))
+        timer = self._clock.callLater(CONTROL_TIMEOUT_S, d.cancel)
+        d.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+        return d
+
+    @defer.inlineCallbacks
+    def unload(self, name: str, reason: str, needed_mib: int | None = None):
+        """Unload `name` and wait for its memory to come back. Never fails: False if it did."""
+        c = self._config.consumers[name]
+        view = self._registry.view(c)
+        before = self._gpu.latest.memory_free_mib
+        try:
+            yield self._call(name, "unload")
+        except Exception as e:
+            why = "timed out" if isinstance(e, defer.CancelledError) else str(e)
+            self.eviction_failures += 1
+            self._registry.mark_unknown(name)
+            self.event("eviction_failed", name, reason, view.resident_mib, why)
+            log.warn("unloading {name} ({reason}) failed: {why}", name=name, reason=reason, why=why)
+            return False
+        self.evictions += 1
+        self._registry.mark_unloaded(name)
+        self.event("eviction" if reason != "admin" else "unload", name, reason, view.resident_mib)
+        log.info("evicted {name} ({reason}, {mib} MiB)", name=name, reason=reason,
+                 mib=view.resident_mib)
+        yield self._settle(name, view.resident_mib, before, needed_mib)
+        return True
+
+    @defer.inlineCallbacks
+    def _settle(self, name: str, resident_mib: int, before: int | None, needed_mib: int | None):
+        """Wait until nvidia-smi shows the memory back, or unload_settle_s passes."""
+        if before is None or resident_mib <= 0:
+            return
+        deadline = self._clock.seconds() + self._config.gpu.unload_settle_s
+        while True:
+            sample = yield self._gpu.sample_now()
+            free = sample.memory_free_mib
+            if free is None:
+                return
+            if settled(free - before, resident_mib, free, needed_mib):
+                return
+            if self._clock.seconds() >= deadline:
+                log.warn("{name}: only {freed} of {mib} MiB came back within {s:g}s",
+                         name=name, freed=free - before, mib=resident_mib,
+                         s=self._config.gpu.unload_settle_s)
+                return
+            yield task.deferLater(self._clock, SETTLE_POLL_S, lambda: None)
+
+    @defer.inlineCallbacks
+    def load(self, name: str, reason: str):
+        """Make room, then call the consumer's load route."""
+        yield self.admit(name)
+        try:
+            yield self._call(name, "load")
+        except Exception as e:
+            why = "timed out" if isinstance(e, defer.CancelledError) else str(e)
+            self.event("load_failed", name, reason, detail=why)
+            raise ControlFailed(f"loading {name} failed: {why}", consumer=name) from None
+        self._became_loaded(name)
+        self.event("load", name, reason, self._config.consumers[name].vram_resident_mib)
+        self.schedule_idle_unload(name)
+        return True
+
+    @defer.inlineCallbacks
+    def admin_unload(self, name: str):
+        ok = yield self.unload(name, "admin")
+        if not ok:
+            raise ControlFailed(f"unloading {name} failed; see recent_events", consumer=name)
+        return True
+
+    def _became_loaded(self, name: str) -> None:
+        c = self._config.consumers[name]
+        if c.gpu_process is None or self._registry[name].loaded is not True:
+            self._registry.mark_loaded(name, self._registry[name].gpu_resident_mib
+                                       if c.gpu_process is not None else c.vram_resident_mib)
+        self._registry[name].last_used = self._clock.seconds()
+
+    # -- idle unload -------------------------------------------------------------
+
+    def schedule_idle_unload(self, name: str) -> None:
+        idle_s = self._config.consumers[name].idle_unload_s
+        if idle_s is None or self.submit is None:
+            return
+        timer = self._idle_timers.get(name)
+        if timer is not None and timer.active():
+            timer.reset(idle_s)
+        else:
+            self._idle_timers[name] = self._clock.callLater(idle_s, self._idle_due, name)
+
+    def _idle_due(self, name: str) -> None:
+        if self.queued_for(name) or self._registry[name].active:
+            return  # work is coming; its end schedules the next check
+        d = self.submit(name, lambda: self._idle_unload(name))
+        d.addErrback(lambda f: log.failure("idle unload of {name} failed", f, name=name))
+
+    @defer.inlineCallbacks
+    def _idle_unload(self, name: str):
+        # Re-checked under the lock: a request may have run since the timer fired.
+        state = self._registry[name]
+        idle_s = self._config.consumers[name].idle_unload_s
+        last = state.last_used if state.last_used is not None else float("-inf")
+        if state.loaded is False or self._clock.seconds() - last < idle_s or self.queued_for(name):
+            return False
+        ok = yield self.unload(name, "idle")
+        return ok
+
+    def stop(self) -> None:
+        for timer in self._idle_timers.values():
+            if timer.active():
+                timer.cancel()
+        self._idle_timers.clear()
