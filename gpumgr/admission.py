@@ -51,6 +51,8 @@ class Admission:
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_EVENTS)
         self._no_sample_logged = False
         self._idle_timers: dict[str, Any] = {}
+        self._loaded_at: dict[str, float] = {}
+        self._unsettled = False
         #: Set by the service: submit(consumer, job) runs job through the scheduler.
         self.submit: Callable[[str, Callable[[], defer.Deferred]], defer.Deferred] | None = None
         #: Set by the service: queued jobs for a consumer (idle unload waits for them).
@@ -68,14 +70,17 @@ class Admission:
     def views(self):
         return {name: self._registry.view(c) for name, c in self._config.consumers.items()}
 
-    def free_mib(self) -> int | None:
+    def free_mib(self, target: str) -> int | None:
         """Free GPU memory: measured, else accounted from config, else unknown."""
         free = self._gpu.latest.memory_free_mib
         if free is not None:
             return free
         total = self._config.gpu.total_mib
         if total is not None:
-            held = sum(v.resident_mib for v in self.views().values() if v.loaded is not False)
+            # Unknown consumers may hold their size; the target's own share is
+            # what it needs, so it is not counted as held.
+            held = sum(v.resident_mib for n, v in self.views().items()
+                       if v.loaded is not False and n != target)
             return total - held
         if not self._no_sample_logged:
             log.warn("no GPU sample and no gpu.total_mib: VRAM pressure is not checked "
@@ -92,9 +97,18 @@ class Admission:
             yield self._gpu.sample_now()  # decide on memory as it is now
         tried: set[str] = set()
         failed: list[str] = []
+        self._unsettled = False  # an unknown-state victim was unloaded, unwatched
+        settled_once = False
         while True:
-            plan = plan_eviction(target, self.views(), self.free_mib(),
+            plan = plan_eviction(target, self.views(), self.free_mib(target),
                                  self._config.gpu.headroom_mib, exclude=tried)
+            if plan.shortfall_mib > 0 and self._unsettled and not settled_once:
+                # Memory of victims whose residency was unknown may still be
+                # on its way back: wait for it once before refusing.
+                settled_once = True
+                yield self._settle(target, plan.shortfall_mib, self._gpu.latest.memory_free_mib,
+                                   plan.needed_mib)
+                continue
             if plan.blocked_by:
                 self._refuse(target, f"{target} may not coexist with pinned "
                              f"{', '.join(plan.blocked_by)}, which cannot be unloaded", failed)
@@ -149,7 +163,11 @@ class Admission:
         """Unload `name` and wait for its memory to come back. Never fails: False if it did."""
         c = self._config.consumers[name]
         view = self._registry.view(c)
-        before = self._gpu.latest.memory_free_mib
+        known = view.loaded is True
+        latest = self._gpu.latest
+        if known and latest.available and (latest.sampled_at or 0) <= self._loaded_at.get(name, 0):
+            latest = yield self._gpu.sample_now()  # a baseline that shows the victim loaded
+        before = latest.memory_free_mib
         try:
             yield self._call(name, "unload")
         except Exception as e:
@@ -164,7 +182,10 @@ class Admission:
         self.event("eviction" if reason != "admin" else "unload", name, reason, view.resident_mib)
         log.info("evicted {name} ({reason}, {mib} MiB)", name=name, reason=reason,
                  mib=view.resident_mib)
-        yield self._settle(name, view.resident_mib, before, needed_mib)
+        if known:
+            yield self._settle(name, view.resident_mib, before, needed_mib)
+        else:
+            self._unsettled = True
         return True
 
     @defer.inlineCallbacks
@@ -215,6 +236,7 @@ class Admission:
             self._registry.mark_loaded(name, self._registry[name].gpu_resident_mib
                                        if c.gpu_process is not None else c.vram_resident_mib)
         self._registry[name].last_used = self._clock.seconds()
+        self._loaded_at[name] = self._clock.seconds()
 
     # -- idle unload -------------------------------------------------------------
 

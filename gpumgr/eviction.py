@@ -7,7 +7,8 @@ Rules (the README explains them with a worked example):
   unknown consumer that may not coexist with the target is evicted.
 - Pressure: a target that is not loaded needs `vram_resident_mib + headroom`.
   If the free memory (after the exclusivity victims) is less, further loaded
-  consumers are evicted, least recently used first, until it fits.
+  consumers are evicted, least recently used first, until it fits; consumers
+  in the unknown state come after them (they may hold nothing).
 - The target itself is never evicted; a consumer without `unload` is pinned.
 - With no free-memory figure, pressure is not checked; exclusivity still is.
 """
@@ -106,12 +107,11 @@ def plan_eviction(
     needed = me.vram_resident_mib + headroom_mib
     projected = free_mib + freed
     chosen = {name for name, _ in victims}
-    for other in others:
+    by_certainty = [v for v in others if v.loaded is True] + [v for v in others if v.loaded is None]
+    for other in by_certainty:
         if projected >= needed:
             break
         if other.name in chosen or other.name in skip or other.pinned:
-            continue
-        if other.loaded is False:
             continue
         victims.append((other.name, "pressure"))
         projected += other.resident_mib

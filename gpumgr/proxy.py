@@ -133,6 +133,26 @@ def _client_ip(request) -> str | None:
 UpstreamErrorHook = Callable[[str, bool, str], None]
 
 
+class _ReplayableBody:
+    """The spooled request body for FileBodyProducer, which closes its file
+    at EOF; the body must survive for an out-of-memory replay."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+
+    def read(self, size: int = -1) -> bytes:
+        return self._f.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> None:
+        pass  # twisted.web closes the real file with the request
+
+
 @implementer(IPushProducer)
 class _WatchedProducer:
     """The upstream transport as the client's producer, with a stall deadline.
@@ -253,7 +273,7 @@ class _Exchange:
             self._client_gone = True
             self._end(Outcome.CLIENT_GONE)
             return
-        content = self.request.content
+        content = _ReplayableBody(self.request.content)
         content.seek(0)
         producer = FileBodyProducer(content, cooperator=self._cooperator, readSize=_READ_SIZE)
         headers = forward_request_headers(self.request.requestHeaders, _client_ip(self.request))

@@ -58,6 +58,14 @@ def test_pressure_evicts_least_recently_used_first():
     assert plan.needed_mib == 6500 and plan.projected_free_mib == 7000 and plan.runnable
 
 
+def test_unknown_state_is_evicted_after_loaded_ones_under_pressure():
+    vs = views(view("t", loaded=False, mib=3000), view("unknown", loaded=None),
+               view("loaded", last_used=50))
+    assert plan_eviction("t", vs, free_mib=0, headroom_mib=0).victim_names() == ("loaded",)
+    plan = plan_eviction("t", vs, free_mib=0, headroom_mib=5000)
+    assert plan.victim_names() == ("loaded", "unknown")
+
+
 def test_never_used_counts_as_least_recent():
     vs = views(view("t", loaded=False, mib=3000), view("used", last_used=1), view("never"))
     assert plan_eviction("t", vs, free_mib=0, headroom_mib=0).victim_names() == ("never",)
@@ -143,9 +151,11 @@ def test_plan_invariants(vs, target, free, headroom):
             continue
         if not may_coexist(vs[target], v):
             assert v.pinned and (v.loaded is None or name in plan.blocked_by)
-    # Pressure victims are LRU-ordered and taken only while short.
+    # Pressure victims: loaded ones in LRU order, then unknown ones in LRU order,
+    # taken only while short.
     pressure = [vs[n] for n, why in plan.victims if why == "pressure"]
-    keys = [(v.last_used if v.last_used is not None else float("-inf"), v.name) for v in pressure]
+    keys = [(v.loaded is None, v.last_used if v.last_used is not None else float("-inf"), v.name)
+            for v in pressure]
     assert keys == sorted(keys)
     if pressure:
         assert plan.needed_mib is not None
