@@ -74,9 +74,14 @@ _CONSUMER_CONFIG: dict[type, dict[str, Any]] = {
 
 
 def sim_nvidia_smi_command(state_path: str) -> str:
+    """The simulated nvidia-smi, run as a file in isolated mode: it needs only
+    the standard library, and skipping site and package imports makes each
+    call ~15 ms instead of ~190 ms, which matters when eviction re-samples."""
+    from gpumgr.testing import nvidia_smi
+
+    script = nvidia_smi.__file__
     return " ".join(
-        shlex.quote(a)
-        for a in (sys.executable, "-m", "gpumgr.testing.nvidia_smi", "--state", state_path)
+        shlex.quote(a) for a in (sys.executable, "-I", "-S", script, "--state", state_path)
     )
 
 
