@@ -32,7 +32,7 @@ def test_shipped_config_is_valid_and_describes_the_real_apis():
     assert config.consumers["whisper"].unload is None  # pinned
     assert config.consumers["whisper"].paths["stt"] == "/inference"
     assert config.routes["audio_proxy"] == "mvoice"
-    assert config.scheduler.mode == "locked"
+    assert config.scheduler.mode == "evicting"
     assert config.scheduler.priority == {"tts": 10, "stt": 10, "llm": 5, "image": 0}
 
 

@@ -87,7 +87,7 @@ def test_demo_serves_tts_llm_status_and_audio(demo):
             break
         time.sleep(0.1)
     assert status["gpu"]["available"], status["gpu"]
-    assert status["gpu"]["gpus"][0]["memory_total_mib"] == 24576
+    assert status["gpu"]["gpus"][0]["memory_total_mib"] == 16384
     assert status["consumers"]["mvoice"]["total_requests"] == 1
     assert status["consumers"]["ollama"]["health"] == "ok"
     assert status["scheduler"]["total_jobs"] == 2
@@ -141,4 +141,19 @@ def test_demo_serialises_concurrent_requests_in_priority_order(demo):
     assert order == ["/v1/llm", "/v1/tts", "/v1/stt", "/v1/llm"]
     _, r = _request(port, "GET", "/v1/status")
     sched = json.loads(r.read())["scheduler"]
-    assert sched["mode"] == "locked" and sched["total_jobs"] == 4 and sched["queue_depth"] == 0
+    assert sched["mode"] == "evicting" and sched["total_jobs"] == 4 and sched["queue_depth"] == 0
+
+
+def test_demo_evicts_to_make_room(demo):
+    """ollama (9000) and comfyui (7000) do not fit together on the 16 GiB demo GPU."""
+    port = demo
+    _, r = _request(port, "POST", "/v1/llm", b'{"model":"llama3","prompt":"hi"}')
+    r.read()
+    _, r = _request(port, "POST", "/v1/image", b'{"prompt":{}}')
+    assert r.status == 200 and "prompt_id" in json.loads(r.read())
+    _, r = _request(port, "GET", "/v1/status")
+    status = json.loads(r.read())
+    evictions = [e for e in status["scheduler"]["recent_events"] if e["event"] == "eviction"]
+    assert any(e["consumer"] == "ollama" and e["reason"] == "pressure" for e in evictions)
+    assert status["consumers"]["ollama"]["loaded"] is False
+    assert status["consumers"]["comfyui"]["loaded"] is True

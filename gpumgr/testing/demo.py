@@ -14,6 +14,7 @@ from gpumgr.testing import Behaviour, make_world, world_config
 
 log = Logger()
 
+DEMO_GPU_MIB = 16384
 DEMO_BEHAVIOURS = {
     "ollama": Behaviour(vram_mib=9000, stream_chunks=24, chunk_interval_s=0.08),
     "comfyui": Behaviour(vram_mib=7000, job_s=3.0),
@@ -26,13 +27,16 @@ class DemoService(MultiService):
     def __init__(self, reactor, listen: str | None, mode: str | None = None) -> None:
         super().__init__()
         self._state_dir = tempfile.mkdtemp(prefix="gpumgr-demo-")
-        self.world = make_world(reactor, self._state_dir, behaviours=DEMO_BEHAVIOURS)
+        # 16 GiB: the four consumers (20,000 MiB) do not all fit, so the demo
+        # shows eviction at work.
+        self.world = make_world(reactor, self._state_dir, total_mib=DEMO_GPU_MIB,
+                                behaviours=DEMO_BEHAVIOURS)
         self.world.listen(reactor)
         config = world_config(
             self.world,
             listen=listen or DEFAULT_LISTEN,
             gpu={"interval_s": 2},
-            scheduler={"mode": mode or "locked", "max_queue": 256,
+            scheduler={"mode": mode or "evicting", "max_queue": 256,
                        "priority": {"tts": 10, "stt": 10, "llm": 5, "image": 0}},
         )
         self.broker = GpumgrService(reactor, config)
