@@ -383,7 +383,7 @@ def _parse_consumer(sec: _Section, name: str) -> ConsumerConfig:
     if parts.query or parts.fragment:
         sec.fail("url", "must not carry a query or fragment")
     try:
-        parts.port
+        _ = parts.port  # raises ValueError for a bad port
     except ValueError:
         sec.fail("url", f"has an invalid port: {url!r}")
 

@@ -90,3 +90,33 @@ async def wait_for(predicate, timeout_s: float = 10.0, step_s: float = 0.01) -> 
             raise AssertionError(f"condition not met within {timeout_s}s")
         await sleep(step_s)
         waited += step_s
+
+
+class HeldStream:
+    """A simulated ollama stream that holds the GPU lock until `release()`.
+
+    Its first chunk goes out at once; the rest wait for the release.
+    """
+
+    def __init__(self, consumer, chunks: int = 2) -> None:
+        self.gates: dict[int, defer.Deferred] = {}
+        self._released = False
+        consumer.behaviour.stream_chunks = chunks
+        consumer.behaviour.stream_gate = self._gate
+        self.reply: defer.Deferred | None = None
+
+    def _gate(self, i: int) -> defer.Deferred:
+        if self._released:
+            return defer.succeed(None)
+        return self.gates.setdefault(i, defer.Deferred())
+
+    async def start(self, client, url: str, body: bytes = b'{"prompt":"hold"}') -> "HeldStream":
+        self.reply = defer.ensureDeferred(client.request("POST", url + "/v1/llm", body))
+        await wait_for(lambda: 1 in self.gates)
+        return self
+
+    def release(self) -> None:
+        self._released = True
+        for gate in self.gates.values():
+            if not gate.called:
+                gate.callback(None)

@@ -13,7 +13,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from gpumgr.testing import Behaviour, SimulatedGpu, SimulatedWorld, world_config
-from tests.helpers import sleep, wait_for
+from tests.helpers import HeldStream, sleep, wait_for
 
 GPU_MIB = 10000
 
@@ -128,18 +128,14 @@ async def test_abab_queued_runs_as_aabb(tmp_path, start_broker, client):
                         B=("mvoice", Behaviour(vram_mib=6000)))
     try:
         service, url = await evicting(world, start_broker)
-        gates: dict[int, defer.Deferred] = {}
-        world["A"].behaviour.stream_gate = lambda i: gates.setdefault(i, defer.Deferred())
-        first = defer.ensureDeferred(client.request("POST", url + "/v1/llm", b'{"prompt":"1"}'))
-        await wait_for(lambda: 1 in gates)
-        world["A"].behaviour.stream_gate = None
+        held = await HeldStream(world["A"]).start(client, url)
         pending = []
         for path, body in (("/v1/tts", b"b1"), ("/v1/llm", b'{"prompt":"2"}'), ("/v1/tts", b"b2")):
             pending.append(defer.ensureDeferred(client.request("POST", url + path, body)))
             depth = len(pending)
             await wait_for(lambda d=depth: service.scheduler.stats().queue_depth == d)
-        gates[1].callback(None)
-        replies = [await first] + [await d for d in pending]
+        held.release()
+        replies = [await held.reply] + [await d for d in pending]
         assert [r.code for r in replies] == [200] * 4
         assert world.work_log == ["A", "A", "B", "B"]
         assert world["A"].unloads == 1 and world.gpu.oom_count == 0
@@ -153,14 +149,11 @@ async def test_idle_unload_fires_but_never_interrupts_a_job(tmp_path, start_brok
     try:
         service, url = await evicting(world, start_broker, consumers={"A": {"idle_unload_s": 0.2}})
         await client.request("POST", url + "/v1/llm", b'{"prompt":"warm"}')
-        gates: dict[int, defer.Deferred] = {}
-        world["A"].behaviour.stream_gate = lambda i: gates.setdefault(i, defer.Deferred())
-        streaming = defer.ensureDeferred(client.request("POST", url + "/v1/llm", b'{"prompt":"x"}'))
-        await wait_for(lambda: 1 in gates)
+        held = await HeldStream(world["A"]).start(client, url)
         await sleep(0.6)  # three idle periods pass while the job runs
         assert world["A"].unloads == 0
-        gates[1].callback(None)
-        assert (await streaming).code == 200
+        held.release()
+        assert (await held.reply).code == 200
         await wait_for(lambda: service.registry["A"].loaded is False)
         assert world["A"].unloads == 1
         assert [e["reason"] for e in service.admission.events if e["event"] == "eviction"] == ["idle"]

@@ -1,8 +1,6 @@
 """The pure eviction decision, without a reactor."""
 
-import itertools
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -10,7 +10,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 
 from gpumgr.testing import world_config
-from tests.helpers import wait_for
+from tests.helpers import HeldStream, wait_for
 
 
 async def locked_broker(world, start_broker, **scheduler):
@@ -91,19 +91,15 @@ async def raw_post(url: str, path: str, body: bytes = b"{}") -> _RawClient:
 @pytest_twisted.ensureDeferred
 async def test_client_leaving_the_queue_never_reaches_its_consumer(world, start_broker, client):
     service, url = await locked_broker(world, start_broker)
-    gates: dict[int, defer.Deferred] = {}
-    world["ollama"].behaviour.stream_chunks = 2
-    world["ollama"].behaviour.stream_gate = lambda i: gates.setdefault(i, defer.Deferred())
-    stream = defer.ensureDeferred(client.request("POST", url + "/v1/llm", b'{"prompt":"x"}'))
-    await wait_for(lambda: 1 in gates)
+    held = await HeldStream(world["ollama"]).start(client, url)
 
     leaver = await raw_post(url, "/v1/tts", b'{"text":"never"}')
     await wait_for(lambda: service.scheduler.stats().queue_depth == 1)
     leaver.transport.loseConnection()
     await wait_for(lambda: service.scheduler.stats().queue_depth == 0)
 
-    gates[1].callback(None)
-    assert (await stream).code == 200
+    held.release()
+    assert (await held.reply).code == 200
     await wait_for(lambda: service.scheduler.stats().in_flight == 0)
     assert world["mvoice"].work_requests() == []
     assert service.scheduler.stats().total_jobs == 1
@@ -112,11 +108,7 @@ async def test_client_leaving_the_queue_never_reaches_its_consumer(world, start_
 @pytest_twisted.ensureDeferred
 async def test_queue_full_and_queue_timeout(world, start_broker, client):
     service, url = await locked_broker(world, start_broker, max_queue=1, queue_timeout_s=0.3)
-    gates: dict[int, defer.Deferred] = {}
-    world["ollama"].behaviour.stream_chunks = 2
-    world["ollama"].behaviour.stream_gate = lambda i: gates.setdefault(i, defer.Deferred())
-    stream = defer.ensureDeferred(client.request("POST", url + "/v1/llm", b'{"prompt":"x"}'))
-    await wait_for(lambda: 1 in gates)
+    held = await HeldStream(world["ollama"]).start(client, url)
 
     queued = defer.ensureDeferred(client.request("POST", url + "/v1/tts", b'{"text":"q"}'))
     await wait_for(lambda: service.scheduler.stats().queue_depth == 1)
@@ -129,8 +121,8 @@ async def test_queue_full_and_queue_timeout(world, start_broker, client):
     timed_out = await queued  # 0.3 s later, still behind the open stream
     assert timed_out.code == 503
     assert timed_out.json()["error"]["code"] == "queue_timeout"
-    gates[1].callback(None)
-    assert (await stream).code == 200
+    held.release()
+    assert (await held.reply).code == 200
     assert world["mvoice"].work_requests() == [] and world["whisper"].work_requests() == []
     assert service.scheduler.stats().rejected == 2
 
@@ -138,11 +130,7 @@ async def test_queue_full_and_queue_timeout(world, start_broker, client):
 @pytest_twisted.ensureDeferred
 async def test_status_answers_while_hundreds_are_queued(world, start_broker, client):
     service, url = await locked_broker(world, start_broker, max_queue=1000)
-    gates: dict[int, defer.Deferred] = {}
-    world["ollama"].behaviour.stream_chunks = 2
-    world["ollama"].behaviour.stream_gate = lambda i: gates.setdefault(i, defer.Deferred())
-    stream = defer.ensureDeferred(client.request("POST", url + "/v1/llm", b'{"prompt":"x"}'))
-    await wait_for(lambda: 1 in gates)
+    held = await HeldStream(world["ollama"]).start(client, url)
     n = 300
     waiters = [await raw_post(url, "/v1/tts" if i % 2 else "/v1/stt", b'{"text":"x"}')
                for i in range(n)]
@@ -158,8 +146,8 @@ async def test_status_answers_while_hundreds_are_queued(world, start_broker, cli
     for w in waiters:
         w.transport.loseConnection()
     await wait_for(lambda: service.scheduler.stats().queue_depth == 0, timeout_s=30)
-    gates[1].callback(None)
-    assert (await stream).code == 200
+    held.release()
+    assert (await held.reply).code == 200
     assert world["mvoice"].work_requests() == [] and world["whisper"].work_requests() == []
     assert json.loads((await client.request("GET", url + "/v1/status")).body)[
         "scheduler"]["in_flight"] == 0
@@ -169,12 +157,7 @@ async def test_status_answers_while_hundreds_are_queued(world, start_broker, cli
 async def test_priority_order_through_the_broker(world, start_broker, client):
     service, url = await locked_broker(world, start_broker,
                                        priority={"tts": 10, "stt": 10, "llm": 5})
-    gates: dict[int, defer.Deferred] = {}
-    world["ollama"].behaviour.stream_chunks = 2
-    world["ollama"].behaviour.stream_gate = lambda i: gates.setdefault(i, defer.Deferred())
-    first = defer.ensureDeferred(client.request("POST", url + "/v1/llm", b'{"prompt":"1"}'))
-    await wait_for(lambda: 1 in gates)
-    world["ollama"].behaviour.stream_gate = None
+    held = await HeldStream(world["ollama"]).start(client, url)
     order = []
     pending = []
     for path, body in (("/v1/llm", b'{"prompt":"2"}'), ("/v1/tts", b'{"text":"x"}'),
@@ -184,7 +167,7 @@ async def test_priority_order_through_the_broker(world, start_broker, client):
         pending.append(d)
         depth = len(pending)
         await wait_for(lambda depth=depth: service.scheduler.stats().queue_depth == depth)
-    gates[1].callback(None)
-    await first
+    held.release()
+    await held.reply
     await defer.gatherResults(pending)
     assert order == ["/v1/tts", "/v1/stt", "/v1/llm"]

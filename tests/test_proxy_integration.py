@@ -88,7 +88,7 @@ async def test_ndjson_stream_arrives_chunk_by_chunk(broker, world, client):
     assert received_before_release == list(range(1, n + 1))
     arrivals = [t for t, _ in reply.collector.chunks]
     sent = [c["sent_at"] for c in lines]
-    assert all(a >= s for a, s in zip(arrivals, sent))
+    assert all(a >= s for a, s in zip(arrivals, sent, strict=True))
     assert reply.header("Content-Type") == b"application/x-ndjson"
 
 
