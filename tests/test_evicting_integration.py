@@ -224,3 +224,26 @@ async def test_admin_without_token_serves_loopback_and_refuses_unsupported(
     assert pinned.code == 409 and pinned.json()["error"]["code"] == "not_supported"
     noload = await client.request("POST", url + "/v1/consumers/comfyui/load")
     assert noload.code == 409
+
+
+@pytest_twisted.ensureDeferred
+async def test_preload_loads_at_start_through_the_scheduler(abc, start_broker, client):
+    service, url = await evicting(abc, start_broker, kinds=ABC_KINDS,
+                                  consumers={"B": {"preload": True}})
+    await wait_for(lambda: service.registry["B"].loaded is True)
+    assert abc["B"].loaded and abc["B"].loads == 1 and abc["B"].work_requests() == []
+    assert [(e["event"], e["reason"]) for e in service.admission.events] == [("load", "preload")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_measured_residency_from_gpu_process(abc, start_broker, client):
+    service, url = await evicting(abc, start_broker, kinds=ABC_KINDS,
+                                  consumers={"A": {"gpu_process": "^A-process$"}})
+    abc["A"].process_name = "A-process"
+    await client.request("POST", url + "/v1/tts", b"a")
+    await service.gpu.sample_now()
+    assert service.registry["A"].loaded is True
+    assert service.registry["A"].gpu_resident_mib == 6000
+    abc.gpu.free("A")  # the process gave its memory back on its own
+    await service.gpu.sample_now()
+    assert service.registry["A"].loaded is False and service.registry["A"].gpu_resident_mib == 0

@@ -179,3 +179,36 @@ def test_response_headers_keep_end_to_end_only():
 ])
 def test_audio_path_safety(path, ok):
     assert audio_path_is_safe(path.encode().split(b"/")) is ok
+
+
+class _FakeAddress:
+    def __init__(self, host):
+        self.host = host
+
+
+class _FakeRequest:
+    def __init__(self, host, authorization=None):
+        self._host = host
+        self._auth = authorization
+
+    def getClientAddress(self):
+        return _FakeAddress(self._host)
+
+    def getHeader(self, name):
+        return self._auth
+
+
+@pytest.mark.parametrize("host,token,auth,code", [
+    ("127.0.0.1", None, None, None),
+    ("::1", None, None, None),
+    ("192.0.2.10", None, None, "forbidden"),
+    ("192.0.2.10", "t0k", b"Bearer t0k", None),
+    ("127.0.0.1", "t0k", None, "unauthorized"),
+    ("127.0.0.1", "t0k", b"Bearer nope", "unauthorized"),
+    ("127.0.0.1", "t0k", b"Basic t0k", "unauthorized"),
+])
+def test_admin_access_rules(host, token, auth, code):
+    from gpumgr.web import admin_refusal
+
+    refusal = admin_refusal(_FakeRequest(host, auth), token)
+    assert (refusal.code if refusal else None) == code
