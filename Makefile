@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 LISTEN ?= tcp:8770:interface=127.0.0.1
 
-.PHONY: run test venv clean
+.PHONY: run test venv clean bench bench-smoke
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Benchmarks: gpumgr vs direct vs nginx, interleaved in one run (see bench/README.md).
+# nginx and wrk come from Debian: sudo apt-get install nginx-light wrk
+bench: $(STAMP)
+	$(BIN)/python bench/run.py --out bench/results/latest.json
+
+bench-smoke: $(STAMP)
+	$(BIN)/python bench/run.py --smoke --out bench/results/smoke.json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -256,6 +256,7 @@ class GpuSampler:
         self.latest: GpuSample = NOT_SAMPLED
         self._loop: LoopingCall | None = None
         self._last_logged_error: str | None = None
+        self.samples_taken = 0
         #: Called with every new sample (the registry measures residency).
         self.listeners: list[Callable[[GpuSample], None]] = []
 
@@ -275,6 +276,7 @@ class GpuSampler:
     @defer.inlineCallbacks
     def sample_now(self):
         """Take a reading now and make it `latest`. Never fails."""
+        self.samples_taken += 1
         try:
             gpu_out, apps_out = yield defer.gatherResults(
                 [

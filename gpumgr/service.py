@@ -217,6 +217,7 @@ class GpumgrService(MultiService):
             self.registry,
             self.gpu.latest,
             stats,
+            self.gpu.samples_taken,
         )
 
     def _upstream_error(self, consumer: str, reachable: bool, reason: str) -> None:

@@ -26,6 +26,7 @@ def build_status(
     registry: Registry,
     sample: GpuSample,
     scheduler: SchedulerStats,
+    samples_taken: int = 0,
 ) -> dict[str, Any]:
     return {
         "broker": {
@@ -38,6 +39,7 @@ def build_status(
             "error": sample.error,
             "sampled_at": iso(sample.sampled_at),
             "age_ms": None if sample.sampled_at is None else int((now - sample.sampled_at) * 1000),
+            "samples": samples_taken,
             "gpus": [
                 {
                     "index": g.index,
