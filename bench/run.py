@@ -274,10 +274,14 @@ class Bench:
         n = 50 if self.smoke else 400
         paths = self.paths("/v1/tts", "/small")
         samples = {k: [] for k in paths}
+        reconnects = {k: 0 for k in paths}
         for _ in range(self.rounds(5)):
             for name, (port, path) in paths.items():
-                samples[name] += client("latency", HOST, port, path, n, 1024)["latency_ms"]
-        out = {"requests_per_path": len(samples["direct"]), "latency_ms": {}}
+                r = client("latency", HOST, port, path, n, 1024)
+                samples[name] += r["latency_ms"]
+                reconnects[name] += r["reconnects"]
+        out = {"requests_per_path": len(samples["direct"]), "latency_ms": {},
+               "reconnects": reconnects}
         for name, vals in samples.items():
             out["latency_ms"][name] = {"p50": pct(vals, 50), "p99": pct(vals, 99)}
         lat = out["latency_ms"]
