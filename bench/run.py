@@ -491,7 +491,8 @@ def versions(b: Bench):
     return out
 
 
-def targets(s):
+def targets(scenarios):
+    s = {k: v for k, v in scenarios.items() if "error" not in v}
     t = {}
     small = s.get("small_requests", {})
     if small:
@@ -530,7 +531,7 @@ def fmt(v, unit=""):
 
 
 def table(result) -> str:
-    s = result["scenarios"]
+    s = {k: v for k, v in result["scenarios"].items() if "error" not in v}
     rows = []
     if "small_requests" in s:
         x = s["small_requests"]
@@ -609,16 +610,26 @@ def main():
     result = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
               "smoke": args.smoke, "machine": machine(), "versions": versions(bench),
               "scenarios": {}, "notes": bench.notes}
+    ok = False
     try:
         bench.start()
+        ok = True
         for name in args.only or SCENARIOS:
             t0 = time.time()
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-            result["scenarios"][name] = getattr(bench, name)()
+            try:
+                result["scenarios"][name] = getattr(bench, name)()
+            except Exception as e:  # record it, keep the logs, run the rest
+                ok = False
+                result["scenarios"][name] = {"error": f"{type(e).__name__}: {e}"}
+                bench.notes.append(f"{name} failed: {e}")
             result["scenarios"][name]["wall_s"] = round(time.time() - t0, 1)
     finally:
         bench.procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"[bench] failed; logs kept in {tmp}", file=sys.stderr)
     result["targets"] = targets(result["scenarios"])
     result["wall_s"] = round(time.time() - started, 1)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -626,6 +637,8 @@ def main():
         json.dump(result, f, indent=2)
     print(table(result))
     print(f"\nwritten: {args.out} ({result['wall_s']} s)")
+    if not ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
