@@ -257,6 +257,8 @@ class GpuSampler:
         self._loop: LoopingCall | None = None
         self._last_logged_error: str | None = None
         self.samples_taken = 0
+        #: Wall time spent waiting for nvidia-smi, over all samples.
+        self.sampling_s_total = 0.0
         #: Called with every new sample (the registry measures residency).
         self.listeners: list[Callable[[GpuSample], None]] = []
 
@@ -277,6 +279,7 @@ class GpuSampler:
     def sample_now(self):
         """Take a reading now and make it `latest`. Never fails."""
         self.samples_taken += 1
+        began = self._reactor.seconds()
         try:
             gpu_out, apps_out = yield defer.gatherResults(
                 [
@@ -300,6 +303,7 @@ class GpuSampler:
             if self._last_logged_error is not None:
                 log.info("GPU sampling recovered")
                 self._last_logged_error = None
+        self.sampling_s_total += self._reactor.seconds() - began
         self.latest = sample
         for listener in self.listeners:
             try:

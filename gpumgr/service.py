@@ -25,7 +25,7 @@ from gpumgr.config import (
 from gpumgr.control import ControlClient
 from gpumgr.gpu import GpuSampler
 from gpumgr.health import HealthMonitor
-from gpumgr.proxy import StreamingProxy
+from gpumgr.proxy import CachedEndpoints, StreamingProxy
 from gpumgr.registry import Registry
 from gpumgr.admission import Admission
 from gpumgr.scheduler import Evicting, Locked, Passthrough, Scheduler
@@ -169,7 +169,8 @@ class GpumgrService(MultiService):
         self._data_pool = _make_pool(reactor)
         self._data_pool.maxPersistentPerHost = _IDLE_CONNECTIONS_PER_HOST
         agents = {
-            name: Agent(reactor, connectTimeout=c.connect_timeout_s, pool=self._data_pool)
+            name: Agent.usingEndpointFactory(
+                reactor, CachedEndpoints(reactor, c.connect_timeout_s), pool=self._data_pool)
             for name, c in config.consumers.items()
         }
         self._control_pool = _make_pool(reactor)
@@ -218,6 +219,7 @@ class GpumgrService(MultiService):
             self.gpu.latest,
             stats,
             self.gpu.samples_taken,
+            self.gpu.sampling_s_total,
         )
 
     def _upstream_error(self, consumer: str, reachable: bool, reason: str) -> None:

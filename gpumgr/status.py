@@ -27,6 +27,7 @@ def build_status(
     sample: GpuSample,
     scheduler: SchedulerStats,
     samples_taken: int = 0,
+    sampling_s_total: float = 0.0,
 ) -> dict[str, Any]:
     return {
         "broker": {
@@ -40,6 +41,7 @@ def build_status(
             "sampled_at": iso(sample.sampled_at),
             "age_ms": None if sample.sampled_at is None else int((now - sample.sampled_at) * 1000),
             "samples": samples_taken,
+            "sampling_ms_total": round(sampling_s_total * 1000, 1),
             "gpus": [
                 {
                     "index": g.index,
