@@ -48,6 +48,11 @@ log = Logger()
 
 #: How long a rejected upload may keep sending before the connection is cut.
 _LINGER_S = 2.0
+#: Bodies above this (or of unknown length) are read in bigger gulps: Twisted
+#: reads 64 KiB per recv(), and a 256 KiB read made a 256 MiB upload ~3x
+#: faster in the bench; small requests keep the default, which suits them.
+_BULK_BODY_BYTES = 1024 * 1024
+_BULK_READ_BYTES = 256 * 1024
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -419,6 +424,10 @@ class LimitedRequest(server.Request):
             self.requestHeaders.removeHeader(b"expect")  # no 100 Continue
             self._reject(f"request body of {length} bytes exceeds the {limit}-byte limit")
             return
+        if length is None or length > _BULK_BODY_BYTES:
+            transport = self.channel.transport
+            if hasattr(transport, "bufferSize"):
+                transport.bufferSize = _BULK_READ_BYTES
         super().gotLength(length)
 
     def handleContentChunk(self, data):
