@@ -168,7 +168,28 @@ def body_producer(content, method: bytes, cooperator: Cooperator):
         return _BytesProducer(body)
     view = _ReplayableBody(content)
     view.seek(0)
-    return FileBodyProducer(view, cooperator=cooperator, readSize=_READ_SIZE)
+    return _SpooledBodyProducer(view, cooperator=cooperator, readSize=_READ_SIZE)
+
+
+class _SpooledBodyProducer(FileBodyProducer):
+    """FileBodyProducer that knows whether it is still sending.
+
+    A consumer may answer before it has read the whole body (nginx's `return`
+    does). The exchange then ends, twisted.web closes the spooled file, and
+    Agent would keep this producer reading it; the exchange stops it instead.
+    """
+
+    sending = False
+
+    def startProducing(self, consumer):
+        self.sending = True
+        d = super().startProducing(consumer)
+
+        def done(result):
+            self.sending = False
+            return result
+
+        return d.addBoth(done)
 
 
 class _ReplayableBody:
@@ -314,6 +335,7 @@ class _Exchange:
         method = self.request.method
         producer = body_producer(self.request.content, method, self._cooperator)
         headers = forward_request_headers(self.request.requestHeaders, _client_ip(self.request))
+        self._producer = producer
         self._pending = self._agent.request(method, self._url, headers, producer)
         self._timer = self._clock.callLater(self._request_timeout_s, self._time_out)
         self._pending.addCallbacks(self._got_response, self._request_failed)
@@ -510,6 +532,9 @@ class _Exchange:
         self._outcome = outcome
         self._stop_timer()
         self._stop_body_timers()
+        producer = getattr(self, "_producer", None)
+        if isinstance(producer, _SpooledBodyProducer) and producer.sending:
+            producer.stopProducing()  # silent: its Deferred just never fires
         if not self.done.called:
             self.done.callback(Result(outcome, self._status))
 

@@ -550,3 +550,44 @@ async def test_client_that_stops_reading_is_dropped_and_frees_the_lock(world, st
     await wait_for(lambda: factory.lost)
     assert not b"".join(factory.received).endswith(b"0\r\n\r\n")  # never finished
     assert world.active_jobs == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_consumer_answering_before_reading_the_body(world, start_broker, client):
+    """Like nginx's `return`: the answer comes while gpumgr is still sending.
+
+    The client gets the answer; gpumgr stops sending the (now closed) spooled
+    body instead of Agent logging "read of closed file".
+    """
+    from twisted.logger import globalLogPublisher
+
+    class EarlyAnswer(Protocol):
+        def dataReceived(self, data):
+            if data.startswith(b"POST") and not getattr(self, "answered", False):
+                self.answered = True
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
+            elif data.startswith(b"GET"):
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    errors = []
+
+    def observer(event):
+        if event.get("log_failure") is not None or event.get("log_level").name in ("error", "critical"):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    port = reactor.listenTCP(0, Factory.forProtocol(EarlyAnswer), interface="127.0.0.1")
+    try:
+        service, url = await start_broker(
+            config_with(world, "whisper", f"http://127.0.0.1:{port.getHost().port}",
+                        sections={"scheduler": {"mode": "locked"}}))
+        reply = await client.request("POST", url + "/v1/stt", os.urandom(20 * 1024 * 1024))
+        assert reply.code == 200 and reply.body == b"early"
+        await wait_for(lambda: service.scheduler.stats().in_flight == 0)
+        from tests.helpers import sleep
+
+        await sleep(0.3)  # let any stray producer iteration run
+        assert errors == [], [e.get("log_format") for e in errors]
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        await port.stopListening()
