@@ -35,7 +35,7 @@ def latency(host, port, path, n, body_bytes):
             resp.read()
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
             reconnects += 1
-            if reconnects > 10:
+            if reconnects > max(10, int(n) // 10):
                 raise
             conn.close()
             conn = http.client.HTTPConnection(host, int(port))

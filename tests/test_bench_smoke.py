@@ -29,3 +29,20 @@ def test_bench_smoke_pass_produces_wellformed_results(tmp_path):
     assert s["eviction_overhead"]["swaps"] == 6
     assert all(isinstance(v, bool) for v in result["targets"].values())
     assert "gpumgr adds" in run.stdout  # the table was printed
+
+
+@pytest.mark.slow
+def test_bench_without_nginx_and_wrk_skips_only_those_columns(tmp_path):
+    out = tmp_path / "smoke.json"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--smoke",
+                          "--without", "nginx", "wrk", "--only", "small_requests",
+                          "bulk_bodies", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    small = result["scenarios"]["small_requests"]
+    assert set(small["latency_ms"]) == {"direct", "gpumgr"}  # no nginx column
+    assert "throughput_rps_32conn" not in small  # no wrk
+    assert set(result["scenarios"]["bulk_bodies"]["download_mib_s"]) == {"direct", "gpumgr"}
+    assert any("apt-get install nginx-light" in n for n in result["notes"])
+    assert any("apt-get install wrk" in n for n in result["notes"])
