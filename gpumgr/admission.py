@@ -10,6 +10,8 @@ from __future__ import annotations
 import collections
 from typing import Any, Callable
 
+import attrs
+
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -67,8 +69,17 @@ class Admission:
             "reason": reason, "mib": mib, "detail": detail,
         })
 
-    def views(self):
-        return {name: self._registry.view(c) for name, c in self._config.consumers.items()}
+    def views(self, target: str | None = None):
+        """What the planner sees. A consumer with a job running (capacity > 1)
+        is loaded for certain, and pinned: never unloaded under a running job."""
+        views = {}
+        for name, c in self._config.consumers.items():
+            view = self._registry.view(c)
+            if name != target and self._registry[name].active > 0 and not view.pinned:
+                view = attrs.evolve(view, pinned=True, loaded=True,
+                                    resident_mib=max(view.resident_mib, c.vram_resident_mib))
+            views[name] = view
+        return views
 
     def free_mib(self, target: str) -> int | None:
         """Free GPU memory: measured, else accounted from config, else unknown."""
@@ -100,7 +111,7 @@ class Admission:
         self._unsettled = False  # an unknown-state victim was unloaded, unwatched
         settled_once = False
         while True:
-            plan = plan_eviction(target, self.views(), self.free_mib(target),
+            plan = plan_eviction(target, self.views(target), self.free_mib(target),
                                  self._config.gpu.headroom_mib, exclude=tried)
             if plan.shortfall_mib > 0 and self._unsettled and not settled_once:
                 # Memory of victims whose residency was unknown may still be
@@ -110,8 +121,9 @@ class Admission:
                                    plan.needed_mib)
                 continue
             if plan.blocked_by:
-                self._refuse(target, f"{target} may not coexist with pinned "
-                             f"{', '.join(plan.blocked_by)}, which cannot be unloaded", failed)
+                self._refuse(target, f"{target} may not coexist with "
+                             f"{', '.join(plan.blocked_by)}, which cannot be unloaded now "
+                             "(pinned, or running a job)", failed)
             if plan.shortfall_mib > 0:
                 self._refuse(target, f"{target} needs {plan.needed_mib} MiB (with headroom); "
                              f"{plan.projected_free_mib} MiB would be free after evicting "

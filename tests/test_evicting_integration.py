@@ -247,3 +247,23 @@ async def test_measured_residency_from_gpu_process(abc, start_broker, client):
     abc.gpu.free("A")  # the process gave its memory back on its own
     await service.gpu.sample_now()
     assert service.registry["A"].loaded is False and service.registry["A"].gpu_resident_mib == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_capacity_two_never_evicts_a_consumer_under_a_running_job(tmp_path, start_broker,
+                                                                         client):
+    world = small_world(tmp_path, A=("ollama", Behaviour(vram_mib=6000)),
+                        B=("mvoice", Behaviour(vram_mib=2000)))
+    try:
+        service, url = await evicting(world, start_broker, scheduler={"capacity": 2},
+                                      consumers={"B": {"can_coexist_with": []}})
+        held = await HeldStream(world["A"]).start(client, url)
+        reply = await client.request("POST", url + "/v1/tts", b"b")
+        assert reply.code == 503
+        err = reply.json()["error"]
+        assert err["code"] == "insufficient_vram" and "running a job" in err["message"]
+        assert world["A"].unloads == 0
+        held.release()
+        assert (await held.reply).code == 200 and (await held.reply).complete
+    finally:
+        await world.stop()
