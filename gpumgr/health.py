@@ -15,7 +15,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gpumgr.config import ConsumerConfig
-from gpumgr.registry import HEALTH_DOWN, Registry
+from gpumgr.registry import Registry
 
 log = Logger()
 
@@ -100,5 +100,3 @@ def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) < 300 else text[:297] + "..."
 
-
-__all__ = ["HealthMonitor", "Probe", "HEALTH_DOWN"]

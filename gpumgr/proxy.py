@@ -321,6 +321,7 @@ class _Exchange:
         self._idle_timer = None
         self._stall_timer = None
         self._upstream_idle = False
+        self._producer = None
 
     @property
     def client_gone(self) -> bool:
@@ -532,7 +533,7 @@ class _Exchange:
         self._outcome = outcome
         self._stop_timer()
         self._stop_body_timers()
-        producer = getattr(self, "_producer", None)
+        producer = self._producer
         if isinstance(producer, _SpooledBodyProducer) and producer.sending:
             producer.stopProducing()  # silent: its Deferred just never fires
         if not self.done.called:

@@ -143,13 +143,19 @@ class KindResource(JsonResource):
         super().__init__()
         self._broker = broker
         self._kind = kind
+        # The config never changes at run time: resolve the route once.
+        self._consumer = broker.config.consumer_for(kind)
+        if self._consumer is not None:
+            c = self._consumer
+            self._base_url = c.url_for(c.paths[kind]).encode("utf-8")
+            self._consumer_header = (b"X-Gpumgr-Consumer", c.name.encode("utf-8"))
 
     def handle(self, request):
         if request.postpath not in ([], [b""]):
             write_error(request, UnknownRoute(f"no route for {request.path.decode('latin-1')}"))
             return server.NOT_DONE_YET
         broker = self._broker
-        consumer = broker.config.consumer_for(self._kind)
+        consumer = self._consumer
         if consumer is None:
             write_error(request, UnknownRoute(f"no consumer is routed for {self._kind!r}"))
             return server.NOT_DONE_YET
@@ -157,7 +163,8 @@ class KindResource(JsonResource):
         if refusal is not None:
             write_error(request, refusal)
             return server.NOT_DONE_YET
-        url = consumer.url_for(consumer.paths[self._kind]).encode("utf-8")
+        url = self._base_url
+        consumer_header = self._consumer_header
         query = request.uri.partition(b"?")[2]
         if query:
             url += b"?" + query
@@ -172,10 +179,7 @@ class KindResource(JsonResource):
                 broker.agents[consumer.name],
                 url,
                 broker.timeouts_for(consumer),
-                [
-                    (b"X-Gpumgr-Consumer", consumer.name.encode("utf-8")),
-                    (b"X-Gpumgr-Wait-Ms", str(wait_ms).encode("ascii")),
-                ],
+                [consumer_header, (b"X-Gpumgr-Wait-Ms", str(wait_ms).encode("ascii"))],
                 hold_oom=retry_oom,
             )
 
