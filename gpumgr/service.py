@@ -1,4 +1,4 @@
-"""`twistd gpumgr`: options, and the service tree that wires the parts together."""
+"""The service tree that wires the parts of the broker together."""
 
 from __future__ import annotations
 
@@ -11,17 +11,11 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
-from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from treq.client import HTTPClient
 
 from gpumgr import __version__
-from gpumgr.config import (
-    SCHEDULER_MODES,
-    Config,
-    ConfigError,
-    load_config,
-)
+from gpumgr.config import Config
 from gpumgr.control import ControlClient
 from gpumgr.gpu import GpuSampler
 from gpumgr.health import HealthMonitor
@@ -30,7 +24,8 @@ from gpumgr.registry import Registry
 from gpumgr.admission import Admission
 from gpumgr.scheduler import Evicting, Locked, Passthrough, Scheduler
 from gpumgr.status import build_status
-from gpumgr.web import Broker, GpumgrSite, RootResource
+from gpumgr.site import GpumgrSite
+from gpumgr.web import Broker, RootResource
 
 log = Logger()
 
@@ -55,58 +50,6 @@ def _make_pool(reactor) -> HTTPConnectionPool:
     pool._factory = _QuietClientFactory
     pool.cachedConnectionTimeout = _IDLE_CONNECTION_S
     return pool
-
-
-class Options(usage.Options):
-    synopsis = "[--config PATH | --demo] [--listen ENDPOINT]"
-    longdesc = (
-        "gpumgr fronts several GPU services behind one HTTP door: routing, "
-        "streaming, health probes, a GPU lock and VRAM-driven eviction."
-    )
-    optParameters = [
-        ["config", "c", None, "Path of the YAML config (see etc/consumers.yaml)."],
-        ["listen", None, None, "Twisted server endpoint; overrides the config's listen."],
-        ["mode", None, None, "Scheduler mode; overrides scheduler.mode (passthrough, locked)."],
-    ]
-    optFlags = [
-        ["demo", None, "Run against built-in simulated consumers and a simulated GPU."],
-    ]
-
-    def postOptions(self) -> None:
-        if self["demo"] and self["config"]:
-            raise usage.UsageError("use either --config or --demo, not both")
-        if not self["demo"]:
-            if not self["config"]:
-                raise usage.UsageError("--config PATH is required (or --demo to try it out)")
-            try:
-                config = with_mode(load_config(self["config"]), self["mode"])
-            except ConfigError as e:
-                raise usage.UsageError(f"config error: {e}") from None
-            self["parsed_config"] = config
-        elif self["mode"] is not None and self["mode"] not in SCHEDULER_MODES:
-            raise usage.UsageError(
-                f"--mode: must be one of {', '.join(SCHEDULER_MODES)}; got {self['mode']!r}")
-        listen = self["listen"] or (None if self["demo"] else self["parsed_config"].listen)
-        if listen is not None:
-            _check_endpoint(listen, "--listen" if self["listen"] else "listen")
-
-
-def with_mode(config: Config, mode: str | None) -> Config:
-    """The config with scheduler.mode replaced by --mode, if given."""
-    if mode is None:
-        return config
-    if mode not in SCHEDULER_MODES:
-        raise usage.UsageError(f"--mode: must be one of {', '.join(SCHEDULER_MODES)}; got {mode!r}")
-    return attrs.evolve(config, scheduler=attrs.evolve(config.scheduler, mode=mode))
-
-
-def _check_endpoint(description: str, what: str) -> None:
-    from twisted.internet import reactor
-
-    try:
-        serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
-        raise usage.UsageError(f"{what}: invalid endpoint {description!r}: {e}") from None
 
 
 class _ListenService(Service):
@@ -257,13 +200,3 @@ class GpumgrService(MultiService):
         timer = self.reactor.callLater(_SHUTDOWN_GRACE_S, closing.cancel)
         closing.addBoth(lambda _: timer.active() and timer.cancel())
         return closing
-
-
-def makeService(options: Options) -> MultiService:
-    from twisted.internet import reactor
-
-    if options["demo"]:
-        from gpumgr.testing.demo import make_demo_service
-
-        return make_demo_service(reactor, options["listen"], options["mode"])
-    return GpumgrService(reactor, options["parsed_config"], options["listen"])

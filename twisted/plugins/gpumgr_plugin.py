@@ -2,7 +2,7 @@ from twisted.application.service import ServiceMaker
 
 gpumgr = ServiceMaker(
     "gpumgr",
-    "gpumgr.service",
+    "gpumgr.tap",
     "One door in front of several GPU services: routing, health, GPU lock, eviction.",
     "gpumgr",
 )

@@ -1,0 +1,77 @@
+"""`twistd gpumgr`: command-line options and makeService.
+
+Kept apart from `service` (as the magic-wormhole mailbox server keeps its
+`server_tap`): the demo builds on the service, and the options choose
+between them, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.application.service import IService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from gpumgr.config import SCHEDULER_MODES, Config, ConfigError, load_config
+from gpumgr.service import GpumgrService
+from gpumgr.testing.demo import make_demo_service
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH | --demo] [--listen ENDPOINT]"
+    longdesc = (
+        "gpumgr fronts several GPU services behind one HTTP door: routing, "
+        "streaming, health probes, a GPU lock and VRAM-driven eviction."
+    )
+    optParameters = [
+        ["config", "c", None, "Path of the YAML config (see etc/consumers.yaml)."],
+        ["listen", None, None, "Twisted server endpoint; overrides the config's listen."],
+        ["mode", None, None, "Scheduler mode; overrides scheduler.mode (passthrough, locked)."],
+    ]
+    optFlags = [
+        ["demo", None, "Run against built-in simulated consumers and a simulated GPU."],
+    ]
+
+    def postOptions(self) -> None:
+        if self["demo"] and self["config"]:
+            raise usage.UsageError("use either --config or --demo, not both")
+        if not self["demo"]:
+            if not self["config"]:
+                raise usage.UsageError("--config PATH is required (or --demo to try it out)")
+            try:
+                config = with_mode(load_config(self["config"]), self["mode"])
+            except ConfigError as e:
+                raise usage.UsageError(f"config error: {e}") from None
+            self["parsed_config"] = config
+        elif self["mode"] is not None and self["mode"] not in SCHEDULER_MODES:
+            raise usage.UsageError(
+                f"--mode: must be one of {', '.join(SCHEDULER_MODES)}; got {self['mode']!r}")
+        listen = self["listen"] or (None if self["demo"] else self["parsed_config"].listen)
+        if listen is not None:
+            _check_endpoint(listen, "--listen" if self["listen"] else "listen")
+
+
+def with_mode(config: Config, mode: str | None) -> Config:
+    """The config with scheduler.mode replaced by --mode, if given."""
+    if mode is None:
+        return config
+    if mode not in SCHEDULER_MODES:
+        raise usage.UsageError(f"--mode: must be one of {', '.join(SCHEDULER_MODES)}; got {mode!r}")
+    return attrs.evolve(config, scheduler=attrs.evolve(config.scheduler, mode=mode))
+
+
+def _check_endpoint(description: str, what: str) -> None:
+    from twisted.internet import reactor
+
+    try:
+        serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise usage.UsageError(f"{what}: invalid endpoint {description!r}: {e}") from None
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    if options["demo"]:
+        return make_demo_service(reactor, options["listen"], options["mode"])
+    return GpumgrService(reactor, options["parsed_config"], options["listen"])
