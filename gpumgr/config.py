@@ -44,6 +44,21 @@ class HttpCall:
 
 
 @attrs.frozen
+class ProcessConfig:
+    """A service whose process gpumgr starts and stops itself."""
+
+    #: argv, never a shell string.
+    command: tuple[str, ...]
+    cwd: str | None = None
+    #: Added to gpumgr's own environment.
+    env: Mapping[str, str] = attrs.field(factory=lambda: MappingProxyType({}))
+    #: From spawn until the health probe first passes.
+    start_timeout_s: float = 120.0
+    #: SIGTERM, then SIGKILL after this long.
+    stop_timeout_s: float = 10.0
+
+
+@attrs.frozen
 class ConsumerConfig:
     name: str
     url: str
@@ -60,6 +75,7 @@ class ConsumerConfig:
     gpu_process: re.Pattern[str] | None = None
     idle_unload_s: float | None = None
     preload: bool = False
+    process: ProcessConfig | None = None
 
     @property
     def pinned(self) -> bool:
@@ -420,6 +436,7 @@ def _parse_consumer(sec: _Section, name: str) -> ConsumerConfig:
         idle_unload_s=sec.number("idle_unload_s", None, positive=True)
         if sec.has("idle_unload_s") else None,
         preload=_parse_bool(sec, "preload", False),
+        process=_parse_process(sec),
     )
     sec.finish()
     if consumer.idle_unload_s is not None and consumer.unload is None:
@@ -427,6 +444,39 @@ def _parse_consumer(sec: _Section, name: str) -> ConsumerConfig:
     if consumer.preload and consumer.load is None:
         sec.fail("preload", "needs a load route to load with")
     return consumer
+
+
+def _parse_process(parent: _Section) -> ProcessConfig | None:
+    if parent.raw.get("process") is None:
+        parent.get("process")
+        return None
+    sec = parent.section("process")
+    command = sec.get("command")
+    if "command" not in sec.raw:
+        sec.fail("command", "is required")
+    if (not isinstance(command, list) or not command
+            or not all(isinstance(a, str) and a for a in command)):
+        sec.fail("command", "must be a non-empty list of strings (an argv, not a shell line), "
+                 f"got {_type_name(command)} {command!r}")
+    env_sec = sec.section("env")
+    env: dict[str, str] = {}
+    for key in list(env_sec.raw):
+        value = env_sec.get(key)
+        if not isinstance(key, str) or not key or "=" in key:
+            env_sec.fail(str(key), "environment variable names must be non-empty, without '='")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            env_sec.fail(key, f"must be a string, got {_type_name(value)} {value!r}")
+        env[key] = str(value)
+    env_sec.finish()
+    process = ProcessConfig(
+        command=tuple(command),
+        cwd=sec.string("cwd", None) if sec.has("cwd") else None,
+        env=MappingProxyType(env),
+        start_timeout_s=sec.number("start_timeout_s", 120.0, positive=True),
+        stop_timeout_s=sec.number("stop_timeout_s", 10.0, positive=True),
+    )
+    sec.finish()
+    return process
 
 
 def _parse_regex(sec: _Section, key: str) -> re.Pattern[str] | None:

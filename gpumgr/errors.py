@@ -110,6 +110,13 @@ class NotSupported(GpumgrError):
     code = "not_supported"
 
 
+class ProcessStartFailed(GpumgrError):
+    """A managed process did not come up (or is in its start back-off)."""
+
+    status = 503
+    code = "process_start_failed"
+
+
 class Unauthorized(GpumgrError):
     status = 401
     code = "unauthorized"
