@@ -2,13 +2,15 @@
 
 `eviction.plan_eviction` decides; this module does the I/O. Everything here
 runs inside a scheduler job, i.e. while holding the GPU lock, so an unload
-or a load never races a request.
+or a load never races a request. How a consumer is really loaded or unloaded
+(a driver's route, or starting and stopping its process) is the `Control`
+given to it.
 """
 
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import attrs
 
@@ -18,35 +20,56 @@ from twisted.logger import Logger
 
 from gpumgr.config import Config
 from gpumgr.errors import ControlFailed, InsufficientVram
-from gpumgr.eviction import plan_eviction, settled
+from gpumgr.eviction import ConsumerView, Residency, plan_eviction, settled
 from gpumgr.gpu import GpuSampler
-from gpumgr.proxy import Outcome, Result
+from gpumgr.proxy import Result
 from gpumgr.registry import Registry
 from gpumgr.status import iso
 
 log = Logger()
 
-#: Deadline of a load or unload call.
+#: Deadline of a load or unload call (a process start has its own).
 CONTROL_TIMEOUT_S = 30.0
 #: How often nvidia-smi is re-read while waiting for memory to come back.
 SETTLE_POLL_S = 0.25
 RECENT_EVENTS = 50
 
 
+class Control(Protocol):
+    """Loads and unloads one consumer, whatever that takes."""
+
+    def load(self, name: str) -> defer.Deferred[None]: ...
+
+    def unload(self, name: str) -> defer.Deferred[None]: ...
+
+    def load_timeout_s(self, name: str) -> float: ...
+
+
+class JobRunner(Protocol):
+    """The scheduler, as admission sees it: control jobs and queue lengths."""
+
+    def run(self, consumer: str, job: Callable[[], defer.Deferred[Any]], kind: str | None = None,
+            control: bool = False) -> defer.Deferred[Any]: ...
+
+    def queued_for(self, consumer: str) -> int: ...
+
+
 class Admission:
     def __init__(
         self,
         clock: IReactorTime,
-        config: Config,
+        config: Callable[[], Config],
         registry: Registry,
         gpu: GpuSampler,
-        control,
+        control: Control,
+        runner: JobRunner,
     ) -> None:
         self._clock = clock
-        self._config = config
+        self._current_config = config
         self._registry = registry
         self._gpu = gpu
         self._control = control
+        self._runner = runner
         self.evictions = 0
         self.eviction_failures = 0
         self.oom_retries = 0
@@ -55,10 +78,10 @@ class Admission:
         self._idle_timers: dict[str, Any] = {}
         self._loaded_at: dict[str, float] = {}
         self._unsettled = False
-        #: Set by the service: submit(consumer, job) runs job through the scheduler.
-        self.submit: Callable[[str, Callable[[], defer.Deferred]], defer.Deferred] | None = None
-        #: Set by the service: queued jobs for a consumer (idle unload waits for them).
-        self.queued_for: Callable[[str], int] = lambda name: 0
+
+    @property
+    def _config(self) -> Config:
+        return self._current_config()
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -69,14 +92,14 @@ class Admission:
             "reason": reason, "mib": mib, "detail": detail,
         })
 
-    def views(self, target: str | None = None):
+    def views(self, target: str | None = None) -> dict[str, ConsumerView]:
         """What the planner sees. A consumer with a job running (capacity > 1)
         is loaded for certain, and pinned: never unloaded under a running job."""
         views = {}
         for name, c in self._config.consumers.items():
             view = self._registry.view(c)
             if name != target and self._registry[name].active > 0 and not view.pinned:
-                view = attrs.evolve(view, pinned=True, loaded=True,
+                view = attrs.evolve(view, pinned=True, residency=Residency.LOADED,
                                     resident_mib=max(view.resident_mib, c.vram_resident_mib))
             views[name] = view
         return views
@@ -91,7 +114,7 @@ class Admission:
             # Unknown consumers may hold their size; the target's own share is
             # what it needs, so it is not counted as held.
             held = sum(v.resident_mib for n, v in self.views().items()
-                       if v.loaded is not False and n != target)
+                       if v.residency is not Residency.UNLOADED and n != target)
             return total - held
         if not self._no_sample_logged:
             log.warn("no GPU sample and no gpu.total_mib: VRAM pressure is not checked "
@@ -102,9 +125,9 @@ class Admission:
     # -- admission -------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def admit(self, target: str):
+    def admit(self, target: str) -> Any:
         """Make room for a job of `target`; fails with InsufficientVram."""
-        if self._registry[target].loaded is not True:
+        if self._registry[target].residency is not Residency.LOADED:
             yield self._gpu.sample_now()  # decide on memory as it is now
         tried: set[str] = set()
         failed: list[str] = []
@@ -144,38 +167,41 @@ class Admission:
         raise InsufficientVram(message, consumer=target, retry_after_s=5)
 
     @defer.inlineCallbacks
-    def admit_and_run(self, consumer: str, job):
-        """The evicting mode's job: make room, run, and replay once on OOM."""
-        yield self.admit(consumer)
-        result = yield job(retry_oom=True)
-        if isinstance(result, Result) and result.outcome is Outcome.OOM:
-            self.oom_retries += 1
-            self.event("oom_retry", consumer, "oom")
-            for name, view in self.views().items():
-                if name != consumer and not view.pinned and view.loaded is not False:
-                    yield self.unload(name, "oom")
-            result = yield job(retry_oom=False)
-        if isinstance(result, Result) and result.outcome is Outcome.COMPLETED \
-                and result.status is not None and result.status < 400:
-            self._became_loaded(consumer)
+    def evict_for_oom(self, consumer: str) -> Any:
+        """The consumer answered out of memory: evict every other evictable one."""
+        self.oom_retries += 1
+        self.event("oom_retry", consumer, "oom")
+        for name, view in self.views().items():
+            if name != consumer and not view.pinned and view.residency is not Residency.UNLOADED:
+                yield self.unload(name, "oom")
+
+    def job_ended(self, consumer: str, result: Any) -> None:
+        """A job reached `consumer`: whatever its outcome, it may now hold its
+        memory. Only a refusal before anything was sent leaves it as it was.
+        Marking it loaded is the safe side: a loaded consumer is admitted
+        without a pressure check (an OOM answer is still replayed), and it
+        is evicted like any other; an unknown one could be neither."""
+        if consumer not in self._registry:
+            return
+        if isinstance(result, Result) and not result.reached_consumer:
+            return
+        self._became_loaded(consumer)
         self.schedule_idle_unload(consumer)
-        return result
 
     # -- control calls -----------------------------------------------------------
 
-    def _call(self, name: str, which: str):
-        c = self._config.consumers[name]
-        d = self._control.call(c.url, getattr(c, which))
-        timer = self._clock.callLater(CONTROL_TIMEOUT_S, d.cancel)
-        d.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
-        return d
+    def _call(self, name: str, which: str) -> defer.Deferred[None]:
+        if which == "load":
+            d = self._control.load(name)
+            return d.addTimeout(self._control.load_timeout_s(name), self._clock)
+        return self._control.unload(name).addTimeout(CONTROL_TIMEOUT_S, self._clock)
 
     @defer.inlineCallbacks
-    def unload(self, name: str, reason: str, needed_mib: int | None = None):
+    def unload(self, name: str, reason: str, needed_mib: int | None = None) -> Any:
         """Unload `name` and wait for its memory to come back. Never fails: False if it did."""
         c = self._config.consumers[name]
         view = self._registry.view(c)
-        known = view.loaded is True
+        known = view.residency is Residency.LOADED
         latest = self._gpu.latest
         if known and latest.available and (latest.sampled_at or 0) <= self._loaded_at.get(name, 0):
             latest = yield self._gpu.sample_now()  # a baseline that shows the victim loaded
@@ -183,7 +209,7 @@ class Admission:
         try:
             yield self._call(name, "unload")
         except Exception as e:
-            why = "timed out" if isinstance(e, defer.CancelledError) else str(e)
+            why = "timed out" if isinstance(e, defer.TimeoutError) else str(e)
             self.eviction_failures += 1
             self._registry.mark_unknown(name)
             self.event("eviction_failed", name, reason, view.resident_mib, why)
@@ -201,7 +227,8 @@ class Admission:
         return True
 
     @defer.inlineCallbacks
-    def _settle(self, name: str, resident_mib: int, before: int | None, needed_mib: int | None):
+    def _settle(self, name: str, resident_mib: int, before: int | None,
+                needed_mib: int | None) -> Any:
         """Wait until nvidia-smi shows the memory back, or unload_settle_s passes."""
         if before is None or resident_mib <= 0:
             return
@@ -221,14 +248,17 @@ class Admission:
             yield task.deferLater(self._clock, SETTLE_POLL_S, lambda: None)
 
     @defer.inlineCallbacks
-    def load(self, name: str, reason: str):
-        """Make room, then call the consumer's load route."""
-        yield self.admit(name)
+    def load(self, name: str, reason: str, evicting: bool = True) -> Any:
+        """Make room (when evicting), then load the consumer."""
+        if evicting:
+            yield self.admit(name)
         try:
             yield self._call(name, "load")
         except Exception as e:
-            why = "timed out" if isinstance(e, defer.CancelledError) else str(e)
+            why = "timed out" if isinstance(e, defer.TimeoutError) else str(e)
             self.event("load_failed", name, reason, detail=why)
+            if isinstance(e, ControlFailed) or hasattr(e, "status"):
+                raise
             raise ControlFailed(f"loading {name} failed: {why}", consumer=name) from None
         self._became_loaded(name)
         self.event("load", name, reason, self._config.consumers[name].vram_resident_mib)
@@ -236,7 +266,7 @@ class Admission:
         return True
 
     @defer.inlineCallbacks
-    def admin_unload(self, name: str):
+    def admin_unload(self, name: str) -> Any:
         ok = yield self.unload(name, "admin")
         if not ok:
             raise ControlFailed(f"unloading {name} failed; see recent_events", consumer=name)
@@ -244,7 +274,7 @@ class Admission:
 
     def _became_loaded(self, name: str) -> None:
         c = self._config.consumers[name]
-        if c.gpu_process is None or self._registry[name].loaded is not True:
+        if c.gpu_process is None or self._registry[name].residency is not Residency.LOADED:
             self._registry.mark_loaded(name, self._registry[name].gpu_resident_mib
                                        if c.gpu_process is not None else c.vram_resident_mib)
         self._registry[name].last_used = self._clock.seconds()
@@ -253,8 +283,9 @@ class Admission:
     # -- idle unload -------------------------------------------------------------
 
     def schedule_idle_unload(self, name: str) -> None:
-        idle_s = self._config.consumers[name].idle_unload_s
-        if idle_s is None or self.submit is None:
+        c = self._config.consumers.get(name)
+        idle_s = None if c is None else c.idle_unload_s
+        if idle_s is None:
             return
         timer = self._idle_timers.get(name)
         if timer is not None and timer.active():
@@ -263,18 +294,24 @@ class Admission:
             self._idle_timers[name] = self._clock.callLater(idle_s, self._idle_due, name)
 
     def _idle_due(self, name: str) -> None:
-        if self.queued_for(name) or self._registry[name].active:
+        if name not in self._registry:
+            return
+        if self._runner.queued_for(name) or self._registry[name].active:
             return  # work is coming; its end schedules the next check
-        d = self.submit(name, lambda: self._idle_unload(name))
+        d = self._runner.run(name, lambda: self._idle_unload(name), control=True)
         d.addErrback(lambda f: log.failure("idle unload of {name} failed", f, name=name))
 
     @defer.inlineCallbacks
-    def _idle_unload(self, name: str):
-        # Re-checked under the lock: a request may have run since the timer fired.
+    def _idle_unload(self, name: str) -> Any:
+        # Re-checked under the lock: a request may have run since the timer fired,
+        # or a reload may have changed or removed the consumer.
+        c = self._config.consumers.get(name)
+        if c is None or c.idle_unload_s is None or name not in self._registry:
+            return False
         state = self._registry[name]
-        idle_s = self._config.consumers[name].idle_unload_s
         last = state.last_used if state.last_used is not None else float("-inf")
-        if state.loaded is False or self._clock.seconds() - last < idle_s or self.queued_for(name):
+        if (state.residency is Residency.UNLOADED or self._clock.seconds() - last < c.idle_unload_s
+                or self._runner.queued_for(name)):
             return False
         ok = yield self.unload(name, "idle")
         return ok

@@ -59,6 +59,17 @@ class ProcessConfig:
 
 
 @attrs.frozen
+class ScheduledRoute:
+    """`METHOD /path-prefix`: pass-through requests that are GPU work."""
+
+    method: str
+    path_prefix: str
+
+    def matches(self, method: str, path: str) -> bool:
+        return method == self.method and path.startswith(self.path_prefix)
+
+
+@attrs.frozen
 class ConsumerConfig:
     name: str
     url: str
@@ -76,11 +87,23 @@ class ConsumerConfig:
     idle_unload_s: float | None = None
     preload: bool = False
     process: ProcessConfig | None = None
+    #: Names a driver in gpumgr.drivers: how gpumgr talks to the service.
+    driver: str = "http"
+    #: It can give its memory back: an unload route, a native unload, or a process.
+    can_unload: bool = False
+    #: It can be warmed: a load route, or a process to start.
+    can_load: bool = False
+    #: /v1/<kind>/<subpath> reaches url + /<subpath>.
+    passthrough: bool = False
+    #: Extra pass-through requests that are GPU work.
+    scheduled: tuple[ScheduledRoute, ...] = ()
+    #: Longest a job (a tracked render included) may hold the GPU.
+    job_timeout_s: float = 1800.0
 
     @property
     def pinned(self) -> bool:
-        """Without an unload route a consumer is never evicted."""
-        return self.unload is None
+        """With no way to unload, a consumer is never evicted."""
+        return not self.can_unload
 
     def url_for(self, path: str) -> str:
         return self.url + path
@@ -392,16 +415,21 @@ def _parse_consumers(sec: _Section) -> dict[str, ConsumerConfig]:
 
 
 def _parse_consumer(sec: _Section, name: str) -> ConsumerConfig:
+    from gpumgr.drivers import DRIVER_NAMES, get_driver  # drivers import this module
+
     url = sec.string("url", None)
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a bad port
+    except ValueError as e:
+        sec.fail("url", f"is not a valid URL ({e}): {url!r}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         sec.fail("url", f"must be an http:// or https:// URL with a host, got {url!r}")
     if parts.query or parts.fragment:
         sec.fail("url", "must not carry a query or fragment")
-    try:
-        _ = parts.port  # raises ValueError for a bad port
-    except ValueError:
-        sec.fail("url", f"has an invalid port: {url!r}")
+    del port
+
+    driver = get_driver(sec.string("driver", "http", choices=DRIVER_NAMES))
 
     paths_sec = sec.section("paths")
     paths: dict[str, str] = {}
@@ -420,15 +448,20 @@ def _parse_consumer(sec: _Section, name: str) -> ConsumerConfig:
             sec.fail("can_coexist_with", "lists a consumer twice")
         coexist = tuple(coexist_raw)
 
+    if driver.default_health is None and not sec.has("health"):
+        sec.fail("health", f"is required (driver {driver.name} has no default health route)")
+    load = _parse_call(sec, "load") if sec.has("load") else driver.default_load
+    unload = _parse_call(sec, "unload") if sec.has("unload") else driver.default_unload
+    process = _parse_process(sec)
     consumer = ConsumerConfig(
         name=name,
         url=url.rstrip("/"),
-        health_path=sec.path_value("health", None),
+        health_path=sec.path_value("health", driver.default_health),
         paths=MappingProxyType(paths),
         vram_resident_mib=sec.number("vram_resident_mib", 0, integer=True),
         can_coexist_with=coexist,
-        load=_parse_call(sec, "load"),
-        unload=_parse_call(sec, "unload"),
+        load=load,
+        unload=unload,
         connect_timeout_s=sec.number("connect_timeout_s", 5.0, positive=True),
         request_timeout_s=sec.number("request_timeout_s", 600.0, positive=True),
         body_idle_timeout_s=sec.number("body_idle_timeout_s", 300.0, positive=True),
@@ -436,14 +469,36 @@ def _parse_consumer(sec: _Section, name: str) -> ConsumerConfig:
         idle_unload_s=sec.number("idle_unload_s", None, positive=True)
         if sec.has("idle_unload_s") else None,
         preload=_parse_bool(sec, "preload", False),
-        process=_parse_process(sec),
+        process=process,
+        driver=driver.name,
+        can_unload=process is not None or unload is not None or driver.native_unload,
+        can_load=process is not None or load is not None,
+        passthrough=_parse_bool(sec, "passthrough", False),
+        scheduled=_parse_scheduled(sec),
+        job_timeout_s=sec.number("job_timeout_s", 1800.0, positive=True),
     )
     sec.finish()
-    if consumer.idle_unload_s is not None and consumer.unload is None:
-        sec.fail("idle_unload_s", "needs an unload route to unload with")
-    if consumer.preload and consumer.load is None:
-        sec.fail("preload", "needs a load route to load with")
+    if consumer.idle_unload_s is not None and not consumer.can_unload:
+        sec.fail("idle_unload_s", "needs a way to unload (an unload route or a process)")
+    if consumer.preload and not consumer.can_load:
+        sec.fail("preload", "needs a way to load (a load route or a process)")
     return consumer
+
+
+def _parse_scheduled(sec: _Section) -> tuple[ScheduledRoute, ...]:
+    raw = sec.get("scheduled")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        sec.fail("scheduled", f"must be a list of 'METHOD /path-prefix', got {_type_name(raw)}")
+    routes = []
+    for i, item in enumerate(raw):
+        method, _, prefix = item.partition(" ") if isinstance(item, str) else ("", "", "")
+        if method not in HTTP_METHODS or not prefix.startswith("/") or " " in prefix:
+            sec.fail(f"scheduled[{i}]", f"must be 'METHOD /path-prefix' with METHOD one of "
+                     f"{', '.join(HTTP_METHODS)}; got {item!r}")
+        routes.append(ScheduledRoute(method, prefix))
+    return tuple(routes)
 
 
 def _parse_process(parent: _Section) -> ProcessConfig | None:

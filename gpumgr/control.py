@@ -1,4 +1,4 @@
-"""Control calls to consumers (health probes; later load and unload), over treq.
+"""Control calls to consumers (probes, loads, unloads, render polls), over treq.
 
 The data path does not use this: treq adds a cookie jar and gzip decoding,
 which is fine for control calls and wrong for a byte-transparent proxy.
@@ -13,14 +13,10 @@ from twisted.internet.protocol import Protocol
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from gpumgr.config import HttpCall
+from gpumgr.drivers.base import HttpReply
 
 #: Control replies are small; anything bigger is cut off rather than read.
 _CONTROL_BODY_LIMIT = 64 * 1024
-
-
-class ControlCallFailed(Exception):
-    pass
 
 
 class _BoundedReader(Protocol):
@@ -52,29 +48,24 @@ def read_bounded(response: Any, limit: int = _CONTROL_BODY_LIMIT) -> defer.Defer
 
 
 class ControlClient:
-    def __init__(self, http) -> None:
+    """`ControlHttp` over treq: probes, loads, unloads and render polls.
+
+    Every reply body is read bounded; callers put their own deadlines on the
+    returned Deferreds (cancelling one aborts the call).
+    """
+
+    def __init__(self, http: Any) -> None:
         """`http` is a `treq.client.HTTPClient` (or `treq.testing.StubTreq`)."""
         self._http = http
 
-    @defer.inlineCallbacks
-    def probe(self, url: str):
-        """Health probe: GET; any 2xx is healthy."""
-        response = yield self._http.get(url, unbuffered=True)
-        body = yield read_bounded(response)
-        if not 200 <= response.code < 300:
-            snippet = body[:200].decode("utf-8", "replace").strip()
-            raise ControlCallFailed(f"health check answered HTTP {response.code}: {snippet}")
+    def request(self, method: str, url: str, body: bytes | None = None,
+                content_type: str | None = None) -> defer.Deferred[HttpReply]:
+        return defer.ensureDeferred(self._request(method, url, body, content_type))
 
-    @defer.inlineCallbacks
-    def call(self, base_url: str, call: HttpCall):
-        """A load or unload call; returns the reply body, fails unless 2xx."""
-        headers = {"Content-Type": [call.content_type]} if call.content_type else {}
-        response = yield self._http.request(
-            call.method, base_url + call.path, data=call.body or None,
-            headers=headers, unbuffered=True,
-        )
-        body = yield read_bounded(response)
-        if not 200 <= response.code < 300:
-            snippet = body[:200].decode("utf-8", "replace").strip()
-            raise ControlCallFailed(f"{call.method} {call.path} answered HTTP {response.code}: {snippet}")
-        return body
+    async def _request(self, method: str, url: str, body: bytes | None,
+                       content_type: str | None) -> HttpReply:
+        headers = {"Content-Type": [content_type]} if content_type else {}
+        response = await self._http.request(method, url, data=body, headers=headers,
+                                            unbuffered=True)
+        data = await read_bounded(response)
+        return HttpReply(response.code, data)

@@ -9,22 +9,32 @@ Rules (the README explains them with a worked example):
   If the free memory (after the exclusivity victims) is less, further loaded
   consumers are evicted, least recently used first, until it fits; consumers
   in the unknown state come after them (they may hold nothing).
-- The target itself is never evicted; a consumer without `unload` is pinned.
+- The target itself is evicted only to learn where it stands: when its
+  residency is unknown and the job is short of memory otherwise, unloading
+  it first makes the next measurement true (it may have held its memory all
+  along). A consumer with no way to unload is pinned.
 - With no free-memory figure, pressure is not checked; exclusivity still is.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Iterable, Mapping
 
 import attrs
 
 
+class Residency(enum.StrEnum):
+    LOADED = "loaded"
+    UNLOADED = "unloaded"
+    #: After a restart, or a failed unload: it may hold its memory, or not.
+    UNKNOWN = "unknown"
+
+
 @attrs.frozen
 class ConsumerView:
     name: str
-    #: True, False, or None when unknown (after a restart or a failed unload).
-    loaded: bool | None
+    residency: Residency
     #: What it holds (or may hold, when unknown): measured, else vram_resident_mib.
     resident_mib: int
     vram_resident_mib: int
@@ -90,10 +100,10 @@ def plan_eviction(
 
     others = sorted((v for n, v in views.items() if n != target), key=_lru_key)
     for other in others:
-        if other.loaded is False or may_coexist(me, other):
+        if other.residency is Residency.UNLOADED or may_coexist(me, other):
             continue
         if other.pinned:
-            if other.loaded is True:
+            if other.residency is Residency.LOADED:
                 blocked.append(other.name)
             continue
         if other.name in skip:
@@ -101,13 +111,16 @@ def plan_eviction(
         victims.append((other.name, "exclusivity"))
         freed += other.resident_mib
 
-    if me.loaded is True or free_mib is None:
+    if me.residency is Residency.LOADED or free_mib is None:
         return EvictionPlan(target, tuple(victims), None, free_mib, None, tuple(blocked))
 
     needed = me.vram_resident_mib + headroom_mib
     projected = free_mib + freed
+    if me.residency is Residency.UNKNOWN and me.pinned:
+        projected += me.resident_mib  # it cannot be unloaded; assume it holds its share
     chosen = {name for name, _ in victims}
-    by_certainty = [v for v in others if v.loaded is True] + [v for v in others if v.loaded is None]
+    by_certainty = [v for v in others if v.residency is Residency.LOADED] + [
+        v for v in others if v.residency is Residency.UNKNOWN]
     for other in by_certainty:
         if projected >= needed:
             break
@@ -115,6 +128,10 @@ def plan_eviction(
             continue
         victims.append((other.name, "pressure"))
         projected += other.resident_mib
+    if (projected < needed and me.residency is Residency.UNKNOWN and not me.pinned
+            and target not in skip):
+        victims.append((target, "unknown_state"))
+        projected += me.resident_mib
     return EvictionPlan(target, tuple(victims), needed, free_mib, projected, tuple(blocked))
 
 

@@ -2,7 +2,9 @@
 
 Probes run concurrently: the loop starts every probe and returns at once, so a
 slow consumer never delays another's probe (or the next tick). A consumer
-whose previous probe is still running is skipped rather than stacked.
+whose previous probe is still running is skipped rather than stacked. A
+managed process that is not running is not probed: it is `stopped`, and the
+next request starts it.
 """
 
 from __future__ import annotations
@@ -13,40 +15,45 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gpumgr.config import ConsumerConfig
-from gpumgr.registry import Registry
+from gpumgr.registry import Health, Registry
 
 log = Logger()
 
-#: probe(url) -> Deferred[None]; fails with a readable exception. The monitor
-#: enforces the deadline by cancelling it.
-Probe = Callable[[str], "defer.Deferred[None]"]
+#: probe(consumer) -> Deferred[Health]: OK or STARTING, or a readable failure.
+#: The monitor enforces the deadline by cancelling it.
+Probe = Callable[[ConsumerConfig], "defer.Deferred[Health]"]
 
 
 class HealthMonitor:
     def __init__(
         self,
         clock: IReactorTime,
-        consumers: Mapping[str, ConsumerConfig],
+        consumers: Callable[[], Mapping[str, ConsumerConfig]],
         registry: Registry,
         probe: Probe,
         interval_s: float,
         timeout_s: float,
+        is_stopped: Callable[[str], bool] = lambda name: False,
+        on_change: Callable[[str, Health, Health, str | None], None] | None = None,
     ) -> None:
         self._clock = clock
         self._consumers = consumers
         self._registry = registry
         self._probe = probe
-        self._interval_s = interval_s
-        self._timeout_s = timeout_s
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._is_stopped = is_stopped
+        self._on_change = on_change
         self._in_progress: dict[str, defer.Deferred[None]] = {}
         self._loop: LoopingCall | None = None
 
     def start(self) -> None:
         self._loop = LoopingCall(self.probe_all)
         self._loop.clock = self._clock
-        self._loop.start(self._interval_s, now=True)
+        self._loop.start(self.interval_s, now=True)
 
     def stop(self) -> None:
         if self._loop is not None and self._loop.running:
@@ -55,48 +62,61 @@ class HealthMonitor:
             d.cancel()
 
     def probe_all(self) -> None:
-        for name in self._consumers:
+        for name in self._consumers():
             self.probe_now(name)
 
-    def probe_all_now(self) -> defer.Deferred[list]:
+    def probe_all_now(self) -> defer.Deferred[list[None]]:
         """Probe every consumer and fire when all probes have been recorded."""
-        return defer.gatherResults([self.probe_now(name) for name in self._consumers])
+        return defer.gatherResults([self.probe_now(name) for name in self._consumers()])
 
     def probe_now(self, name: str) -> defer.Deferred[None]:
         """Probe one consumer now, unless a probe of it is already running."""
         if name in self._in_progress:
             return self._in_progress[name]
-        consumer = self._consumers[name]
-        url = consumer.url_for(consumer.health_path)
-        d = defer.maybeDeferred(self._probe, url)
-        self._in_progress[name] = d
-        timer = self._clock.callLater(self._timeout_s, d.cancel)
+        consumer = self._consumers().get(name)
+        if consumer is None or name not in self._registry:
+            return defer.succeed(None)
+        if self._is_stopped(name):
+            self._change(name, Health.STOPPED, None)
+            return defer.succeed(None)
+        d: defer.Deferred[Health] = defer.maybeDeferred(self._probe, consumer)
+        d.addTimeout(self.timeout_s, self._clock)
+        recorded = d.addBoth(self._record, name)
+        self._in_progress[name] = recorded
+        return recorded
 
-        def record(result) -> None:
-            if timer.active():
-                timer.cancel()
-            del self._in_progress[name]
-            error = None
-            if isinstance(result, defer.Failure):
-                if result.check(defer.CancelledError):
-                    error = f"probe timed out after {self._timeout_s:g}s"
-                else:
-                    error = _describe(result.value)
-            was = self._registry[name].health
-            self._registry.record_probe(name, self._clock.seconds(), error)
-            now = self._registry[name].health
-            if now != was:
-                log.info(
-                    "consumer {name} health {was} -> {now}{why}",
-                    name=name, was=was, now=now,
-                    why=f" ({error})" if error else "",
-                )
+    def _record(self, result: Health | Failure, name: str) -> None:
+        self._in_progress.pop(name, None)
+        if name not in self._registry:
+            return  # removed by a reload meanwhile
+        if self._is_stopped(name):
+            self._change(name, Health.STOPPED, None)  # it was stopped meanwhile
+            return
+        if isinstance(result, Failure):
+            if result.check(defer.TimeoutError):
+                error: str | None = f"probe timed out after {self.timeout_s:g}s"
+            elif result.check(defer.CancelledError):
+                return  # the monitor is stopping
+            else:
+                error = _describe(result.value)
+            health = Health.DOWN
+        else:
+            error, health = None, result
+        self._registry[name].last_probe = self._clock.seconds()
+        self._change(name, health, error)
 
-        d.addBoth(record)
-        return d
+    def _change(self, name: str, health: Health, error: str | None) -> None:
+        state = self._registry[name]
+        was = state.health
+        state.health = health
+        state.last_error = error
+        if was is not health:
+            log.info("consumer {name} health {was} -> {now}{why}", name=name, was=was.value,
+                     now=health.value, why=f" ({error})" if error else "")
+            if self._on_change is not None:
+                self._on_change(name, was, health, error)
 
 
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) < 300 else text[:297] + "..."
-

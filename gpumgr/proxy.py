@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import enum
 import io
-from typing import Callable
+from typing import Callable, Sequence
 
 import attrs
 from zope.interface import implementer
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
@@ -79,6 +80,11 @@ class Outcome(enum.Enum):
 class Result:
     outcome: Outcome
     status: int | None = None  # the status the client got (or would have)
+    #: The request went out and the consumer may have acted on it (it may now
+    #: hold its memory), whatever the outcome.
+    reached_consumer: bool = True
+    #: The start of the response body, when the caller asked to capture it.
+    body_head: bytes = b""
 
 
 #: How much of a 5xx body is held back to look for "out of memory".
@@ -298,9 +304,13 @@ class _Exchange:
         extra_headers: list[tuple[bytes, bytes]],
         on_upstream_error: UpstreamErrorHook,
         hold_oom: bool = False,
+        capture_bytes: int = 0,
     ) -> None:
         self.request = request
         self._hold_oom = hold_oom
+        self._capture_left = capture_bytes
+        self._captured: list[bytes] = []
+        self._reached = False
         self._status: int | None = None
         self._clock = clock
         self._cooperator = cooperator
@@ -337,6 +347,7 @@ class _Exchange:
         producer = body_producer(self.request.content, method, self._cooperator)
         headers = forward_request_headers(self.request.requestHeaders, _client_ip(self.request))
         self._producer = producer
+        self._reached = True
         self._pending = self._agent.request(method, self._url, headers, producer)
         self._timer = self._clock.callLater(self._request_timeout_s, self._time_out)
         self._pending.addCallbacks(self._got_response, self._request_failed)
@@ -368,6 +379,8 @@ class _Exchange:
             self._on_upstream_error(self._consumer, True, reason)
         else:
             reason = _describe_failure(failure)
+            if failure.check(ConnectError, DNSLookupError):
+                self._reached = False  # never connected: the consumer saw nothing
             err = UpstreamUnreachable(
                 f"{self._consumer} could not be reached: {reason}", consumer=self._consumer
             )
@@ -436,6 +449,9 @@ class _Exchange:
     def body_data(self, data: bytes) -> None:
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.reset(self._timeouts.body_idle_s)
+        if self._capture_left > 0:
+            self._captured.append(data[: self._capture_left])
+            self._capture_left -= len(self._captured[-1])
         self.request.write(data)
 
     def client_paused(self) -> None:
@@ -537,7 +553,8 @@ class _Exchange:
         if isinstance(producer, _SpooledBodyProducer) and producer.sending:
             producer.stopProducing()  # silent: its Deferred just never fires
         if not self.done.called:
-            self.done.callback(Result(outcome, self._status))
+            self.done.callback(Result(outcome, self._status, self._reached,
+                                      b"".join(self._captured)))
 
 
 class _Discard(Protocol):
@@ -604,11 +621,14 @@ class StreamingProxy:
         agent: IAgent,
         url: bytes,
         timeouts: Timeouts,
-        extra_headers: list[tuple[bytes, bytes]] = (),
+        extra_headers: Sequence[tuple[bytes, bytes]] = (),
         hold_oom: bool = False,
+        capture_bytes: int = 0,
     ) -> defer.Deferred[Result]:
         """Relay `request` to `url`. With `hold_oom`, an out-of-memory answer
-        is not relayed: the Result's outcome is OOM and the caller may replay."""
+        is not relayed: the Result's outcome is OOM and the caller may replay.
+        With `capture_bytes`, the Result carries the body's first bytes (a
+        copy; the body is streamed all the same)."""
         exchange = _Exchange(
             self._clock,
             self._cooperator,
@@ -620,6 +640,7 @@ class StreamingProxy:
             list(extra_headers),
             self._on_upstream_error,
             hold_oom,
+            capture_bytes,
         )
         exchange.start()
         return exchange.done

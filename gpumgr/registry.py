@@ -1,77 +1,102 @@
-"""Live per-consumer state: what /v1/status shows and what eviction will read."""
+"""Live per-consumer state: what /v1/status shows and what eviction reads."""
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import enum
+from typing import Iterable, Iterator, Mapping
 
 import attrs
 
 from gpumgr.config import ConsumerConfig
-from gpumgr.eviction import ConsumerView
+from gpumgr.eviction import ConsumerView, Residency
 from gpumgr.gpu import GpuSample
 
-HEALTH_UNKNOWN = "unknown"
-HEALTH_OK = "ok"
-HEALTH_DOWN = "down"
+
+class Health(enum.StrEnum):
+    UNKNOWN = "unknown"  # not probed yet
+    OK = "ok"
+    STARTING = "starting"  # up, but loading its model (whisper.cpp's 503 "loading model")
+    DOWN = "down"  # the last probe failed: requests are refused
+    STOPPED = "stopped"  # a managed process that is not running: started on demand
 
 
 @attrs.define
 class ConsumerState:
     name: str
-    health: str = HEALTH_UNKNOWN
+    health: Health = Health.UNKNOWN
     last_probe: float | None = None
     last_error: str | None = None
-    #: True/False when known; None after a restart until observed.
-    loaded: bool | None = None
+    residency: Residency = Residency.UNKNOWN
     gpu_resident_mib: int = 0
     active: int = 0
     total_requests: int = 0
     errors: int = 0
     last_used: float | None = None
 
+    @property
+    def loaded(self) -> bool | None:
+        """The JSON form: true, false, or null when unknown."""
+        return {Residency.LOADED: True, Residency.UNLOADED: False}.get(self.residency)
+
 
 class Registry:
     def __init__(self, names: Iterable[str]) -> None:
-        self._states = {name: ConsumerState(name) for name in names}
+        self._states: dict[str, ConsumerState] = {}
+        self.sync(names)
+
+    def sync(self, names: Iterable[str]) -> None:
+        """Keep the states of consumers that still exist; add new ones, drop the rest."""
+        wanted = list(names)
+        self._states = {n: self._states.get(n) or ConsumerState(n) for n in wanted}
 
     def __getitem__(self, name: str) -> ConsumerState:
         return self._states[name]
 
-    def __iter__(self):
-        return iter(self._states.values())
+    def __contains__(self, name: object) -> bool:
+        return name in self._states
 
-    def record_probe(self, name: str, now: float, error: str | None) -> None:
+    def __iter__(self) -> Iterator[ConsumerState]:
+        return iter(list(self._states.values()))
+
+    def record_probe(self, name: str, now: float, health: Health, error: str | None) -> None:
         state = self._states[name]
         state.last_probe = now
-        state.health = HEALTH_OK if error is None else HEALTH_DOWN
+        state.health = health
         state.last_error = error
 
+    def set_health(self, name: str, health: Health) -> None:
+        self._states[name].health = health
+
     def job_started(self, name: str, now: float) -> None:
-        state = self._states[name]
+        state = self._states.get(name)
+        if state is None:
+            return
         state.active += 1
         state.total_requests += 1
         state.last_used = now
 
     def job_ended(self, name: str, now: float) -> None:
-        state = self._states[name]
+        state = self._states.get(name)
+        if state is None:  # removed by a reload while its job ran
+            return
         state.active -= 1
         state.last_used = now
 
-    # -- loaded state (tracked, or measured through gpu_process) ------------
+    # -- residency (tracked, or measured through gpu_process) ---------------
 
     def mark_loaded(self, name: str, resident_mib: int) -> None:
         state = self._states[name]
-        state.loaded = True
+        state.residency = Residency.LOADED
         state.gpu_resident_mib = resident_mib
 
     def mark_unloaded(self, name: str) -> None:
         state = self._states[name]
-        state.loaded = False
+        state.residency = Residency.UNLOADED
         state.gpu_resident_mib = 0
 
     def mark_unknown(self, name: str) -> None:
         state = self._states[name]
-        state.loaded = None
+        state.residency = Residency.UNKNOWN
         state.gpu_resident_mib = 0
 
     def apply_sample(self, sample: GpuSample, consumers: Mapping[str, ConsumerConfig]) -> None:
@@ -79,34 +104,37 @@ class Registry:
         if not sample.available:
             return
         for name, c in consumers.items():
-            if c.gpu_process is None:
+            if c.gpu_process is None or name not in self._states:
                 continue
-            used = sum(p.used_mib or 0 for p in sample.processes if c.gpu_process.search(p.name))
+            pattern = c.gpu_process
+            used = sum(p.used_mib or 0 for p in sample.processes if pattern.search(p.name))
             state = self._states[name]
             state.gpu_resident_mib = used
-            state.loaded = used > 0
+            state.residency = Residency.LOADED if used > 0 else Residency.UNLOADED
 
     def view(self, c: ConsumerConfig) -> ConsumerView:
         state = self._states[c.name]
-        if state.loaded is True:
+        if state.residency is Residency.LOADED:
             resident = state.gpu_resident_mib or c.vram_resident_mib
-        elif state.loaded is None:
+        elif state.residency is Residency.UNKNOWN:
             resident = c.vram_resident_mib  # it may hold this much
         else:
             resident = 0
         return ConsumerView(
             name=c.name,
-            loaded=state.loaded,
+            residency=state.residency,
             resident_mib=resident,
             vram_resident_mib=c.vram_resident_mib,
             can_coexist_with=c.can_coexist_with,
-            pinned=c.pinned,
+            pinned=not c.can_unload,
             last_used=state.last_used,
         )
 
-    def upstream_error(self, name: str, now: float, reason: str, reachable: bool) -> None:
-        state = self._states[name]
+    def upstream_error(self, name: str, reason: str, reachable: bool) -> None:
+        state = self._states.get(name)
+        if state is None:
+            return
         state.errors += 1
         state.last_error = reason
-        if not reachable:
-            state.health = HEALTH_DOWN
+        if not reachable and state.health is not Health.STOPPED:
+            state.health = Health.DOWN

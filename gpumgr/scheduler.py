@@ -13,6 +13,7 @@ with a wait deadline, and cancellable. Who runs next is a pure function
 
 from __future__ import annotations
 
+import enum
 import itertools
 import math
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -26,6 +27,16 @@ from gpumgr.errors import QueueFull, QueueTimeout
 from gpumgr.registry import Registry
 
 Job = Callable[[], "defer.Deferred[Any]"]
+
+
+@attrs.frozen
+class Holder:
+    """A job holding the GPU now."""
+
+    consumer: str
+    kind: str | None
+    since: float
+    control: bool
 
 
 @attrs.frozen
@@ -43,7 +54,8 @@ class SchedulerStats:
     queued_by_kind: dict[str, int] = attrs.field(factory=dict)
     eviction_failures: int = 0
     oom_retries: int = 0
-    recent_events: tuple[dict, ...] = ()
+    recent_events: tuple[dict[str, Any], ...] = ()
+    holders: tuple[Holder, ...] = ()
 
 
 class Scheduler(Protocol):
@@ -52,6 +64,10 @@ class Scheduler(Protocol):
     def run(self, consumer: str, job: Job, kind: str | None = None,
             control: bool = False) -> defer.Deferred[Any]:
         """`control` jobs (loads, unloads) hold the GPU but are not requests."""
+        ...
+
+    def queued_for(self, consumer: str) -> int:
+        """Jobs waiting for `consumer` (idle unload waits for them)."""
         ...
 
     def stats(self) -> SchedulerStats:
@@ -66,21 +82,23 @@ class Passthrough:
     def __init__(self, clock: IReactorTime, registry: Registry) -> None:
         self._clock = clock
         self._registry = registry
-        self._in_flight = 0
+        self._running: dict[int, Holder] = {}
+        self._seq = itertools.count()
         self._total = 0
         self._last_run_ms = 0
 
     def run(self, consumer: str, job: Job, kind: str | None = None,
             control: bool = False) -> defer.Deferred[Any]:
         started = self._clock.seconds()
-        self._in_flight += 1
+        key = next(self._seq)
+        self._running[key] = Holder(consumer, kind, started, control)
         self._total += 1
         if not control:
             self._registry.job_started(consumer, started)
 
-        def ended(result):
+        def ended(result: Any) -> Any:
             now = self._clock.seconds()
-            self._in_flight -= 1
+            del self._running[key]
             self._last_run_ms = int((now - started) * 1000)
             if not control:
                 self._registry.job_ended(consumer, now)
@@ -98,12 +116,13 @@ class Passthrough:
             mode=self.mode,
             capacity=None,
             queue_depth=0,
-            in_flight=self._in_flight,
+            in_flight=len(self._running),
             total_jobs=self._total,
             last_wait_ms=0,
             last_run_ms=self._last_run_ms,
             evictions=0,
             oldest_queued=None,
+            holders=tuple(self._running.values()),
         )
 
 
@@ -165,11 +184,19 @@ def pick_next_avoiding_swaps(
     return best, passed
 
 
+class TicketState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    DONE = "done"
+    DROPPED = "dropped"  # left the queue: cancelled, timed out or refused
+
+
 class _Ticket:
     __slots__ = ("seq", "consumer", "kind", "priority", "job", "enqueued_at", "outer",
-                 "inner", "timer", "state", "overtaken", "control")
+                 "inner", "timer", "state", "overtaken", "control", "started_at")
 
-    def __init__(self, seq, consumer, kind, priority, job, enqueued_at):
+    def __init__(self, seq: int, consumer: str, kind: str | None, priority: int, job: Job,
+                 enqueued_at: float) -> None:
         self.seq = seq
         self.consumer = consumer
         self.kind = kind
@@ -178,10 +205,11 @@ class _Ticket:
         self.enqueued_at = enqueued_at
         self.outer: defer.Deferred[Any] | None = None
         self.inner: defer.Deferred[Any] | None = None
-        self.timer = None
-        self.state = "waiting"  # -> running -> done; or waiting -> dropped
+        self.timer: Any = None
+        self.state = TicketState.WAITING
         self.overtaken = 0
         self.control = False
+        self.started_at = enqueued_at
 
     def waiting_view(self, cheap: bool = False) -> Waiting:
         return Waiting(self.seq, self.priority, self.enqueued_at, cheap, self.overtaken)
@@ -242,7 +270,7 @@ class Locked:
             self._dispatch()
         elif len(self._waiting) >= self._max_queue:
             self._rejected += 1
-            ticket.state = "dropped"
+            ticket.state = TicketState.DROPPED
             ticket.outer.errback(QueueFull(
                 f"{len(self._waiting)} jobs are already waiting (scheduler.max_queue)",
                 consumer=consumer, retry_after_s=self._retry_after_s()))
@@ -268,6 +296,8 @@ class Locked:
             oldest_queued=min((t.enqueued_at for t in self._waiting), default=None),
             rejected=self._rejected,
             queued_by_kind=by_kind,
+            holders=tuple(Holder(t.consumer, t.kind, t.started_at, t.control)
+                          for t in sorted(self._running, key=lambda t: t.seq)),
         )
 
     @property
@@ -282,10 +312,11 @@ class Locked:
 
     def _start(self, ticket: _Ticket) -> None:
         now = self._clock.seconds()
-        ticket.state = "running"
+        ticket.state = TicketState.RUNNING
         if ticket.timer is not None and ticket.timer.active():
             ticket.timer.cancel()
         ticket.timer = None
+        ticket.started_at = now
         self._running.add(ticket)
         self._max_running_seen = max(self._max_running_seen, len(self._running))
         self._total += 1
@@ -299,7 +330,7 @@ class Locked:
     def _finished(self, result: Any, ticket: _Ticket, started_at: float) -> None:
         try:
             now = self._clock.seconds()
-            ticket.state = "done"
+            ticket.state = TicketState.DONE
             self._running.discard(ticket)
             self._last_run_ms = int((now - started_at) * 1000)
             if not ticket.control:
@@ -346,55 +377,22 @@ class Locked:
 
     def _expire(self, ticket: _Ticket) -> None:
         ticket.timer = None
-        if ticket.state != "waiting":
+        if ticket.state is not TicketState.WAITING:
             return
         self._waiting.remove(ticket)
-        ticket.state = "dropped"
+        ticket.state = TicketState.DROPPED
         self._rejected += 1
         ticket.outer.errback(QueueTimeout(
             f"waited {self._queue_timeout_s:g}s for the GPU (scheduler.queue_timeout_s)",
             consumer=ticket.consumer))
 
     def _cancel(self, ticket: _Ticket) -> None:
-        if ticket.state == "waiting":
+        if ticket.state is TicketState.WAITING:
             self._waiting.remove(ticket)
-            ticket.state = "dropped"
+            ticket.state = TicketState.DROPPED
             if ticket.timer is not None and ticket.timer.active():
                 ticket.timer.cancel()
             ticket.timer = None
             # outer errbacks with CancelledError once we return.
-        elif ticket.state == "running" and ticket.inner is not None:
+        elif ticket.state is TicketState.RUNNING and ticket.inner is not None:
             ticket.inner.cancel()
-
-
-class Evicting:
-    """`Locked`, plus admission: before a job runs, room is made for it.
-
-    `admission.admit_and_run(consumer, job)` evicts what the job's consumer
-    may not coexist with or has no room beside, runs the job, and replays it
-    once after an out-of-memory answer. It runs inside the locked job, so
-    evictions are serialised with everything else.
-    """
-
-    mode = "evicting"
-
-    def __init__(self, locked: Locked, admission: Any) -> None:
-        self._locked = locked
-        self._admission = admission
-
-    def run(self, consumer: str, job: Job, kind: str | None = None,
-            control: bool = False) -> defer.Deferred[Any]:
-        if control:
-            return self._locked.run(consumer, job, kind, control=True)
-        return self._locked.run(
-            consumer, lambda: self._admission.admit_and_run(consumer, job), kind)
-
-    def queued_for(self, consumer: str) -> int:
-        return self._locked.queued_for(consumer)
-
-    @property
-    def max_running_seen(self) -> int:
-        return self._locked.max_running_seen
-
-    def stats(self) -> SchedulerStats:
-        return attrs.evolve(self._locked.stats(), mode=self.mode)

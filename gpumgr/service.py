@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
-
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
@@ -15,17 +13,17 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from treq.client import HTTPClient
 
 from gpumgr import __version__
-from gpumgr.config import Config
+from gpumgr.admission import Admission
+from gpumgr.broker import Broker
+from gpumgr.config import Config, ConsumerConfig
 from gpumgr.control import ControlClient
 from gpumgr.gpu import GpuSampler
 from gpumgr.health import HealthMonitor
-from gpumgr.proxy import CachedEndpoints, StreamingProxy
+from gpumgr.proxy import CachedEndpoints
 from gpumgr.registry import Registry
-from gpumgr.admission import Admission
-from gpumgr.scheduler import Evicting, Locked, Passthrough, Scheduler
-from gpumgr.status import build_status
+from gpumgr.scheduler import Scheduler
 from gpumgr.site import GpumgrSite
-from gpumgr.web import Broker, RootResource
+from gpumgr.web import RootResource
 
 log = Logger()
 
@@ -86,113 +84,77 @@ class _ListenService(Service):
         return None
 
 
-def make_scheduler(config: Config, clock, registry: Registry, admission: Admission) -> Scheduler:
-    sched = config.scheduler
-    if sched.mode == "passthrough":
-        return Passthrough(clock, registry)
-    evicting = sched.mode == "evicting"
-    locked = Locked(
-        clock, registry, capacity=sched.capacity, max_queue=sched.max_queue,
-        queue_timeout_s=sched.queue_timeout_s, priority=sched.priority, aging_s=sched.aging_s,
-        is_loaded=(lambda name: registry[name].loaded is True) if evicting else None,
-        max_overtakes=sched.max_overtakes if evicting else 0,
-    )
-    return Evicting(locked, admission) if evicting else locked
-
-
 class GpumgrService(MultiService):
-    """The broker: HTTP site, health monitor, GPU sampler and scheduler."""
+    """The broker behind an HTTP site, with its connection pools."""
 
-    def __init__(self, reactor, config: Config, listen: str | None = None) -> None:
+    def __init__(self, reactor: Any, config: Config, listen: str | None = None) -> None:
         super().__init__()
         self.reactor = reactor
-        self.config = config
-        self.registry = Registry(config.consumers)
-
         self._data_pool = _make_pool(reactor)
         self._data_pool.maxPersistentPerHost = _IDLE_CONNECTIONS_PER_HOST
-        agents = {
-            name: Agent.usingEndpointFactory(
-                reactor, CachedEndpoints(reactor, c.connect_timeout_s), pool=self._data_pool)
-            for name, c in config.consumers.items()
-        }
+        self._agents: dict[tuple[str, float], Agent] = {}
         self._control_pool = _make_pool(reactor)
         self.control = ControlClient(
             HTTPClient(
                 Agent(reactor, connectTimeout=config.health.timeout_s, pool=self._control_pool)
             )
         )
-        self.health = HealthMonitor(
-            reactor,
-            config.consumers,
-            self.registry,
-            self.control.probe,
-            config.health.interval_s,
-            config.health.timeout_s,
-        )
         self.gpu = GpuSampler(
             reactor, config.gpu.nvidia_smi, config.gpu.interval_s, config.gpu.timeout_s
         )
-        self.gpu.listeners.append(lambda sample: self.registry.apply_sample(sample, config.consumers))
-        self.admission = Admission(reactor, config, self.registry, self.gpu, self.control)
-        self.scheduler = make_scheduler(config, reactor, self.registry, self.admission)
-        self.admission.submit = lambda name, job: self.scheduler.run(name, job, control=True)
-        self.admission.queued_for = self.scheduler.queued_for
         self._cooperator = Cooperator(scheduler=lambda f: reactor.callLater(0, f))
-        self.proxy = StreamingProxy(reactor, self._cooperator, self._upstream_error)
-        self.started_at = reactor.seconds()
-        broker = Broker(
-            reactor, config, self.registry, self.scheduler, self.proxy, agents, self.status,
-            self.admission,
-        )
-        self.site = GpumgrSite(RootResource(broker), reactor, config.limits.max_body_bytes)
+        self.broker = Broker(reactor, config, self.gpu, self.control, self._agent_for,
+                             self._cooperator)
+        self.site = GpumgrSite(RootResource(self.broker), reactor, config.limits.max_body_bytes)
         self.http = _ListenService(reactor, listen or config.listen, self.site)
         self.http.setServiceParent(self)
 
-    def status(self) -> dict:
-        a = self.admission
-        stats = attrs.evolve(
-            self.scheduler.stats(), evictions=a.evictions, eviction_failures=a.eviction_failures,
-            oom_retries=a.oom_retries, recent_events=tuple(a.events))
-        return build_status(
-            self.reactor.seconds(),
-            self.started_at,
-            self.config,
-            self.registry,
-            self.gpu.latest,
-            stats,
-            self.gpu.samples_taken,
-            self.gpu.sampling_s_total,
-        )
+    # Shortcuts for tests and the demo.
+    @property
+    def config(self) -> Config:
+        return self.broker.config
 
-    def _upstream_error(self, consumer: str, reachable: bool, reason: str) -> None:
-        self.registry.upstream_error(consumer, self.reactor.seconds(), reason, reachable)
-        if not reachable:
-            log.warn("{consumer} unreachable ({reason}); re-probing now",
-                     consumer=consumer, reason=reason)
-            self.health.probe_now(consumer)
+    @property
+    def registry(self) -> Registry:
+        return self.broker.registry
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.broker.scheduler
+
+    @property
+    def admission(self) -> Admission:
+        return self.broker.admission
+
+    @property
+    def health(self) -> HealthMonitor:
+        return self.broker.health
+
+    def status(self) -> dict[str, Any]:
+        return self.broker.status()
+
+    def _agent_for(self, c: ConsumerConfig) -> Agent:
+        """One Agent per consumer origin and connect timeout, on the shared pool."""
+        key = (c.url, c.connect_timeout_s)
+        agent = self._agents.get(key)
+        if agent is None:
+            agent = Agent.usingEndpointFactory(
+                self.reactor, CachedEndpoints(self.reactor, c.connect_timeout_s),
+                pool=self._data_pool)
+            self._agents[key] = agent
+        return agent
 
     def startService(self) -> None:
-        self.started_at = self.reactor.seconds()
         super().startService()
-        self.health.start()
-        self.gpu.start()
-        for name, c in self.config.consumers.items():
-            if c.preload:
-                d = self.scheduler.run(name, lambda name=name: self.admission.load(name, "preload"),
-                                       control=True)
-                d.addErrback(lambda f, name=name: log.warn(
-                    "preloading {name} failed: {why}", name=name, why=f.getErrorMessage()))
+        self.broker.start()
 
-    def stopService(self):
-        self.health.stop()
-        self.gpu.stop()
-        self.admission.stop()
+    def stopService(self) -> defer.Deferred[Any]:
         d = defer.maybeDeferred(super().stopService)
+        d.addBoth(lambda _: self.broker.stop())
         d.addBoth(lambda _: self._close_pools())
         return d
 
-    def _close_pools(self):
+    def _close_pools(self) -> defer.Deferred[Any]:
         self._cooperator.stop()
         closing = defer.DeferredList(
             [self._data_pool.closeCachedConnections(), self._control_pool.closeCachedConnections()]

@@ -42,6 +42,7 @@ def build_status(
             "age_ms": None if sample.sampled_at is None else int((now - sample.sampled_at) * 1000),
             "samples": samples_taken,
             "sampling_ms_total": round(sampling_s_total * 1000, 1),
+            "headroom_mib": config.gpu.headroom_mib,
             "gpus": [
                 {
                     "index": g.index,
@@ -61,10 +62,11 @@ def build_status(
         "consumers": {
             state.name: {
                 "url": config.consumers[state.name].url,
-                "health": state.health,
+                "health": state.health.value,
                 "last_probe": iso(state.last_probe),
                 "last_error": state.last_error,
                 "loaded": state.loaded,
+                "residency": state.residency.value,
                 "gpu_resident_mib": state.gpu_resident_mib,
                 "active": state.active,
                 "total_requests": state.total_requests,
@@ -72,6 +74,7 @@ def build_status(
                 "last_used": iso(state.last_used),
             }
             for state in registry
+            if state.name in config.consumers
         },
         "scheduler": {
             "mode": scheduler.mode,
@@ -88,5 +91,10 @@ def build_status(
             "eviction_failures": scheduler.eviction_failures,
             "oom_retries": scheduler.oom_retries,
             "recent_events": list(scheduler.recent_events),
+            "holders": [
+                {"consumer": h.consumer, "kind": h.kind, "since": iso(h.since),
+                 "held_ms": int((now - h.since) * 1000), "control": h.control}
+                for h in scheduler.holders
+            ],
         },
     }

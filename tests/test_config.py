@@ -119,7 +119,7 @@ BAD = [
     ("bad regex", MINIMAL.replace("    paths:", "    gpu_process: '(ollama'\n    paths:"),
      "consumers.ollama.gpu_process", "not a valid regular expression"),
     ("idle unload without route", MINIMAL.replace("    paths:", "    idle_unload_s: 60\n    paths:"),
-     "consumers.ollama.idle_unload_s", "needs an unload route"),
+     "consumers.ollama.idle_unload_s", "needs a way to unload"),
     ("preload not a bool", MINIMAL.replace("    paths:", "    preload: yes please\n    paths:"),
      "consumers.ollama.preload", "true or false"),
     ("infinite number", _with("health: {timeout_s: .inf}\n"), "health.timeout_s", "finite"),

@@ -4,12 +4,15 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpumgr.eviction import ConsumerView, may_coexist, plan_eviction, settled
+from gpumgr.eviction import ConsumerView, Residency, may_coexist, plan_eviction, settled
+
+_RESIDENCY = {True: Residency.LOADED, False: Residency.UNLOADED, None: Residency.UNKNOWN}
 
 
 def view(name, loaded=True, mib=4000, coexist=None, pinned=False, last_used=None, resident=None):
+    """`loaded` True, False or None (unknown), for brevity."""
     return ConsumerView(
-        name=name, loaded=loaded,
+        name=name, residency=_RESIDENCY[loaded],
         resident_mib=(mib if loaded is not False else 0) if resident is None else resident,
         vram_resident_mib=mib, can_coexist_with=coexist, pinned=pinned, last_used=last_used)
 
@@ -139,23 +142,55 @@ def worlds(draw):
 def test_plan_invariants(vs, target, free, headroom):
     plan = plan_eviction(target, vs, free, headroom)
     victims = plan.victim_names()
-    assert target not in victims
+    me = vs[target]
+    if target in victims:
+        # Only to learn where it stands: it was unknown, evictable, and short otherwise.
+        assert plan.victims[-1] == (target, "unknown_state")
+        assert me.residency is Residency.UNKNOWN and not me.pinned
+        assert plan.projected_free_mib - me.resident_mib < plan.needed_mib
     assert len(set(victims)) == len(victims)
     for name in victims:
-        assert not vs[name].pinned and vs[name].loaded is not False
+        assert not vs[name].pinned and vs[name].residency is not Residency.UNLOADED
     # Whatever stays loaded (or unknown) may coexist with the target, or blocks it.
     for name, v in vs.items():
-        if name == target or name in victims or v.loaded is False:
+        if name == target or name in victims or v.residency is Residency.UNLOADED:
             continue
-        if not may_coexist(vs[target], v):
-            assert v.pinned and (v.loaded is None or name in plan.blocked_by)
+        if not may_coexist(me, v):
+            assert v.pinned and (v.residency is Residency.UNKNOWN or name in plan.blocked_by)
     # Pressure victims: loaded ones in LRU order, then unknown ones in LRU order,
     # taken only while short.
     pressure = [vs[n] for n, why in plan.victims if why == "pressure"]
-    keys = [(v.loaded is None, v.last_used if v.last_used is not None else float("-inf"), v.name)
+    keys = [(v.residency is Residency.UNKNOWN,
+             v.last_used if v.last_used is not None else float("-inf"), v.name)
             for v in pressure]
     assert keys == sorted(keys)
     if pressure:
         assert plan.needed_mib is not None
-        before_last = plan.projected_free_mib - pressure[-1].resident_mib
+        projected = plan.projected_free_mib
+        if target in victims:
+            projected -= me.resident_mib
+        before_last = projected - pressure[-1].resident_mib
         assert before_last < plan.needed_mib
+
+
+def test_an_unknown_target_that_does_not_fit_is_unloaded_to_learn_where_it_stands():
+    """After a restart the target may hold its memory all along: measured free
+    memory does not count it, so it would never fit. Unloading it first makes
+    the next measurement true (regression: a consumer that could be neither
+    admitted nor evicted)."""
+    vs = views(view("t", loaded=None, mib=9000), view("p", loaded=True, mib=6000, pinned=True))
+    plan = plan_eviction("t", vs, free_mib=1000, headroom_mib=512)
+    assert plan.victims == (("t", "unknown_state"),)
+    assert plan.runnable
+
+
+def test_an_unknown_target_that_fits_is_left_alone():
+    plan = plan_eviction("t", views(view("t", loaded=None, mib=2000)), free_mib=9000,
+                         headroom_mib=512)
+    assert plan.victims == () and plan.runnable
+
+
+def test_an_unknown_pinned_target_is_assumed_to_hold_its_share():
+    plan = plan_eviction("t", views(view("t", loaded=None, mib=2000, pinned=True)),
+                         free_mib=100, headroom_mib=512)
+    assert plan.victims == () and plan.projected_free_mib == 2100

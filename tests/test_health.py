@@ -5,7 +5,7 @@ from twisted.internet.task import Clock
 
 from gpumgr.config import ConsumerConfig
 from gpumgr.health import HealthMonitor
-from gpumgr.registry import Registry
+from gpumgr.registry import Health, Registry
 
 
 def consumer(name):
@@ -23,14 +23,15 @@ class FakeProbes:
         self.pending: dict[str, list[defer.Deferred]] = {}
         self.cancelled: list[str] = []
 
-    def __call__(self, url):
+    def __call__(self, consumer):
+        url = consumer.url_for(consumer.health_path)
         d = defer.Deferred(lambda _: self.cancelled.append(url))
         self.pending.setdefault(url, []).append(d)
         return d
 
-    def answer(self, url, error=None):
+    def answer(self, url, error=None, health=Health.OK):
         d = self.pending[url].pop(0)
-        d.errback(error) if error else d.callback(None)
+        d.errback(error) if error else d.callback(health)
 
 
 def make(names=("a", "b"), interval=5, timeout=2):
@@ -38,7 +39,7 @@ def make(names=("a", "b"), interval=5, timeout=2):
     consumers = {n: consumer(n) for n in names}
     registry = Registry(consumers)
     probes = FakeProbes()
-    monitor = HealthMonitor(clock, consumers, registry, probes, interval, timeout)
+    monitor = HealthMonitor(clock, lambda: consumers, registry, probes, interval, timeout)
     return clock, registry, probes, monitor
 
 
@@ -102,3 +103,34 @@ def test_stop_cancels_running_probes():
     clock.advance(100)
     assert len(probes.pending["http://a/health"]) == 1  # no new probe after stop
     assert probes.pending["http://a/health"][0].called
+
+
+def test_starting_is_recorded_and_does_not_count_as_down():
+    clock, registry, probes, monitor = make(("a",))
+    monitor.start()
+    probes.answer("http://a/health", health=Health.STARTING)
+    assert registry["a"].health is Health.STARTING and registry["a"].last_error is None
+
+
+def test_a_stopped_managed_process_is_not_probed():
+    clock = Clock()
+    consumers = {"a": consumer("a")}
+    registry = Registry(consumers)
+    probes = FakeProbes()
+    stopped = {"a"}
+    monitor = HealthMonitor(clock, lambda: consumers, registry, probes, 5, 2,
+                            is_stopped=lambda n: n in stopped)
+    monitor.start()
+    assert probes.pending == {} and registry["a"].health is Health.STOPPED
+    stopped.clear()
+    clock.advance(5)
+    probes.answer("http://a/health")
+    assert registry["a"].health is Health.OK
+
+
+def test_a_consumer_removed_by_a_reload_is_dropped_quietly():
+    clock, registry, probes, monitor = make(("a", "b"))
+    monitor.start()
+    registry.sync(["b"])
+    probes.answer("http://a/health", RuntimeError("gone"))
+    assert "a" not in registry and registry["b"].health is Health.UNKNOWN

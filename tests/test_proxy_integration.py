@@ -223,8 +223,9 @@ async def test_status_shape(broker, world, client):
     assert {"pid", "name", "used_mib"} <= set(gpu["processes"][0])
     assert set(status["consumers"]) == {"ollama", "comfyui", "whisper", "mvoice"}
     mv = status["consumers"]["mvoice"]
-    assert set(mv) == {"url", "health", "last_probe", "last_error", "loaded",
-                       "gpu_resident_mib", "active", "total_requests", "errors", "last_used"}
+    assert set(mv) == {"url", "health", "last_probe", "last_error", "loaded", "residency",
+                       "gpu_resident_mib", "active", "total_requests", "errors", "last_used",
+                       "driver", "process", "renders"}
     assert mv["health"] == "ok" and mv["total_requests"] == 1 and mv["last_used"].endswith("Z")
     assert {"queue_depth", "in_flight", "total_jobs", "last_wait_ms", "last_run_ms",
             "evictions", "oldest_queued"} <= set(status["scheduler"])

@@ -9,12 +9,14 @@ from twisted.internet import defer
 from twisted.internet.task import Clock, Cooperator
 from twisted.web.http_headers import Headers
 
+from gpumgr.broker import Broker, path_is_safe
 from gpumgr.config import parse_config
 from gpumgr.errors import QueueFull
-from gpumgr.proxy import StreamingProxy, copy_response_headers, forward_request_headers
-from gpumgr.registry import Registry
+from gpumgr.gpu import GpuSampler
+from gpumgr.proxy import copy_response_headers, forward_request_headers
+from gpumgr.registry import Health
 from gpumgr.scheduler import Passthrough
-from gpumgr.web import Broker, RootResource, audio_path_is_safe
+from gpumgr.web import RootResource
 from twisted.web.resource import Resource
 
 
@@ -42,23 +44,28 @@ RAW = {
 
 
 class RefusingScheduler(Passthrough):
-    def run(self, consumer, job, kind=None):
+    def run(self, consumer, job, kind=None, control=False):
         return defer.fail(QueueFull("64 jobs are waiting", consumer, retry_after_s=2.5))
+
+
+class NoHttp:
+    """Control calls are not part of these tests."""
+
+    def request(self, method, url, body=None, content_type=None):
+        return defer.fail(AssertionError(f"unexpected control call {method} {url}"))
 
 
 def make_stub(scheduler_cls=Passthrough):
     clock = Clock()
     config = parse_config(RAW, "unit.yaml")
-    registry = Registry(config.consumers)
     upstreams = {name: Echo() for name in config.consumers}
     agents = {name: RequestTraversalAgent(res) for name, res in upstreams.items()}
     cooperator = Cooperator(scheduler=lambda f: clock.callLater(0, f))
-    errors = []
-    proxy = StreamingProxy(clock, cooperator, lambda *a: errors.append(a))
-    scheduler = scheduler_cls(clock, registry)
-    broker = Broker(clock, config, registry, scheduler, proxy, agents, lambda: {"ok": True})
+    gpu = GpuSampler(clock, "nvidia-smi", 2, 5, run=lambda *a: defer.Deferred())
+    broker = Broker(clock, config, gpu, NoHttp(), lambda c: agents[c.name], cooperator)
+    broker.scheduler = scheduler_cls(clock, broker.registry)
     stub = StubTreq(RootResource(broker))
-    return stub, upstreams, registry, clock, agents
+    return stub, upstreams, broker.registry, clock, agents
 
 
 async def call(stub, method, url, data=None, agents=(), clock=None):
@@ -142,7 +149,7 @@ async def test_scheduler_refusal_is_rendered_with_retry_after():
 @pytest_twisted.ensureDeferred
 async def test_unhealthy_consumer_refused_before_scheduling():
     stub, upstreams, registry, *_ = make_stub()
-    registry.record_probe("mvoice", 1.0, "connection refused")
+    registry.record_probe("mvoice", 1.0, Health.DOWN, "connection refused")
     response, body = await call(stub, "POST", "http://gpumgr/v1/tts", data=b"x")
     assert response.code == 503
     err = json.loads(body)["error"]
@@ -178,7 +185,7 @@ def test_response_headers_keep_end_to_end_only():
     ("a%2Fb", False), ("a//b", False), ("", False), ("a%5cb", False), ("a%00", False), (".", False),
 ])
 def test_audio_path_safety(path, ok):
-    assert audio_path_is_safe(path.encode().split(b"/")) is ok
+    assert path_is_safe(path.encode().split(b"/")) is ok
 
 
 class _FakeAddress:

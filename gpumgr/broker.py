@@ -1,0 +1,465 @@
+"""The broker: one facade over the health gate, the scheduler, the proxy,
+eviction, managed processes and render tracking.
+
+Resources only parse a request, call the broker and render its answer or its
+error. Every request looks its route, consumer and timeouts up in the current
+config (`self.config`), so a reload is one swap.
+
+A GPU job, whatever the mode, is one pipeline (`_gpu_job`):
+  admit (evicting: make room) -> start the consumer's process if it is not
+  running -> relay the exchange (evicting: hold an out-of-memory answer and
+  replay once) -> note that the consumer may now hold its memory -> keep the
+  slot while a render the answer started is still running.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING, Any, Callable
+from urllib.parse import unquote_to_bytes
+
+import attrs
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.web.iweb import IAgent
+
+from gpumgr.admission import CONTROL_TIMEOUT_S, Admission
+from gpumgr.config import AUDIO_ROUTE, Config, ConsumerConfig
+from gpumgr.drivers import ControlHttp, IDriver, get_driver
+from gpumgr.errors import (
+    BadPath,
+    ConsumerUnhealthy,
+    ControlFailed,
+    GpumgrError,
+    MethodNotAllowed,
+    NotSupported,
+    UnknownConsumer,
+    UnknownRoute,
+)
+from gpumgr.eviction import Residency
+from gpumgr.gpu import GpuSampler
+from gpumgr.health import HealthMonitor
+from gpumgr.proxy import Outcome, Result, StreamingProxy, Timeouts
+from gpumgr.registry import Health, Registry
+from gpumgr.scheduler import Locked, Passthrough, Scheduler
+from gpumgr.status import build_status, iso
+
+if TYPE_CHECKING:
+    from gpumgr.process import ManagedProcess, ProcessExit
+
+log = Logger()
+
+#: How often a tracked render's completion is polled.
+RENDER_POLL_S = 0.5
+#: Deadline of one poll.
+RENDER_POLL_TIMEOUT_S = 5.0
+#: The first bytes of a response kept for a driver that tracks renders.
+_CAPTURE_BYTES = 64 * 1024
+
+
+@attrs.define
+class TrackedRender:
+    consumer: str
+    render_id: str
+    since: float
+
+
+def path_is_safe(segments: list[bytes]) -> bool:
+    """Reject traversal, encoded separators and empty segments (pure)."""
+    if not segments:
+        return False
+    for raw in segments:
+        if not raw:
+            return False
+        decoded = unquote_to_bytes(raw)
+        if decoded in (b".", b"..") or b"/" in decoded or b"\\" in decoded or b"\x00" in decoded:
+            return False
+    return True
+
+
+class _Control:
+    """How a consumer is really loaded and unloaded: its process, or its driver."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    def load(self, name: str) -> defer.Deferred[None]:
+        b = self._broker
+        c = b.config.consumers[name]
+        process = b.processes.get(name)
+        if process is not None:
+            return process.start()
+        return get_driver(c.driver).load(b.http, c)
+
+    def unload(self, name: str) -> defer.Deferred[None]:
+        b = self._broker
+        c = b.config.consumers[name]
+        process = b.processes.get(name)
+        if process is not None:
+            return process.stop()
+        return get_driver(c.driver).unload(b.http, c)
+
+    def load_timeout_s(self, name: str) -> float:
+        c = self._broker.config.consumers[name]
+        if c.process is not None:
+            return c.process.start_timeout_s + c.process.stop_timeout_s + 5.0
+        return CONTROL_TIMEOUT_S
+
+
+class Broker:
+    def __init__(
+        self,
+        reactor: Any,
+        config: Config,
+        gpu: GpuSampler,
+        http: ControlHttp,
+        proxy_agent: Callable[[ConsumerConfig], IAgent],
+        cooperator: task.Cooperator,
+        process_factory: Callable[..., ManagedProcess] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self._config = config
+        self.gpu = gpu
+        self.http = http
+        self._agent_for = proxy_agent
+        self._process_factory = process_factory
+        self.started_at = reactor.seconds()
+        self.registry = Registry(config.consumers)
+        self.processes: dict[str, ManagedProcess] = {}
+        self.renders: dict[int, TrackedRender] = {}
+        self._render_seq = 0
+        self.render_counts: collections.Counter[str] = collections.Counter()
+        self.scheduler: Scheduler = self._make_scheduler(config)
+        self.admission = Admission(reactor, lambda: self._config, self.registry, gpu,
+                                   _Control(self), self.scheduler)
+        self.proxy = StreamingProxy(reactor, cooperator, self._upstream_error)
+        self.health = HealthMonitor(
+            reactor, lambda: self._config.consumers, self.registry, self._probe,
+            config.health.interval_s, config.health.timeout_s,
+            is_stopped=self._process_stopped)
+        gpu.listeners.append(lambda sample: self.registry.apply_sample(
+            sample, self._config.consumers))
+        self._sync_processes()
+
+    # -- config --------------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def mode(self) -> str:
+        return self._config.scheduler.mode
+
+    def _make_scheduler(self, config: Config) -> Scheduler:
+        sched = config.scheduler
+        if sched.mode == "passthrough":
+            return Passthrough(self.reactor, self.registry)
+        evicting = sched.mode == "evicting"
+        return Locked(
+            self.reactor, self.registry, capacity=sched.capacity, max_queue=sched.max_queue,
+            queue_timeout_s=sched.queue_timeout_s, priority=sched.priority,
+            aging_s=sched.aging_s,
+            is_loaded=(lambda n: n in self.registry
+                       and self.registry[n].residency is Residency.LOADED) if evicting else None,
+            max_overtakes=sched.max_overtakes if evicting else 0,
+        )
+
+    def _sync_processes(self) -> None:
+        if self._process_factory is None and any(
+                c.process for c in self._config.consumers.values()):
+            from gpumgr.process import ManagedProcess
+
+            self._process_factory = ManagedProcess
+        for name, c in self._config.consumers.items():
+            if c.process is None or name in self.processes:
+                continue
+            assert self._process_factory is not None
+            self.processes[name] = self._process_factory(
+                self.reactor, name, c.process, probe=lambda name=name: self._ready_probe(name),
+                on_exit=lambda exit, name=name: self._process_exited(name, exit))
+            self.registry.mark_unloaded(name)
+            self.registry.set_health(name, Health.STOPPED)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        self.started_at = self.reactor.seconds()
+        self.health.start()
+        self.gpu.start()
+        for name, c in self._config.consumers.items():
+            if c.preload:
+                d = self.scheduler.run(
+                    name, lambda name=name: self.admission.load(
+                        name, "preload", evicting=self.mode == "evicting"), control=True)
+                d.addErrback(lambda f, name=name: log.warn(
+                    "preloading {name} failed: {why}", name=name, why=f.getErrorMessage()))
+
+    def stop(self) -> defer.Deferred[Any]:
+        """Stop probing and sampling, and stop every process gpumgr owns."""
+        self.health.stop()
+        self.gpu.stop()
+        self.admission.stop()
+        return defer.DeferredList([p.stop() for p in self.processes.values()],
+                                  consumeErrors=True)
+
+    # -- health --------------------------------------------------------------
+
+    def _probe(self, c: ConsumerConfig) -> defer.Deferred[Health]:
+        return get_driver(c.driver).probe(self.http, c)
+
+    def _ready_probe(self, name: str) -> defer.Deferred[None]:
+        """A managed process is up once its health route says OK (not STARTING)."""
+        c = self._config.consumers[name]
+        d = get_driver(c.driver).probe(self.http, c)
+        d.addTimeout(self._config.health.timeout_s, self.reactor)
+
+        def ready(health: Health) -> None:
+            if health is not Health.OK:
+                raise ControlFailed(f"{name} is {health.value}", consumer=name)
+
+        return d.addCallback(ready)
+
+    def _process_stopped(self, name: str) -> bool:
+        process = self.processes.get(name)
+        return process is not None and not process.running
+
+    def _process_exited(self, name: str, exit: ProcessExit) -> None:
+        if name not in self.registry:
+            return
+        self.registry.mark_unloaded(name)
+        self.registry.set_health(name, Health.STOPPED)
+        if not exit.expected:
+            self.admission.event("process_crash", name, detail=exit.describe())
+            log.warn("{name}: process exited unexpectedly: {why}", name=name,
+                     why=exit.describe())
+
+    def _upstream_error(self, consumer: str, reachable: bool, reason: str) -> None:
+        self.registry.upstream_error(consumer, reason, reachable)
+        if not reachable and not self._process_stopped(consumer):
+            log.warn("{consumer} unreachable ({reason}); re-probing now",
+                     consumer=consumer, reason=reason)
+            self.health.probe_now(consumer)
+
+    def _health_refusal(self, c: ConsumerConfig) -> GpumgrError | None:
+        if c.name in self.processes and self._process_stopped(c.name):
+            return None  # started on demand
+        state = self.registry[c.name]
+        if state.health is not Health.DOWN:
+            return None
+        why = f": {state.last_error}" if state.last_error else ""
+        return ConsumerUnhealthy(f"{c.name} failed its last health check{why}", consumer=c.name,
+                                 retry_after_s=self._config.health.interval_s)
+
+    # -- requests ------------------------------------------------------------
+
+    def route(self, kind: str, method: str, subpath: list[bytes] | None,
+              query: bytes) -> tuple[ConsumerConfig, bytes, str, bool]:
+        """(consumer, upstream URL, upstream path, scheduled) for a request, or raise."""
+        config = self._config
+        c = config.consumer_for(kind)
+        if c is None:
+            raise UnknownRoute(f"no consumer is routed for {kind!r}")
+        if subpath is None:
+            if method != "POST":
+                raise MethodNotAllowed(method, ("POST",))
+            path = c.paths[kind]
+            scheduled = True
+        else:
+            if not c.passthrough:
+                raise UnknownRoute(f"{c.name} does not allow pass-through "
+                                   f"(consumers.{c.name}.passthrough)", consumer=c.name)
+            if not path_is_safe(subpath):
+                raise BadPath("paths must not contain '..', encoded separators or empty "
+                              "segments", consumer=c.name)
+            path = "/" + b"/".join(subpath).decode("latin-1")
+            scheduled = self.is_gpu_work(c, method, path)
+        url = c.url_for(path).encode("utf-8")
+        if query:
+            url += b"?" + query
+        return c, url, path, scheduled
+
+    @staticmethod
+    def is_gpu_work(c: ConsumerConfig, method: str, path: str) -> bool:
+        if any(s.matches(method, path) for s in c.scheduled):
+            return True
+        return bool(get_driver(c.driver).is_gpu_work(method, path))
+
+    def handle(self, request: Any, kind: str, subpath: list[bytes] | None) -> defer.Deferred[Any]:
+        """Serve /v1/<kind>[/<subpath>]. Fails with a GpumgrError to render."""
+        method = request.method.decode("ascii", "replace")
+        query = request.uri.partition(b"?")[2]
+        c, url, path, scheduled = self.route(kind, method, subpath, query)
+        refusal = self._health_refusal(c)
+        if refusal is not None:
+            return defer.fail(refusal)
+        consumer_header = (b"X-Gpumgr-Consumer", c.name.encode("utf-8"))
+        if not scheduled:
+            return self.proxy.forward(request, c.name, self._agent_for(c), url,
+                                      self._timeouts(c), [consumer_header])
+        queued_at = self.reactor.seconds()
+        driver = get_driver(c.driver)
+
+        def job() -> defer.Deferred[Any]:
+            return defer.ensureDeferred(self._gpu_job(request, c, driver, method, path, url,
+                                                      consumer_header, queued_at))
+
+        d = self.scheduler.run(c.name, job, kind=kind)
+        # A client that leaves while queued must leave the queue at once.
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        return d
+
+    async def _gpu_job(self, request: Any, c: ConsumerConfig, driver: IDriver, method: str,
+                       path: str, url: bytes, consumer_header: tuple[bytes, bytes],
+                       queued_at: float) -> Result:
+        name = c.name
+        evicting = self.mode == "evicting"
+        if evicting:
+            await self.admission.admit(name)
+        process = self.processes.get(name)
+        if process is not None and not process.running:
+            await self.admission.load(name, "demand", evicting=False)
+        wait_ms = int((self.reactor.seconds() - queued_at) * 1000)
+        headers = [consumer_header, (b"X-Gpumgr-Wait-Ms", str(wait_ms).encode("ascii"))]
+        capture = _CAPTURE_BYTES if driver.tracks_renders else 0
+
+        def forward(hold_oom: bool) -> defer.Deferred[Result]:
+            return self.proxy.forward(request, name, self._agent_for(c), url, self._timeouts(c),
+                                      headers, hold_oom=hold_oom, capture_bytes=capture)
+
+        result = await forward(evicting)
+        if result.outcome is Outcome.OOM:
+            await self.admission.evict_for_oom(name)
+            result = await forward(False)
+        self.admission.job_ended(name, result)
+        if result.outcome is Outcome.COMPLETED and result.status is not None:
+            render_id = driver.render_id(method, path, result.status, result.body_head)
+            if render_id is not None:
+                await self._track_render(c, driver, render_id, queued_at)
+        return result
+
+    def _timeouts(self, c: ConsumerConfig) -> Timeouts:
+        return Timeouts(request_s=c.request_timeout_s, body_idle_s=c.body_idle_timeout_s,
+                        client_stall_s=self._config.limits.client_stall_timeout_s)
+
+    # -- render tracking -----------------------------------------------------
+
+    async def _track_render(self, c: ConsumerConfig, driver: IDriver, render_id: str,
+                            job_started: float) -> None:
+        """Hold the GPU slot until the render is over, it runs past
+        job_timeout_s (then it is interrupted), or its service goes down."""
+        self._render_seq += 1
+        key = self._render_seq
+        self.renders[key] = TrackedRender(c.name, render_id, self.reactor.seconds())
+        self.render_counts["tracked"] += 1
+        log.info("{name}: tracking render {id}", name=c.name, id=render_id)
+        deadline = job_started + c.job_timeout_s
+        poll_error_logged = False
+        try:
+            while True:
+                if self.registry[c.name].health is Health.DOWN:
+                    self.render_counts["lost"] += 1
+                    self.admission.event("render_lost", c.name, detail=render_id)
+                    log.warn("{name} went down while rendering {id}; releasing the GPU",
+                             name=c.name, id=render_id)
+                    return
+                if self.reactor.seconds() >= deadline:
+                    self.render_counts["interrupted"] += 1
+                    self.admission.event("render_interrupted", c.name, "job_timeout",
+                                         detail=render_id)
+                    log.warn("{name}: render {id} ran past job_timeout_s ({s:g}s); "
+                             "interrupting it", name=c.name, id=render_id, s=c.job_timeout_s)
+                    try:
+                        await driver.interrupt(self.http, c, render_id).addTimeout(
+                            RENDER_POLL_TIMEOUT_S, self.reactor)
+                    except Exception as e:
+                        log.warn("{name}: interrupt failed: {e}", name=c.name, e=e)
+                    return
+                try:
+                    done = await driver.render_done(self.http, c, render_id).addTimeout(
+                        RENDER_POLL_TIMEOUT_S, self.reactor)
+                except defer.CancelledError:
+                    raise
+                except Exception as e:
+                    done = False
+                    if not poll_error_logged:
+                        poll_error_logged = True
+                        log.warn("{name}: polling render {id} failed: {e}", name=c.name,
+                                 id=render_id, e=e)
+                        self.health.probe_now(c.name)
+                if done:
+                    self.render_counts["completed"] += 1
+                    log.info("{name}: render {id} is over", name=c.name, id=render_id)
+                    return
+                await task.deferLater(self.reactor, RENDER_POLL_S, lambda: None)
+        finally:
+            del self.renders[key]
+
+    # -- /audio --------------------------------------------------------------
+
+    def relay_audio(self, request: Any, segments: list[bytes]) -> defer.Deferred[Any]:
+        if not path_is_safe(segments):
+            return defer.fail(BadPath("audio paths must be plain file names, no '..' or '//'"))
+        c = self._config.consumer_for(AUDIO_ROUTE)
+        if c is None:
+            return defer.fail(UnknownRoute("no consumer is routed for audio_proxy"))
+        refusal = self._health_refusal(c)
+        if refusal is not None:
+            return defer.fail(refusal)
+        url = c.url.encode("utf-8") + request.uri
+        return self.proxy.forward(request, c.name, self._agent_for(c), url, self._timeouts(c),
+                                  [(b"X-Gpumgr-Consumer", c.name.encode("utf-8"))])
+
+    # -- admin ---------------------------------------------------------------
+
+    def admin(self, name: str, action: str) -> defer.Deferred[dict[str, Any]]:
+        """Load or unload `name` through the scheduler, like any job."""
+        c = self._config.consumers.get(name)
+        if c is None:
+            return defer.fail(UnknownConsumer(f"no consumer named {name!r}"))
+        if action == "load" and not c.can_load:
+            return defer.fail(NotSupported(f"{name} has no way to load (no load route or "
+                                           "process)", consumer=name))
+        if action == "unload" and not c.can_unload:
+            return defer.fail(NotSupported(f"{name} has no way to unload (no unload route, "
+                                           "native unload or process)", consumer=name))
+        evicting = self.mode == "evicting"
+        if action == "load":
+            job: Callable[[], Any] = lambda: self.admission.load(name, "admin", evicting)
+        else:
+            job = lambda: self.admission.admin_unload(name)  # noqa: E731
+        d = self.scheduler.run(name, job, control=True)
+
+        def answer(_: Any) -> dict[str, Any]:
+            state = self.registry[name]
+            return {"consumer": name, "action": action, "loaded": state.loaded,
+                    "gpu_resident_mib": state.gpu_resident_mib}
+
+        return d.addCallback(answer)
+
+    # -- status --------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        a = self.admission
+        now = self.reactor.seconds()
+        stats = attrs.evolve(
+            self.scheduler.stats(), mode=self.mode, evictions=a.evictions, eviction_failures=a.eviction_failures,
+            oom_retries=a.oom_retries, recent_events=tuple(a.events))
+        doc = build_status(now, self.started_at, self._config, self.registry, self.gpu.latest,
+                           stats, self.gpu.samples_taken, self.gpu.sampling_s_total)
+        renders_by_consumer: dict[str, list[dict[str, Any]]] = {}
+        for r in self.renders.values():
+            renders_by_consumer.setdefault(r.consumer, []).append(
+                {"prompt_id": r.render_id, "since": iso(r.since),
+                 "held_s": round(now - r.since, 3)})
+        for name, entry in doc["consumers"].items():
+            c = self._config.consumers[name]
+            process = self.processes.get(name)
+            entry["driver"] = c.driver
+            entry["process"] = None if process is None else process.status()
+            entry["renders"] = renders_by_consumer.get(name, [])
+        doc["scheduler"]["renders"] = dict(self.render_counts)
+        return doc
+
+
+__all__ = ["Broker", "TrackedRender", "path_is_safe"]

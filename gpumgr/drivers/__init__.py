@@ -1,0 +1,49 @@
+"""Drivers: what gpumgr knows about one kind of GPU service.
+
+A consumer's `driver` key names one. A driver supplies the defaults of its
+`health`, `load` and `unload` (keys set in the config override them), and the
+behaviour no config key can express:
+
+- `probe`: is it up, starting, or down?
+- `load` / `unload`: how to get its memory back, and to warm it again
+  (ollama unloads every loaded model; vLLM sleeps and wakes up).
+- `is_gpu_work`: which requests of its native API use the GPU, and so go
+  through the scheduler (the rest are relayed at once).
+- `render_id` / `render_done` / `interrupt`: GPU work that goes on after the
+  answer (a ComfyUI render); gpumgr keeps the GPU slot until it is over.
+
+What a driver may use of the rest of gpumgr is `ControlHttp` (small bounded
+HTTP calls to its service); it never touches the scheduler or the registry.
+Services whose process gpumgr owns (`process:`) are started and stopped by
+gpumgr itself, whatever their driver.
+
+Adding a driver: write a module here with a class implementing `IDriver`
+(subclass `BaseDriver` for the common parts), add it to `_DRIVERS` below,
+and give it tests against a simulated service in `gpumgr.testing`.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from gpumgr.drivers.base import BaseDriver, ControlHttp, IDriver
+from gpumgr.drivers.comfyui import ComfyUIDriver
+from gpumgr.drivers.http import HttpDriver
+from gpumgr.drivers.ollama import OllamaDriver
+from gpumgr.drivers.vllm import VllmDriver
+from gpumgr.drivers.whisper_cpp import WhisperCppDriver
+
+_DRIVERS: Mapping[str, IDriver] = {
+    d.name: d
+    for d in (HttpDriver(), OllamaDriver(), ComfyUIDriver(), WhisperCppDriver(), VllmDriver())
+}
+
+DRIVER_NAMES = tuple(_DRIVERS)
+
+
+def get_driver(name: str) -> IDriver:
+    """The driver called `name`; config validation guarantees it exists."""
+    return _DRIVERS[name]
+
+
+__all__ = ["BaseDriver", "ControlHttp", "DRIVER_NAMES", "IDriver", "get_driver"]

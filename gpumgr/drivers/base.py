@@ -1,0 +1,130 @@
+"""The driver interface, and the behaviour most drivers share."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import attrs
+from twisted.internet import defer
+from zope.interface import Attribute, Interface, implementer
+
+from gpumgr.config import ConsumerConfig, HttpCall
+from gpumgr.registry import Health
+
+
+@attrs.frozen
+class HttpReply:
+    code: int
+    body: bytes  # bounded: control replies are small
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    def snippet(self) -> str:
+        return self.body[:200].decode("utf-8", "replace").strip()
+
+
+class ControlCallFailed(Exception):
+    """A control call (probe, load, unload, render poll) did not succeed."""
+
+
+class ControlHttp(Protocol):
+    """Small HTTP calls to a service; every reply body is read bounded."""
+
+    def request(self, method: str, url: str, body: bytes | None = None,
+                content_type: str | None = None) -> defer.Deferred[HttpReply]: ...
+
+
+class IDriver(Interface):
+    name = Attribute("The value of `consumers.<name>.driver` that selects it.")
+    default_health = Attribute("Health path when the config sets none, or None (then required).")
+    default_load = Attribute("HttpCall used when the config sets no `load`, or None.")
+    default_unload = Attribute("HttpCall used when the config sets no `unload`, or None.")
+    native_unload = Attribute("True if it can unload with no unload call configured.")
+    tracks_renders = Attribute("True if answers may start GPU work that goes on (render_id).")
+
+    def probe(http: ControlHttp, consumer: ConsumerConfig) -> defer.Deferred[Health]:
+        """OK or STARTING; fails (ControlCallFailed or a connection error) when down."""
+
+    def load(http: ControlHttp, consumer: ConsumerConfig) -> defer.Deferred[None]:
+        """Warm the service; only called when `consumer.can_load`."""
+
+    def unload(http: ControlHttp, consumer: ConsumerConfig) -> defer.Deferred[None]:
+        """Ask the service to free its GPU memory. Its answer proves nothing:
+        gpumgr then waits for nvidia-smi to show the memory back."""
+
+    def is_gpu_work(method: str, path: str) -> bool:
+        """Does this request of the native API use the GPU (and so get scheduled)?"""
+
+    def render_id(method: str, path: str, status: int, body_head: bytes) -> str | None:
+        """For an answered request whose GPU work goes on afterwards, its id."""
+
+    def render_done(http: ControlHttp, consumer: ConsumerConfig,
+                    render_id: str) -> defer.Deferred[bool]:
+        """Is that work over (succeeded or failed)?"""
+
+    def interrupt(http: ControlHttp, consumer: ConsumerConfig,
+                  render_id: str) -> defer.Deferred[None]:
+        """End that work now (it ran past its job_timeout_s)."""
+
+
+async def call(http: ControlHttp, consumer: ConsumerConfig, call: HttpCall) -> HttpReply:
+    """Make a configured control call; fails unless the service answers 2xx."""
+    reply = await http.request(call.method, consumer.url_for(call.path), call.body or None,
+                               call.content_type)
+    if not reply.ok:
+        raise ControlCallFailed(
+            f"{call.method} {call.path} answered HTTP {reply.code}: {reply.snippet()}")
+    return reply
+
+
+@implementer(IDriver)
+class BaseDriver:
+    """A service with a health route and, optionally, load and unload routes."""
+
+    name = "base"
+    default_health: str | None = None
+    default_load: HttpCall | None = None
+    default_unload: HttpCall | None = None
+    native_unload = False
+    tracks_renders = False
+    #: Methods of the native API that are GPU work (the `http` driver's rule).
+    gpu_methods = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+    def probe(self, http: ControlHttp, consumer: ConsumerConfig) -> defer.Deferred[Health]:
+        return defer.ensureDeferred(self._probe(http, consumer))
+
+    async def _probe(self, http: ControlHttp, consumer: ConsumerConfig) -> Health:
+        reply = await http.request("GET", consumer.url_for(consumer.health_path))
+        if reply.ok:
+            return Health.OK
+        return self.health_of_failed_probe(reply)
+
+    def health_of_failed_probe(self, reply: HttpReply) -> Health:
+        raise ControlCallFailed(f"health check answered HTTP {reply.code}: {reply.snippet()}")
+
+    def load(self, http: ControlHttp, consumer: ConsumerConfig) -> defer.Deferred[None]:
+        assert consumer.load is not None
+        return defer.ensureDeferred(call(http, consumer, consumer.load)).addCallback(
+            lambda _: None)
+
+    def unload(self, http: ControlHttp, consumer: ConsumerConfig) -> defer.Deferred[None]:
+        if consumer.unload is None:
+            return defer.fail(ControlCallFailed(f"{consumer.name} has no unload route"))
+        return defer.ensureDeferred(call(http, consumer, consumer.unload)).addCallback(
+            lambda _: None)
+
+    def is_gpu_work(self, method: str, path: str) -> bool:
+        return method in self.gpu_methods
+
+    def render_id(self, method: str, path: str, status: int, body_head: bytes) -> str | None:
+        return None
+
+    def render_done(self, http: ControlHttp, consumer: ConsumerConfig,
+                    render_id: str) -> defer.Deferred[bool]:
+        return defer.succeed(True)
+
+    def interrupt(self, http: ControlHttp, consumer: ConsumerConfig,
+                  render_id: str) -> defer.Deferred[None]:
+        return defer.succeed(None)
