@@ -267,3 +267,41 @@ async def test_capacity_two_never_evicts_a_consumer_under_a_running_job(tmp_path
         assert (await held.reply).code == 200 and (await held.reply).complete
     finally:
         await world.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_early_does_not_wedge_its_consumer(tmp_path, start_broker,
+                                                                      client):
+    """Regression (issue 8): after a client left mid-stream, ollama's model
+    stayed resident but gpumgr kept it `unknown`; measured free memory no
+    longer counted it, so every later request was refused insufficient_vram
+    until an admin unload. A consumer that received a job may hold its memory,
+    whatever the outcome."""
+    world = small_world(tmp_path, ollama=("ollama", Behaviour(vram_mib=6000)),
+                        mvoice=("mvoice", Behaviour(vram_mib=2000)))
+    try:
+        service, url = await evicting(world, start_broker)
+        held = HeldStream(world["ollama"], chunks=3)
+        left = defer.Deferred()
+
+        def leave(collector, data):
+            collector.transport.stopProducing()  # the client walks away mid-stream
+            if not left.called:
+                left.callback(None)
+
+        reply = defer.ensureDeferred(client.request("POST", url + "/v1/llm", b'{"prompt":"x"}',
+                                                    on_chunk=leave))
+        await left
+        held.release()
+        await reply
+        await wait_for(lambda: service.scheduler.stats().in_flight == 0)
+        assert world.gpu.allocations.keys() >= {"ollama"}  # the model stays resident
+        again = await client.request("POST", url + "/v1/llm", b'{"prompt":"again"}')
+        assert again.code == 200, again.body
+        assert service.registry["ollama"].loaded is True
+        assert world.gpu.oom_count == 0
+        # ...and it can still be evicted for something that needs the room.
+        tts = await client.request("POST", url + "/v1/tts", b"t")
+        assert tts.code == 200 and world.gpu.oom_count == 0
+    finally:
+        await world.stop()
