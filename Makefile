@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 LISTEN ?= tcp:8770:interface=127.0.0.1
 
-.PHONY: run test venv clean bench bench-smoke
+.PHONY: run test typecheck venv clean bench bench-smoke
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,11 @@ run: $(STAMP)
 	$(BIN)/twistd --nodaemon --pidfile= gpumgr --demo --listen '$(LISTEN)'
 
 test: $(STAMP)
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 # Benchmarks: gpumgr vs direct vs nginx, interleaved in one run (see bench/README.md).
 # nginx and wrk come from Debian: sudo apt-get install nginx-light wrk

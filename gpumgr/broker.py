@@ -21,6 +21,7 @@ from urllib.parse import unquote_to_bytes
 import attrs
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
 from gpumgr.admission import CONTROL_TIMEOUT_S, Admission
@@ -189,11 +190,17 @@ class Broker:
         self.gpu.start()
         for name, c in self._config.consumers.items():
             if c.preload:
-                d = self.scheduler.run(
-                    name, lambda name=name: self.admission.load(
-                        name, "preload", evicting=self.mode == "evicting"), control=True)
-                d.addErrback(lambda f, name=name: log.warn(
-                    "preloading {name} failed: {why}", name=name, why=f.getErrorMessage()))
+                self._preload(name)
+
+    def _preload(self, name: str) -> None:
+        evicting = self.mode == "evicting"
+        d = self.scheduler.run(name, lambda: self.admission.load(name, "preload", evicting),
+                               control=True)
+
+        def failed(f: Failure) -> None:
+            log.warn("preloading {name} failed: {why}", name=name, why=f.getErrorMessage())
+
+        d.addErrback(failed)
 
     def stop(self) -> defer.Deferred[Any]:
         """Stop probing and sampling, and stop every process gpumgr owns."""

@@ -542,6 +542,7 @@ def _parse_regex(sec: _Section, key: str) -> re.Pattern[str] | None:
         return re.compile(text)
     except re.error as e:
         sec.fail(key, f"is not a valid regular expression: {e}")
+        raise  # unreachable: fail() raises
 
 
 def _parse_bool(sec: _Section, key: str, default: bool) -> bool:

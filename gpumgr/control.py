@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
@@ -31,9 +32,9 @@ class _BoundedReader(Protocol):
             self._chunks.append(data[: self._limit - self._size])
         self._size += len(data)
         if self._size > self._limit:
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[union-attr]
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         body = b"".join(self._chunks)
         if reason.check(ResponseDone, PotentialDataLoss) or self._size > self._limit:
             self.done.callback(body)

@@ -98,7 +98,7 @@ class HealthMonitor:
             elif result.check(defer.CancelledError):
                 return  # the monitor is stopping
             else:
-                error = _describe(result.value)
+                error = _describe(result.value or Exception("probe failed"))
             health = Health.DOWN
         else:
             error, health = None, result

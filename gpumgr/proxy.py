@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import io
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import attrs
 from zope.interface import implementer
@@ -27,7 +27,7 @@ from zope.interface import implementer
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -96,7 +96,7 @@ def is_oom(body: bytes) -> bool:
 
 
 def _connection_tokens(headers: Headers) -> set[bytes]:
-    tokens = set()
+    tokens: set[bytes] = set()
     for value in headers.getRawHeaders(b"connection", []):
         tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return tokens
@@ -118,7 +118,7 @@ def forward_request_headers(headers: Headers, client_ip: str | None) -> Headers:
     for name, values in _end_to_end(headers):
         out.setRawHeaders(name, list(values))
     if client_ip:
-        prior = headers.getRawHeaders(b"x-forwarded-for", [])
+        prior = list(headers.getRawHeaders(b"x-forwarded-for", []))
         chain = b", ".join(prior + [client_ip.encode("ascii", "replace")])
         out.setRawHeaders(b"X-Forwarded-For", [chain])
     return out
@@ -279,7 +279,7 @@ class _Relay(Protocol):
         for chunk in held or ():
             self._exchange.body_data(chunk)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._held is not None and self._exchange.client_gone:
             self._held = None  # nobody to release it to
         if self._held is not None:
@@ -323,13 +323,13 @@ class _Exchange:
         self._on_upstream_error = on_upstream_error
         self.done: defer.Deferred[Result] = defer.Deferred(self._cancel)
         self._pending: defer.Deferred | None = None
-        self._timer = None
+        self._timer: Any = None
         self._timed_out = False
         self._client_gone = False
         self._upstream_transport = None
         self._outcome: Outcome | None = None
-        self._idle_timer = None
-        self._stall_timer = None
+        self._idle_timer: Any = None
+        self._stall_timer: Any = None
         self._upstream_idle = False
         self._producer = None
 
@@ -559,7 +559,7 @@ class _Exchange:
 
 class _Discard(Protocol):
     def connectionMade(self) -> None:
-        self.transport.stopProducing()
+        self.transport.stopProducing()  # type: ignore[union-attr]
 
 
 def _abort_client(request) -> None:

@@ -339,11 +339,13 @@ class Locked:
             self._dispatch()
         # If the caller cancelled and the job did not stop at once, the caller
         # already has its CancelledError; the late result goes nowhere.
-        if not ticket.outer.called:
+        outer = ticket.outer
+        assert outer is not None
+        if not outer.called:
             if isinstance(result, Failure):
-                ticket.outer.errback(result)
+                outer.errback(result)
             else:
-                ticket.outer.callback(result)
+                outer.callback(result)
 
     def _dispatch(self) -> None:
         # A job that finishes synchronously re-enters here from _finished; the
@@ -382,6 +384,7 @@ class Locked:
         self._waiting.remove(ticket)
         ticket.state = TicketState.DROPPED
         self._rejected += 1
+        assert ticket.outer is not None
         ticket.outer.errback(QueueTimeout(
             f"waited {self._queue_timeout_s:g}s for the GPU (scheduler.queue_timeout_s)",
             consumer=ticket.consumer))

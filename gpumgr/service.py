@@ -9,6 +9,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from treq.client import HTTPClient
 
@@ -63,7 +64,7 @@ class _ListenService(Service):
     def startService(self) -> None:
         super().startService()
         self.listening = self._endpoint.listen(self._factory)
-        failed = []
+        failed: list[Failure] = []
         self.listening.addCallbacks(self._got_port, failed.append)
         if failed:  # a TCP bind fails synchronously: make startup fail loudly
             failed[0].raiseException()

@@ -109,7 +109,7 @@ def _render_failure(failure: Failure, request: Any) -> None:
     if not failure.check(GpumgrError):
         log.failure("handling {path} failed", failure, path=request.path)
     if not request._disconnected and not request.finished and not request.startedWriting:
-        err = failure.value if failure.check(GpumgrError) else GpumgrError(
+        err = failure.value if isinstance(failure.value, GpumgrError) else GpumgrError(
             "internal error; see the gpumgr log")
         write_error(request, err)
 

@@ -131,19 +131,32 @@ async def test_audio_traversal_is_refused_and_never_forwarded(broker, world, cli
 @pytest_twisted.ensureDeferred
 async def test_unhealthy_consumer_is_refused_fast_and_never_called(world, start_broker, client):
     world["ollama"].behaviour.healthy = True
+    world["mvoice"].behaviour.healthy = False
+    service, url = await start_broker(world_config(world, health={"interval_s": 30}))
+    await service.health.probe_all_now()
+    reply = await client.request("POST", url + "/v1/tts", b"text")
+    assert reply.code == 503
+    err = reply.json()["error"]
+    assert err["code"] == "consumer_unhealthy" and err["consumer"] == "mvoice"
+    assert "503" in err["message"]
+    assert reply.header("Retry-After") == b"30"
+    assert world["mvoice"].work_requests() == []
+    # No silent fallback: the other kinds still go where they are routed.
+    ok = await client.request("POST", url + "/v1/stt", b"audio")
+    assert ok.code == 200 and ok.header("X-Gpumgr-Consumer") == b"whisper"
+
+
+@pytest_twisted.ensureDeferred
+async def test_whisper_loading_a_model_is_starting_not_down(world, start_broker, client):
+    """whisper.cpp answers /health 503 {"status": "loading model"} while it
+    swaps models: that is starting, and its requests are not refused."""
     world["whisper"].behaviour.healthy = False
     service, url = await start_broker(world_config(world, health={"interval_s": 30}))
     await service.health.probe_all_now()
-    reply = await client.request("POST", url + "/v1/stt", b"audio")
-    assert reply.code == 503
-    err = reply.json()["error"]
-    assert err["code"] == "consumer_unhealthy" and err["consumer"] == "whisper"
-    assert "503" in err["message"]
-    assert reply.header("Retry-After") == b"30"
-    assert world["whisper"].work_requests() == []
-    # No silent fallback: the other kinds still go where they are routed.
-    ok = await client.request("POST", url + "/v1/tts", b'{"text":"x"}')
-    assert ok.code == 200 and ok.header("X-Gpumgr-Consumer") == b"mvoice"
+    status = (await client.request("GET", url + "/v1/status")).json()
+    assert status["consumers"]["whisper"]["health"] == "starting"
+    ok = await client.request("POST", url + "/v1/stt", b"audio")
+    assert ok.code == 200
 
 
 def config_with(world, name: str, url: str | None = None, sections=None, **changes):

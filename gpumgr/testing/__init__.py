@@ -48,22 +48,16 @@ __all__ = [
 #: How each flavour is described to gpumgr: its real API routes.
 _CONSUMER_CONFIG: dict[type, dict[str, Any]] = {
     OllamaSim: {
-        "health": "/api/version",
+        "driver": "ollama",  # health /api/version; unload: every model in /api/ps
         "paths": {"llm": "/api/generate"},
         "load": {"method": "POST", "path": "/api/generate", "body": '{"model":"llama3"}',
                  "content_type": "application/json"},
-        "unload": {"method": "POST", "path": "/api/generate",
-                   "body": '{"model":"llama3","keep_alive":0}',
-                   "content_type": "application/json"},
     },
     ComfyUISim: {
-        "health": "/system_stats",
+        "driver": "comfyui",  # health /system_stats; unload /free; renders tracked
         "paths": {"image": "/prompt"},
-        "unload": {"method": "POST", "path": "/free",
-                   "body": '{"unload_models":true,"free_memory":true}',
-                   "content_type": "application/json"},
     },
-    WhisperSim: {"health": "/health", "paths": {"stt": "/inference"}},
+    WhisperSim: {"driver": "whisper.cpp", "paths": {"stt": "/inference"}},
     MvoiceSim: {
         "health": "/health",
         "paths": {"tts": "/tts"},
@@ -128,7 +122,7 @@ def world_config(
         entry["vram_resident_mib"] = consumer.behaviour.vram_mib
         entry.update((consumers or {}).get(name, {}))
         entries[name] = entry
-    routes = {}
+    routes: dict[str, str] = {}
     for name, consumer in world.consumers.items():
         for kind in entries[name]["paths"]:
             routes.setdefault(kind, name)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from gpumgr.config import DEFAULT_LISTEN
@@ -48,10 +50,10 @@ class DemoService(MultiService):
             log.info("demo: simulated {name} at {url}", name=name, url=consumer.url)
         log.info("demo: try  curl -sN -X POST localhost:8770/v1/llm -d '{{\"prompt\":\"hi\"}}'")
 
-    def stopService(self):
-        d = super().stopService()
-        d.addBoth(lambda r: self.world.stop().addBoth(lambda _: r))
-        d.addBoth(lambda r: (shutil.rmtree(self._state_dir, ignore_errors=True), r)[1])
+    def stopService(self) -> defer.Deferred[None]:
+        d: defer.Deferred[Any] = defer.maybeDeferred(super().stopService)
+        d.addBoth(lambda _: self.world.stop())
+        d.addBoth(lambda _: shutil.rmtree(self._state_dir, ignore_errors=True))
         return d
 
 
