@@ -44,6 +44,7 @@ from gpumgr.proxy import Outcome, Result, StreamingProxy, Timeouts
 from gpumgr.registry import Health, Registry
 from gpumgr.scheduler import Locked, Passthrough, Scheduler
 from gpumgr.status import build_status, iso
+from gpumgr.tunnel import Tunnel, UpgradeNotSupported, check_upgrade, is_upgrade
 
 if TYPE_CHECKING:
     from gpumgr.process import ManagedProcess, ProcessExit
@@ -130,6 +131,8 @@ class Broker:
         self.renders: dict[int, TrackedRender] = {}
         self._render_seq = 0
         self.render_counts: collections.Counter[str] = collections.Counter()
+        self.tunnels: set[Tunnel] = set()
+        self.tunnels_total = 0
         self.scheduler: Scheduler = self._make_scheduler(config)
         self.admission = Admission(reactor, lambda: self._config, self.registry, gpu,
                                    _Control(self), self.scheduler)
@@ -203,7 +206,9 @@ class Broker:
         d.addErrback(failed)
 
     def stop(self) -> defer.Deferred[Any]:
-        """Stop probing and sampling, and stop every process gpumgr owns."""
+        """Stop probing and sampling, close tunnels, stop every process gpumgr owns."""
+        for tunnel in list(self.tunnels):
+            tunnel.close()
         self.health.stop()
         self.gpu.stop()
         self.admission.stop()
@@ -300,6 +305,11 @@ class Broker:
         refusal = self._health_refusal(c)
         if refusal is not None:
             return defer.fail(refusal)
+        if is_upgrade(request):
+            if subpath is None:
+                raise UpgradeNotSupported("upgrades are relayed on pass-through routes only")
+            check_upgrade(request)
+            return self._tunnel(request, c, url)
         consumer_header = (b"X-Gpumgr-Consumer", c.name.encode("utf-8"))
         if not scheduled:
             return self.proxy.forward(request, c.name, self._agent_for(c), url,
@@ -344,6 +354,17 @@ class Broker:
             if render_id is not None:
                 await self._track_render(c, driver, render_id, queued_at)
         return result
+
+    def _tunnel(self, request: Any, c: ConsumerConfig, url: bytes) -> defer.Deferred[None]:
+        """A WebSocket relayed as a byte tunnel; never scheduled."""
+        tunnel = Tunnel(self.reactor, request, c.name, self.tunnels.discard)
+        self.tunnels.add(tunnel)
+        self.tunnels_total += 1
+        path_and_query = url[len(c.url):]
+        peer = request.getClientAddress()
+        tunnel.start(self.reactor, c.url, path_and_query, c.connect_timeout_s,
+                     c.request_timeout_s, getattr(peer, "host", None))
+        return tunnel.done
 
     def _timeouts(self, c: ConsumerConfig) -> Timeouts:
         return Timeouts(request_s=c.request_timeout_s, body_idle_s=c.body_idle_timeout_s,
@@ -466,6 +487,7 @@ class Broker:
             entry["process"] = None if process is None else process.status()
             entry["renders"] = renders_by_consumer.get(name, [])
         doc["scheduler"]["renders"] = dict(self.render_counts)
+        doc["broker"]["tunnels"] = {"open": len(self.tunnels), "total": self.tunnels_total}
         return doc
 
 

@@ -1,0 +1,234 @@
+"""Pass-through to the consumers' native APIs: /v1/<kind>/<path>, what is
+scheduled and what is not, and WebSockets relayed as byte tunnels."""
+
+from __future__ import annotations
+
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+from gpumgr.testing import world_config
+from tests.helpers import HeldStream, wait_for
+
+PASS = {"ollama": {"passthrough": True}, "comfyui": {"passthrough": True},
+        "mvoice": {"passthrough": True}}
+
+
+async def locked_broker(world, start_broker, consumers=PASS, **sections):
+    config = world_config(world, consumers=consumers, scheduler={"mode": "locked"},
+                          health={"interval_s": 30}, **sections)
+    service, url = await start_broker(config)
+    await service.health.probe_all_now()
+    return service, url
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_passthrough_subpaths_are_unknown_routes(broker, client):
+    _, url = broker
+    reply = await client.request("GET", url + "/v1/llm/api/tags")
+    assert reply.code == 404 and reply.json()["error"]["code"] == "unknown_route"
+    assert "passthrough" in reply.json()["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_metadata_is_answered_while_a_generation_holds_the_gpu(world, start_broker, client):
+    service, url = await locked_broker(world, start_broker)
+    held = await HeldStream(world["ollama"]).start(client, url)
+    assert service.scheduler.stats().in_flight == 1
+    ps = await client.request("GET", url + "/v1/llm/api/ps")
+    assert ps.code == 200 and ps.header("X-Gpumgr-Consumer") == b"ollama"
+    assert [m["name"] for m in ps.json()["models"]] == ["llama3"]
+    version = await client.request("GET", url + "/v1/llm/api/version")
+    assert version.code == 200 and "version" in version.json()
+    # ...while GPU work through the same door waits for the lock.
+    chat = defer.ensureDeferred(client.request(
+        "POST", url + "/v1/llm/api/chat", b'{"model":"llama3","messages":[]}'))
+    await wait_for(lambda: service.scheduler.stats().queue_depth == 1)
+    assert not chat.called
+    held.release()
+    assert (await held.reply).code == 200
+    assert (await chat).code == 200
+    state = service.registry["ollama"]
+    assert state.total_requests == 2 and state.active == 0  # scheduled ones only
+
+
+@pytest_twisted.ensureDeferred
+async def test_method_and_query_are_kept(world, start_broker, client):
+    _, url = await locked_broker(world, start_broker)
+    before = len(world["mvoice"].requests)
+    reply = await client.request("GET", url + "/v1/tts/audio/sample-1.wav?x=1&y=%20")
+    assert reply.code == 200 and reply.header("Content-Type") == b"audio/wav"
+    seen = world["mvoice"].requests[before]
+    assert (seen.method, seen.path, seen.query) == ("GET", "/audio/sample-1.wav", b"x=1&y=%20")
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_subpaths_are_refused_and_never_forwarded(world, start_broker, client):
+    _, url = await locked_broker(world, start_broker)
+    before = len(world["ollama"].requests)
+    for path in ("/v1/llm/../status", "/v1/llm/api/%2e%2e/x", "/v1/llm/api%2fps",
+                 "/v1/llm/api//ps", "/v1/llm/api/ps%00"):
+        reply = await client.request("GET", url + path)
+        assert reply.code == 400, path
+        assert reply.json()["error"]["code"] == "bad_path"
+    assert len(world["ollama"].requests) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_kind_root_stays_post_only(world, start_broker, client):
+    _, url = await locked_broker(world, start_broker)
+    reply = await client.request("GET", url + "/v1/llm")
+    assert reply.code == 405 and reply.header("Allow") == b"POST"
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_driver_schedules_writes_and_extra_scheduled_routes(world, start_broker,
+                                                                      client):
+    consumers = {**PASS, "mvoice": {"passthrough": True, "scheduled": ["GET /audio/"]}}
+    service, url = await locked_broker(world, start_broker, consumers=consumers)
+    assert (await client.request("POST", url + "/v1/tts/tts", b"hi")).code == 200
+    assert service.registry["mvoice"].total_requests == 1  # POST: scheduled
+    assert (await client.request("GET", url + "/v1/tts/health")).code == 200
+    assert service.registry["mvoice"].total_requests == 1  # GET: not scheduled
+    assert (await client.request("GET", url + "/v1/tts/audio/sample-2.wav")).code == 200
+    assert service.registry["mvoice"].total_requests == 2  # listed in `scheduled`
+
+
+# -- WebSockets -----------------------------------------------------------------
+
+
+class FakeWebSocketServer(protocol.Protocol):
+    """Answers any upgrade with 101, then echoes bytes upper-cased. A body
+    `close` makes it close the connection itself."""
+
+    instances: list[FakeWebSocketServer] = []
+    refuse = False
+
+    def connectionMade(self):
+        self.buffer = b""
+        self.upgraded = False
+        self.head = b""
+        self.closed = defer.Deferred()
+
+    def dataReceived(self, data):
+        if self.upgraded:
+            if data == b"close":
+                self.transport.loseConnection()
+            else:
+                self.transport.write(data.upper())
+            return
+        self.buffer += data
+        if b"\r\n\r\n" in self.buffer:
+            self.head, _, rest = self.buffer.partition(b"\r\n\r\n")
+            if b"upgrade: websocket" not in self.head.lower():  # a health probe
+                self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                                     b"Connection: close\r\n\r\n{}")
+                self.transport.loseConnection()
+                return
+            FakeWebSocketServer.instances.append(self)
+            if FakeWebSocketServer.refuse:
+                body = b'{"error":"no such socket"}'
+                self.transport.write(b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json"
+                                     b"\r\nContent-Length: " + str(len(body)).encode() +
+                                     b"\r\n\r\n" + body)
+                return
+            self.upgraded = True
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\nhello")
+
+    def connectionLost(self, reason=None):
+        self.closed.callback(None)
+
+
+class RawClient(protocol.Protocol):
+    def connectionMade(self):
+        self.data = b""
+        self.closed = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason=None):
+        self.closed.callback(None)
+
+
+UPGRADE = (b"GET /v1/image/ws?clientId=abc HTTP/1.1\r\nHost: gpumgr\r\nUpgrade: websocket\r\n"
+           b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+           b"Sec-WebSocket-Version: 13\r\n\r\n")
+
+
+@pytest_twisted.async_yield_fixture
+async def ws_upstream():
+    FakeWebSocketServer.instances = []
+    FakeWebSocketServer.refuse = False
+    factory = protocol.Factory.forProtocol(FakeWebSocketServer)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    yield f"http://127.0.0.1:{port.getHost().port}"
+    await port.stopListening()
+
+
+async def tunnel_broker(world, start_broker, ws_url):
+    import attrs
+
+    config = world_config(world, consumers=PASS, health={"interval_s": 30})
+    consumers = dict(config.consumers)
+    consumers["comfyui"] = attrs.evolve(consumers["comfyui"], url=ws_url)
+    service, url = await start_broker(attrs.evolve(config, consumers=consumers))
+    port = int(url.rsplit(":", 1)[1])
+    return service, port
+
+
+async def open_tunnel(port):
+    client = RawClient()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    client.transport.write(UPGRADE)
+    await wait_for(lambda: b"hello" in client.data)
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocket_is_relayed_both_ways_and_closed_from_the_client(
+        world, start_broker, ws_upstream):
+    service, port = await tunnel_broker(world, start_broker, ws_upstream)
+    client = await open_tunnel(port)
+    assert client.data.startswith(b"HTTP/1.1 101 ")
+    (upstream,) = FakeWebSocketServer.instances
+    assert upstream.head.startswith(b"GET /ws?clientId=abc HTTP/1.1\r\n")
+    head = upstream.head.lower()  # header names are case-insensitive
+    assert b"upgrade: websocket" in head and b"sec-websocket-key: dghl" in head
+    assert service.status()["broker"]["tunnels"]["open"] == 1
+    assert service.scheduler.stats().total_jobs == 0  # never scheduled
+    client.transport.write(b"ping")
+    await wait_for(lambda: client.data.endswith(b"PING"))
+    client.transport.loseConnection()
+    await upstream.closed  # the client closing closed the upstream
+    await wait_for(lambda: service.status()["broker"]["tunnels"]["open"] == 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_websocket_closed_by_the_upstream_closes_the_client(world, start_broker,
+                                                                 ws_upstream):
+    service, port = await tunnel_broker(world, start_broker, ws_upstream)
+    client = await open_tunnel(port)
+    client.transport.write(b"close")
+    await client.closed
+    assert service.status()["broker"]["tunnels"] == {"open": 0, "total": 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_upgrade_is_relayed_as_a_response(world, start_broker, ws_upstream,
+                                                         client):
+    FakeWebSocketServer.refuse = True
+    service, port = await tunnel_broker(world, start_broker, ws_upstream)
+    reply = await client.request("GET", f"http://127.0.0.1:{port}/v1/image/ws",
+                                 headers={b"Upgrade": b"websocket", b"Connection": b"Upgrade"})
+    assert reply.code == 404 and reply.json() == {"error": "no such socket"}
+    await wait_for(lambda: service.status()["broker"]["tunnels"]["open"] == 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_other_upgrades_get_501(world, start_broker, client):
+    _, url = await locked_broker(world, start_broker)
+    reply = await client.request("GET", url + "/v1/image/ws",
+                                 headers={b"Upgrade": b"h2c", b"Connection": b"Upgrade"})
+    assert reply.code == 501 and reply.json()["error"]["code"] == "upgrade_not_supported"
