@@ -1,0 +1,252 @@
+"""Drivers in memory: their defaults in the config, their rules, and their
+calls against a fake ControlHttp; render tracking on a Clock."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock, Cooperator
+
+from gpumgr.broker import Broker
+from gpumgr.config import ConfigError, parse_config
+from gpumgr.drivers import DRIVER_NAMES, get_driver
+from gpumgr.drivers.base import ControlCallFailed, HttpReply, IDriver
+from gpumgr.drivers.comfyui import history_done, prompt_id_of
+from gpumgr.drivers.ollama import loaded_models
+from gpumgr.gpu import GpuSampler
+from gpumgr.registry import Health
+from zope.interface.verify import verifyObject
+
+
+class FakeHttp:
+    """Answers from a table of (method, path) -> HttpReply; records calls."""
+
+    def __init__(self, answers=None):
+        self.answers = answers or {}
+        self.calls: list[tuple[str, str, bytes | None]] = []
+
+    def request(self, method, url, body=None, content_type=None):
+        path = "/" + url.split("/", 3)[3]
+        self.calls.append((method, path, body))
+        answer = self.answers.get((method, path), HttpReply(404, b"{}"))
+        if isinstance(answer, Exception):
+            return defer.fail(answer)
+        if isinstance(answer, defer.Deferred):
+            return answer
+        return defer.succeed(answer)
+
+
+def consumer(driver, **keys):
+    raw = {"consumers": {"x": {"url": "http://svc:1", "driver": driver, **keys}}}
+    return parse_config(raw, "t.yaml").consumers["x"]
+
+
+def result_of(d):
+    out = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if isinstance(out[0], defer.Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+@pytest.mark.parametrize("name", DRIVER_NAMES)
+def test_every_driver_implements_the_interface(name):
+    assert verifyObject(IDriver, get_driver(name))
+
+
+def test_defaults_come_from_the_driver_and_config_keys_override_them():
+    ollama = consumer("ollama")
+    assert ollama.health_path == "/api/version" and ollama.can_unload and not ollama.can_load
+    comfy = consumer("comfyui")
+    assert comfy.health_path == "/system_stats" and comfy.unload.path == "/free"
+    vllm = consumer("vllm")
+    assert (vllm.load.path, vllm.unload.path) == ("/wake_up", "/sleep?level=1")
+    whisper = consumer("whisper.cpp")
+    assert whisper.health_path == "/health" and whisper.pinned
+    managed = consumer("whisper.cpp", process={"command": ["whisper-server"]})
+    assert not managed.pinned and managed.can_load
+    custom = consumer("comfyui", health="/queue", unload={"path": "/api/free"})
+    assert custom.health_path == "/queue" and custom.unload.path == "/api/free"
+
+
+def test_the_http_driver_still_requires_health_and_unknown_drivers_are_refused():
+    with pytest.raises(ConfigError) as info:
+        consumer("http")
+    assert info.value.key_path == "consumers.x.health"
+    with pytest.raises(ConfigError) as info:
+        consumer("tgi")
+    assert info.value.key_path == "consumers.x.driver" and "ollama" in info.value.problem
+
+
+def test_scheduled_entries_are_validated():
+    c = consumer("http", health="/h", scheduled=["POST /generate", "GET /render/"])
+    assert [(s.method, s.path_prefix) for s in c.scheduled] == [("POST", "/generate"),
+                                                                ("GET", "/render/")]
+    for bad in (["/generate"], ["FETCH /x"], ["POST x"], "POST /x", [1]):
+        with pytest.raises(ConfigError) as info:
+            consumer("http", health="/h", scheduled=bad)
+        assert info.value.key_path.startswith("consumers.x.scheduled")
+
+
+def test_gpu_work_rules():
+    http, ollama, comfy = get_driver("http"), get_driver("ollama"), get_driver("comfyui")
+    assert http.is_gpu_work("POST", "/x") and http.is_gpu_work("DELETE", "/x")
+    assert not http.is_gpu_work("GET", "/x") and not http.is_gpu_work("HEAD", "/x")
+    for path in ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
+                 "/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        assert ollama.is_gpu_work("POST", path), path
+    for method, path in (("GET", "/api/tags"), ("GET", "/api/ps"), ("POST", "/api/show"),
+                         ("POST", "/api/pull"), ("GET", "/v1/models")):
+        assert not ollama.is_gpu_work(method, path), path
+    assert comfy.is_gpu_work("POST", "/prompt") and comfy.is_gpu_work("POST", "/api/prompt")
+    for method, path in (("GET", "/history/1"), ("GET", "/view"), ("POST", "/upload/image"),
+                         ("GET", "/queue"), ("GET", "/prompt")):
+        assert not comfy.is_gpu_work(method, path), path
+
+
+def test_ollama_unload_frees_every_loaded_model():
+    ps = {"models": [{"name": "llama3:latest", "model": "llama3:latest"},
+                     {"name": "qwen2:7b", "model": "qwen2:7b", "size_vram": 1}]}
+    http = FakeHttp({("GET", "/api/ps"): HttpReply(200, json.dumps(ps).encode()),
+                     ("POST", "/api/generate"): HttpReply(200, b'{"done_reason":"unload"}')})
+    result_of(get_driver("ollama").unload(http, consumer("ollama")))
+    sent = [json.loads(body) for method, path, body in http.calls if method == "POST"]
+    assert sent == [{"model": "llama3:latest", "keep_alive": 0},
+                    {"model": "qwen2:7b", "keep_alive": 0}]
+
+
+def test_ollama_unload_failures_are_reported():
+    http = FakeHttp({("GET", "/api/ps"): HttpReply(200, b'{"models":[{"name":"a"}]}'),
+                     ("POST", "/api/generate"): HttpReply(500, b'{"error":"busy"}')})
+    with pytest.raises(ControlCallFailed, match="a: HTTP 500"):
+        result_of(get_driver("ollama").unload(http, consumer("ollama")))
+    with pytest.raises(ControlCallFailed, match="HTTP 503"):
+        result_of(get_driver("ollama").unload(
+            FakeHttp({("GET", "/api/ps"): HttpReply(503, b"")}), consumer("ollama")))
+    for bad in (b"nope", b"[]", b'{"models": 3}'):
+        with pytest.raises(ControlCallFailed):
+            loaded_models(bad)
+    assert loaded_models(b'{"models": [{"size": 1}, 7, {"name": "m"}]}') == ["m"]
+
+
+def test_ollama_with_a_configured_unload_uses_it():
+    c = consumer("ollama", unload={"path": "/api/generate", "body": '{"model":"m","keep_alive":0}'})
+    http = FakeHttp({("POST", "/api/generate"): HttpReply(200, b"{}")})
+    result_of(get_driver("ollama").unload(http, c))
+    assert [m for m, _, _ in http.calls] == ["POST"]
+
+
+def test_whisper_loading_model_is_starting_and_other_failures_are_down():
+    whisper, c = get_driver("whisper.cpp"), consumer("whisper.cpp")
+    starting = FakeHttp({("GET", "/health"): HttpReply(503, b'{"status":"loading model"}')})
+    assert result_of(whisper.probe(starting, c)) is Health.STARTING
+    ok = FakeHttp({("GET", "/health"): HttpReply(200, b'{"status":"ok"}')})
+    assert result_of(whisper.probe(ok, c)) is Health.OK
+    broken = FakeHttp({("GET", "/health"): HttpReply(500, b"boom")})
+    with pytest.raises(ControlCallFailed, match="HTTP 500"):
+        result_of(whisper.probe(broken, c))
+
+
+def test_comfyui_prompt_ids_and_history():
+    comfy = get_driver("comfyui")
+    assert comfy.render_id("POST", "/prompt", 200, b'{"prompt_id":"p1","number":3}') == "p1"
+    assert comfy.render_id("POST", "/api/prompt", 200, b'{"prompt_id":"p2"}') == "p2"
+    assert comfy.render_id("POST", "/prompt", 400, b'{"prompt_id":"p1"}') is None
+    assert comfy.render_id("GET", "/prompt", 200, b'{"prompt_id":"p1"}') is None
+    for body in (b"", b"not json", b"[]", b'{"prompt_id": 5}', b'{"prompt_id": ""}'):
+        assert prompt_id_of(body) is None
+    assert not history_done(b"{}", "p1")
+    assert history_done(b'{"p1": {"status": {"completed": true}}}', "p1")
+    with pytest.raises(ControlCallFailed):
+        history_done(b"<html>", "p1")
+
+
+# -- render tracking, on a Clock ------------------------------------------------
+
+
+class Renders:
+    """A ComfyUI-like driver whose history the test controls."""
+
+    def __init__(self):
+        self.done = False
+        self.polls = 0
+        self.interrupted: list[str] = []
+        self.fail_polls = False
+
+    def render_done(self, http, c, render_id):
+        self.polls += 1
+        if self.fail_polls:
+            return defer.fail(ControlCallFailed("connection refused"))
+        return defer.succeed(self.done)
+
+    def interrupt(self, http, c, render_id):
+        self.interrupted.append(render_id)
+        return defer.succeed(None)
+
+
+RAW = {"consumers": {"comfy": {"url": "http://comfy:1", "driver": "comfyui", "job_timeout_s": 60,
+                               "paths": {"image": "/prompt"}}},
+       "routes": {"image": "comfy"}}
+
+
+def make_broker():
+    clock = Clock()
+    config = parse_config(RAW, "t.yaml")
+    gpu = GpuSampler(clock, "nvidia-smi", 2, 5, run=lambda *a: defer.Deferred())
+    probes = FakeHttp({("GET", "/system_stats"): HttpReply(200, b"{}")})
+    broker = Broker(clock, config, gpu, probes, lambda c: None,
+                    Cooperator(scheduler=lambda f: clock.callLater(0, f)))
+    return clock, broker
+
+
+def test_a_render_holds_until_history_fills():
+    clock, broker = make_broker()
+    driver = Renders()
+    d = defer.ensureDeferred(broker._track_render(broker.config.consumers["comfy"], driver,
+                                                  "p1", clock.seconds()))
+    assert broker.status()["consumers"]["comfy"]["renders"][0]["prompt_id"] == "p1"
+    for _ in range(4):
+        clock.advance(0.5)
+    assert not d.called and driver.polls == 5  # every 0.5 s
+    driver.done = True
+    clock.advance(0.5)
+    assert d.called and broker.renders == {}
+    assert broker.render_counts["completed"] == 1
+
+
+def test_a_render_past_job_timeout_is_interrupted_and_released():
+    clock, broker = make_broker()
+    driver = Renders()
+    d = defer.ensureDeferred(broker._track_render(broker.config.consumers["comfy"], driver,
+                                                  "p1", clock.seconds()))
+    for _ in range(130):
+        clock.advance(0.5)
+    assert d.called and driver.interrupted == ["p1"] and broker.renders == {}
+    (event,) = [e for e in broker.admission.events if e["event"] == "render_interrupted"]
+    assert event["consumer"] == "comfy" and event["detail"] == "p1"
+
+
+def test_a_render_is_released_once_its_service_is_down():
+    clock, broker = make_broker()
+    driver = Renders()
+    driver.fail_polls = True
+    d = defer.ensureDeferred(broker._track_render(broker.config.consumers["comfy"], driver,
+                                                  "p1", clock.seconds()))
+    clock.advance(1.0)
+    assert not d.called  # a failing poll alone does not release it...
+    broker.registry.set_health("comfy", Health.DOWN)  # ...its health probe failing does
+    clock.advance(0.5)
+    assert d.called and broker.renders == {} and broker.render_counts["lost"] == 1
+
+
+def test_cancelling_a_tracked_render_releases_it():
+    clock, broker = make_broker()
+    d = defer.ensureDeferred(broker._track_render(broker.config.consumers["comfy"], Renders(),
+                                                  "p1", clock.seconds()))
+    clock.advance(0.5)
+    d.cancel()
+    assert broker.renders == {}
+    d.addErrback(lambda f: f.trap(defer.CancelledError))
