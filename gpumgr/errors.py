@@ -117,6 +117,11 @@ class ProcessStartFailed(GpumgrError):
     code = "process_start_failed"
 
 
+class ShuttingDown(GpumgrError):
+    status = 503
+    code = "shutting_down"
+
+
 class Unauthorized(GpumgrError):
     status = 401
     code = "unauthorized"

@@ -23,10 +23,16 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from gpumgr.errors import QueueFull, QueueTimeout
+from gpumgr.errors import GpumgrError, QueueFull, QueueTimeout
 from gpumgr.registry import Registry
 
 Job = Callable[[], "defer.Deferred[Any]"]
+
+
+def _fire_all(waiters: list[defer.Deferred[None]]) -> None:
+    fired, waiters[:] = list(waiters), []
+    for d in fired:
+        d.callback(None)
 
 
 @attrs.frozen
@@ -70,6 +76,18 @@ class Scheduler(Protocol):
         """Jobs waiting for `consumer` (idle unload waits for them)."""
         ...
 
+    def close(self, error: GpumgrError) -> None:
+        """Refuse new jobs, and queued ones, with `error` (shutdown)."""
+        ...
+
+    def cancel_running(self) -> None:
+        """Cancel every running job (shutdown, once the grace period is over)."""
+        ...
+
+    def when_idle(self) -> defer.Deferred[None]:
+        """Fires once no job runs."""
+        ...
+
     def stats(self) -> SchedulerStats:
         ...
 
@@ -83,12 +101,17 @@ class Passthrough:
         self._clock = clock
         self._registry = registry
         self._running: dict[int, Holder] = {}
+        self._jobs: dict[int, defer.Deferred[Any]] = {}
         self._seq = itertools.count()
         self._total = 0
         self._last_run_ms = 0
+        self._closed: GpumgrError | None = None
+        self._idle_waiters: list[defer.Deferred[None]] = []
 
     def run(self, consumer: str, job: Job, kind: str | None = None,
             control: bool = False) -> defer.Deferred[Any]:
+        if self._closed is not None:
+            return defer.fail(self._closed)
         started = self._clock.seconds()
         key = next(self._seq)
         self._running[key] = Holder(consumer, kind, started, control)
@@ -99,17 +122,36 @@ class Passthrough:
         def ended(result: Any) -> Any:
             now = self._clock.seconds()
             del self._running[key]
+            self._jobs.pop(key, None)
             self._last_run_ms = int((now - started) * 1000)
             if not control:
                 self._registry.job_ended(consumer, now)
+            if not self._running:
+                _fire_all(self._idle_waiters)
             return result
 
         d = defer.maybeDeferred(job)
+        if not d.called:
+            self._jobs[key] = d
         d.addBoth(ended)
         return d
 
     def queued_for(self, consumer: str) -> int:
         return 0
+
+    def close(self, error: GpumgrError) -> None:
+        self._closed = error
+
+    def cancel_running(self) -> None:
+        for d in list(self._jobs.values()):
+            d.cancel()
+
+    def when_idle(self) -> defer.Deferred[None]:
+        if not self._running:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
@@ -255,11 +297,51 @@ class Locked:
         self._last_run_ms = 0
         self._max_running_seen = 0
         self._dispatching = False
+        self._closed: GpumgrError | None = None
+        self._idle_waiters: list[defer.Deferred[None]] = []
+
+    def configure(self, capacity: int, max_queue: int, queue_timeout_s: float,
+                  priority: Mapping[str, int], aging_s: float, max_overtakes: int) -> None:
+        """New limits from a reload. Queued and running jobs stay as they are;
+        a larger capacity starts waiting jobs at once."""
+        self.capacity = capacity
+        self._max_queue = max_queue
+        self._queue_timeout_s = queue_timeout_s
+        self._priority = dict(priority)
+        self._aging_s = aging_s
+        if self._is_loaded is not None:
+            self._max_overtakes = max_overtakes
+        self._dispatch()
+
+    def close(self, error: GpumgrError) -> None:
+        self._closed = error
+        waiting, self._waiting = self._waiting, []
+        for ticket in waiting:
+            ticket.state = TicketState.DROPPED
+            if ticket.timer is not None and ticket.timer.active():
+                ticket.timer.cancel()
+            ticket.timer = None
+            assert ticket.outer is not None
+            ticket.outer.errback(error)
+
+    def cancel_running(self) -> None:
+        for ticket in sorted(self._running, key=lambda t: t.seq):
+            if ticket.inner is not None:
+                ticket.inner.cancel()
+
+    def when_idle(self) -> defer.Deferred[None]:
+        if not self._running:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
 
     # -- the seam ----------------------------------------------------------
 
     def run(self, consumer: str, job: Job, kind: str | None = None,
             control: bool = False) -> defer.Deferred[Any]:
+        if self._closed is not None:
+            return defer.fail(self._closed)
         now = self._clock.seconds()
         ticket = _Ticket(next(self._seq), consumer, kind,
                          self._priority.get(kind, 0) if kind else 0, job, now)
@@ -337,6 +419,8 @@ class Locked:
                 self._registry.job_ended(ticket.consumer, now)
         finally:
             self._dispatch()
+            if not self._running:
+                _fire_all(self._idle_waiters)
         # If the caller cancelled and the job did not stop at once, the caller
         # already has its CancelledError; the late result goes nowhere.
         outer = ticket.outer
