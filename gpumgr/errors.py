@@ -117,6 +117,13 @@ class ProcessStartFailed(GpumgrError):
     code = "process_start_failed"
 
 
+class ProcessStopFailed(GpumgrError):
+    """A managed process outlived SIGKILL (a D-state process); gpumgr gave up on it."""
+
+    status = 502
+    code = "process_stop_failed"
+
+
 class Unauthorized(GpumgrError):
     status = 401
     code = "unauthorized"
