@@ -99,7 +99,7 @@ def describe_exit(exit_code: int | None, signal_number: int | None) -> str:
     return f"exited with status {exit_code}"
 
 
-# The launcher runs as ``python -I -S -c _LAUNCHER <gpumgr pid> <executable> <argv...>``.
+# ``python -I -S -c _LAUNCHER <gpumgr pid> <cwd or ""> <executable> <argv...>``
 _LAUNCHER = """\
 import ctypes, os, signal, sys
 try:
@@ -115,19 +115,42 @@ for s in range(1, signal.NSIG):  # Python ignores SIGPIPE and SIGXFSZ; the servi
     except (OSError, ValueError):
         pass
 try:
-    os.execv(sys.argv[2], sys.argv[3:])
+    if sys.argv[2]:
+        os.chdir(sys.argv[2])
 except OSError as e:
-    sys.stderr.write("cannot run %s: %s\\n" % (sys.argv[2], e.strerror))
+    sys.stderr.write("cannot change directory to %s: %s\\n" % (sys.argv[2], e.strerror))
+    sys.exit(127)
+try:
+    os.execv(sys.argv[3], sys.argv[4:])
+except OSError as e:
+    sys.stderr.write("cannot run %s: %s\\n" % (sys.argv[3], e.strerror))
     sys.exit(127)
 """
 
 
-def launch_argv(executable: str, argv: Sequence[str], parent_pid: int) -> tuple[str, list[str]]:
-    """(executable, args) to spawn: through the death-signal launcher on Linux, else as is."""
+@attrs.frozen
+class Launch:
+    """What to hand to spawnProcess."""
+
+    executable: str
+    args: tuple[str, ...]
+    #: spawnProcess's `path`; set only without the launcher.
+    path: str | None
+
+
+def launch(executable: str, argv: Sequence[str], cwd: str | None, parent_pid: int) -> Launch:
+    """Through the death-signal launcher on Linux, else as is.
+
+    The launcher also changes directory itself, so spawnProcess never needs
+    `path=`: with it Twisted forks and runs Python in the child before exec,
+    and a SIGTERM sent in that window is lost to the parent's copied handlers.
+    Without `path=` Twisted uses posix_spawn, which has no such window.
+    """
     if not sys.platform.startswith("linux"):
-        return executable, list(argv)
+        return Launch(executable, tuple(argv), cwd)
     python = sys.executable
-    return python, [python, "-I", "-S", "-c", _LAUNCHER, str(parent_pid), executable, *argv]
+    args = (python, "-I", "-S", "-c", _LAUNCHER, str(parent_pid), cwd or "", executable, *argv)
+    return Launch(python, args, None)
 
 
 def resolve_executable(command: str, cwd: str | None, path: str | None) -> str | None:
@@ -392,10 +415,10 @@ class ManagedProcess:
         run.protocol = _ServiceProtocol(self, run)
         self._run = run
         self.state = ProcessState.STARTING
-        spawn_executable, args = launch_argv(executable, command, os.getpid())
+        how = launch(executable, command, cwd, os.getpid())
         try:
             run.transport = self._reactor.spawnProcess(
-                run.protocol, spawn_executable, args, env=env, path=cwd)
+                run.protocol, how.executable, list(how.args), env=env, path=how.path)
         except OSError as e:
             self._run = None
             self._start_failed_before_spawn(f"{self.name}: cannot start {command[0]!r}: {e}")

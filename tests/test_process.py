@@ -27,7 +27,7 @@ from gpumgr.process import (
     ProcessState,
     _LineSplitter,
     describe_exit,
-    launch_argv,
+    launch,
     resolve_executable,
     start_backoff_s,
 )
@@ -114,11 +114,17 @@ def test_resolve_executable(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the launcher is Linux-only")
-def test_the_launcher_reports_an_executable_that_vanished():
-    executable, args = launch_argv("/nonexistent/whisper-server", ["whisper-server"], os.getpid())
-    done = subprocess.run(args, executable=executable, capture_output=True, timeout=30)
-    assert done.returncode == 127
-    assert done.stderr == b"cannot run /nonexistent/whisper-server: No such file or directory\n"
+@pytest.mark.parametrize("executable,cwd,stderr", [
+    ("/nonexistent/whisper-server", None,
+     b"cannot run /nonexistent/whisper-server: No such file or directory\n"),
+    ("/bin/true", "/nonexistent", b"cannot change directory to /nonexistent: "
+                                  b"No such file or directory\n"),
+])
+def test_the_launcher_reports_what_vanished_after_the_checks(executable, cwd, stderr):
+    how = launch(executable, ["whisper-server"], cwd, os.getpid())
+    assert how.path is None  # never Twisted's fork path
+    done = subprocess.run(how.args, executable=how.executable, capture_output=True, timeout=30)
+    assert (done.returncode, done.stderr) == (127, stderr)
 
 
 # -- a fake process reactor, for what real processes cannot do on demand --
@@ -188,11 +194,11 @@ def test_spawn_uses_argv_env_cwd_and_the_launcher(tmp_path, monkeypatch):
     ((executable, args, env, path),) = fake.spawned
     if sys.platform.startswith("linux"):
         assert executable == sys.executable and args[:3] == [sys.executable, "-I", "-S"]
-        assert args[5:] == [str(os.getpid()), sys.executable, sys.executable, "-V"]
+        assert args[5:] == [str(os.getpid()), str(tmp_path), sys.executable, sys.executable, "-V"]
+        assert path is None  # the launcher changes directory
     else:
-        assert args == [sys.executable, "-V"]
+        assert args == [sys.executable, "-V"] and path == str(tmp_path)
     assert env["MODEL"] == "base.en" and env["GPUMGR_PASSED_THROUGH"] == "yes"
-    assert path == str(tmp_path)
     assert mp.state is ProcessState.STARTING and mp.pid == 4001
 
 
@@ -630,7 +636,8 @@ async def test_a_child_holding_the_pipes_open_does_not_hold_up_a_real_stop(procs
 
 @pytest_twisted.ensureDeferred
 async def test_stop_during_start_cancels_the_start(procs):
-    mp = procs.make("time.sleep(60)\n")
+    # A long stop_timeout_s: a SIGTERM lost in the spawn window would show as a KILL.
+    mp = procs.make("time.sleep(60)\n", stop_timeout_s=60)
     starting = procs.start(mp)
     stopped = mp.stop()
     failure = await failure_of(starting)
@@ -639,6 +646,7 @@ async def test_stop_during_start_cancels_the_start(procs):
         "whisper: start cancelled: stop() was called while it was starting")
     await stopped.addTimeout(30, reactor)
     assert mp.state is ProcessState.STOPPED and mp.pid is None
+    assert mp.exit_code == -signal.SIGTERM
     # A cancelled start is no failed start: no back-off, and no restart counted.
     again = procs.start(mp)
     assert mp.state is ProcessState.STARTING and mp.restarts == 0
@@ -733,9 +741,9 @@ async def test_no_orphan_when_the_parent_is_sigkilled():
     intermediate = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent("""\
             import os, shutil, subprocess, sys, time
-            from gpumgr.process import launch_argv
-            executable, args = launch_argv(shutil.which("sleep"), ["sleep", "300"], os.getpid())
-            child = subprocess.Popen(args, executable=executable)
+            from gpumgr.process import launch
+            how = launch(shutil.which("sleep"), ["sleep", "300"], None, os.getpid())
+            child = subprocess.Popen(how.args, executable=how.executable)
             print(child.pid, flush=True)
             time.sleep(300)
         """)],
