@@ -122,6 +122,13 @@ class ShuttingDown(GpumgrError):
     code = "shutting_down"
 
 
+class ProcessStopFailed(GpumgrError):
+    """A managed process outlived SIGKILL (a D-state process); gpumgr gave up on it."""
+
+    status = 502
+    code = "process_stop_failed"
+
+
 class Unauthorized(GpumgrError):
     status = 401
     code = "unauthorized"

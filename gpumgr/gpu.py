@@ -7,17 +7,19 @@ units are stripped, and names may contain commas.
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import shutil
-from typing import Callable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import attrs
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 GPU_QUERY = (
     "--query-gpu=index,name,memory.total,memory.used,memory.free,"
@@ -156,18 +158,29 @@ def parse_apps_csv(text: str) -> tuple[GpuProcess, ...]:
 
 
 class _CaptureProtocol(ProcessProtocol):
-    """Collects stdout (bounded) and enforces a TERM-then-KILL deadline."""
+    """Collects stdout (bounded) and enforces a TERM-then-KILL deadline.
 
-    def __init__(self, clock: IReactorTime, timeout_s: float, label: str) -> None:
-        self.done: defer.Deferred[bytes] = defer.Deferred()
+    `done` fires exactly once, whatever the child does: a child that exits
+    while a grandchild holds its stdout open, or one that ignores KILL (a
+    D-state process), is given up on and its pipes are closed, so a hung
+    nvidia-smi can never hold up a sample (or the GPU lock waiting on it).
+    """
+
+    def __init__(
+        self, clock: IReactorTime, timeout_s: float, label: str, kill_grace_s: float = _KILL_GRACE_S
+    ) -> None:
+        self.done: defer.Deferred[bytes] = defer.Deferred(lambda _: self._abandon())
         self._clock = clock
         self._timeout_s = timeout_s
+        self._kill_grace_s = kill_grace_s
         self._label = label
         self._out: list[bytes] = []
         self._err: list[bytes] = []
         self._size = 0
-        self._timer = None
+        self._timer: IDelayedCall | None = None
+        self._drain_timer: IDelayedCall | None = None
         self._timed_out = False
+        self._exited = False
 
     def connectionMade(self) -> None:
         self._timer = self._clock.callLater(self._timeout_s, self._expire)
@@ -183,43 +196,95 @@ class _CaptureProtocol(ProcessProtocol):
 
     def _signal(self, sig: str) -> None:
         try:
-            self.transport.signalProcess(sig)
+            self.transport.signalProcess(sig)  # type: ignore[union-attr]
         except error.ProcessExitedAlready:
             pass
 
     def _expire(self) -> None:
         self._timed_out = True
         self._signal("TERM")
-        self._timer = self._clock.callLater(_KILL_GRACE_S, self._signal, "KILL")
+        self._timer = self._clock.callLater(self._kill_grace_s, self._kill)
 
-    def processEnded(self, reason) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+    def _kill(self) -> None:
+        self._signal("KILL")
+        self._timer = self._clock.callLater(self._kill_grace_s, self._give_up)
+
+    def _give_up(self) -> None:
+        self._timer = None
+        if self._exited:
+            why = "it exited, but a child of it kept its output open"
+        else:
+            why = "it did not exit after KILL; gave up"
+        self._finish(GpuCommandError(f"{self._label} timed out after {self._timeout_s:g}s: {why}"))
+        self._close_pipes()
+
+    def processExited(self, reason: Failure) -> None:
+        # processEnded waits for the pipes too; a grandchild may hold them open.
+        self._exited = True
+        if self.done.called:
+            return
+        self._drain_timer = self._clock.callLater(self._kill_grace_s, self._close_pipes)
+
+    def _close_pipes(self) -> None:
+        self._drain_timer = None
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _abandon(self) -> None:
+        """The caller gave up waiting (cancelled `done`): kill and forget the child."""
+        self._signal("KILL")
+        self._cancel_timers()
+        self._close_pipes()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._timer, self._drain_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._drain_timer = None
+
+    def _finish(self, result: bytes | Exception) -> None:
+        self._cancel_timers()
+        if self.done.called:  # given up, or cancelled, already: a late end changes nothing
+            return
+        if isinstance(result, Exception):
+            self.done.errback(result)
+        else:
+            self.done.callback(result)
+
+    def processEnded(self, reason: Failure) -> None:
         if self._timed_out:
             msg = f"{self._label} timed out after {self._timeout_s:g}s"
-            self.done.errback(GpuCommandError(msg))
+            self._finish(GpuCommandError(msg))
         elif self._size > _OUTPUT_LIMIT_BYTES:
-            self.done.errback(GpuCommandError(f"{self._label} printed over 1 MiB"))
+            self._finish(GpuCommandError(f"{self._label} printed over 1 MiB"))
         elif reason.check(error.ProcessDone):
-            self.done.callback(b"".join(self._out))
+            self._finish(b"".join(self._out))
         else:
             stderr = b"".join(self._err).decode("utf-8", "replace").strip()
             stdout = b"".join(self._out).decode("utf-8", "replace").strip()
             code = getattr(reason.value, "exitCode", None)
             detail = (stderr or stdout)[:300]
             msg = f"{self._label} exited with status {code}" + (f": {detail}" if detail else "")
-            self.done.errback(GpuCommandError(msg))
+            self._finish(GpuCommandError(msg))
 
 
 def run_command(
-    reactor, argv: Sequence[str], timeout_s: float, env: dict[str, str] | None = None
+    reactor: IReactorProcess,
+    argv: Sequence[str],
+    timeout_s: float,
+    env: dict[str, str] | None = None,
+    kill_grace_s: float = _KILL_GRACE_S,
 ) -> defer.Deferred[bytes]:
-    """Run argv, returning stdout; fails with GpuCommandError on any trouble."""
+    """Run argv, returning stdout; fails with GpuCommandError on any trouble.
+
+    It always fires: by ``timeout_s + 2 * kill_grace_s`` at the latest.
+    Cancelling it kills the child.
+    """
     label = os.path.basename(argv[0])
     executable = shutil.which(argv[0])
     if executable is None:
         return defer.fail(GpuCommandError(f"{argv[0]} not found"))
-    proto = _CaptureProtocol(reactor, timeout_s, label)
+    proto = _CaptureProtocol(IReactorTime(reactor), timeout_s, label, kill_grace_s)
     try:
         IReactorProcess(reactor).spawnProcess(
             proto,
@@ -242,17 +307,21 @@ class GpuSampler:
 
     def __init__(
         self,
-        reactor,
+        reactor: Any,
         command: str,
         interval_s: float,
         timeout_s: float,
-        run: Callable[..., defer.Deferred[bytes]] = run_command,
+        run: Callable[..., defer.Deferred[bytes]] | None = None,
+        kill_grace_s: float = _KILL_GRACE_S,
     ) -> None:
         self._reactor = reactor
         self._argv = nvidia_smi_argv(command)
         self._interval_s = interval_s
         self._timeout_s = timeout_s
-        self._run = run
+        self._run = run or functools.partial(run_command, kill_grace_s=kill_grace_s)
+        #: A backstop past run_command's own give-up point, so that a sample
+        #: always fires even if a runner never does.
+        self.sample_deadline_s = timeout_s + 3 * kill_grace_s
         self.latest: GpuSample = NOT_SAMPLED
         self._loop: LoopingCall | None = None
         self._last_logged_error: str | None = None
@@ -276,17 +345,20 @@ class GpuSampler:
         return self.sample_now().addCallback(lambda _: None)
 
     @defer.inlineCallbacks
-    def sample_now(self):
+    def sample_now(self) -> Generator[defer.Deferred[Any], Any, GpuSample]:
         """Take a reading now and make it `latest`. Never fails."""
         self.samples_taken += 1
         began = self._reactor.seconds()
         try:
-            gpu_out, apps_out = yield defer.gatherResults(
+            both = defer.gatherResults(
                 [
                     self._run(self._reactor, self._argv + [GPU_QUERY, CSV_FORMAT], self._timeout_s),
                     self._run(self._reactor, self._argv + [APPS_QUERY, CSV_FORMAT], self._timeout_s),
                 ],
                 consumeErrors=True,
+            )
+            gpu_out, apps_out = yield both.addTimeout(
+                self.sample_deadline_s, self._reactor, onTimeoutCancel=_no_answer
             )
             sample = GpuSample(
                 sampled_at=self._reactor.seconds(),
@@ -295,6 +367,8 @@ class GpuSampler:
             )
         except defer.FirstError as e:
             sample = self._failed(str(e.subFailure.value))
+        except GpuCommandError as e:
+            sample = self._failed(str(e))
         except GpuParseError as e:
             sample = self._failed(f"unreadable nvidia-smi output: {e}")
         except Exception as e:  # never let the loop die
@@ -317,3 +391,8 @@ class GpuSampler:
             log.warn("GPU sampling failed: {message}", message=message)
             self._last_logged_error = message
         return GpuSample(sampled_at=self._reactor.seconds(), error=message)
+
+
+def _no_answer(result: object, timeout_s: float) -> Failure:
+    """Whatever cancelling left behind (a FirstError of CancelledErrors), say why plainly."""
+    return Failure(GpuCommandError(f"nvidia-smi gave no answer within {timeout_s:g}s"))

@@ -1,13 +1,19 @@
 import os
+import signal
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
+from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from gpumgr.gpu import (
+    GpuCommandError,
     GpuParseError,
+    NOT_SAMPLED,
     GpuSampler,
+    _CaptureProtocol,
     parse_apps_csv,
     parse_gpu_csv,
     run_command,
@@ -165,4 +171,176 @@ def test_sampling_loop_survives_failures_and_keeps_its_interval():
     assert sampler.latest.available and sampler.latest.gpus[0].memory_free_mib == 90
     assert [t for t, _ in calls] == [0, 0, 2, 2]
     assert calls[0][1].startswith("--query-gpu=") and calls[1][1].startswith("--query-compute-apps=")
+    sampler.stop()
+
+
+# -- a hung nvidia-smi must never hold anything up (regression) --
+
+_FAKE_SMI = """#!/bin/sh
+# Healthy while ./healthy exists; otherwise hangs like a wrapper whose child
+# keeps stdout open: TERM ends the main process, but the pipe stays open.
+dir=$(dirname "$0")
+if [ -e "$dir/healthy" ]; then
+  case "$1" in
+    --query-gpu=*) echo "0, Fake GPU, 1000, 100, 900, 0, 30" ;;
+  esac
+  exit 0
+fi
+sleep 300 &
+echo $! >> "$dir/children"
+exec sleep 300
+"""
+
+
+@pytest.fixture
+def fake_smi(tmp_path):
+    """A fake nvidia-smi (initially hanging); leftover children are killed at teardown."""
+    script = tmp_path / "nvidia-smi"
+    script.write_text(_FAKE_SMI)
+    script.chmod(0o755)
+    yield script
+    children = tmp_path / "children"
+    if children.exists():
+        for pid in children.read_text().split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hung_nvidia_smi_whose_child_holds_stdout_still_ends_the_sample(fake_smi):
+    sampler = GpuSampler(reactor, str(fake_smi), 2, 0.3, kill_grace_s=0.1)
+    # Before the fix this never fired: processEnded waits for the held pipe.
+    sample = await sampler.sample_now().addTimeout(10, reactor)
+    assert not sample.available
+    assert sample.error == "nvidia-smi timed out after 0.3s"
+    assert sampler.latest is sample
+    assert [line for line in (fake_smi.parent / "children").read_text().split()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sampling_loop_outlives_a_hung_nvidia_smi_and_recovers(fake_smi):
+    (fake_smi.parent / "healthy").touch()
+    sampler = GpuSampler(reactor, str(fake_smi), 0.05, 0.3, kill_grace_s=0.1)
+    samples: defer.DeferredQueue = defer.DeferredQueue()
+    sampler.listeners.append(samples.put)
+
+    async def next_sample():
+        return await samples.get().addTimeout(10, reactor)
+
+    sampler.start()
+    try:
+        assert (await next_sample()).available
+        (fake_smi.parent / "healthy").unlink()
+        sample = await next_sample()
+        while sample.available:  # a tick may have begun before the switch
+            sample = await next_sample()
+        assert "timed out after 0.3s" in sample.error
+        assert not sampler.latest.available  # status no longer shows the stale sample
+        (fake_smi.parent / "healthy").touch()
+        sample = await next_sample()
+        while not sample.available:
+            sample = await next_sample()
+        assert sample.memory_free_mib == 900
+    finally:
+        sampler.stop()
+
+
+class _UnkillableProcess:
+    """The transport of a D-state child: signals and closed pipes change nothing."""
+
+    def __init__(self) -> None:
+        self.signals: list[str] = []
+        self.pipes_closed = False
+
+    def signalProcess(self, sig: str) -> None:
+        self.signals.append(sig)
+
+    def loseConnection(self) -> None:
+        self.pipes_closed = True
+
+
+def test_a_child_that_ignores_kill_is_given_up_on_once_and_only_once():
+    clock = Clock()
+    proto = _CaptureProtocol(clock, 5, "nvidia-smi", kill_grace_s=1)
+    transport = _UnkillableProcess()
+    proto.makeConnection(transport)
+    results = []
+    proto.done.addBoth(results.append)
+    clock.advance(5)
+    assert transport.signals == ["TERM"] and results == []
+    clock.advance(1)
+    assert transport.signals == ["TERM", "KILL"] and results == []
+    clock.advance(1)
+    (failure,) = results
+    assert failure.check(GpuCommandError)
+    assert failure.getErrorMessage() == (
+        "nvidia-smi timed out after 5s: it did not exit after KILL; gave up")
+    assert transport.pipes_closed and clock.getDelayedCalls() == []
+    # The child ends at last: nothing fires twice, nothing is rescheduled.
+    proto.processExited(Failure(ProcessTerminated(signal=9)))
+    proto.processEnded(Failure(ProcessTerminated(signal=9)))
+    assert len(results) == 1 and clock.getDelayedCalls() == []
+
+
+def test_a_child_that_exits_but_leaves_its_output_open_is_read_after_a_grace():
+    clock = Clock()
+    proto = _CaptureProtocol(clock, 5, "nvidia-smi", kill_grace_s=1)
+    transport = _UnkillableProcess()
+    proto.makeConnection(transport)
+    results = []
+    proto.done.addBoth(results.append)
+    proto.outReceived(b"0, G, 100, 10, 90, 1, 30\n")
+    proto.processExited(Failure(ProcessDone(0)))
+    clock.advance(1)
+    assert transport.pipes_closed and results == []
+    proto.processEnded(Failure(ProcessDone(0)))  # what closing the pipes brings
+    assert results == [b"0, G, 100, 10, 90, 1, 30\n"] and clock.getDelayedCalls() == []
+
+
+def test_cancelling_a_command_kills_the_child_and_fires_once():
+    clock = Clock()
+    proto = _CaptureProtocol(clock, 5, "nvidia-smi", kill_grace_s=1)
+    transport = _UnkillableProcess()
+    proto.makeConnection(transport)
+    results = []
+    proto.done.addBoth(results.append)
+    proto.done.cancel()
+    assert transport.signals == ["KILL"] and transport.pipes_closed
+    assert results[0].check(defer.CancelledError) and clock.getDelayedCalls() == []
+    proto.processEnded(Failure(ProcessTerminated(signal=9)))
+    assert len(results) == 1
+
+
+def test_a_runner_that_never_answers_fails_the_sample_at_its_deadline():
+    clock = Clock()
+    pending: list[defer.Deferred] = []
+
+    def run(_reactor, argv, timeout_s):
+        pending.append(defer.Deferred())
+        return pending[-1]
+
+    sampler = GpuSampler(clock, "nvidia-smi", 2, 5, run=run, kill_grace_s=1)
+    results = []
+    sampler.sample_now().addBoth(results.append)
+    clock.advance(7.9)
+    assert results == [] and sampler.latest is NOT_SAMPLED
+    clock.advance(0.1)
+    (sample,) = results
+    assert not sample.available and sample.error == "nvidia-smi gave no answer within 8s"
+    assert sampler.latest is sample
+    assert all(d.called for d in pending)  # cancelled, so real children get killed
+
+
+def test_the_loop_keeps_ticking_after_a_sample_that_never_answered():
+    clock = Clock()
+    answers = iter([defer.Deferred(), defer.Deferred(),
+                    defer.succeed(b"0, G, 100, 10, 90, 1, 30\n"), defer.succeed(b"")])
+    sampler = GpuSampler(clock, "nvidia-smi", 2, 5, run=lambda *a: next(answers), kill_grace_s=1)
+    sampler.start()
+    clock.advance(8)
+    assert not sampler.latest.available and "no answer" in sampler.latest.error
+    clock.advance(2)
+    assert sampler.latest.available and sampler.latest.memory_free_mib == 90
     sampler.stop()
