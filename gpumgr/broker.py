@@ -15,7 +15,8 @@ A GPU job, whatever the mode, is one pipeline (`_gpu_job`):
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING, Any, Callable
+import hashlib
+from typing import Any, Callable
 from urllib.parse import unquote_to_bytes
 
 import attrs
@@ -25,7 +26,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
 from gpumgr.admission import CONTROL_TIMEOUT_S, Admission
-from gpumgr.config import AUDIO_ROUTE, Config, ConsumerConfig
+from gpumgr.config import AUDIO_ROUTE, Config, ConfigError, ConsumerConfig, parse_config_text
 from gpumgr.drivers import ControlHttp, IDriver, get_driver
 from gpumgr.errors import (
     BadPath,
@@ -34,20 +35,19 @@ from gpumgr.errors import (
     GpumgrError,
     MethodNotAllowed,
     NotSupported,
+    ShuttingDown,
     UnknownConsumer,
     UnknownRoute,
 )
 from gpumgr.eviction import Residency
 from gpumgr.gpu import GpuSampler
 from gpumgr.health import HealthMonitor
+from gpumgr.process import ManagedProcess, ProcessExit, ProcessState
 from gpumgr.proxy import Outcome, Result, StreamingProxy, Timeouts
 from gpumgr.registry import Health, Registry
 from gpumgr.scheduler import Locked, Passthrough, Scheduler
 from gpumgr.status import build_status, iso
 from gpumgr.tunnel import Tunnel, UpgradeNotSupported, check_upgrade, is_upgrade
-
-if TYPE_CHECKING:
-    from gpumgr.process import ManagedProcess, ProcessExit
 
 log = Logger()
 
@@ -64,6 +64,17 @@ class TrackedRender:
     consumer: str
     render_id: str
     since: float
+
+
+def reload_refusal(old: Config, new: Config) -> str | None:
+    """Why a valid new config cannot be applied without a restart (pure)."""
+    if new.listen != old.listen:
+        return (f"listen changed from {old.listen!r} to {new.listen!r}: restart gpumgr "
+                "to listen elsewhere (the running config is kept)")
+    if new.scheduler.mode != old.scheduler.mode:
+        return (f"scheduler.mode changed from {old.scheduler.mode} to {new.scheduler.mode}: "
+                "that needs a restart (the running config is kept)")
+    return None
 
 
 def path_is_safe(segments: list[bytes]) -> bool:
@@ -117,7 +128,8 @@ class Broker:
         http: ControlHttp,
         proxy_agent: Callable[[ConsumerConfig], IAgent],
         cooperator: task.Cooperator,
-        process_factory: Callable[..., ManagedProcess] | None = None,
+        process_factory: Callable[..., ManagedProcess] = ManagedProcess,
+        overrides: Callable[[Config], Config] = lambda c: c,
     ) -> None:
         self.reactor = reactor
         self._config = config
@@ -133,6 +145,14 @@ class Broker:
         self.render_counts: collections.Counter[str] = collections.Counter()
         self.tunnels: set[Tunnel] = set()
         self.tunnels_total = 0
+        self._overrides = overrides
+        self.config_loaded_at = self.started_at
+        self.config_hash = ""
+        self.last_reload_error: str | None = None
+        self.reload_attempts = 0
+        self.reload_failures = 0
+        #: Told of every applied config (the site's body limit follows it).
+        self.config_listeners: list[Callable[[Config], None]] = []
         self.scheduler: Scheduler = self._make_scheduler(config)
         self.admission = Admission(reactor, lambda: self._config, self.registry, gpu,
                                    _Control(self), self.scheduler)
@@ -169,16 +189,83 @@ class Broker:
             max_overtakes=sched.max_overtakes if evicting else 0,
         )
 
-    def _sync_processes(self) -> None:
-        if self._process_factory is None and any(
-                c.process for c in self._config.consumers.values()):
-            from gpumgr.process import ManagedProcess
+    def reload(self) -> dict[str, Any]:
+        """Re-read the config file; apply it if it is valid and needs no restart.
 
-            self._process_factory = ManagedProcess
+        An invalid file leaves the running config as it is. Either way the
+        outcome is logged and shown in /v1/status.broker.
+        """
+        source = self._config.source
+        self.reload_attempts += 1
+        try:
+            with open(source, "rb") as f:
+                text = f.read()
+            new = self._overrides(parse_config_text(text, source))
+            problem = reload_refusal(self._config, new)
+            if problem is not None:
+                raise ConfigError(source, "", problem)
+        except (OSError, ConfigError) as e:
+            message = str(e) if isinstance(e, ConfigError) else f"{source}: cannot read: {e}"
+            self.reload_failures += 1
+            self.last_reload_error = message
+            log.error("reload refused, keeping the running config: {message}", message=message)
+            return {"reloaded": False, "error": message}
+        self.apply_config(new, hashlib.sha256(text).hexdigest())
+        log.info("reloaded {source} ({n} consumers)", source=source, n=len(new.consumers))
+        return {"reloaded": True, "config_hash": self.config_hash}
+
+    def apply_config(self, new: Config, digest: str = "") -> None:
+        """Swap in a validated config. Queued and running jobs are not
+        disturbed; consumers that remain keep their state and process."""
+        old = self._config
+        self._config = new
+        self.config_loaded_at = self.reactor.seconds()
+        self.config_hash = digest
+        self.last_reload_error = None
+        self.registry.sync(new.consumers)
+        for name, process in list(self.processes.items()):
+            c = new.consumers.get(name)
+            if c is None or c.process != old.consumers[name].process:
+                del self.processes[name]
+                self._retire(name, process)
+        self._sync_processes()
+        sched = new.scheduler
+        if isinstance(self.scheduler, Locked):
+            self.scheduler.configure(sched.capacity, sched.max_queue, sched.queue_timeout_s,
+                                     sched.priority, sched.aging_s, sched.max_overtakes)
+        self.health.configure(new.health.interval_s, new.health.timeout_s)
+        self.gpu.configure(new.gpu.nvidia_smi, new.gpu.interval_s, new.gpu.timeout_s)
+        for listener in self.config_listeners:
+            listener(new)
+
+    def _retire(self, name: str, process: ManagedProcess) -> None:
+        """A managed process whose consumer is gone (or changed): stopped once idle."""
+        busy = any(h.consumer == name for h in self.scheduler.stats().holders)
+        if busy:
+            self.reactor.callLater(1.0, self._retire, name, process)
+            return
+        log.info("{name}: stopping its process (removed or changed by a reload)", name=name)
+        process.stop().addErrback(lambda f: log.warn("{name}: stopping failed: {why}",
+                                                     name=name, why=f.getErrorMessage()))
+
+    async def drain(self, grace_s: float) -> None:
+        """Shutdown: refuse queued and new GPU jobs with 503 shutting_down, let
+        running ones (tracked renders too) finish for up to `grace_s`, then
+        cancel them."""
+        self.scheduler.close(ShuttingDown("gpumgr is shutting down", retry_after_s=5))
+        idle = self.scheduler.when_idle()
+        try:
+            await idle.addTimeout(grace_s, self.reactor)
+        except defer.TimeoutError:
+            running = len(self.scheduler.stats().holders)
+            log.warn("{n} job(s) still running after {s:g}s (shutdown_grace_s): aborting them",
+                     n=running, s=grace_s)
+            self.scheduler.cancel_running()
+
+    def _sync_processes(self) -> None:
         for name, c in self._config.consumers.items():
             if c.process is None or name in self.processes:
                 continue
-            assert self._process_factory is not None
             self.processes[name] = self._process_factory(
                 self.reactor, name, c.process, probe=lambda name=name: self._ready_probe(name),
                 on_exit=lambda exit, name=name: self._process_exited(name, exit))
@@ -234,7 +321,7 @@ class Broker:
 
     def _process_stopped(self, name: str) -> bool:
         process = self.processes.get(name)
-        return process is not None and not process.running
+        return process is not None and process.state is not ProcessState.RUNNING
 
     def _process_exited(self, name: str, exit: ProcessExit) -> None:
         if name not in self.registry:
@@ -242,9 +329,8 @@ class Broker:
         self.registry.mark_unloaded(name)
         self.registry.set_health(name, Health.STOPPED)
         if not exit.expected:
-            self.admission.event("process_crash", name, detail=exit.describe())
-            log.warn("{name}: process exited unexpectedly: {why}", name=name,
-                     why=exit.describe())
+            kind = "process_start_failed" if exit.during_start else "process_crash"
+            self.admission.event(kind, name, detail=exit.description)
 
     def _upstream_error(self, consumer: str, reachable: bool, reason: str) -> None:
         self.registry.upstream_error(consumer, reason, reachable)
@@ -334,7 +420,7 @@ class Broker:
         if evicting:
             await self.admission.admit(name)
         process = self.processes.get(name)
-        if process is not None and not process.running:
+        if process is not None and process.state is not ProcessState.RUNNING:
             await self.admission.load(name, "demand", evicting=False)
         wait_ms = int((self.reactor.seconds() - queued_at) * 1000)
         headers = [consumer_header, (b"X-Gpumgr-Wait-Ms", str(wait_ms).encode("ascii"))]
@@ -488,6 +574,14 @@ class Broker:
             entry["renders"] = renders_by_consumer.get(name, [])
         doc["scheduler"]["renders"] = dict(self.render_counts)
         doc["broker"]["tunnels"] = {"open": len(self.tunnels), "total": self.tunnels_total}
+        doc["broker"].update({
+            "config": self._config.source,
+            "config_loaded_at": iso(self.config_loaded_at),
+            "config_hash": self.config_hash or None,
+            "reloads": self.reload_attempts,
+            "reload_failures": self.reload_failures,
+            "last_reload_error": self.last_reload_error,
+        })
         return doc
 
 

@@ -159,6 +159,8 @@ class Config:
     routes: Mapping[str, str]
     consumers: Mapping[str, ConsumerConfig]
     admin_token: str | None = None
+    #: On SIGTERM, how long running jobs may finish before they are aborted.
+    shutdown_grace_s: float = 30.0
 
     def consumer_for(self, route: str) -> ConsumerConfig | None:
         name = self.routes.get(route)
@@ -357,6 +359,7 @@ def parse_config(raw: Any, source: str) -> Config:
     consumers = _parse_consumers(top.section("consumers"))
     routes = _parse_routes(top.section("routes"), consumers)
     admin_token = top.string("admin_token", "") if top.has("admin_token") else None
+    shutdown_grace_s = top.number("shutdown_grace_s", 30.0)
     top.finish()
     return Config(
         source=source,
@@ -368,6 +371,7 @@ def parse_config(raw: Any, source: str) -> Config:
         routes=MappingProxyType(routes),
         consumers=MappingProxyType(consumers),
         admin_token=admin_token,
+        shutdown_grace_s=shutdown_grace_s,
     )
 
 

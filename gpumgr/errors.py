@@ -117,6 +117,13 @@ class ProcessStartFailed(GpumgrError):
     code = "process_start_failed"
 
 
+class ConfigRejected(GpumgrError):
+    """A reload found the config file invalid, or needing a restart."""
+
+    status = 422
+    code = "config_rejected"
+
+
 class ShuttingDown(GpumgrError):
     status = 503
     code = "shutting_down"

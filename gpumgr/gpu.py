@@ -336,6 +336,18 @@ class GpuSampler:
         self._loop.clock = self._reactor
         self._loop.start(self._interval_s, now=True)
 
+    def configure(self, command: str, interval_s: float, timeout_s: float) -> None:
+        """New settings from a reload; the loop keeps its rhythm unless the
+        interval changed."""
+        self._argv = nvidia_smi_argv(command)
+        self.sample_deadline_s += timeout_s - self._timeout_s
+        self._timeout_s = timeout_s
+        if interval_s != self._interval_s:
+            self._interval_s = interval_s
+            if self._loop is not None and self._loop.running:
+                self._loop.stop()
+                self.start()
+
     def stop(self) -> None:
         if self._loop is not None and self._loop.running:
             self._loop.stop()

@@ -61,6 +61,15 @@ class HealthMonitor:
         for d in list(self._in_progress.values()):
             d.cancel()
 
+    def configure(self, interval_s: float, timeout_s: float) -> None:
+        """New settings from a reload."""
+        self.timeout_s = timeout_s
+        if interval_s != self.interval_s:
+            self.interval_s = interval_s
+            if self._loop is not None and self._loop.running:
+                self._loop.stop()
+                self.start()
+
     def probe_all(self) -> None:
         for name in self._consumers():
             self.probe_now(name)

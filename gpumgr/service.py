@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import signal
+from typing import Any, Callable
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -88,9 +89,12 @@ class _ListenService(Service):
 class GpumgrService(MultiService):
     """The broker behind an HTTP site, with its connection pools."""
 
-    def __init__(self, reactor: Any, config: Config, listen: str | None = None) -> None:
+    def __init__(self, reactor: Any, config: Config, listen: str | None = None,
+                 overrides: Callable[[Config], Config] = lambda c: c,
+                 install_signals: bool = False) -> None:
         super().__init__()
         self.reactor = reactor
+        self._install_signals = install_signals
         self._data_pool = _make_pool(reactor)
         self._data_pool.maxPersistentPerHost = _IDLE_CONNECTIONS_PER_HOST
         self._agents: dict[tuple[str, float], Agent] = {}
@@ -105,8 +109,9 @@ class GpumgrService(MultiService):
         )
         self._cooperator = Cooperator(scheduler=lambda f: reactor.callLater(0, f))
         self.broker = Broker(reactor, config, self.gpu, self.control, self._agent_for,
-                             self._cooperator)
+                             self._cooperator, overrides=overrides)
         self.site = GpumgrSite(RootResource(self.broker), reactor, config.limits.max_body_bytes)
+        self.broker.config_listeners.append(self._config_applied)
         self.http = _ListenService(reactor, listen or config.listen, self.site)
         self.http.setServiceParent(self)
 
@@ -134,6 +139,9 @@ class GpumgrService(MultiService):
     def status(self) -> dict[str, Any]:
         return self.broker.status()
 
+    def _config_applied(self, config: Config) -> None:
+        self.site.max_body_bytes = config.limits.max_body_bytes
+
     def _agent_for(self, c: ConsumerConfig) -> Agent:
         """One Agent per consumer origin and connect timeout, on the shared pool."""
         key = (c.url, c.connect_timeout_s)
@@ -148,9 +156,20 @@ class GpumgrService(MultiService):
     def startService(self) -> None:
         super().startService()
         self.broker.start()
+        self._previous_sighup = None
+        if self._install_signals:
+            self._previous_sighup = signal.signal(
+                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.broker.reload))
 
     def stopService(self) -> defer.Deferred[Any]:
+        """Drain: stop listening, answer queued jobs 503 shutting_down, let
+        running ones finish for up to shutdown_grace_s, stop the processes
+        gpumgr owns, close the pools."""
+        if self._install_signals and self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
         d = defer.maybeDeferred(super().stopService)
+        d.addBoth(lambda _: defer.ensureDeferred(
+            self.broker.drain(self.broker.config.shutdown_grace_s)))
         d.addBoth(lambda _: self.broker.stop())
         d.addBoth(lambda _: self._close_pools())
         return d

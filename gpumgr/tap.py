@@ -74,4 +74,6 @@ def makeService(options: Options) -> IService:
 
     if options["demo"]:
         return make_demo_service(reactor, options["listen"], options["mode"])
-    return GpumgrService(reactor, options["parsed_config"], options["listen"])
+    mode = options["mode"]
+    return GpumgrService(reactor, options["parsed_config"], options["listen"],
+                         overrides=lambda config: with_mode(config, mode), install_signals=True)

@@ -30,6 +30,7 @@ from gpumgr import __version__
 from gpumgr.broker import Broker
 from gpumgr.config import KINDS
 from gpumgr.errors import (
+    ConfigRejected,
     Forbidden,
     GpumgrError,
     MethodNotAllowed,
@@ -198,6 +199,7 @@ class IndexResource(JsonResource):
                 "GET /audio/<name>": "proxied to routes.audio_proxy",
                 "GET /v1/status": "live state of GPU, consumers and scheduler",
                 "POST /v1/consumers/<name>/load|unload": "admin: load or unload a consumer",
+                "POST /v1/admin/reload": "admin: re-read the config file (as SIGHUP does)",
                 "GET /healthz": "liveness of gpumgr itself",
             },
         }
@@ -248,6 +250,28 @@ class ConsumerAdminResource(JsonResource):
         return d
 
 
+class ReloadResource(JsonResource):
+    """POST /v1/admin/reload: re-read the config file, as SIGHUP does."""
+
+    isLeaf = True
+    allowed_methods = ("POST",)
+
+    def __init__(self, broker: Broker) -> None:
+        super().__init__()
+        self._broker = broker
+
+    def respond(self, request: Any) -> Any:
+        refusal = admin_refusal(request, self._broker.config.admin_token)
+        if refusal is not None:
+            raise refusal
+        if request.postpath != [b"reload"]:
+            raise UnknownRoute("use POST /v1/admin/reload")
+        outcome = self._broker.reload()
+        if not outcome["reloaded"]:
+            raise ConfigRejected(outcome["error"])
+        return outcome
+
+
 class V1Resource(JsonResource):
     def __init__(self, broker: Broker) -> None:
         super().__init__()
@@ -255,6 +279,7 @@ class V1Resource(JsonResource):
             self.putChild(kind.encode("ascii"), KindResource(broker, kind))
         self.putChild(b"status", StatusResource(broker))
         self.putChild(b"consumers", ConsumerAdminResource(broker))
+        self.putChild(b"admin", ReloadResource(broker))
 
     def respond(self, request: Any) -> Any:
         raise _no_route(request)

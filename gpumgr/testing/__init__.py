@@ -43,6 +43,8 @@ __all__ = [
     "make_world",
     "sim_nvidia_smi_command",
     "world_config",
+    "world_config_raw",
+    "write_world_config",
 ]
 
 #: How each flavour is described to gpumgr: its real API routes.
@@ -95,13 +97,14 @@ def make_world(clock, state_dir: str, total_mib: int = 24576, behaviours=None) -
     return world
 
 
-def world_config(
+def world_config_raw(
     world: SimulatedWorld,
     kinds: dict[str, str] | None = None,
     consumers: dict[str, dict[str, Any]] | None = None,
     **sections: Any,
-) -> Config:
-    """A validated Config routing kinds to the world's consumers.
+) -> dict[str, Any]:
+    """The raw config document (as YAML would load it) routing kinds to the
+    world's consumers; `world_config` validates it.
 
     `kinds` serves a consumer under another kind than its flavour's (e.g.
     ``{"B": "stt"}`` for a second mvoice); `consumers` adds or replaces keys of
@@ -139,4 +142,28 @@ def world_config(
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value
-    return parse_config(raw, "<simulated world>")
+    return raw
+
+
+def world_config(
+    world: SimulatedWorld,
+    kinds: dict[str, str] | None = None,
+    consumers: dict[str, dict[str, Any]] | None = None,
+    **sections: Any,
+) -> Config:
+    """A validated Config routing kinds to the world's consumers (see
+    `world_config_raw` for the arguments)."""
+    return parse_config(world_config_raw(world, kinds, consumers, **sections),
+                        "<simulated world>")
+
+
+def write_world_config(world: SimulatedWorld, path: str, **kwargs: Any) -> Config:
+    """Write the world's config as a YAML file and load it from there, so that
+    a reload (SIGHUP, POST /v1/admin/reload) has a file to read again."""
+    import yaml
+
+    from gpumgr.config import load_config
+
+    with open(path, "w") as f:
+        yaml.safe_dump(world_config_raw(world, **kwargs), f, sort_keys=False)
+    return load_config(path)

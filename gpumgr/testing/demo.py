@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from typing import Any
@@ -12,7 +13,7 @@ from twisted.logger import Logger
 
 from gpumgr.config import DEFAULT_LISTEN
 from gpumgr.service import GpumgrService
-from gpumgr.testing import Behaviour, make_world, world_config
+from gpumgr.testing import Behaviour, make_world, write_world_config
 
 log = Logger()
 
@@ -34,20 +35,25 @@ class DemoService(MultiService):
         self.world = make_world(reactor, self._state_dir, total_mib=DEMO_GPU_MIB,
                                 behaviours=DEMO_BEHAVIOURS)
         self.world.listen(reactor)
-        config = world_config(
-            self.world,
+        # Written to a file so that SIGHUP (or POST /v1/admin/reload) can
+        # re-read it: edit it and try.
+        self.config_path = os.path.join(self._state_dir, "gpumgr.yaml")
+        config = write_world_config(
+            self.world, self.config_path,
             listen=listen or DEFAULT_LISTEN,
             gpu={"interval_s": 2},
             scheduler={"mode": mode or "evicting", "max_queue": 256,
                        "priority": {"tts": 10, "stt": 10, "llm": 5, "image": 0}},
         )
-        self.broker = GpumgrService(reactor, config)
+        self.broker = GpumgrService(reactor, config, install_signals=True)
         self.broker.setServiceParent(self)
 
     def startService(self) -> None:
         super().startService()
         for name, consumer in self.world.consumers.items():
             log.info("demo: simulated {name} at {url}", name=name, url=consumer.url)
+        log.info("demo: config in {path} (edit it, then kill -HUP this process to reload)",
+                 path=self.config_path)
         log.info("demo: try  curl -sN -X POST localhost:8770/v1/llm -d '{{\"prompt\":\"hi\"}}'")
 
     def stopService(self) -> defer.Deferred[None]:
