@@ -8,6 +8,7 @@ from typing import Any, Callable
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -156,17 +157,37 @@ class GpumgrService(MultiService):
     def startService(self) -> None:
         super().startService()
         self.broker.start()
-        self._previous_sighup = None
+        self._previous_handlers: dict[int, Any] = {}
         if self._install_signals:
-            self._previous_sighup = signal.signal(
-                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.broker.reload))
+            # After the reactor installed its own handlers, which it does as it starts.
+            self.reactor.callWhenRunning(self._install_signal_handlers)
+
+    def _install_signal_handlers(self) -> None:
+        """SIGHUP reloads. SIGTERM and SIGINT stop the reactor, which drains
+        (stopService) and then exits 0: the reactor's own handlers would have
+        twistd re-raise the signal at exit, which systemd reads as a failure."""
+        if not self.running:
+            return
+        handlers = {signal.SIGHUP: self.broker.reload, signal.SIGTERM: self._stop_reactor,
+                    signal.SIGINT: self._stop_reactor}
+        for signum, action in handlers.items():
+            self._previous_handlers[signum] = signal.signal(
+                signum, lambda _n, _f, action=action: self.reactor.callFromThread(action))
+
+    def _stop_reactor(self) -> None:
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:
+            pass  # a second signal while draining
 
     def stopService(self) -> defer.Deferred[Any]:
         """Drain: stop listening, answer queued jobs 503 shutting_down, let
         running ones finish for up to shutdown_grace_s, stop the processes
         gpumgr owns, close the pools."""
-        if self._install_signals and self._previous_sighup is not None:
-            signal.signal(signal.SIGHUP, self._previous_sighup)
+        for signum, previous in self._previous_handlers.items():
+            if previous is not None:
+                signal.signal(signum, previous)
+        self._previous_handlers = {}
         d = defer.maybeDeferred(super().stopService)
         d.addBoth(lambda _: defer.ensureDeferred(
             self.broker.drain(self.broker.config.shutdown_grace_s)))

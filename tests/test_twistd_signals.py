@@ -1,0 +1,113 @@
+"""Signals on a real `twistd -n gpumgr --demo` process: SIGHUP reloads (valid
+and invalid), SIGTERM drains; nothing is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.test_twistd_demo import TWISTD, _free_port, _request
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def demo_process(tmp_path):
+    port = _free_port()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    log = open(tmp_path / "twistd.log", "w+")
+    env = {**os.environ, "TMPDIR": str(tmp)}  # the demo's state directory lands here
+    proc = subprocess.Popen(
+        [TWISTD, "--nodaemon", "--pidfile=", "gpumgr", "--demo",
+         "--listen", f"tcp:{port}:interface=127.0.0.1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            _, r = _request(port, "GET", "/healthz")
+            r.read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"demo did not start:\n{log.read()}")
+            time.sleep(0.1)
+    yield proc, port, tmp, log
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def status(port):
+    _, r = _request(port, "GET", "/v1/status")
+    return json.loads(r.read())
+
+
+def wait_until(predicate, timeout_s=15.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_sighup_reloads_a_valid_config_and_keeps_running_on_an_invalid_one(demo_process):
+    proc, port, tmp, _ = demo_process
+    path = status(port)["broker"]["config"]
+    assert path.startswith(str(tmp))
+    text = open(path).read()
+    with open(path, "w") as f:
+        f.write(text.replace("max_queue: 256", "max_queue: 100"))
+    proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: status(port)["broker"]["reloads"] == 1)
+    first = status(port)["broker"]
+    assert first["reload_failures"] == 0 and first["last_reload_error"] is None
+    with open(path, "w") as f:
+        f.write("consumers: [not, a, mapping\n")
+    proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: status(port)["broker"]["reloads"] == 2)
+    second = status(port)["broker"]
+    assert second["reload_failures"] == 1 and path in second["last_reload_error"]
+    assert second["config_hash"] == first["config_hash"]  # the running config is kept
+    _, r = _request(port, "POST", "/v1/tts", b'{"text":"still here"}')
+    assert r.status == 200 and r.read()[:4] == b"RIFF"
+    assert proc.poll() is None
+
+
+def test_sigterm_drains_then_exits_cleanly(demo_process):
+    proc, port, tmp, log = demo_process
+    results: dict[str, object] = {}
+
+    def stream():
+        _, r = _request(port, "POST", "/v1/llm", b'{"prompt":"long"}')
+        results["llm"] = (r.status, [json.loads(line) for line in r.read().splitlines()])
+
+    def queued():
+        _, r = _request(port, "POST", "/v1/tts", b'{"text":"x"}')
+        results["tts"] = (r.status, json.loads(r.read()))
+
+    first = threading.Thread(target=stream)
+    first.start()
+    wait_until(lambda: status(port)["scheduler"]["in_flight"] == 1)
+    second = threading.Thread(target=queued)
+    second.start()
+    wait_until(lambda: status(port)["scheduler"]["queue_depth"] == 1)
+    proc.send_signal(signal.SIGTERM)
+    first.join(timeout=30)
+    second.join(timeout=30)
+    assert proc.wait(timeout=30) == 0
+    code, lines = results["llm"]
+    assert code == 200 and lines[-1]["done"] is True  # the running stream completed
+    code, body = results["tts"]
+    assert code == 503 and body["error"]["code"] == "shutting_down"
+    assert os.listdir(tmp) == []  # the demo's state directory is gone
+    log.seek(0)
+    output = log.read()
+    assert "Traceback" not in output, output
