@@ -74,6 +74,7 @@ class Admission:
         self.eviction_failures = 0
         self.oom_retries = 0
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_EVENTS)
+        self.evictions_by_reason: collections.Counter[str] = collections.Counter()
         self._no_sample_logged = False
         self._idle_timers: dict[str, Any] = {}
         self._loaded_at: dict[str, float] = {}
@@ -216,6 +217,7 @@ class Admission:
             log.warn("unloading {name} ({reason}) failed: {why}", name=name, reason=reason, why=why)
             return False
         self.evictions += 1
+        self.evictions_by_reason[reason] += 1
         self._registry.mark_unloaded(name)
         self.event("eviction" if reason != "admin" else "unload", name, reason, view.resident_mib)
         log.info("evicted {name} ({reason}, {mib} MiB)", name=name, reason=reason,

@@ -46,10 +46,14 @@ from gpumgr.process import ManagedProcess, ProcessExit, ProcessState
 from gpumgr.proxy import Outcome, Result, StreamingProxy, Timeouts
 from gpumgr.registry import Health, Registry
 from gpumgr.scheduler import Locked, Passthrough, Scheduler
-from gpumgr.status import build_status, iso
+from gpumgr import __version__
+from gpumgr.snapshot import ConsumerSnapshot, RenderSnapshot, RequestStats, Snapshot
+from gpumgr.status import status_document
 from gpumgr.tunnel import Tunnel, UpgradeNotSupported, check_upgrade, is_upgrade
 
 log = Logger()
+#: One line per proxied request.
+access_log = Logger(namespace="gpumgr.access")
 
 #: How often a tracked render's completion is polled.
 RENDER_POLL_S = 0.5
@@ -57,6 +61,29 @@ RENDER_POLL_S = 0.5
 RENDER_POLL_TIMEOUT_S = 5.0
 #: The first bytes of a response kept for a driver that tracks renders.
 _CAPTURE_BYTES = 64 * 1024
+
+
+@attrs.define
+class _Timing:
+    """When a request arrived, got the GPU, and gave it back."""
+
+    received: float
+    bytes_in: int = 0
+    started: float | None = None
+    ended: float | None = None
+
+
+def _body_size(request: Any) -> int:
+    content = request.content
+    if content is None:
+        return 0
+    try:
+        position = content.tell()
+        size = content.seek(0, 2)
+        content.seek(position)
+        return int(size)
+    except (OSError, ValueError):
+        return 0
 
 
 @attrs.define
@@ -145,6 +172,7 @@ class Broker:
         self.render_counts: collections.Counter[str] = collections.Counter()
         self.tunnels: set[Tunnel] = set()
         self.tunnels_total = 0
+        self.request_stats = RequestStats()
         self._overrides = overrides
         self.config_loaded_at = self.started_at
         self.config_hash = ""
@@ -388,33 +416,68 @@ class Broker:
         method = request.method.decode("ascii", "replace")
         query = request.uri.partition(b"?")[2]
         c, url, path, scheduled = self.route(kind, method, subpath, query)
+        timing = _Timing(self.reactor.seconds(), bytes_in=_body_size(request))
         refusal = self._health_refusal(c)
         if refusal is not None:
-            return defer.fail(refusal)
-        if is_upgrade(request):
+            d: defer.Deferred[Any] = defer.fail(refusal)
+        elif is_upgrade(request):
             if subpath is None:
                 raise UpgradeNotSupported("upgrades are relayed on pass-through routes only")
             check_upgrade(request)
             return self._tunnel(request, c, url)
-        consumer_header = (b"X-Gpumgr-Consumer", c.name.encode("utf-8"))
-        if not scheduled:
-            return self.proxy.forward(request, c.name, self._agent_for(c), url,
-                                      self._timeouts(c), [consumer_header])
-        queued_at = self.reactor.seconds()
-        driver = get_driver(c.driver)
+        elif not scheduled:
+            d = self.proxy.forward(request, c.name, self._agent_for(c), url, self._timeouts(c),
+                                   [(b"X-Gpumgr-Consumer", c.name.encode("utf-8"))])
+        else:
+            driver = get_driver(c.driver)
 
-        def job() -> defer.Deferred[Any]:
-            return defer.ensureDeferred(self._gpu_job(request, c, driver, method, path, url,
-                                                      consumer_header, queued_at))
+            def job() -> defer.Deferred[Any]:
+                return defer.ensureDeferred(
+                    self._gpu_job(request, c, driver, method, path, url, timing))
 
-        d = self.scheduler.run(c.name, job, kind=kind)
-        # A client that leaves while queued must leave the queue at once.
-        request.notifyFinish().addErrback(lambda _: d.cancel())
+            d = self.scheduler.run(c.name, job, kind=kind)
+            # A client that leaves while queued must leave the queue at once.
+            request.notifyFinish().addErrback(lambda _: d.cancel())
+        d.addBoth(self._account, request, kind, c.name, timing)
         return d
 
+    def _account(self, result: Any, request: Any, kind: str, consumer: str,
+                 timing: _Timing) -> Any:
+        """Metrics and the access log line of one proxied request."""
+        now = self.reactor.seconds()
+        if isinstance(result, Result):
+            code = result.status or 0
+            bytes_out = result.bytes_out
+        elif isinstance(result, Failure) and isinstance(result.value, GpumgrError):
+            code, bytes_out = result.value.status, 0
+        elif isinstance(result, Failure) and result.check(defer.CancelledError):
+            code, bytes_out = 499, 0  # the client left
+        else:
+            code, bytes_out = 500, 0
+        bytes_in = timing.bytes_in
+        wait_s = None if timing.started is None else timing.started - timing.received
+        hold_s = None if timing.started is None else (timing.ended or now) - timing.started
+        self.request_stats.record(kind, consumer, code, bytes_in, bytes_out, wait_s, hold_s)
+        access_log.info(
+            "{method} {path} {kind} {consumer} {status} in={bytes_in} out={bytes_out} "
+            "wait_ms={wait_ms} gpu_ms={gpu_ms}",
+            method=request.method.decode("ascii", "replace"),
+            path=request.uri.partition(b"?")[0].decode("latin-1"), kind=kind,
+            consumer=consumer, status=code, bytes_in=bytes_in, bytes_out=bytes_out,
+            wait_ms=None if wait_s is None else int(wait_s * 1000),
+            gpu_ms=None if hold_s is None else int(hold_s * 1000))
+        return result
+
     async def _gpu_job(self, request: Any, c: ConsumerConfig, driver: IDriver, method: str,
-                       path: str, url: bytes, consumer_header: tuple[bytes, bytes],
-                       queued_at: float) -> Result:
+                       path: str, url: bytes, timing: _Timing) -> Result:
+        timing.started = self.reactor.seconds()
+        try:
+            return await self._gpu_work(request, c, driver, method, path, url, timing)
+        finally:
+            timing.ended = self.reactor.seconds()
+
+    async def _gpu_work(self, request: Any, c: ConsumerConfig, driver: IDriver, method: str,
+                        path: str, url: bytes, timing: _Timing) -> Result:
         name = c.name
         evicting = self.mode == "evicting"
         if evicting:
@@ -422,8 +485,9 @@ class Broker:
         process = self.processes.get(name)
         if process is not None and process.state is not ProcessState.RUNNING:
             await self.admission.load(name, "demand", evicting=False)
-        wait_ms = int((self.reactor.seconds() - queued_at) * 1000)
-        headers = [consumer_header, (b"X-Gpumgr-Wait-Ms", str(wait_ms).encode("ascii"))]
+        wait_ms = int((self.reactor.seconds() - timing.received) * 1000)
+        headers = [(b"X-Gpumgr-Consumer", name.encode("utf-8")),
+                   (b"X-Gpumgr-Wait-Ms", str(wait_ms).encode("ascii"))]
         capture = _CAPTURE_BYTES if driver.tracks_renders else 0
 
         def forward(hold_oom: bool) -> defer.Deferred[Result]:
@@ -438,7 +502,7 @@ class Broker:
         if result.outcome is Outcome.COMPLETED and result.status is not None:
             render_id = driver.render_id(method, path, result.status, result.body_head)
             if render_id is not None:
-                await self._track_render(c, driver, render_id, queued_at)
+                await self._track_render(c, driver, render_id, timing.received)
         return result
 
     def _tunnel(self, request: Any, c: ConsumerConfig, url: bytes) -> defer.Deferred[None]:
@@ -553,36 +617,45 @@ class Broker:
 
     # -- status --------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
+        """Everything /v1/status and /metrics show, taken at once."""
         a = self.admission
         now = self.reactor.seconds()
         stats = attrs.evolve(
-            self.scheduler.stats(), mode=self.mode, evictions=a.evictions, eviction_failures=a.eviction_failures,
-            oom_retries=a.oom_retries, recent_events=tuple(a.events))
-        doc = build_status(now, self.started_at, self._config, self.registry, self.gpu.latest,
-                           stats, self.gpu.samples_taken, self.gpu.sampling_s_total)
-        renders_by_consumer: dict[str, list[dict[str, Any]]] = {}
+            self.scheduler.stats(), mode=self.mode, evictions=a.evictions,
+            eviction_failures=a.eviction_failures, oom_retries=a.oom_retries,
+            recent_events=tuple(a.events))
+        renders: dict[str, list[RenderSnapshot]] = {}
         for r in self.renders.values():
-            renders_by_consumer.setdefault(r.consumer, []).append(
-                {"prompt_id": r.render_id, "since": iso(r.since),
-                 "held_s": round(now - r.since, 3)})
-        for name, entry in doc["consumers"].items():
-            c = self._config.consumers[name]
-            process = self.processes.get(name)
-            entry["driver"] = c.driver
-            entry["process"] = None if process is None else process.status()
-            entry["renders"] = renders_by_consumer.get(name, [])
-        doc["scheduler"]["renders"] = dict(self.render_counts)
-        doc["broker"]["tunnels"] = {"open": len(self.tunnels), "total": self.tunnels_total}
-        doc["broker"].update({
-            "config": self._config.source,
-            "config_loaded_at": iso(self.config_loaded_at),
-            "config_hash": self.config_hash or None,
-            "reloads": self.reload_attempts,
-            "reload_failures": self.reload_failures,
-            "last_reload_error": self.last_reload_error,
-        })
-        return doc
+            renders.setdefault(r.consumer, []).append(
+                RenderSnapshot(r.consumer, r.render_id, r.since))
+        consumers = []
+        for state in self.registry:
+            c = self._config.consumers.get(state.name)
+            if c is None:
+                continue
+            process = self.processes.get(state.name)
+            consumers.append(ConsumerSnapshot(
+                name=c.name, url=c.url, driver=c.driver, health=Health(state.health),
+                last_probe=state.last_probe, last_error=state.last_error,
+                residency=state.residency, gpu_resident_mib=state.gpu_resident_mib,
+                active=state.active, total_requests=state.total_requests, errors=state.errors,
+                last_used=state.last_used, process=None if process is None else process.status(),
+                renders=tuple(renders.get(c.name, ()))))
+        return Snapshot(
+            now=now, started_at=self.started_at, version=__version__, mode=self.mode,
+            config_source=self._config.source, config_loaded_at=self.config_loaded_at,
+            config_hash=self.config_hash or None, reloads=self.reload_attempts,
+            reload_failures=self.reload_failures, last_reload_error=self.last_reload_error,
+            headroom_mib=self._config.gpu.headroom_mib, gpu=self.gpu.latest,
+            gpu_samples=self.gpu.samples_taken, gpu_sample_failures=self.gpu.samples_failed,
+            gpu_sampling_s_total=self.gpu.sampling_s_total, consumers=tuple(consumers),
+            scheduler=stats, tunnels_open=len(self.tunnels), tunnels_total=self.tunnels_total,
+            renders=dict(self.render_counts), evictions_by_reason=dict(a.evictions_by_reason),
+            requests=self.request_stats)
+
+    def status(self) -> dict[str, Any]:
+        return status_document(self.snapshot())
 
 
 __all__ = ["Broker", "TrackedRender", "path_is_safe"]

@@ -326,6 +326,7 @@ class GpuSampler:
         self._loop: LoopingCall | None = None
         self._last_logged_error: str | None = None
         self.samples_taken = 0
+        self.samples_failed = 0
         #: Wall time spent waiting for nvidia-smi, over all samples.
         self.sampling_s_total = 0.0
         #: Called with every new sample (the registry measures residency).
@@ -399,6 +400,7 @@ class GpuSampler:
         return sample
 
     def _failed(self, message: str) -> GpuSample:
+        self.samples_failed += 1
         if message != self._last_logged_error:
             log.warn("GPU sampling failed: {message}", message=message)
             self._last_logged_error = message

@@ -85,6 +85,8 @@ class Result:
     reached_consumer: bool = True
     #: The start of the response body, when the caller asked to capture it.
     body_head: bytes = b""
+    #: Response body bytes relayed to the client.
+    bytes_out: int = 0
 
 
 #: How much of a 5xx body is held back to look for "out of memory".
@@ -311,6 +313,7 @@ class _Exchange:
         self._capture_left = capture_bytes
         self._captured: list[bytes] = []
         self._reached = False
+        self._bytes_out = 0
         self._status: int | None = None
         self._clock = clock
         self._cooperator = cooperator
@@ -449,6 +452,7 @@ class _Exchange:
     def body_data(self, data: bytes) -> None:
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.reset(self._timeouts.body_idle_s)
+        self._bytes_out += len(data)
         if self._capture_left > 0:
             self._captured.append(data[: self._capture_left])
             self._capture_left -= len(self._captured[-1])
@@ -554,7 +558,7 @@ class _Exchange:
             producer.stopProducing()  # silent: its Deferred just never fires
         if not self.done.called:
             self.done.callback(Result(outcome, self._status, self._reached,
-                                      b"".join(self._captured)))
+                                      b"".join(self._captured), self._bytes_out))
 
 
 class _Discard(Protocol):

@@ -158,6 +158,7 @@ class GpumgrService(MultiService):
         super().startService()
         self.broker.start()
         self._previous_handlers: dict[int, Any] = {}
+        self._signal_actions: dict[int, Callable[[], Any]] = {}
         if self._install_signals:
             # After the reactor installed its own handlers, which it does as it starts.
             self.reactor.callWhenRunning(self._install_signal_handlers)
@@ -168,11 +169,15 @@ class GpumgrService(MultiService):
         twistd re-raise the signal at exit, which systemd reads as a failure."""
         if not self.running:
             return
-        handlers = {signal.SIGHUP: self.broker.reload, signal.SIGTERM: self._stop_reactor,
-                    signal.SIGINT: self._stop_reactor}
-        for signum, action in handlers.items():
-            self._previous_handlers[signum] = signal.signal(
-                signum, lambda _n, _f, action=action: self.reactor.callFromThread(action))
+        handlers: dict[int, Callable[[], Any]] = {
+            signal.SIGHUP: self.broker.reload, signal.SIGTERM: self._stop_reactor,
+            signal.SIGINT: self._stop_reactor}
+        for signum in handlers:
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        self._signal_actions = handlers
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._signal_actions[signum])
 
     def _stop_reactor(self) -> None:
         try:

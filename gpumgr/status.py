@@ -1,15 +1,11 @@
-"""The /v1/status document, built purely from values."""
+"""The /v1/status document: a pure rendering of a `Snapshot`."""
 
 from __future__ import annotations
 
 import datetime
 from typing import Any
 
-from gpumgr import __version__
-from gpumgr.config import Config
-from gpumgr.gpu import GpuSample
-from gpumgr.registry import Registry
-from gpumgr.scheduler import SchedulerStats
+from gpumgr.snapshot import ConsumerSnapshot, Snapshot
 
 
 def iso(ts: float | None) -> str | None:
@@ -19,30 +15,53 @@ def iso(ts: float | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def build_status(
-    now: float,
-    started_at: float,
-    config: Config,
-    registry: Registry,
-    sample: GpuSample,
-    scheduler: SchedulerStats,
-    samples_taken: int = 0,
-    sampling_s_total: float = 0.0,
-) -> dict[str, Any]:
+_LOADED = {"loaded": True, "unloaded": False}
+
+
+def _consumer(s: Snapshot, c: ConsumerSnapshot) -> dict[str, Any]:
+    return {
+        "url": c.url,
+        "driver": c.driver,
+        "health": c.health.value,
+        "last_probe": iso(c.last_probe),
+        "last_error": c.last_error,
+        "loaded": _LOADED.get(c.residency.value),
+        "residency": c.residency.value,
+        "gpu_resident_mib": c.gpu_resident_mib,
+        "active": c.active,
+        "total_requests": c.total_requests,
+        "errors": c.errors,
+        "last_used": iso(c.last_used),
+        "process": c.process,
+        "renders": [{"prompt_id": r.render_id, "since": iso(r.since),
+                     "held_s": round(s.now - r.since, 3)} for r in c.renders],
+    }
+
+
+def status_document(s: Snapshot) -> dict[str, Any]:
+    sample, sched = s.gpu, s.scheduler
     return {
         "broker": {
-            "version": __version__,
-            "uptime_s": round(now - started_at, 3),
-            "mode": scheduler.mode,
+            "version": s.version,
+            "uptime_s": round(s.now - s.started_at, 3),
+            "mode": s.mode,
+            "config": s.config_source,
+            "config_loaded_at": iso(s.config_loaded_at),
+            "config_hash": s.config_hash,
+            "reloads": s.reloads,
+            "reload_failures": s.reload_failures,
+            "last_reload_error": s.last_reload_error,
+            "tunnels": {"open": s.tunnels_open, "total": s.tunnels_total},
         },
         "gpu": {
             "available": sample.available,
             "error": sample.error,
             "sampled_at": iso(sample.sampled_at),
-            "age_ms": None if sample.sampled_at is None else int((now - sample.sampled_at) * 1000),
-            "samples": samples_taken,
-            "sampling_ms_total": round(sampling_s_total * 1000, 1),
-            "headroom_mib": config.gpu.headroom_mib,
+            "age_ms": None if sample.sampled_at is None else int((s.now - sample.sampled_at) * 1000),
+            "samples": s.gpu_samples,
+            "sample_failures": s.gpu_sample_failures,
+            "sampling_ms_total": round(s.gpu_sampling_s_total * 1000, 1),
+            "headroom_mib": s.headroom_mib,
             "gpus": [
                 {
                     "index": g.index,
@@ -59,42 +78,29 @@ def build_status(
                 {"pid": p.pid, "name": p.name, "used_mib": p.used_mib} for p in sample.processes
             ],
         },
-        "consumers": {
-            state.name: {
-                "url": config.consumers[state.name].url,
-                "health": state.health.value,
-                "last_probe": iso(state.last_probe),
-                "last_error": state.last_error,
-                "loaded": state.loaded,
-                "residency": state.residency.value,
-                "gpu_resident_mib": state.gpu_resident_mib,
-                "active": state.active,
-                "total_requests": state.total_requests,
-                "errors": state.errors,
-                "last_used": iso(state.last_used),
-            }
-            for state in registry
-            if state.name in config.consumers
-        },
+        "consumers": {c.name: _consumer(s, c) for c in s.consumers},
         "scheduler": {
-            "mode": scheduler.mode,
-            "capacity": scheduler.capacity,
-            "queue_depth": scheduler.queue_depth,
-            "in_flight": scheduler.in_flight,
-            "total_jobs": scheduler.total_jobs,
-            "last_wait_ms": scheduler.last_wait_ms,
-            "last_run_ms": scheduler.last_run_ms,
-            "evictions": scheduler.evictions,
-            "oldest_queued": iso(scheduler.oldest_queued),
-            "rejected": scheduler.rejected,
-            "queued_by_kind": dict(scheduler.queued_by_kind),
-            "eviction_failures": scheduler.eviction_failures,
-            "oom_retries": scheduler.oom_retries,
-            "recent_events": list(scheduler.recent_events),
+            "mode": s.mode,
+            "capacity": sched.capacity,
+            "queue_depth": sched.queue_depth,
+            "in_flight": sched.in_flight,
+            "total_jobs": sched.total_jobs,
+            "last_wait_ms": sched.last_wait_ms,
+            "last_run_ms": sched.last_run_ms,
+            "evictions": sched.evictions,
+            "oldest_queued": iso(sched.oldest_queued),
+            "rejected": sched.rejected,
+            "queued_by_kind": dict(sched.queued_by_kind),
+            "eviction_failures": sched.eviction_failures,
+            "oom_retries": sched.oom_retries,
+            "renders": dict(s.renders),
             "holders": [
                 {"consumer": h.consumer, "kind": h.kind, "since": iso(h.since),
-                 "held_ms": int((now - h.since) * 1000), "control": h.control}
-                for h in scheduler.holders
+                 "held_ms": int((s.now - h.since) * 1000), "control": h.control,
+                 "render": next((r.render_id for c in s.consumers if c.name == h.consumer
+                                 for r in c.renders), None)}
+                for h in sched.holders
             ],
+            "recent_events": list(sched.recent_events),
         },
     }

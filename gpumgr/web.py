@@ -29,6 +29,7 @@ from twisted.web.resource import Resource
 from gpumgr import __version__
 from gpumgr.broker import Broker
 from gpumgr.config import KINDS
+from gpumgr.metrics import MetricsResource
 from gpumgr.errors import (
     ConfigRejected,
     Forbidden,
@@ -201,6 +202,7 @@ class IndexResource(JsonResource):
                 "POST /v1/consumers/<name>/load|unload": "admin: load or unload a consumer",
                 "POST /v1/admin/reload": "admin: re-read the config file (as SIGHUP does)",
                 "GET /healthz": "liveness of gpumgr itself",
+                "GET /metrics": "Prometheus metrics",
             },
         }
 
@@ -292,6 +294,7 @@ class RootResource(JsonResource):
         self.putChild(b"v1", V1Resource(broker))
         self.putChild(b"audio", AudioResource(broker))
         self.putChild(b"healthz", HealthzResource())
+        self.putChild(b"metrics", MetricsResource(broker.snapshot))
 
     def getChild(self, path: bytes, request: Any) -> Resource:
         if path == b"":
