@@ -124,7 +124,7 @@ def test_a_broken_peer_gets_a_close_frame_and_the_tcp_connection_dropped(wire, c
     conn.dataReceived(wire)
     [close] = _frames_written(transport)
     assert close.opcode == Opcode.CLOSE and struct.unpack("!H", close.payload[:2])[0] == code
-    assert transport.disconnecting and not getattr(transport, "aborted", False)
+    assert transport.disconnecting and not transport.disconnected  # dropped, not aborted
     conn.connectionLost(None)
     assert closed == [CloseInfo(code, closed[0].reason, clean=False)]
 
@@ -138,7 +138,7 @@ def test_a_peer_that_never_answers_our_close_is_cut_off_after_the_timeout():
     clock.advance(4.9)
     assert not transport.disconnecting and not closed.called
     clock.advance(0.2)
-    assert transport.aborted
+    assert transport.disconnected  # StringTransport.abortConnection sets this
     conn.connectionLost(None)
     assert closed.result == CloseInfo(1006, "", clean=False)
 
