@@ -110,6 +110,11 @@ def accept_key(key: str | bytes) -> str:
     return base64.b64encode(hashlib.sha1(key.strip() + _GUID).digest()).decode("ascii")
 
 
+def _abort(transport: Any) -> None:
+    """abortConnection is ITCPTransport's, which a TCP or wrapped transport provides."""
+    transport.abortConnection()
+
+
 # -- frames ----------------------------------------------------------------
 
 
@@ -161,7 +166,7 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[Frame]:
         self._buffer += data
-        frames = []
+        frames: list[Frame] = []
         while True:
             frame = self._next()
             if frame is None:
@@ -365,7 +370,7 @@ class WebSocketConnection(Protocol):
     def abort(self) -> None:
         """Drop the TCP connection without a close handshake."""
         if self.transport is not None and self._state is not _State.CLOSED:
-            self.transport.abortConnection()
+            _abort(self.transport)
 
     def when_closed(self) -> defer.Deferred:
         if self.close_info is not None:
@@ -475,7 +480,7 @@ class WebSocketConnection(Protocol):
     def _close_timed_out(self) -> None:
         self._close_timer = None
         if self.transport is not None:
-            self.transport.abortConnection()
+            _abort(self.transport)
 
     def _cancel_timer(self) -> None:
         if self._close_timer is not None and self._close_timer.active():
@@ -579,9 +584,10 @@ class _ClientHandshake(Protocol):
 
     def _cancel(self, d: defer.Deferred) -> None:
         if self.transport is not None:
-            self.transport.abortConnection()
+            _abort(self.transport)
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.write(self._request)
 
     def dataReceived(self, data: bytes) -> None:
