@@ -59,6 +59,8 @@ class Behaviour:
     render_hangs: bool = False
     #: ComfyUI: renders end in execution_error with this exception message.
     render_error: str | None = None
+    #: Tests only: a render ends once `job_s` passed AND render_gate(prompt_id) fired.
+    render_gate: Callable[[str], defer.Deferred] | None = None
 
 
 @attrs.define

@@ -25,8 +25,8 @@ What it copies from the real server (shared CONSUMERS-NOTES, and ComfyUI's
   order (history is filled before that last message).
 - Every route is also served under ``/api/``.
 
-Knobs: `render_steps`, `render_hangs` (until interrupted), `render_error`,
-`unload_fails`, `unload_settle_s`.
+Knobs: `job_s`, `render_steps`, `render_hangs` (until interrupted),
+`render_error`, `render_gate` (tests), `unload_fails`, `unload_settle_s`.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ class QueueItem:
 
 
 def _plan(prompt: dict) -> tuple[tuple[str, ...], str, str]:
-    """The node order, the node that reports progress and the node that saves images."""
+    """The node order (inputs first, as ComfyUI runs a graph), the node that
+    reports progress and the node that saves images."""
     if not prompt:
         return ("3", "9"), "3", "9"
     ids = sorted(prompt, key=lambda k: (0, int(k), k) if k.isdigit() else (1, 0, k))
@@ -114,9 +115,29 @@ def _plan(prompt: dict) -> tuple[tuple[str, ...], str, str]:
     def kind(i: str) -> str:
         return str(prompt[i].get("class_type", ""))
 
+    def inputs_of(i: str) -> list[str]:
+        values = (prompt[i].get("inputs") or {}).values()
+        return [str(v[0]) for v in values
+                if isinstance(v, list) and len(v) == 2 and str(v[0]) in prompt]
+
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(i: str) -> None:
+        if i not in seen:
+            seen.add(i)
+            for dependency in inputs_of(i):
+                visit(dependency)
+            order.append(i)
+
     output = next((i for i in ids if kind(i) in ("SaveImage", "PreviewImage")), ids[-1])
-    sampler = next((i for i in ids if "Sampler" in kind(i)), ids[0])
-    return tuple(i for i in ids if i != output) + (output,), sampler, output
+    for i in ids:
+        if i != output:
+            visit(i)
+    visit(output)
+    order.remove(output)
+    sampler = next((i for i in order if "Sampler" in kind(i)), order[0] if order else output)
+    return tuple(order) + (output,), sampler, output
 
 
 class ComfyUISim(SimulatedConsumer):
@@ -314,9 +335,18 @@ class ComfyUISim(SimulatedConsumer):
                         {"value": k, "max": steps, "prompt_id": item.prompt_id,
                          "node": item.sampler_node})
         if not b.render_hangs:
-            self._later(b.job_s, self._render_done, item)
+            self._later(b.job_s, self._render_time_over, item)
+
+    def _render_time_over(self, item: QueueItem) -> None:
+        gate = self.behaviour.render_gate
+        if gate is None:
+            self._render_done(item)
+        else:
+            gate(item.prompt_id).addCallback(lambda _: self._render_done(item))
 
     def _render_done(self, item: QueueItem) -> None:
+        if self.running_item is not item:
+            return  # interrupted, or the process died, while the gate was shut
         self._timers = []
         for node in item.nodes[item.nodes.index(item.sampler_node) + 1:]:
             self._executing(item, node)
