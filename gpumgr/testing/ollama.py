@@ -375,7 +375,7 @@ class OllamaSim(SimulatedConsumer):
         if info.embedding_only:
             return self._error(request, 400, f'"{requested}" does not support '
                                              f'{"chat" if chat else "generate"}')
-        prompt = (json.dumps(work_given) if chat else str(work_given))
+        prompt = _message_text(work_given) if chat else str(work_given)
         return self._job(request, info, keep,
                          lambda gone: self._native_reply(request, requested, chat, prompt,
                                                          body.get("stream", True) is not False,
@@ -503,7 +503,7 @@ class OllamaSim(SimulatedConsumer):
         if not isinstance(messages, list) or not messages:
             return self._error(request, 400, "[] is too short - 'messages'", openai=True)
         return self._openai_text(request, body, info, name, chat=True,
-                                 prompt=json.dumps(messages))
+                                 prompt=_message_text(messages))
 
     def openai_completions(self, request):
         body, info, name, error = self._openai_begin(request)
@@ -598,6 +598,13 @@ class OllamaSim(SimulatedConsumer):
         if info is None:
             return self._error(request, 404, f'model "{name}" not found', openai=True)
         return json_body(request, self._openai_model(info))
+
+
+def _message_text(messages: Any) -> str:
+    """The words a chat's messages carry, for token counts."""
+    if not isinstance(messages, list):
+        return ""
+    return " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict))
 
 
 def _sse(value: dict[str, Any]) -> bytes:
