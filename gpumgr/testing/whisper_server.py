@@ -146,8 +146,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._json({"error": "no 'file' field in the request"})
             return
         with self.server.inference_lock:
+            _log("[REQUEST] New inference request received")
             time.sleep(self.server.options.job_s)
             self.server.inferences += 1
+            _log("[REQUEST] inference done")
         audio = fields["file"].data
         text = f" simulated transcript of {len(audio)} bytes of audio."
         fmt = fields["response_format"].data.decode() if "response_format" in fields else "json"
