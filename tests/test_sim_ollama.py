@@ -90,6 +90,15 @@ async def test_unload_answers_at_once_and_the_memory_comes_back_later(world, oll
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_failing_unload_keeps_the_model(world, ollama, client):
+    ollama.behaviour.unload_fails = True
+    await post(client, ollama.url + "/api/generate", {"model": "llama3"})
+    reply = await post(client, ollama.url + "/api/generate", {"model": "llama3", "keep_alive": 0})
+    assert reply.code == 500 and reply.json()["error"] == "simulated unload failure"
+    assert ollama.loaded_models() == ["llama3:latest"] and len(ollama_allocations(world)) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_unload_waits_for_the_models_in_flight_requests(world, ollama, client):
     gates: dict[int, defer.Deferred] = {}
     ollama.behaviour.stream_gate = lambda i: gates.setdefault(i, defer.Deferred())

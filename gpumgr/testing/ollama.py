@@ -382,6 +382,8 @@ class OllamaSim(SimulatedConsumer):
                                                          gone))
 
     def _load_or_unload(self, request, info, requested, keep: float, chat: bool):
+        if keep == 0 and self.behaviour.unload_fails:
+            return self._error(request, 500, "simulated unload failure")
         if keep == 0:
             self.unload(info.name)
             reason = "unload"
