@@ -361,3 +361,29 @@ async def test_the_official_openai_client_understands_the_simulation(ollama):
     assert whole.choices[0].message.content == "tok0 tok1 tok2 " and whole.usage.total_tokens == 4
     assert models == ["llama3:latest", "qwen2.5:7b", "nomic-embed-text:latest", "huge:70b"]
     assert len(vector) == 16 and missing == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_ollama_drops_its_streams_and_all_its_memory(world, ollama, client):
+    from twisted.internet.error import ConnectionRefusedError
+
+    gates: dict[int, defer.Deferred] = {}
+    ollama.behaviour.stream_gate = lambda i: gates.setdefault(i, defer.Deferred())
+    await post(client, ollama.url + "/api/generate", {"model": "qwen2.5:7b"})
+    stream = defer.ensureDeferred(post(client, ollama.url + "/api/generate",
+                                       {"model": "llama3", "prompt": "hold"}))
+    await wait_for(lambda: 1 in gates, timeout_s=5)
+    await world.stop_consumer("ollama")
+    cut = await stream
+    assert not cut.complete  # the body was cut off, not finished
+    assert not ollama_allocations(world) and ollama.loaded_models() == []
+    gates[1].callback(None)  # the dead stream's next write finds its client gone
+    await wait_for(lambda: world.active_jobs == 0, timeout_s=5)
+    assert ollama.jobs_cancelled == 1
+    with pytest.raises(ConnectionRefusedError):
+        await client.request("GET", ollama.url + "/api/ps")
+    world.restart_consumer("ollama")
+    ollama.behaviour.stream_gate = None
+    assert (await client.request("GET", ollama.url + "/api/ps")).json() == {"models": []}
+    reply = await post(client, ollama.url + "/api/generate", {"model": "llama3", "prompt": "x"})
+    assert reply.code == 200 and ollama.loaded_models() == ["llama3:latest"]
