@@ -38,7 +38,6 @@ import zlib
 from typing import Any
 
 import attrs
-from twisted.web import server
 
 from gpumgr.testing.base import SimulatedConsumer, json_body, read_json
 from gpumgr.testing.multipart import parse_multipart
