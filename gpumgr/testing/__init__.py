@@ -27,7 +27,9 @@ from gpumgr.testing.consumers import (
     WhisperSim,
     make_wav,
 )
+from gpumgr.testing.comfyui import make_png
 from gpumgr.testing.gpu import SimulatedGpu
+from gpumgr.testing.whisper_server import whisper_server_argv
 
 __all__ = [
     "Behaviour",
@@ -39,9 +41,11 @@ __all__ = [
     "SimulatedGpu",
     "SimulatedWorld",
     "WhisperSim",
+    "make_png",
     "make_wav",
     "make_world",
     "sim_nvidia_smi_command",
+    "whisper_server_argv",
     "world_config",
     "world_config_raw",
     "write_world_config",

@@ -4,7 +4,16 @@ It reads the simulated GPU's state file (``--state PATH`` or
 ``$GPUMGR_SIM_STATE``) and answers the two queries gpumgr makes, in the
 formats of the real tool: ``csv,noheader,nounits`` or ``csv`` with headers
 and units. Failure modes written into the state file reproduce the real
-tool's misbehaviour: a driver error (exit 9), a hang, or garbage output.
+tool's misbehaviour: a driver error (exit 9), a hang, garbage output, or
+``hang_child``: a hang after starting a child that inherits stdout and keeps it
+open (for ``hang_child_s`` seconds), so killing nvidia-smi alone does not
+close its pipe.
+
+Memory held by other processes (e.g. `gpumgr.testing.whisper_server`) is
+read from ``<state dir>/gpu-procs/<pid>.json``: only files whose process is
+still alive count, and stale ones are removed, the way the driver frees a
+dead process's memory even after SIGKILL. This module must stay standard
+library only: it runs as ``python -I -S nvidia_smi.py`` to start fast.
 
 Run as ``python -m gpumgr.testing.nvidia_smi`` or ``gpumgr-sim-nvidia-smi``.
 """
@@ -30,10 +39,126 @@ _APP_FIELDS = {
     "process_name": ("name", ""),
     "used_memory": ("used_mib", " MiB"),
 }
+#: Beside the state file: one JSON file per external process holding GPU memory.
+PROCS_DIR = "gpu-procs"
+#: Beside the state file: one empty file per ``hang_child`` child, named by its pid.
+CHILDREN_DIR = "smi-children"
 _DRIVER_FAILURE = (
     "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
     "Make sure that the latest NVIDIA driver is installed and running.\n"
 )
+
+
+def procs_dir_for(state_path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(state_path)), PROCS_DIR)
+
+
+def children_dir_for(state_path: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(state_path)), CHILDREN_DIR)
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time) from /proc, or None where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    fields = data.rpartition(")")[2].split()
+    return fields[0], fields[19]
+
+
+def process_start_time(pid: int) -> str | None:
+    """A token that changes when a pid is reused (Linux: clock ticks since boot)."""
+    stat = _proc_stat(pid)
+    return None if stat is None else stat[1]
+
+
+def pid_alive(pid: int, start_time: str | None = None) -> bool:
+    """Whether `pid` still runs: a zombie has already given back its memory,
+    and a different start time means the pid was reused."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True
+    state, started = stat
+    if state in ("Z", "X"):
+        return False
+    return start_time is None or started == start_time
+
+
+def write_external(procs_dir: str, pid: int, process_name: str, used_mib: int) -> str:
+    """Record that `pid` holds `used_mib` (written atomically); returns the file."""
+    os.makedirs(procs_dir, exist_ok=True)
+    path = os.path.join(procs_dir, f"{pid}.json")
+    tmp = os.path.join(procs_dir, f".{pid}.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"pid": pid, "process_name": process_name, "used_mib": used_mib,
+                   "start_time": process_start_time(pid)}, f)
+    os.replace(tmp, path)
+    return path
+
+
+def read_external(procs_dir: str | None) -> list[dict]:
+    """Live external allocations as nvidia-smi process rows; stale files are removed."""
+    rows: list[dict] = []
+    if not procs_dir:
+        return rows
+    try:
+        names = sorted(os.listdir(procs_dir))
+    except OSError:
+        return rows
+    for name in names:
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        path = os.path.join(procs_dir, name)
+        try:
+            with open(path) as f:
+                entry = json.load(f)
+            pid, used = int(entry["pid"]), int(entry["used_mib"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not pid_alive(pid, entry.get("start_time")):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            continue
+        rows.append({"pid": pid, "name": entry.get("process_name", "?"), "used_mib": used})
+    return rows
+
+
+def with_external(state: dict, rows: list[dict]) -> dict:
+    """The state file's in-process view plus memory held by external processes."""
+    if not rows:
+        return state
+    extra = sum(r["used_mib"] for r in rows)
+    gpus = [dict(g) for g in state["gpus"]]
+    if gpus:
+        g = gpus[0]
+        g["memory_used_mib"] += extra
+        g["memory_free_mib"] -= extra
+        g["utilization_pct"] = g.get("utilization_pct") or 37
+        g["temperature_c"] = max(g.get("temperature_c") or 0, 48)
+    return {**state, "gpus": gpus, "processes": list(state["processes"]) + rows}
+
+
+def _hold_stdout_in_a_child(state_path: str, seconds: float) -> None:
+    """Fork a child that inherits stdout and outlives us, bounded by `seconds`."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            time.sleep(seconds)
+        finally:
+            os._exit(0)
+    directory = children_dir_for(state_path)
+    os.makedirs(directory, exist_ok=True)
+    open(os.path.join(directory, str(pid)), "w").close()
 
 
 def _render(rows, fields, table, header: bool, units: bool) -> str:
@@ -85,11 +210,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(_DRIVER_FAILURE)
         sys.stderr.write(f"simulated nvidia-smi: cannot read state: {e}\n")
         return 9
+    state = with_external(state, read_external(state.get("procs_dir") or procs_dir_for(state_path)))
     failure = state.get("failure")
     if failure == "driver":
         sys.stdout.write(_DRIVER_FAILURE)
         return 9
     if failure == "hang":
+        time.sleep(3600)
+        return 0
+    if failure == "hang_child":
+        _hold_stdout_in_a_child(state_path, float(state.get("hang_child_s", 60)))
         time.sleep(3600)
         return 0
     if failure == "garbage":
