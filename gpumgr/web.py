@@ -40,6 +40,7 @@ from gpumgr.errors import (
 from gpumgr.proxy import StreamingProxy, Timeouts
 from gpumgr.registry import HEALTH_DOWN, Registry
 from gpumgr.scheduler import Scheduler
+from gpumgr.ui import UiResource
 
 log = Logger()
 
@@ -279,6 +280,7 @@ class IndexResource(JsonResource):
                     "GET /audio/<name>": "proxied to routes.audio_proxy",
                     "GET /v1/status": "live state of GPU, consumers and scheduler",
                     "GET /healthz": "liveness of gpumgr itself",
+                    "GET /ui": "live status page for people",
                 },
             },
         )
@@ -389,6 +391,7 @@ class RootResource(JsonResource):
         self.putChild(b"v1", V1Resource(broker))
         self.putChild(b"audio", AudioResource(broker))
         self.putChild(b"healthz", HealthzResource())
+        self.putChild(b"ui", UiResource())
 
     def getChild(self, path: bytes, request) -> Resource:
         if path == b"":
