@@ -13,7 +13,6 @@ token goes to the broker and nowhere else; the token is never printed.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -40,9 +39,9 @@ class _UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse that reports to our streams and never exits the process."""
 
-    def __init__(self, *args: Any, out: IO[str], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, out: IO[str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.out = out
+        self.out = out or sys.stdout
 
     def error(self, message: str) -> NoReturn:
         raise _UsageError(f"{self.format_usage()}{self.prog}: error: {message}")
@@ -52,27 +51,28 @@ class _Parser(argparse.ArgumentParser):
             self.out.write(message)
         raise SystemExit(status)
 
-    def print_help(self, file: IO[str] | None = None) -> None:
+    def print_help(self, file: Any = None) -> None:
         super().print_help(file or self.out)
 
 
 def _parser(out: IO[str]) -> _Parser:
     parser = _Parser(prog="gpumgr", description="Operate a running gpumgr broker.", out=out)
-    sub = parser.add_subparsers(dest="command", required=True,
-                                parser_class=functools.partial(_Parser, out=out))
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def with_url(p: argparse.ArgumentParser) -> None:
         p.add_argument("--url", help=f"broker base URL (env GPUMGR_URL; default {DEFAULT_URL})")
 
-    status = sub.add_parser("status", help="show GPU, consumers, queue and recent events")
+    status = sub.add_parser("status", help="show GPU, consumers, queue and recent events", out=out)
     with_url(status)
     status.add_argument("--json", action="store_true", help="print the raw /v1/status document")
 
-    check = sub.add_parser("check-config", help="validate a config file as startup would")
+    check = sub.add_parser("check-config", help="validate a config file as startup would",
+                           out=out)
     check.add_argument("file")
 
     for action in ("load", "unload"):
-        p = sub.add_parser(action, help=f"{action} a consumer through the scheduler (admin)")
+        p = sub.add_parser(action, help=f"{action} a consumer through the scheduler (admin)",
+                           out=out)
         p.add_argument("name")
         with_url(p)
         p.add_argument("--token", help="admin bearer token (env GPUMGR_ADMIN_TOKEN)")
@@ -337,15 +337,15 @@ def format_status(doc: Mapping[str, Any], base_url: str = "") -> str:
                      + extra)
 
     lines.append("")
-    rows = []
+    rows: list[list[str]] = []
     for name, c in consumers.items():
         c = _dict(c)
-        loaded = {True: "yes", False: "no"}.get(c.get("loaded"), "?")
+        loaded = "yes" if c.get("loaded") is True else "no" if c.get("loaded") is False else "?"
         errors = _num(c.get("errors"))
-        total = _text(c.get("total_requests")) + (f" ({errors:.0f} err)" if errors else "")
+        requests = _text(c.get("total_requests")) + (f" ({errors:.0f} err)" if errors else "")
         rows.append([
             str(name), _text(c.get("driver")), _text(c.get("health")), loaded,
-            _process_text(c.get("process")), _text(c.get("active")), total,
+            _process_text(c.get("process")), _text(c.get("active")), requests,
             _mib(c.get("gpu_resident_mib")) if c.get("loaded") is not False else "-",
             _renders_text(c.get("renders")),
         ])
