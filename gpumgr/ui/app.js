@@ -228,7 +228,13 @@ function drawScheduler(doc, clock) {
   } else if ("holders" in s || num(s.in_flight) === 0) {
     holding = h("p", { class: "muted", id: "holders" }, "The GPU is free.");
   } else {
-    holding = h("p", { class: "muted", id: "holders" }, `${s.in_flight} job(s) hold the GPU.`);
+    // A broker without `holders`: the consumers with active jobs say as much.
+    const busy = Object.entries(obj(doc.consumers)).filter(([, c]) => num(obj(c).active));
+    holding = busy.length
+      ? h("ul", { class: "holders", id: "holders" }, busy.map(([name, c]) =>
+          h("li", { data: { consumer: name } }, h("span", { class: "dot busy" }),
+            h("strong", null, name), h("span", { class: "muted" }, ` ${c.active} active`))))
+      : h("p", { class: "muted", id: "holders" }, `${s.in_flight} job(s) hold the GPU.`);
   }
   out.push(h("h3", null, "Holding the GPU"), holding);
   const line = (label, value) => h("div", null, h("dt", null, label), h("dd", null, value));
