@@ -278,7 +278,8 @@ def _process_text(process: Any) -> str:
     if not isinstance(process, dict):
         return "-"
     parts = [_text(process.get("state"))]
-    if process.get("pid") is not None and process.get("state") in ("starting", "running", "stopping"):
+    alive = process.get("state") in ("starting", "running", "stopping")
+    if process.get("pid") is not None and alive:
         parts.append(f"pid {process['pid']}")
     if process.get("exit_code") is not None and process.get("state") in ("stopped", "failed"):
         parts.append(f"exit {process['exit_code']}")
@@ -324,7 +325,8 @@ def format_status(doc: Mapping[str, Any], base_url: str = "") -> str:
     for g in gpus:
         used, total = _num(g.get("memory_used_mib")), _num(g.get("memory_total_mib"))
         pct = f" ({used / total:.0%})" if used is not None and total else ""
-        line = f"GPU {g.get('index', '?')} {_text(g.get('name'))}: {_mib(used)} of {_mib(total)} used{pct}"
+        line = (f"GPU {g.get('index', '?')} {_text(g.get('name'))}: "
+                f"{_mib(used)} of {_mib(total)} used{pct}")
         if _num(g.get("utilization_pct")) is not None:
             line += f", {g['utilization_pct']}% busy"
         if _num(g.get("temperature_c")) is not None:

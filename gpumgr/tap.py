@@ -28,7 +28,8 @@ class Options(usage.Options):
         ["config", "c", None, "Path of the YAML config (see etc/consumers.yaml)."],
         ["listen", None, None, "Twisted server endpoint; overrides the config's listen."],
         ["mode", None, None, "Scheduler mode; overrides scheduler.mode (passthrough, locked)."],
-        ["log-format", None, "text", f"Log lines as {' or '.join(LOG_FORMATS)} (one JSON object a line)."],
+        ["log-format", None, "text",
+         f"Log lines as {' or '.join(LOG_FORMATS)} (json: one object a line, for journald/Loki)."],
     ]
     optFlags = [
         ["demo", None, "Run against built-in simulated consumers and a simulated GPU."],

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
@@ -51,7 +50,8 @@ async def test_status_prints_a_readable_table(broker, client):
     assert run.code == 0, run.err
     assert run.err == ""
     lines = run.out.splitlines()
-    assert lines[0].startswith("gpumgr ") and f"at {url}" in lines[0] and "mode passthrough" in lines[0]
+    assert lines[0].startswith("gpumgr ") and f"at {url}" in lines[0]
+    assert "mode passthrough" in lines[0]
     header = next(line for line in lines if line.startswith("CONSUMER"))
     assert header.split() == ["CONSUMER", "DRIVER", "HEALTH", "LOADED", "PROCESS", "ACTIVE",
                               "TOTAL", "RESIDENT", "RENDER"]
@@ -162,7 +162,8 @@ async def test_admin_token_from_flag_or_env_and_never_printed(world, start_broke
     assert run.code == 1 and "401 unauthorized" in run.err and "wrong-token" not in run.err
     run = await gpumgr("unload", "mvoice", "--url", url, "--token", "s3cret-token")
     assert run.code == 0, run.err
-    run = await gpumgr("load", "mvoice", env={"GPUMGR_URL": url, "GPUMGR_ADMIN_TOKEN": "s3cret-token"})
+    run = await gpumgr("load", "mvoice",
+                       env={"GPUMGR_URL": url, "GPUMGR_ADMIN_TOKEN": "s3cret-token"})
     assert run.code == 0, run.err
     assert "s3cret" not in run.out + run.err
 
@@ -214,7 +215,8 @@ async def test_check_config_reports_the_key_path_like_startup(tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_check_config_missing_file_and_bad_yaml(tmp_path):
     run = await gpumgr("check-config", str(tmp_path / "missing.yaml"))
-    assert run.code == 1 and run.err.startswith(f"config error: {tmp_path}/missing.yaml: cannot read")
+    assert run.code == 1
+    assert run.err.startswith(f"config error: {tmp_path}/missing.yaml: cannot read")
     path = tmp_path / "broken.yaml"
     path.write_text("consumers: [\n")
     run = await gpumgr("check-config", str(path))

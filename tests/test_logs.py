@@ -15,7 +15,7 @@ import time
 
 import pytest
 from twisted.application import service
-from twisted.logger import ILogObserver, LogLevel, Logger, textFileLogObserver
+from twisted.logger import ILogObserver, Logger, textFileLogObserver
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.log import textFromEventDict
