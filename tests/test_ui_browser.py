@@ -236,7 +236,7 @@ def _row(name: str, attribute: str) -> str:
 
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
-async def test_page_draws_live_state_and_follows_changes(world, start_broker, client, browser):
+async def test_page_draws_live_state_and_follows_changes(browser, world, start_broker, client):
     # Evicting mode tracks what is loaded, which is what the page shows.
     service, url = await start_broker(world_config(
         world, health={"interval_s": 0.2}, scheduler={"mode": "evicting"}))
@@ -315,7 +315,7 @@ class _Cuttable(ProxyFactory):
 
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
-async def test_page_says_when_the_broker_is_unreachable_and_recovers(broker, browser):
+async def test_page_says_when_the_broker_is_unreachable_and_recovers(browser, broker):
     _, url = broker
     hop = _Cuttable("127.0.0.1", int(url.rsplit(":", 1)[1]))
     port = hop.listen()
