@@ -13,6 +13,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from gpumgr.config import SCHEDULER_MODES, Config, ConfigError, load_config
+from gpumgr.logs import LOG_FORMATS, Redactor, twistd_logging_problem, with_twistd_logging
 from gpumgr.service import GpumgrService
 from gpumgr.testing.demo import make_demo_service
 
@@ -27,6 +28,8 @@ class Options(usage.Options):
         ["config", "c", None, "Path of the YAML config (see etc/consumers.yaml)."],
         ["listen", None, None, "Twisted server endpoint; overrides the config's listen."],
         ["mode", None, None, "Scheduler mode; overrides scheduler.mode (passthrough, locked)."],
+        ["log-format", None, "text",
+         f"Log lines as {' or '.join(LOG_FORMATS)} (json: one object a line, for journald/Loki)."],
     ]
     optFlags = [
         ["demo", None, "Run against built-in simulated consumers and a simulated GPU."],
@@ -46,6 +49,11 @@ class Options(usage.Options):
         elif self["mode"] is not None and self["mode"] not in SCHEDULER_MODES:
             raise usage.UsageError(
                 f"--mode: must be one of {', '.join(SCHEDULER_MODES)}; got {self['mode']!r}")
+        problem = twistd_logging_problem(_twistd_options(self), self["log-format"])
+        if problem is not None:
+            raise usage.UsageError(problem)
+        token = None if self["demo"] else self["parsed_config"].admin_token
+        self["redactor"] = Redactor([token])
         listen = self["listen"] or (None if self["demo"] else self["parsed_config"].listen)
         if listen is not None:
             _check_endpoint(listen, "--listen" if self["listen"] else "listen")
@@ -58,6 +66,12 @@ def with_mode(config: Config, mode: str | None) -> Config:
     if mode not in SCHEDULER_MODES:
         raise usage.UsageError(f"--mode: must be one of {', '.join(SCHEDULER_MODES)}; got {mode!r}")
     return attrs.evolve(config, scheduler=attrs.evolve(config.scheduler, mode=mode))
+
+
+def _twistd_options(options: usage.Options) -> dict:
+    """twistd's own options (-n, --logfile, ...) when run as `twistd gpumgr`."""
+    parent = getattr(options, "parent", None)
+    return dict(parent) if parent is not None else {}
 
 
 def _check_endpoint(description: str, what: str) -> None:
@@ -73,7 +87,12 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     if options["demo"]:
-        return make_demo_service(reactor, options["listen"], options["mode"])
-    mode = options["mode"]
-    return GpumgrService(reactor, options["parsed_config"], options["listen"],
-                         overrides=lambda config: with_mode(config, mode), install_signals=True)
+        service: IService = make_demo_service(reactor, options["listen"], options["mode"])
+    else:
+        mode = options["mode"]
+        service = GpumgrService(reactor, options["parsed_config"], options["listen"],
+                                overrides=lambda config: with_mode(config, mode),
+                                install_signals=True)
+    twistd = _twistd_options(options) or None
+    return with_twistd_logging(service, twistd, options["log-format"],
+                               options.get("redactor") or Redactor())

@@ -39,6 +39,7 @@ from gpumgr.errors import (
     UnknownRoute,
     write_error,
 )
+from gpumgr.ui import UiResource
 
 log = Logger()
 
@@ -203,6 +204,7 @@ class IndexResource(JsonResource):
                 "POST /v1/admin/reload": "admin: re-read the config file (as SIGHUP does)",
                 "GET /healthz": "liveness of gpumgr itself",
                 "GET /metrics": "Prometheus metrics",
+                "GET /ui": "live status page for people",
             },
         }
 
@@ -295,6 +297,7 @@ class RootResource(JsonResource):
         self.putChild(b"audio", AudioResource(broker))
         self.putChild(b"healthz", HealthzResource())
         self.putChild(b"metrics", MetricsResource(broker.snapshot))
+        self.putChild(b"ui", UiResource())
 
     def getChild(self, path: bytes, request: Any) -> Resource:
         if path == b"":

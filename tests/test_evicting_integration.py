@@ -295,7 +295,7 @@ async def test_a_client_that_leaves_early_does_not_wedge_its_consumer(tmp_path, 
         held.release()
         await reply
         await wait_for(lambda: service.scheduler.stats().in_flight == 0)
-        assert world.gpu.allocations.keys() >= {"ollama"}  # the model stays resident
+        assert any(owner.startswith("ollama") for owner in world.gpu.allocations)  # resident
         again = await client.request("POST", url + "/v1/llm", b'{"prompt":"again"}')
         assert again.code == 200, again.body
         assert service.registry["ollama"].loaded is True

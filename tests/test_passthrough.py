@@ -37,7 +37,7 @@ async def test_metadata_is_answered_while_a_generation_holds_the_gpu(world, star
     assert service.scheduler.stats().in_flight == 1
     ps = await client.request("GET", url + "/v1/llm/api/ps")
     assert ps.code == 200 and ps.header("X-Gpumgr-Consumer") == b"ollama"
-    assert [m["name"] for m in ps.json()["models"]] == ["llama3"]
+    assert [m["name"] for m in ps.json()["models"]] == ["llama3:latest"]
     version = await client.request("GET", url + "/v1/llm/api/version")
     assert version.code == 200 and "version" in version.json()
     # ...while GPU work through the same door waits for the lock.

@@ -1,0 +1,249 @@
+"""`gpumgr` / `python -m gpumgr` against a real broker on loopback.
+
+`main()` is blocking (urllib), so it runs in a thread while the reactor serves.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest_twisted
+from twisted.internet.threads import deferToThread
+
+from gpumgr.cli import format_status, main
+from gpumgr.testing import world_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Run:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+
+async def gpumgr(*argv: str, env: dict | None = None) -> Run:
+    out, err = io.StringIO(), io.StringIO()
+    code = await deferToThread(main, list(argv), env=env or {}, stdout=out, stderr=err)
+    return Run(code, out.getvalue(), err.getvalue())
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# status -------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_prints_a_readable_table(broker, client):
+    service, url = broker
+    reply = await client.request("POST", url + "/v1/tts", b'{"text":"Hallo"}')
+    assert reply.code == 200
+    run = await gpumgr("status", "--url", url)
+    assert run.code == 0, run.err
+    assert run.err == ""
+    lines = run.out.splitlines()
+    assert lines[0].startswith("gpumgr ") and f"at {url}" in lines[0]
+    assert "mode passthrough" in lines[0]
+    header = next(line for line in lines if line.startswith("CONSUMER"))
+    assert header.split() == ["CONSUMER", "DRIVER", "HEALTH", "LOADED", "PROCESS", "ACTIVE",
+                              "TOTAL", "RESIDENT", "RENDER"]
+    rows = {line.split()[0]: line.split() for line in lines[lines.index(header) + 1:]
+            if line.split() and line.split()[0] in service.config.consumers}
+    assert set(rows) == set(service.config.consumers)
+    assert rows["mvoice"][2] == "ok" and rows["mvoice"][6] == "1"  # health, total requests
+    assert any(line.startswith("scheduler: queue 0, in flight 0") for line in lines)
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_json_prints_the_raw_document(broker):
+    _, url = broker
+    run = await gpumgr("status", "--json", env={"GPUMGR_URL": url + "/"})  # URL from the env
+    assert run.code == 0, run.err
+    doc = json.loads(run.out)
+    assert set(doc) >= {"broker", "gpu", "consumers", "scheduler"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_against_an_unreachable_broker_is_one_line_and_exit_1():
+    url = f"http://127.0.0.1:{_closed_port()}"
+    run = await gpumgr("status", "--url", url)
+    assert run.code == 1 and run.out == ""
+    assert run.err.startswith(f"gpumgr: cannot reach the broker at {url}/v1/status: ")
+    assert run.err.count("\n") == 1 and "Traceback" not in run.err
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_with_a_bad_url_is_one_line_and_exit_1():
+    for url in ("not a url", "ftp://host", "http://"):
+        run = await gpumgr("status", "--url", url)
+        assert run.code == 1 and run.err == (
+            f"gpumgr: the broker URL must be http:// or https:// with a host, got {url!r}\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_non_200_answer_is_reported_with_the_error_code(broker):
+    _, url = broker
+    run = await gpumgr("status", "--url", url + "/v1/nope")  # answers the JSON 404
+    assert run.code == 1
+    assert run.err.startswith(f"gpumgr: GET {url}/v1/nope/v1/status answered 404 unknown_route: ")
+
+
+def test_format_status_tolerates_an_older_or_empty_document():
+    text = format_status({})
+    assert text.startswith("gpumgr ?") and "GPU: unavailable" in text and "no consumers" in text
+    old = {"broker": {"version": "0.0.1", "uptime_s": 4000},
+           "consumers": {"a": {"health": "down", "last_error": "refused", "loaded": None}},
+           "scheduler": {"queue_depth": 2, "queued_by_kind": {"llm": 2}},
+           "gpu": {"available": True, "gpus": [{"index": 0, "memory_total_mib": 100}]}}
+    text = format_status(old)
+    assert "up 1h 06m" in text and "queue 2 (llm 2)" in text and "a: refused" in text
+
+
+def test_format_status_shows_the_fields_the_broker_is_gaining():
+    doc = {
+        "broker": {"version": "0.2.0", "mode": "evicting", "uptime_s": 5,
+                   "last_reload_error": "x.yaml: consumers.a.url: bad"},
+        "gpu": {"available": True, "headroom_mib": 512,
+                "gpus": [{"index": 0, "name": "RTX", "memory_total_mib": 1000,
+                          "memory_used_mib": 600}]},
+        "consumers": {"comfy": {"driver": "comfyui", "health": "starting", "loaded": True,
+                                "gpu_resident_mib": 400, "active": 1, "total_requests": 3,
+                                "process": {"state": "running", "pid": 42, "restarts": 2},
+                                "renders": [{"prompt_id": "p1", "held_s": 3.0},
+                                            {"prompt_id": "p2", "held_s": 1.0}]}},
+        "scheduler": {"holders": [{"consumer": "comfy", "kind": "image", "held_ms": 2500,
+                                   "render": "p1"}],
+                      "recent_events": [{"at": "2026-11-23T07:19:02.950Z", "event": "process_crash",
+                                         "consumer": "comfy", "reason": None, "mib": None,
+                                         "detail": "exit 137"}]},
+    }
+    text = format_status(doc)
+    assert "LAST CONFIG RELOAD FAILED: x.yaml: consumers.a.url: bad" in text
+    assert "consumers 400 MiB, other 200 MiB  headroom kept 512 MiB" in text
+    row = next(line for line in text.splitlines() if line.startswith("comfy "))
+    assert row.split() == ["comfy", "comfyui", "starting", "yes", "running", "pid", "42", "2",
+                           "restarts", "1", "3", "400", "MiB", "p1", "3.0s", "+1"]
+    assert "holding the GPU: comfy (image) for 2.5s, render p1" in text
+    assert "07:19:02  process_crash  comfy" in text and "exit 137" in text
+
+
+# load / unload --------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_load_and_unload_through_the_scheduler(world, start_broker):
+    service, url = await start_broker(world_config(world, scheduler={"mode": "evicting"}))
+    run = await gpumgr("load", "mvoice", "--url", url)
+    assert run.code == 0, run.err
+    assert run.out == "mvoice: load done: loaded, 2500 MiB resident\n"
+    assert service.registry["mvoice"].loaded is True
+    run = await gpumgr("unload", "mvoice", "--url", url)
+    assert run.code == 0, run.err
+    assert run.out == "mvoice: unload done: unloaded\n"
+    assert service.registry["mvoice"].loaded is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_token_from_flag_or_env_and_never_printed(world, start_broker):
+    _, url = await start_broker(world_config(world, admin_token="s3cret-token"))
+    run = await gpumgr("unload", "mvoice", "--url", url)
+    assert run.code == 1
+    assert run.err == ("gpumgr: unload mvoice: 401 unauthorized: "
+                       "a valid 'Authorization: Bearer <admin_token>' is required\n")
+    run = await gpumgr("unload", "mvoice", "--url", url, "--token", "wrong-token")
+    assert run.code == 1 and "401 unauthorized" in run.err and "wrong-token" not in run.err
+    run = await gpumgr("unload", "mvoice", "--url", url, "--token", "s3cret-token")
+    assert run.code == 0, run.err
+    run = await gpumgr("load", "mvoice",
+                       env={"GPUMGR_URL": url, "GPUMGR_ADMIN_TOKEN": "s3cret-token"})
+    assert run.code == 0, run.err
+    assert "s3cret" not in run.out + run.err
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_consumer_and_missing_route(broker):
+    _, url = broker
+    run = await gpumgr("load", "nosuch", "--url", url)
+    assert run.code == 1
+    assert run.err == "gpumgr: load nosuch: 404 unknown_consumer: no consumer named 'nosuch'\n"
+    run = await gpumgr("unload", "whisper", "--url", url)  # whisper has no unload route
+    assert run.code == 1 and "409 not_supported: whisper has no way to unload" in run.err
+
+
+@pytest_twisted.ensureDeferred
+async def test_consumer_names_are_quoted_into_the_path(broker):
+    _, url = broker
+    run = await gpumgr("load", "../status", "--url", url)
+    assert run.code == 1 and "404 unknown_consumer" in run.err
+
+
+@pytest_twisted.ensureDeferred
+async def test_load_against_an_unreachable_broker():
+    run = await gpumgr("load", "mvoice", "--url", f"http://127.0.0.1:{_closed_port()}")
+    assert run.code == 1 and run.err.startswith("gpumgr: cannot reach the broker at ")
+
+
+# check-config ---------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_config_accepts_the_shipped_config():
+    path = os.path.join(ROOT, "etc", "consumers.yaml")
+    run = await gpumgr("check-config", path)
+    assert run.code == 0, run.err
+    assert run.out == f"OK: {path} (4 consumers, mode evicting)\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_config_reports_the_key_path_like_startup(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("consumers:\n  ollama:\n    url: ftp://x\n    health: /\n")
+    run = await gpumgr("check-config", str(path))
+    assert run.code == 1 and run.out == ""
+    assert run.err == (f"config error: {path}: consumers.ollama.url: must be an http:// or "
+                       "https:// URL with a host, got 'ftp://x'\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_config_missing_file_and_bad_yaml(tmp_path):
+    run = await gpumgr("check-config", str(tmp_path / "missing.yaml"))
+    assert run.code == 1
+    assert run.err.startswith(f"config error: {tmp_path}/missing.yaml: cannot read")
+    path = tmp_path / "broken.yaml"
+    path.write_text("consumers: [\n")
+    run = await gpumgr("check-config", str(path))
+    assert run.code == 1 and "not valid YAML" in run.err and "Traceback" not in run.err
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_errors_exit_2_with_usage():
+    run = await gpumgr()
+    assert run.code == 2 and run.err.startswith("usage: gpumgr") and "required" in run.err
+    run = await gpumgr("frobnicate")
+    assert run.code == 2 and "invalid choice: 'frobnicate'" in run.err
+    run = await gpumgr("load")
+    assert run.code == 2 and "name" in run.err
+    run = await gpumgr("--help")
+    assert run.code == 0 and "check-config" in run.out
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    """The installed entry point, as an operator types it."""
+    result = subprocess.run([sys.executable, "-m", "gpumgr", "check-config",
+                             os.path.join(ROOT, "etc", "consumers.yaml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("OK: ")
+    result = subprocess.run([sys.executable, "-m", "gpumgr", "status", "--url",
+                             f"http://127.0.0.1:{_closed_port()}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.startswith("gpumgr: cannot reach")
+    assert "Traceback" not in result.stderr
