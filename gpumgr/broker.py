@@ -128,7 +128,7 @@ class _Control:
         c = b.config.consumers[name]
         process = b.processes.get(name)
         if process is not None:
-            return process.start()
+            return process.start().addCallback(b._process_started, name)
         return get_driver(c.driver).load(b.http, c)
 
     def unload(self, name: str) -> defer.Deferred[None]:
@@ -350,6 +350,11 @@ class Broker:
     def _process_stopped(self, name: str) -> bool:
         process = self.processes.get(name)
         return process is not None and process.state is not ProcessState.RUNNING
+
+    def _process_started(self, _: Any, name: str) -> None:
+        """Its readiness probe passed: it is up."""
+        if name in self.registry:
+            self.registry.record_probe(name, self.reactor.seconds(), Health.OK, None)
 
     def _process_exited(self, name: str, exit: ProcessExit) -> None:
         if name not in self.registry:

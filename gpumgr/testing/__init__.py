@@ -48,6 +48,7 @@ __all__ = [
     "whisper_server_argv",
     "world_config",
     "world_config_raw",
+    "managed_whisper_entry",
     "write_world_config",
 ]
 
@@ -85,8 +86,15 @@ def sim_nvidia_smi_command(state_path: str) -> str:
     )
 
 
-def make_world(clock, state_dir: str, total_mib: int = 24576, behaviours=None) -> SimulatedWorld:
-    """The standard four: ollama, comfyui, whisper and mvoice on one GPU."""
+def make_world(clock: Any, state_dir: str, total_mib: int = 24576,
+               behaviours: dict[str, Behaviour] | None = None,
+               managed_whisper: bool = False) -> SimulatedWorld:
+    """The standard four: ollama, comfyui, whisper and mvoice on one GPU.
+
+    With `managed_whisper`, whisper is not simulated in this process: give
+    `world_config` a `managed_whisper_entry` and gpumgr starts the simulated
+    whisper.cpp server as its own process, on demand.
+    """
     behaviours = behaviours or {}
     gpu = SimulatedGpu(os.path.join(state_dir, "gpu-state.json"), total_mib=total_mib)
     world = SimulatedWorld(clock, gpu)
@@ -97,14 +105,42 @@ def make_world(clock, state_dir: str, total_mib: int = 24576, behaviours=None) -
         "mvoice": Behaviour(vram_mib=2500),
     }
     for name, behaviour in defaults.items():
+        if name == "whisper" and managed_whisper:
+            continue
         world.add(name, name, behaviours.get(name, behaviour))
     return world
+
+
+def managed_whisper_entry(world: SimulatedWorld, port: int | None = None, vram_mib: int = 1500,
+                          start_timeout_s: float = 30.0, stop_timeout_s: float = 5.0,
+                          **server: Any) -> dict[str, Any]:
+    """A config entry for the simulated whisper.cpp server as a process gpumgr
+    owns (`server` goes to `whisper_server_argv`: load_s, fail_load, job_s)."""
+    if port is None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    state_dir = os.path.dirname(os.path.abspath(world.gpu.state_path))
+    return {
+        "url": f"http://127.0.0.1:{port}",
+        "driver": "whisper.cpp",
+        "paths": {"stt": "/inference"},
+        "vram_resident_mib": vram_mib,
+        "process": {
+            "command": whisper_server_argv(port, state_dir, vram_mib=vram_mib, **server),
+            "start_timeout_s": start_timeout_s,
+            "stop_timeout_s": stop_timeout_s,
+        },
+    }
 
 
 def world_config_raw(
     world: SimulatedWorld,
     kinds: dict[str, str] | None = None,
     consumers: dict[str, dict[str, Any]] | None = None,
+    managed: dict[str, dict[str, Any]] | None = None,
     **sections: Any,
 ) -> dict[str, Any]:
     """The raw config document (as YAML would load it) routing kinds to the
@@ -112,7 +148,9 @@ def world_config_raw(
 
     `kinds` serves a consumer under another kind than its flavour's (e.g.
     ``{"B": "stt"}`` for a second mvoice); `consumers` adds or replaces keys of
-    a consumer's entry (``{"C": {"can_coexist_with": ["A"]}}``). Other keyword
+    a consumer's entry (``{"C": {"can_coexist_with": ["A"]}}``); `managed` adds
+    whole entries for services not simulated in this process
+    (``{"whisper": managed_whisper_entry(world)}``). Other keyword
     arguments replace or extend top-level sections, e.g.
     ``world_config(world, health={"interval_s": 0.2})``.
     """
@@ -129,10 +167,13 @@ def world_config_raw(
         entry["vram_resident_mib"] = consumer.behaviour.vram_mib
         entry.update((consumers or {}).get(name, {}))
         entries[name] = entry
+    for name, entry in (managed or {}).items():
+        entries[name] = {**entry, **(consumers or {}).get(name, {})}
     routes: dict[str, str] = {}
-    for name, consumer in world.consumers.items():
-        for kind in entries[name]["paths"]:
+    for name in entries:
+        for kind in entries[name].get("paths", {}):
             routes.setdefault(kind, name)
+    for name, consumer in world.consumers.items():
         if isinstance(consumer, MvoiceSim):
             routes.setdefault("audio_proxy", name)
     raw: dict[str, Any] = {
@@ -153,11 +194,12 @@ def world_config(
     world: SimulatedWorld,
     kinds: dict[str, str] | None = None,
     consumers: dict[str, dict[str, Any]] | None = None,
+    managed: dict[str, dict[str, Any]] | None = None,
     **sections: Any,
 ) -> Config:
     """A validated Config routing kinds to the world's consumers (see
     `world_config_raw` for the arguments)."""
-    return parse_config(world_config_raw(world, kinds, consumers, **sections),
+    return parse_config(world_config_raw(world, kinds, consumers, managed, **sections),
                         "<simulated world>")
 
 
