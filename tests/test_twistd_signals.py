@@ -84,6 +84,10 @@ def test_sighup_reloads_a_valid_config_and_keeps_running_on_an_invalid_one(demo_
 def test_sigterm_drains_then_exits_cleanly(demo_process):
     proc, port, tmp, log = demo_process
     results: dict[str, object] = {}
+    _, r = _request(port, "POST", "/v1/stt", b"audio")  # starts the managed whisper process
+    r.read()
+    whisper_pid = status(port)["consumers"]["whisper"]["process"]["pid"]
+    assert whisper_pid and _alive(whisper_pid)
 
     def stream():
         _, r = _request(port, "POST", "/v1/llm", b'{"prompt":"long"}')
@@ -108,6 +112,15 @@ def test_sigterm_drains_then_exits_cleanly(demo_process):
     code, body = results["tts"]
     assert code == 503 and body["error"]["code"] == "shutting_down"
     assert os.listdir(tmp) == []  # the demo's state directory is gone
+    assert not _alive(whisper_pid)  # no process gpumgr owned outlives it
     log.seek(0)
     output = log.read()
     assert "Traceback" not in output, output
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

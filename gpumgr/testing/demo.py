@@ -13,7 +13,7 @@ from twisted.logger import Logger
 
 from gpumgr.config import DEFAULT_LISTEN
 from gpumgr.service import GpumgrService
-from gpumgr.testing import Behaviour, make_world, write_world_config
+from gpumgr.testing import Behaviour, make_world, managed_whisper_entry, write_world_config
 
 log = Logger()
 
@@ -21,7 +21,6 @@ DEMO_GPU_MIB = 16384
 DEMO_BEHAVIOURS = {
     "ollama": Behaviour(vram_mib=9000, stream_chunks=24, chunk_interval_s=0.08),
     "comfyui": Behaviour(vram_mib=7000, job_s=3.0),
-    "whisper": Behaviour(vram_mib=1500, job_s=0.4),
     "mvoice": Behaviour(vram_mib=2500, job_s=0.3),
 }
 
@@ -32,14 +31,19 @@ class DemoService(MultiService):
         self._state_dir = tempfile.mkdtemp(prefix="gpumgr-demo-")
         # 16 GiB: the four consumers (20,000 MiB) do not all fit, so the demo
         # shows eviction at work.
+        # whisper.cpp runs as its own process, which gpumgr starts on demand
+        # and stops to evict it, as the real server must be.
         self.world = make_world(reactor, self._state_dir, total_mib=DEMO_GPU_MIB,
-                                behaviours=DEMO_BEHAVIOURS)
+                                behaviours=DEMO_BEHAVIOURS, managed_whisper=True)
         self.world.listen(reactor)
+        whisper = managed_whisper_entry(self.world, vram_mib=1500, load_s=1.0, job_s=0.4)
         # Written to a file so that SIGHUP (or POST /v1/admin/reload) can
         # re-read it: edit it and try.
         self.config_path = os.path.join(self._state_dir, "gpumgr.yaml")
         config = write_world_config(
             self.world, self.config_path,
+            managed={"whisper": whisper},
+            consumers={"ollama": {"passthrough": True}, "comfyui": {"passthrough": True}},
             listen=listen or DEFAULT_LISTEN,
             gpu={"interval_s": 2},
             scheduler={"mode": mode or "evicting", "max_queue": 256,
@@ -54,7 +58,9 @@ class DemoService(MultiService):
             log.info("demo: simulated {name} at {url}", name=name, url=consumer.url)
         log.info("demo: config in {path} (edit it, then kill -HUP this process to reload)",
                  path=self.config_path)
+        log.info("demo: whisper is a process gpumgr starts on the first /v1/stt")
         log.info("demo: try  curl -sN -X POST localhost:8770/v1/llm -d '{{\"prompt\":\"hi\"}}'")
+        log.info("demo: the status page is at http://localhost:8770/ui/")
 
     def stopService(self) -> defer.Deferred[None]:
         d: defer.Deferred[Any] = defer.maybeDeferred(super().stopService)
