@@ -103,3 +103,75 @@ async def test_randomised_300_requests_no_oom_no_leak_fewer_swaps(tmp_path, caps
         assert r["max_concurrent_gpu_jobs"] == 1
         assert r["in_flight_after"] == 0 and r["queue_depth_after"] == 0 and r["lock_free_after"]
     assert ratio <= 0.60
+
+
+MIXED_KINDS = {"A": "llm", "B": "tts", "whisper": "stt", "comfyui": "image"}
+AUDIO = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+         b"Content-Type: audio/wav\r\n\r\nRIFF....WAVE\r\n--b--\r\n")
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_randomised_run_with_a_tracked_comfyui_and_a_managed_process(tmp_path, capsys):
+    """The same pressure, with the consumers that do GPU work outside one HTTP
+    exchange: ComfyUI renders after answering (tracked), and whisper.cpp is
+    a process gpumgr starts and stops to evict it."""
+    from gpumgr.testing import managed_whisper_entry
+
+    gpu = SimulatedGpu(os.path.join(str(tmp_path), "gpu-state.json"), total_mib=GPU_MIB,
+                       baseline_mib=350)
+    world = SimulatedWorld(reactor, gpu)
+    world.add("ollama", "A", Behaviour(vram_mib=6000, stream_chunks=3, chunk_interval_s=0.001))
+    world.add("mvoice", "B", Behaviour(vram_mib=6000, job_s=0.002))
+    world.add("comfyui", "comfyui", Behaviour(vram_mib=6500, job_s=0.01))
+    world.listen(reactor)
+    whisper = managed_whisper_entry(world, vram_mib=6500, job_s=0.002)
+    config = world_config(world, kinds={"B": "tts"}, managed={"whisper": whisper},
+                          scheduler={"mode": "evicting", "max_queue": 64},
+                          health={"interval_s": 5})
+    service = GpumgrService(reactor, config)
+    service.startService()
+    client = Client()
+    try:
+        port = await service.http.listening
+        url = f"http://127.0.0.1:{port.getHost().port}"
+        await service.health.probe_all_now()
+        rng = random.Random(20261124)
+        todo = [rng.choice(list(MIXED_KINDS)) for _ in range(REQUESTS)]
+        codes: list[int] = []
+
+        async def client_loop():
+            while todo:
+                kind = MIXED_KINDS[todo.pop(0)]
+                if kind == "stt":
+                    reply = await client.request("POST", f"{url}/v1/stt", AUDIO, headers={
+                        b"Content-Type": b"multipart/form-data; boundary=b"})
+                else:
+                    reply = await client.request("POST", f"{url}/v1/{kind}",
+                                                 b'{"prompt":{}}' if kind == "image"
+                                                 else BODIES[kind])
+                codes.append(reply.code)
+
+        await defer.gatherResults(
+            [defer.ensureDeferred(client_loop()) for _ in range(IN_FLIGHT)])
+        status = service.status()
+        sched = status["scheduler"]
+        with capsys.disabled():
+            print(f"\n[eviction randomised run, tracked renders + managed process] answered "
+                  f"{len(codes)} ({codes.count(200)} ok), evictions {sched['evictions']}, "
+                  f"renders {sched['renders']}, whisper restarts "
+                  f"{status['consumers']['whisper']['process']['restarts']}, OOMs "
+                  f"{gpu.oom_count}, max concurrent GPU jobs {world.max_active_jobs}")
+        assert len(codes) == REQUESTS and codes.count(200) == REQUESTS
+        assert gpu.oom_count == 0
+        assert world.max_active_jobs == 1
+        assert service.scheduler.max_running_seen == 1
+        assert sched["in_flight"] == 0 and sched["queue_depth"] == 0
+        assert sched["renders"]["tracked"] == sched["renders"]["completed"] > 0
+        assert any(e["consumer"] == "whisper" and e["event"] == "eviction"
+                   for e in sched["recent_events"]) or sched["evictions"] > 0
+    finally:
+        await client.close()
+        await service.stopService()
+        await world.stop()
+    assert gpu.external_allocations() == []  # the managed process is gone
