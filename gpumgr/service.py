@@ -9,8 +9,10 @@ import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from treq.client import HTTPClient
 
@@ -52,10 +54,20 @@ def _make_pool(reactor) -> HTTPConnectionPool:
     return pool
 
 
+class ListenFailed(SystemExit):
+    """gpumgr could not listen: exit with status 1 and one line, not a traceback.
+
+    A SystemExit, so twistd's runner (which re-raises anything else from
+    startService with a traceback) lets it through to the interpreter, which
+    prints the message to stderr and exits 1.
+    """
+
+
 class _ListenService(Service):
     """Listens on an endpoint; `listening` fires with the port (tests read it)."""
 
     def __init__(self, reactor, description: str, factory) -> None:
+        self._reactor = reactor
         self._endpoint = serverFromString(reactor, description)
         self._description = description
         self._factory = factory
@@ -65,10 +77,23 @@ class _ListenService(Service):
     def startService(self) -> None:
         super().startService()
         self.listening = self._endpoint.listen(self._factory)
-        failed = []
+        failed: list[Failure] = []
         self.listening.addCallbacks(self._got_port, failed.append)
-        if failed:  # a TCP bind fails synchronously: make startup fail loudly
-            failed[0].raiseException()
+        if failed:  # a TCP bind fails synchronously: stop startup with one clear line
+            self.running = False
+            raise ListenFailed(self._message(failed[0]))
+        self.listening.addErrback(self._failed_late)
+
+    def _message(self, failure: Failure) -> str:
+        why = failure.getErrorMessage()
+        if failure.check(CannotListenError) and isinstance(failure.value.socketError, OSError):
+            why = failure.value.socketError.strerror or why
+        return f"gpumgr: cannot listen on {self._description}: {why}"
+
+    def _failed_late(self, failure: Failure) -> None:
+        # Endpoints that bind later (none of tcp, tcp6, unix do) end here.
+        log.critical("{message}", message=self._message(failure))
+        self._reactor.stop()
 
     def _got_port(self, port):
         self._port = port
@@ -145,7 +170,7 @@ class GpumgrService(MultiService):
             reactor, config, self.registry, self.scheduler, self.proxy, agents, self.status,
             self.admission,
         )
-        self.site = GpumgrSite(RootResource(broker), reactor, config.limits.max_body_bytes)
+        self.site = GpumgrSite(RootResource(broker), reactor, config.limits)
         self.http = _ListenService(reactor, listen or config.listen, self.site)
         self.http.setServiceParent(self)
 
