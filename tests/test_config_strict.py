@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import attrs
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +22,7 @@ from gpumgr import yaml_strict
 from gpumgr.config import (
     Config,
     ConfigError,
+    LimitsConfig,
     ListenAddress,
     admin_token_problem,
     listen_address,
@@ -427,3 +429,19 @@ def test_twistd_refuses_a_port_out_of_range_and_a_self_referencing_listen(tmp_pa
     result = _twistd("--config", str(path), "--listen", "tcp:11434")
     assert result.returncode == 1
     assert "consumers.ollama.url points at this listen address" in result.stdout + result.stderr
+
+
+def test_every_limit_and_admin_key_is_documented():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    with open(os.path.join(root, "etc", "consumers.yaml")) as f:
+        shipped = f.read()
+    for field in attrs.fields(LimitsConfig):
+        assert f"`limits.{field.name}`" in readme, field.name
+        assert f"  {field.name}:" in shipped, field.name
+    for key in ("admin_token", "admin_token_env"):
+        assert f"`{key}`" in readme and f"# {key}:" in shipped
+    for code in ("bad_request", "request_timeout", "uri_too_long", "headers_too_large",
+                 "too_many_connections", "spool_full", "internal_error"):
+        assert f"`{code}`" in readme, code
