@@ -146,9 +146,16 @@ class GpumgrChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
     def shed(self) -> None:
-        """Give up this idle or dawdling connection so a newcomer fits under the cap."""
+        """Give up this idle or dawdling connection so a newcomer fits under the cap.
+
+        A close, not a reset: the tail of an earlier response may still be
+        on its way to a slow reader. With nothing left to send, the
+        descriptor is freed at once; otherwise within the linger.
+        """
         self._set_phase(Phase.CLOSING)
-        self.transport.abortConnection()
+        self.persistent = False
+        self.loseConnection()
+        self._abort_after(_LINGER_S)
 
     # -- phases and their deadlines ---------------------------------------
 

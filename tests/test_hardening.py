@@ -439,7 +439,7 @@ def test_at_the_cap_idle_and_dawdling_connections_make_room():
     for c in slow:
         c.send(b"GET /heal")
     newcomer = w.connect()  # sheds the idle one at once
-    assert idle.transport.disconnected and not newcomer.closed
+    assert idle.closed and not newcomer.closed
     newcomer.send(GET_HEALTHZ)
     assert newcomer.reply()[0] == 200
     newcomer.drop()
@@ -450,7 +450,7 @@ def test_at_the_cap_idle_and_dawdling_connections_make_room():
     assert fourth.error_code() == "too_many_connections"
     w.clock.advance(SHED_HEAD_AFTER_S)
     fifth = w.connect()
-    assert slow[0].transport.disconnected and not fifth.closed
+    assert slow[0].closed and not slow[1].closed and not fifth.closed
     fifth.send(GET_HEALTHZ)
     assert fifth.reply()[0] == 200
     assert w.site.refusals["shed"] == 2
