@@ -506,8 +506,9 @@ def _parse_limits(sec: _Section) -> LimitsConfig:
             sec.fail(key, f"must be at least {minimum}; less refuses ordinary clients")
         return value
 
+    max_body_mib = sec.number("max_body_mib", 512, positive=True, maximum=_MAX_MIB)
     limits = LimitsConfig(
-        max_body_mib=sec.number("max_body_mib", 512, positive=True, maximum=_MAX_MIB),
+        max_body_mib=max_body_mib,
         client_stall_timeout_s=seconds("client_stall_timeout_s", 60.0),
         header_timeout_s=seconds("header_timeout_s", 10.0),
         keepalive_timeout_s=seconds("keepalive_timeout_s", 60.0),
@@ -516,7 +517,9 @@ def _parse_limits(sec: _Section) -> LimitsConfig:
         min_body_rate_grace_s=sec.number("min_body_rate_grace_s", 10.0,
                                          maximum=_MAX_TIMEOUT_S),
         max_connections=count("max_connections", 1024, 1),
-        max_spool_mib=sec.number("max_spool_mib", 2048, positive=True, maximum=_MAX_MIB),
+        # Unset, the spool grows with max_body_mib: one largest body always fits.
+        max_spool_mib=sec.number("max_spool_mib", max(2048, max_body_mib), positive=True,
+                                 maximum=_MAX_MIB),
         max_request_line_bytes=count("max_request_line_bytes", 8192, 256),
         max_header_bytes=count("max_header_bytes", 16384, 1024),
         max_headers=count("max_headers", 100, 8),

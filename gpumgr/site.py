@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import re
 import resource as _resource
 from typing import Any, Callable
@@ -86,15 +87,26 @@ def request_line_problem(line: bytes, max_bytes: int) -> GpumgrError | None:
     return None
 
 
-class GpumgrChannel(http.HTTPChannel):
+#: twisted.web.http is a deprecation proxy: every attribute read through it is slow.
+_HTTPChannel = http.HTTPChannel
+
+
+class GpumgrChannel(_HTTPChannel):
     """An HTTP/1.1 connection with deadlines, size limits and a place in the cap."""
 
     site: GpumgrSite  # set by Site.buildProtocol before connectionMade
     #: A TCP transport (write, loseWriteConnection, abortConnection, bufferSize).
     transport: Any
 
+    _clock: IReactorTime
+    _limits: LimitsConfig
     _phase = Phase.HEAD
-    _deadline: IDelayedCall | None = None
+    #: When the current phase runs out (inf: never). The one timer below fires
+    #: at or before it and re-checks, so a phase change rarely touches the
+    #: timer: on a busy kept-alive connection, about once per header_timeout_s.
+    _deadline_at = math.inf
+    _timer: IDelayedCall | None = None
+    _timer_at = math.inf
     _abort_call: IDelayedCall | None = None
     _refusing = False
     _saw_request_line = False
@@ -108,7 +120,8 @@ class GpumgrChannel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        limits = self.site.limits
+        self._clock = self.site.clock
+        self._limits = limits = self.site.limits
         # LineReceiver cuts any line longer than this (lineLengthExceeded);
         # HTTPChannel's own limits are set above ours so ours speak first.
         self.MAX_LENGTH = max(limits.max_request_line_bytes, limits.max_header_bytes)
@@ -116,7 +129,7 @@ class GpumgrChannel(http.HTTPChannel):
                                  + 2 * limits.max_headers + 2)
         self.maxHeaders = limits.max_headers + 1
         table = self.site.connections
-        admitted, victim = table.admit(self, self.site.clock.seconds())
+        admitted, victim = table.admit(self, self._clock.seconds())
         if victim is not None:
             self.site.refusals["shed"] += 1
             victim.shed()
@@ -136,7 +149,7 @@ class GpumgrChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._phase = Phase.CLOSING
-        self._cancel_deadline()
+        self._stop_timer()
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         self.site.connections.forget(self)
@@ -160,21 +173,25 @@ class GpumgrChannel(http.HTTPChannel):
     # -- phases and their deadlines ---------------------------------------
 
     def _set_phase(self, phase: Phase) -> None:
-        clock = self.site.clock
-        now = clock.seconds()
+        now = self._clock.seconds()
         self._phase = phase
         self.site.connections.moved(self, phase, now)
-        limits = self.site.limits
+        limits = self._limits
         if phase is Phase.HEAD:
-            self._arm(now + limits.header_timeout_s)
+            self._deadline_at = now + limits.header_timeout_s
         elif phase is Phase.IDLE:
-            self._arm(now + limits.keepalive_timeout_s)
+            self._deadline_at = now + limits.keepalive_timeout_s
         elif phase is Phase.BODY:
             self._body_started = self._body_last = now
             self._body_received = 0
-            self._arm(self._body_deadline()[0])
+            self._deadline_at = self._body_deadline()[0]
         else:
-            self._cancel_deadline()
+            self._deadline_at = math.inf
+            if phase is Phase.CLOSING:
+                self._stop_timer()
+            return
+        if self._deadline_at < self._timer_at:
+            self._arm(self._deadline_at)
 
     def _start_head(self) -> None:
         self._saw_request_line = False
@@ -183,7 +200,7 @@ class GpumgrChannel(http.HTTPChannel):
         self._set_phase(Phase.HEAD)
 
     def _body_deadline(self) -> tuple[float, str]:
-        limits = self.site.limits
+        limits = self._limits
         return body_deadline(self._body_started, self._body_last, self._body_received,
                              limits.body_idle_timeout_s, limits.min_body_rate_grace_s,
                              limits.min_body_rate_bytes_s)
@@ -191,23 +208,32 @@ class GpumgrChannel(http.HTTPChannel):
     def body_progress(self, n: int) -> None:
         """Body bytes arrived; the deadline is re-checked lazily when its timer fires."""
         self._body_received += n
-        self._body_last = self.site.clock.seconds()
+        self._body_last = self._clock.seconds()
 
     def _arm(self, at: float) -> None:
-        delay = max(0.0, at - self.site.clock.seconds())
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.reset(delay)
-        else:
-            self._deadline = self.site.clock.callLater(delay, self._deadline_passed)
+        self._stop_timer()
+        self._timer_at = at
+        self._timer = self._clock.callLater(max(0.0, at - self._clock.seconds()), self._tick)
 
-    def _cancel_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = math.inf
 
-    def _deadline_passed(self) -> None:
-        self._deadline = None
-        limits = self.site.limits
+    def _tick(self) -> None:
+        """The timer fired: act if the current phase has run out, else wait for it."""
+        self._timer = None
+        self._timer_at = math.inf
+        why = ""
+        if self._phase is Phase.BODY:
+            self._deadline_at, why = self._body_deadline()
+        if self._deadline_at == math.inf:
+            return  # busy or closing: a later phase change arms the timer again
+        if self._clock.seconds() < self._deadline_at:
+            self._arm(self._deadline_at)
+            return
+        limits = self._limits
         if self._phase is Phase.HEAD:
             self.refuse(RequestTimeout(
                 f"the request head did not arrive within {limits.header_timeout_s:g} s"))
@@ -216,16 +242,12 @@ class GpumgrChannel(http.HTTPChannel):
             self.persistent = False
             self.loseConnection()
             self._abort_after(_LINGER_S)
-        elif self._phase is Phase.BODY:
-            at, why = self._body_deadline()
-            if self.site.clock.seconds() < at:
-                self._arm(at)
-            elif why == "idle":
-                self.refuse(RequestTimeout(
-                    f"no request body bytes for {limits.body_idle_timeout_s:g} s"))
-            else:
-                self.refuse(RequestTimeout(
-                    f"the request body arrived slower than {limits.min_body_rate_kib_s:g} KiB/s"))
+        elif why == "idle":
+            self.refuse(RequestTimeout(
+                f"no request body bytes for {limits.body_idle_timeout_s:g} s"))
+        else:
+            self.refuse(RequestTimeout(
+                f"the request body arrived slower than {limits.min_body_rate_kib_s:g} KiB/s"))
 
     # -- refusing ------------------------------------------------------------
 
@@ -254,7 +276,7 @@ class GpumgrChannel(http.HTTPChannel):
 
     def _abort_after(self, seconds: float) -> None:
         if self._abort_call is None or not self._abort_call.active():
-            self._abort_call = self.site.clock.callLater(seconds, self.transport.abortConnection)
+            self._abort_call = self._clock.callLater(seconds, self.transport.abortConnection)
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # twisted.web's answer is a bare "400 Bad Request" with no body.
@@ -267,46 +289,56 @@ class GpumgrChannel(http.HTTPChannel):
 
     # -- parsing hooks ---------------------------------------------------------
 
+    # Called for every line and every read: kept lean (the base class is
+    # called directly, phases are compared by identity).
+
     def dataReceived(self, data: bytes) -> None:
-        if self._phase is Phase.CLOSING:
-            return
-        if self._phase is Phase.IDLE:
-            self._start_head()
-        super().dataReceived(data)
+        phase = self._phase
+        if phase is not Phase.HEAD:
+            if phase is Phase.CLOSING:
+                return
+            if phase is Phase.IDLE:
+                self._start_head()
+        _HTTPChannel.dataReceived(self, data)
 
     def rawDataReceived(self, data: bytes) -> None:
         if self._phase is not Phase.CLOSING:
-            super().rawDataReceived(data)
+            _HTTPChannel.rawDataReceived(self, data)
 
     def lineReceived(self, line: bytes) -> None:
-        if self._phase is Phase.CLOSING:
-            return
-        if self._phase is Phase.IDLE:  # pipelined bytes replayed after a response
-            self._start_head()
-        limits = self.site.limits
-        if not self._saw_request_line:
+        phase = self._phase
+        if phase is not Phase.HEAD:
+            if phase is Phase.CLOSING:
+                return
+            if phase is Phase.IDLE:  # pipelined bytes replayed after a response
+                self._start_head()
+        if self._saw_request_line:
             if line:
-                problem = request_line_problem(line, limits.max_request_line_bytes)
-                if problem is not None:
-                    self.refuse(problem)
-                    return
-                self._saw_request_line = True
-        elif line:
-            self._header_bytes += len(line) + 2
-            if line[:1] not in (b" ", b"\t"):
+                # Every line counts, folded continuation lines too.
+                self._header_bytes += len(line) + 2
                 self._header_count += 1
-            if self._header_bytes > limits.max_header_bytes:
-                self.refuse(HeadersTooLarge(
-                    f"request headers exceed the {limits.max_header_bytes}-byte limit"))
+                if (self._header_bytes > self._limits.max_header_bytes
+                        or self._header_count > self._limits.max_headers):
+                    self._refuse_headers()
+                    return
+        elif line:
+            problem = request_line_problem(line, self._limits.max_request_line_bytes)
+            if problem is not None:
+                self.refuse(problem)
                 return
-            if self._header_count > limits.max_headers:
-                self.refuse(HeadersTooLarge(
-                    f"more than {limits.max_headers} request headers"))
-                return
-        super().lineReceived(line)
+            self._saw_request_line = True
+        _HTTPChannel.lineReceived(self, line)
+
+    def _refuse_headers(self) -> None:
+        limits = self._limits
+        if self._header_count > limits.max_headers:
+            self.refuse(HeadersTooLarge(f"more than {limits.max_headers} request header lines"))
+        else:
+            self.refuse(HeadersTooLarge(
+                f"request headers exceed the {limits.max_header_bytes}-byte limit"))
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        limits = self.site.limits
+        limits = self._limits
         if not self._saw_request_line:
             self.refuse(UriTooLong(
                 f"request line exceeds the {limits.max_request_line_bytes}-byte limit"))
@@ -343,7 +375,7 @@ class GpumgrChannel(http.HTTPChannel):
             self._set_phase(Phase.CLOSING)
             # The tail of the response may still be buffered; a client that
             # never reads it must not keep the descriptor for ever.
-            self._abort_after(self.site.limits.client_stall_timeout_s)
+            self._abort_after(self._limits.client_stall_timeout_s)
         super().requestDone(request)
 
 

@@ -267,7 +267,8 @@ def test_limits_defaults():
 
 
 @pytest.mark.parametrize("snippet,key_path,problem", [
-    ("{max_body_mib: 3000}", "limits.max_spool_mib", "at least limits.max_body_mib (3000)"),
+    ("{max_body_mib: 3000, max_spool_mib: 2048}", "limits.max_spool_mib",
+     "at least limits.max_body_mib (3000)"),
     ("{max_spool_mib: 100}", "limits.max_spool_mib", "at least limits.max_body_mib (512)"),
     ("{max_headers: 2}", "limits.max_headers", "at least 8"),
     ("{max_request_line_bytes: 100}", "limits.max_request_line_bytes", "at least 256"),
@@ -283,6 +284,11 @@ def test_limits_defaults():
 def test_bad_limits_are_refused(snippet, key_path, problem):
     err = _refused(MINIMAL + f"limits: {snippet}\n")
     assert err.key_path == key_path and problem in err.problem, str(err)
+
+
+def test_an_unset_spool_grows_with_max_body():
+    limits = parse_config_text(MINIMAL + "limits: {max_body_mib: 4096}\n", "t").limits
+    assert limits.max_spool_mib == 4096
 
 
 def test_min_body_rate_zero_turns_the_rate_check_off():
