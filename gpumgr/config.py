@@ -6,13 +6,17 @@ The rest of gpumgr never touches raw YAML. `load_config(path)` either returns a
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
+import shlex
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Mapping, NoReturn
 from urllib.parse import urlsplit
 
 import attrs
-import yaml
+
+from gpumgr import yaml_strict
 
 KINDS = ("tts", "stt", "llm", "image")
 AUDIO_ROUTE = "audio_proxy"
@@ -140,12 +144,43 @@ class SchedulerConfig:
 
 @attrs.frozen
 class LimitsConfig:
+    """What one client, or all of them together, may hold of gpumgr.
+
+    Connections, file descriptors, spool disk and time: each is bounded so
+    that slow or hostile clients cannot starve `/healthz` or everyone else.
+    """
+
     max_body_mib: float = 512
     client_stall_timeout_s: float = 60.0
+    #: The whole request head (request line and headers) must arrive within this.
+    header_timeout_s: float = 10.0
+    #: A connection idle between requests is closed after this.
+    keepalive_timeout_s: float = 60.0
+    #: No request-body byte for this long: 408 and close.
+    body_idle_timeout_s: float = 30.0
+    #: A body must average this much once the grace period is over; 0 turns it off.
+    min_body_rate_kib_s: float = 1.0
+    min_body_rate_grace_s: float = 10.0
+    #: Client connections held at once; keep well below the file-descriptor limit.
+    max_connections: int = 1024
+    #: Request bodies buffered at once, across all connections (memory and temp files).
+    max_spool_mib: float = 2048
+    max_request_line_bytes: int = 8192
+    #: Bytes of all header lines together, and how many lines.
+    max_header_bytes: int = 16384
+    max_headers: int = 100
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mib * 1024 * 1024)
+
+    @property
+    def max_spool_bytes(self) -> int:
+        return int(self.max_spool_mib * 1024 * 1024)
+
+    @property
+    def min_body_rate_bytes_s(self) -> float:
+        return self.min_body_rate_kib_s * 1024
 
 
 @attrs.frozen
@@ -170,45 +205,146 @@ class Config:
 DEFAULT_LISTEN = "tcp:8770:interface=127.0.0.1"
 
 
-def load_config(path: str) -> Config:
-    """Read and validate a YAML config file."""
+@attrs.frozen
+class ListenAddress:
+    """Where a tcp/tcp6 listen endpoint accepts connections."""
+
+    port: int
+    #: "" (tcp) or "::" (tcp6) for every interface.
+    interface: str
+    ipv6: bool
+
+
+def _split_endpoint(description: str) -> list[str]:
+    """Split a Twisted endpoint description on unescaped ':' (as serverFromString does)."""
+    parts, current, escaped = [], [], False
+    for ch in description:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def listen_address(description: str) -> ListenAddress | None:
+    """The port and interface of a tcp or tcp6 endpoint; None for other kinds (pure).
+
+    Raises ValueError when a tcp port is not a number from 0 to 65535.
+    """
+    kind, *args = _split_endpoint(description)
+    if kind not in ("tcp", "tcp6"):
+        return None
+    positional = [a for a in args if "=" not in a]
+    named = dict(a.split("=", 1) for a in args if "=" in a)
+    port_text = named.get("port", positional[0] if positional else None)
+    if port_text is None:
+        raise ValueError("has no port")
+    if not port_text.strip().isdigit() or int(port_text) > 65535:
+        raise ValueError(f"port must be a number from 0 to 65535, got {port_text!r}")
+    default_interface = "::" if kind == "tcp6" else ""
+    interface = named.get("interface", positional[1] if len(positional) > 1 else default_interface)
+    return ListenAddress(port=int(port_text), interface=interface, ipv6=kind == "tcp6")
+
+
+def listen_problem(description: str) -> str | None:
+    """What is wrong with a listen endpoint that can be told without a reactor (pure)."""
+    try:
+        listen_address(description)
+    except ValueError as e:
+        return f"invalid endpoint {description!r}: {e}"
+    return None
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def url_reaches_listener(url: str, listen: ListenAddress) -> bool:
+    """Whether a consumer URL would connect back to gpumgr's own listener (pure).
+
+    Only what can be told without DNS: a loopback, unspecified or `localhost`
+    host against an every-interface listener, or the listener's own address.
+    """
+    parts = urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    if listen.port == 0 or port != listen.port or parts.hostname is None:
+        return False
+    host = parts.hostname.lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        candidates = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+    else:
+        address = _ip(host)
+        if address is None:
+            return False  # a name: resolving it here would make loading depend on DNS
+        candidates = [address]
+    if listen.interface in ("", "0.0.0.0", "::"):
+        # tcp6 on "::" is dual-stack: it takes IPv4 connections too.
+        families = (4, 6) if listen.ipv6 and listen.interface == "::" else (
+            (6,) if listen.ipv6 else (4,))
+        return any(a.version in families and (a.is_loopback or a.is_unspecified)
+                   for a in candidates)
+    interface = _ip(listen.interface)
+    if interface is None:
+        return host == listen.interface.lower()
+    # Connecting to 0.0.0.0 or :: reaches the local host on any address.
+    return any(a == interface or (a.is_unspecified and a.version == interface.version)
+               for a in candidates)
+
+
+def find_self_reference(listen: str, consumers: Mapping[str, ConsumerConfig]) -> str | None:
+    """The first consumer whose URL is gpumgr's own listen address, if any (pure)."""
+    try:
+        address = listen_address(listen)
+    except ValueError:
+        return None
+    if address is None:
+        return None
+    for name, consumer in consumers.items():
+        if url_reaches_listener(consumer.url, address):
+            return name
+    return None
+
+
+def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file.
+
+    `environ` (default: os.environ) is where `admin_token_env` is looked up.
+    """
     try:
         with open(path, "rb") as f:
-            text = f.read()
+            text = f.read(yaml_strict.MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
-    return parse_config_text(text, path)
+    return parse_config_text(text, path, environ)
 
 
-def parse_config_text(text: bytes | str, source: str) -> Config:
+def parse_config_text(
+    text: bytes | str, source: str, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Validate a YAML text; a hostile one is refused quickly, never with a traceback."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(source, "", f"not valid YAML: {e}") from None
-    if node is None:
+        raw = yaml_strict.load(text)
+    except yaml_strict.YamlProblem as e:
+        raise ConfigError(source, e.key_path, e.problem) from None
+    if raw is None:
         raise ConfigError(source, "", "file is empty; expected a mapping")
-    _reject_duplicate_keys(node, source, "")
-    try:
-        raw = yaml.load(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:  # pragma: no cover - compose already parsed it
-        raise ConfigError(source, "", f"not valid YAML: {e}") from None
-    return parse_config(raw, source)
-
-
-def _reject_duplicate_keys(node: yaml.Node, source: str, path: str) -> None:
-    if isinstance(node, yaml.MappingNode):
-        seen: set[Any] = set()
-        for key_node, value_node in node.value:
-            key = key_node.value
-            child = f"{path}.{key}" if path else str(key)
-            if key in seen:
-                line = key_node.start_mark.line + 1
-                raise ConfigError(source, child, f"duplicate key (again at line {line})")
-            seen.add(key)
-            _reject_duplicate_keys(value_node, source, child)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _reject_duplicate_keys(item, source, f"{path}[{i}]")
+    return parse_config(raw, source, environ)
 
 
 class _Section:
@@ -227,7 +363,7 @@ class _Section:
     def key_path(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
-    def fail(self, key: str, problem: str) -> None:
+    def fail(self, key: str, problem: str) -> NoReturn:
         raise ConfigError(self.source, self.key_path(key) if key else self.path, problem)
 
     def get(self, key: str) -> Any:
@@ -258,9 +394,10 @@ class _Section:
         *,
         integer: bool = False,
         positive: bool = False,
+        maximum: float | None = None,
     ) -> Any:
         value = self._present(key, default, "a number")
-        if value is default:
+        if key not in self.raw:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             want = "an integer" if integer else "a number"
@@ -275,11 +412,13 @@ class _Section:
             self.fail(key, f"must not be negative, got {value!r}")
         if positive and value == 0:
             self.fail(key, "must be greater than 0")
+        if maximum is not None and value > maximum:
+            self.fail(key, f"must be at most {maximum:g}, got {value!r}")
         return value
 
     def string(self, key: str, default: str | None, *, choices: tuple[str, ...] = ()) -> Any:
         value = self._present(key, default, "a string")
-        if value is default:
+        if key not in self.raw:  # not `value is default`: YAML's "" *is* the interned ""
             return default
         if not isinstance(value, str):
             self.fail(key, f"must be a string, got {_type_name(value)} {value!r}")
@@ -313,10 +452,13 @@ def _type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def parse_config(raw: Any, source: str) -> Config:
+def parse_config(raw: Any, source: str, environ: Mapping[str, str] | None = None) -> Config:
     """Validate an already-loaded YAML document."""
     top = _Section(source, "", raw)
     listen = top.string("listen", DEFAULT_LISTEN)
+    problem = listen_problem(listen)
+    if problem is not None:
+        top.fail("listen", problem)
 
     h = top.section("health")
     health = HealthConfig(
@@ -327,7 +469,7 @@ def parse_config(raw: Any, source: str) -> Config:
 
     g = top.section("gpu")
     gpu = GpuConfig(
-        nvidia_smi=g.string("nvidia_smi", "nvidia-smi"),
+        nvidia_smi=_parse_command_line(g, "nvidia_smi", "nvidia-smi"),
         interval_s=g.number("interval_s", 2.0, positive=True),
         timeout_s=g.number("timeout_s", 5.0, positive=True),
         headroom_mib=g.number("headroom_mib", 512, integer=True),
@@ -349,18 +491,18 @@ def parse_config(raw: Any, source: str) -> Config:
     )
     s.finish()
 
-    lim = top.section("limits")
-    limits = LimitsConfig(
-        max_body_mib=lim.number("max_body_mib", 512, positive=True),
-        client_stall_timeout_s=lim.number("client_stall_timeout_s", 60.0, positive=True),
-    )
-    lim.finish()
+    limits = _parse_limits(top.section("limits"))
 
     consumers = _parse_consumers(top.section("consumers"))
     routes = _parse_routes(top.section("routes"), consumers)
-    admin_token = top.string("admin_token", "") if top.has("admin_token") else None
+    admin_token = _parse_admin_token(top, os.environ if environ is None else environ)
     shutdown_grace_s = top.number("shutdown_grace_s", 30.0)
     top.finish()
+    looping = find_self_reference(listen, consumers)
+    if looping is not None:
+        raise ConfigError(source, f"consumers.{looping}.url",
+                          f"points at gpumgr's own listen address ({listen}); gpumgr would "
+                          "proxy to itself and wait for its own GPU lock")
     return Config(
         source=source,
         listen=listen,
@@ -373,6 +515,99 @@ def parse_config(raw: Any, source: str) -> Config:
         admin_token=admin_token,
         shutdown_grace_s=shutdown_grace_s,
     )
+
+
+#: Bigger sizes than this (1 TiB) are typos, and overflow when turned into bytes.
+_MAX_MIB = 1024 * 1024
+#: A day: longer timeouts are typos, and huge ones overflow the reactor's timers.
+_MAX_TIMEOUT_S = 86400.0
+
+
+def _parse_limits(sec: _Section) -> LimitsConfig:
+    def seconds(key: str, default: float) -> float:
+        return sec.number(key, default, positive=True, maximum=_MAX_TIMEOUT_S)
+
+    def count(key: str, default: int, minimum: int) -> int:
+        value = sec.number(key, default, integer=True, positive=True, maximum=1_000_000)
+        if value < minimum:
+            sec.fail(key, f"must be at least {minimum}; less refuses ordinary clients")
+        return value
+
+    max_body_mib = sec.number("max_body_mib", 512, positive=True, maximum=_MAX_MIB)
+    limits = LimitsConfig(
+        max_body_mib=max_body_mib,
+        client_stall_timeout_s=seconds("client_stall_timeout_s", 60.0),
+        header_timeout_s=seconds("header_timeout_s", 10.0),
+        keepalive_timeout_s=seconds("keepalive_timeout_s", 60.0),
+        body_idle_timeout_s=seconds("body_idle_timeout_s", 30.0),
+        min_body_rate_kib_s=sec.number("min_body_rate_kib_s", 1.0, maximum=_MAX_MIB),
+        min_body_rate_grace_s=sec.number("min_body_rate_grace_s", 10.0,
+                                         maximum=_MAX_TIMEOUT_S),
+        max_connections=count("max_connections", 1024, 1),
+        # Unset, the spool grows with max_body_mib: one largest body always fits.
+        max_spool_mib=sec.number("max_spool_mib", max(2048, max_body_mib), positive=True,
+                                 maximum=_MAX_MIB),
+        max_request_line_bytes=count("max_request_line_bytes", 8192, 256),
+        max_header_bytes=count("max_header_bytes", 16384, 1024),
+        max_headers=count("max_headers", 100, 8),
+    )
+    sec.finish()
+    if limits.max_spool_mib < limits.max_body_mib:
+        sec.fail("max_spool_mib", f"must be at least limits.max_body_mib "
+                 f"({limits.max_body_mib:g}), or a body within the limit could never be spooled")
+    return limits
+
+
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def admin_token_problem(token: str) -> str | None:
+    """Why `token` cannot be a bearer token, or None (pure; never echoes the token)."""
+    if not token.strip():
+        return "must not be empty or only whitespace"
+    if any(not "\x21" <= ch <= "\x7e" for ch in token):
+        return ("must be printable ASCII without spaces or control characters "
+                "(it travels in an Authorization header)")
+    return None
+
+
+def _parse_admin_token(top: _Section, environ: Mapping[str, str]) -> str | None:
+    """admin_token, or the variable admin_token_env names; never both, never empty."""
+    token = top.get("admin_token")
+    var = top.get("admin_token_env")
+    if top.has("admin_token") and top.has("admin_token_env"):
+        top.fail("admin_token_env", "set admin_token or admin_token_env, not both")
+    if top.has("admin_token"):
+        if not isinstance(token, str):
+            top.fail("admin_token", f"must be a string, got {_type_name(token)}")
+        problem = admin_token_problem(token)
+        if problem is not None:
+            top.fail("admin_token", problem)
+        return token
+    if not top.has("admin_token_env"):
+        return None
+    if not isinstance(var, str) or not _ENV_NAME_RE.match(var):
+        top.fail("admin_token_env", "must name an environment variable "
+                 f"(letters, digits and '_'), got {_type_name(var)} {var!r}")
+    value = environ.get(var)
+    if value is None:
+        top.fail("admin_token_env", f"environment variable {var} is not set")
+    problem = admin_token_problem(value)
+    if problem is not None:
+        top.fail("admin_token_env", f"environment variable {var} {problem}")
+    return value
+
+
+def _parse_command_line(sec: _Section, key: str, default: str) -> str:
+    """A command line split like a shell would, checked now rather than at first use."""
+    value = sec.string(key, default)
+    try:
+        argv = shlex.split(value)
+    except ValueError as e:
+        sec.fail(key, f"cannot be split into arguments: {e}")
+    if not argv or not argv[0]:
+        sec.fail(key, "must start with a program to run")
+    return value
 
 
 def _parse_priority(sec: _Section) -> Mapping[str, int]:
@@ -425,6 +660,7 @@ def _parse_consumer(sec: _Section, name: str) -> ConsumerConfig:
     try:
         parts = urlsplit(url)
         port = parts.port  # raises ValueError for a bad port
+        _ = parts.hostname  # checks the contents of [...] too
     except ValueError as e:
         sec.fail("url", f"is not a valid URL ({e}): {url!r}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -544,7 +780,7 @@ def _parse_regex(sec: _Section, key: str) -> re.Pattern[str] | None:
     text = sec.string(key, None)
     try:
         return re.compile(text)
-    except re.error as e:
+    except (re.error, OverflowError) as e:
         sec.fail(key, f"is not a valid regular expression: {e}")
         raise  # unreachable: fail() raises
 

@@ -149,6 +149,46 @@ class Forbidden(GpumgrError):
     code = "forbidden"
 
 
+class BadRequest(GpumgrError):
+    """A request twisted.web cannot or should not route (bad request line, no Host)."""
+
+    status = 400
+    code = "bad_request"
+
+
+class RequestTimeout(GpumgrError):
+    """The request head or body did not arrive in time; the connection is closed."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class UriTooLong(GpumgrError):
+    status = 414
+    code = "uri_too_long"
+
+
+class HeadersTooLarge(GpumgrError):
+    """Too many header lines, or too many bytes of them (RFC 6585's 431)."""
+
+    status = 431
+    code = "headers_too_large"
+
+
+class TooManyConnections(GpumgrError):
+    """limits.max_connections busy connections are open; this one is refused."""
+
+    status = 503
+    code = "too_many_connections"
+
+
+class SpoolFull(GpumgrError):
+    """Spooling this body would pass limits.max_spool_mib across all uploads."""
+
+    status = 507
+    code = "spool_full"
+
+
 def write_error(request, error: GpumgrError) -> None:
     """Send `error` as the complete response to a twisted.web request."""
     body = error.body()
@@ -174,4 +214,12 @@ def raw_error_response(error: GpumgrError) -> bytes:
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
-_REASONS = {400: "Bad Request", 413: "Content Too Large"}
+_REASONS = {
+    400: "Bad Request",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+    507: "Insufficient Storage",
+}

@@ -8,7 +8,7 @@ from typing import Any, Callable
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import ReactorNotRunning
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -53,10 +53,20 @@ def _make_pool(reactor) -> HTTPConnectionPool:
     return pool
 
 
+class ListenFailed(SystemExit):
+    """gpumgr could not listen: exit with status 1 and one line, not a traceback.
+
+    A SystemExit, so twistd's runner (which re-raises anything else from
+    startService with a traceback) lets it through to the interpreter, which
+    prints the message to stderr and exits 1.
+    """
+
+
 class _ListenService(Service):
     """Listens on an endpoint; `listening` fires with the port (tests read it)."""
 
     def __init__(self, reactor, description: str, factory) -> None:
+        self._reactor = reactor
         self._endpoint = serverFromString(reactor, description)
         self._description = description
         self._factory = factory
@@ -68,8 +78,22 @@ class _ListenService(Service):
         self.listening = self._endpoint.listen(self._factory)
         failed: list[Failure] = []
         self.listening.addCallbacks(self._got_port, failed.append)
-        if failed:  # a TCP bind fails synchronously: make startup fail loudly
-            failed[0].raiseException()
+        if failed:  # a TCP bind fails synchronously: stop startup with one clear line
+            self.running = False
+            raise ListenFailed(self._message(failed[0]))
+        self.listening.addErrback(self._failed_late)
+
+    def _message(self, failure: Failure) -> str:
+        why = failure.getErrorMessage()
+        error = failure.value
+        if isinstance(error, CannotListenError) and isinstance(error.socketError, OSError):
+            why = error.socketError.strerror or why
+        return f"gpumgr: cannot listen on {self._description}: {why}"
+
+    def _failed_late(self, failure: Failure) -> None:
+        # Endpoints that bind later (none of tcp, tcp6, unix do) end here.
+        log.critical("{message}", message=self._message(failure))
+        self._reactor.stop()
 
     def _got_port(self, port):
         self._port = port
@@ -111,7 +135,7 @@ class GpumgrService(MultiService):
         self._cooperator = Cooperator(scheduler=lambda f: reactor.callLater(0, f))
         self.broker = Broker(reactor, config, self.gpu, self.control, self._agent_for,
                              self._cooperator, overrides=overrides)
-        self.site = GpumgrSite(RootResource(self.broker), reactor, config.limits.max_body_bytes)
+        self.site = GpumgrSite(RootResource(self.broker), reactor, config.limits)
         self.broker.config_listeners.append(self._config_applied)
         self.http = _ListenService(reactor, listen or config.listen, self.site)
         self.http.setServiceParent(self)
@@ -141,7 +165,13 @@ class GpumgrService(MultiService):
         return self.broker.status()
 
     def _config_applied(self, config: Config) -> None:
-        self.site.max_body_bytes = config.limits.max_body_bytes
+        """Limits from a reload: deadlines, body and spool sizes apply to new
+        requests; the connection cap is fitted to the open-file limit again."""
+        site = self.site
+        site.limits = config.limits
+        site.max_body_bytes = config.limits.max_body_bytes
+        site.spool.capacity_bytes = config.limits.max_spool_bytes
+        site._fit_fd_limit()
 
     def _agent_for(self, c: ConsumerConfig) -> Agent:
         """One Agent per consumer origin and connect timeout, on the shared pool."""

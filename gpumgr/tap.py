@@ -12,7 +12,14 @@ from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
-from gpumgr.config import SCHEDULER_MODES, Config, ConfigError, load_config
+from gpumgr.config import (
+    SCHEDULER_MODES,
+    Config,
+    ConfigError,
+    find_self_reference,
+    listen_problem,
+    load_config,
+)
 from gpumgr.logs import LOG_FORMATS, Redactor, twistd_logging_problem, with_twistd_logging
 from gpumgr.service import GpumgrService
 from gpumgr.testing.demo import make_demo_service
@@ -57,6 +64,13 @@ class Options(usage.Options):
         listen = self["listen"] or (None if self["demo"] else self["parsed_config"].listen)
         if listen is not None:
             _check_endpoint(listen, "--listen" if self["listen"] else "listen")
+        if self["listen"] and not self["demo"]:
+            config = self["parsed_config"]
+            looping = find_self_reference(self["listen"], config.consumers)
+            if looping is not None:
+                raise usage.UsageError(
+                    f"--listen {self['listen']}: {config.source}: consumers.{looping}.url "
+                    "points at this listen address; gpumgr would proxy to itself")
 
 
 def with_mode(config: Config, mode: str | None) -> Config:
@@ -75,11 +89,19 @@ def _twistd_options(options: usage.Options) -> dict:
 
 
 def _check_endpoint(description: str, what: str) -> None:
+    """Refuse an endpoint that cannot be built, before anything starts.
+
+    Whether it can be bound (a busy port, a foreign address) shows only when
+    listening; `service._ListenService` turns that into a one-line exit.
+    """
     from twisted.internet import reactor
 
+    problem = listen_problem(description)
+    if problem is not None:
+        raise usage.UsageError(f"{what}: {problem}")
     try:
         serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # any plugin's parser: a bad description, a missing key file
         raise usage.UsageError(f"{what}: invalid endpoint {description!r}: {e}") from None
 
 

@@ -210,23 +210,40 @@ class IndexResource(JsonResource):
 
 
 def _is_loopback(request: Any) -> bool:
+    """The client is on this host: 127.0.0.0/8, ::1, or IPv4-mapped loopback.
+
+    A dual-stack listener (tcp6 on ::) sees IPv4 clients as ::ffff:127.0.0.1,
+    which ipaddress does not call loopback by itself (before Python 3.13).
+    """
     host = getattr(request.getClientAddress(), "host", None)
+    if not isinstance(host, str):
+        return False
     try:
-        return host is not None and ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def admin_refusal(request: Any, token: str | None) -> GpumgrError | None:
-    """Bearer token when one is configured; otherwise loopback clients only."""
+    """Bearer token when one is configured; otherwise loopback clients only.
+
+    An empty or blank token is never a match, even if one slipped past the
+    config check: `Authorization: Bearer ` must not open the door.
+    """
     if token is None:
         if _is_loopback(request):
             return None
         return Forbidden("admin endpoints are served to loopback clients only "
                          "unless admin_token is set")
+    expected = token.strip().encode("utf-8")
     given = request.getHeader(b"authorization") or b""
     scheme, _, value = given.partition(b" ")
-    if scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), token.encode("utf-8")):
+    value = value.strip()
+    if (expected and value and scheme.lower() == b"bearer"
+            and hmac.compare_digest(value, expected)):
         return None
     return Unauthorized("a valid 'Authorization: Bearer <admin_token>' is required")
 

@@ -44,6 +44,8 @@ def test_minimal_config_gets_documented_defaults():
     assert config.scheduler.capacity == 1 and config.scheduler.max_queue == 64
     assert config.scheduler.queue_timeout_s == 600
     assert config.limits.max_body_bytes == 512 * 1024 * 1024
+    assert config.limits.max_connections == 1024 and config.limits.header_timeout_s == 10
+    assert config.admin_token is None
     c = config.consumers["ollama"]
     assert c.connect_timeout_s == 5 and c.request_timeout_s == 600
     assert c.load is None and c.can_coexist_with is None
@@ -123,6 +125,15 @@ BAD = [
     ("preload not a bool", MINIMAL.replace("    paths:", "    preload: yes please\n    paths:"),
      "consumers.ollama.preload", "true or false"),
     ("infinite number", _with("health: {timeout_s: .inf}\n"), "health.timeout_s", "finite"),
+    ("empty admin token", _with("admin_token: ''\n"), "admin_token", "must not be empty"),
+    ("admin token and env", _with("admin_token: a\nadmin_token_env: B\n"), "admin_token_env",
+     "not both"),
+    ("spool below body", _with("limits: {max_body_mib: 64, max_spool_mib: 32}\n"),
+     "limits.max_spool_mib", "at least limits.max_body_mib"),
+    ("unbalanced quote in nvidia_smi", _with("gpu: {nvidia_smi: \"smi 'x\"}\n"), "gpu.nvidia_smi",
+     "No closing quotation"),
+    ("recursive alias", _with("x: &a [*a]\n"), "x[0]", "recursive"),
+    ("complex key", _with("? [a, b]\n: 1\n"), "", "keys must be plain"),
 ]
 
 
