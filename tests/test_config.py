@@ -24,13 +24,18 @@ def test_shipped_config_is_valid_and_describes_the_real_apis():
     config = load_config(os.path.join(ROOT, "etc", "consumers.yaml"))
     assert set(config.consumers) == {"ollama", "comfyui", "whisper", "mvoice"}
     ollama = config.consumers["ollama"]
+    assert ollama.driver == "ollama" and ollama.passthrough
     assert ollama.paths["llm"] == "/api/generate"
     assert ollama.health_path == "/api/version"
-    assert b'"keep_alive":0' in ollama.unload.body
+    assert ollama.unload is None and ollama.can_unload  # every model in /api/ps
     comfy = config.consumers["comfyui"]
+    assert comfy.driver == "comfyui" and comfy.passthrough
     assert comfy.paths["image"] == "/prompt" and comfy.unload.path == "/free"
-    assert config.consumers["whisper"].unload is None  # pinned
-    assert config.consumers["whisper"].paths["stt"] == "/inference"
+    whisper = config.consumers["whisper"]
+    assert whisper.driver == "whisper.cpp" and whisper.unload is None
+    assert whisper.process is not None and whisper.can_unload  # a process gpumgr owns
+    assert whisper.process.command[0].endswith("whisper-server")
+    assert whisper.paths["stt"] == "/inference"
     assert config.routes["audio_proxy"] == "mvoice"
     assert config.scheduler.mode == "evicting"
     assert config.scheduler.priority == {"tts": 10, "stt": 10, "llm": 5, "image": 0}
