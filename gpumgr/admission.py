@@ -259,11 +259,14 @@ class Admission:
         except Exception as e:
             why = "timed out" if isinstance(e, defer.TimeoutError) else str(e)
             self.event("load_failed", name, reason, detail=why)
+            log.warn("loading {name} ({reason}) failed: {why}", name=name, reason=reason, why=why)
             if isinstance(e, ControlFailed) or hasattr(e, "status"):
                 raise
             raise ControlFailed(f"loading {name} failed: {why}", consumer=name) from None
         self._became_loaded(name)
-        self.event("load", name, reason, self._config.consumers[name].vram_resident_mib)
+        mib = self._config.consumers[name].vram_resident_mib
+        self.event("load", name, reason, mib)
+        log.info("loaded {name} ({reason}, {mib} MiB)", name=name, reason=reason, mib=mib)
         self.schedule_idle_unload(name)
         return True
 

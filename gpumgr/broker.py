@@ -281,6 +281,9 @@ class Broker:
         running ones (tracked renders too) finish for up to `grace_s`, then
         cancel them."""
         self.scheduler.close(ShuttingDown("gpumgr is shutting down", retry_after_s=5))
+        running = len(self.scheduler.stats().holders)
+        log.info("draining: queued jobs refused, waiting up to {s:g}s for {n} running job(s)",
+                 s=grace_s, n=running)
         idle = self.scheduler.when_idle()
         try:
             await idle.addTimeout(grace_s, self.reactor)

@@ -29,7 +29,6 @@ from gpumgr.testing.consumers import (
 )
 from gpumgr.testing.comfyui import make_png
 from gpumgr.testing.gpu import SimulatedGpu
-from gpumgr.testing.whisper_server import whisper_server_argv
 
 __all__ = [
     "Behaviour",
@@ -72,6 +71,15 @@ _CONSUMER_CONFIG: dict[type, dict[str, Any]] = {
         "unload": {"method": "POST", "path": "/unload"},
     },
 }
+
+
+def whisper_server_argv(port: int, state_dir: str, **options: Any) -> list[str]:
+    """The simulated whisper.cpp server's command line (see
+    `gpumgr.testing.whisper_server`). Imported late: that module runs as
+    `python -m`, and importing it here would load it twice."""
+    from gpumgr.testing import whisper_server
+
+    return whisper_server.whisper_server_argv(port, state_dir, **options)
 
 
 def sim_nvidia_smi_command(state_path: str) -> str:
