@@ -29,10 +29,23 @@ from gpumgr.registry import Registry
 Job = Callable[[], "defer.Deferred[Any]"]
 
 
-def _fire_all(waiters: list[defer.Deferred[None]]) -> None:
-    fired, waiters[:] = list(waiters), []
-    for d in fired:
-        d.callback(None)
+class _IdleWaiters:
+    """Deferreds waiting for the scheduler to have no running job."""
+
+    def __init__(self) -> None:
+        self._waiters: list[defer.Deferred[None]] = []
+
+    def wait(self, idle: bool) -> defer.Deferred[None]:
+        if idle:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def fire(self) -> None:
+        fired, self._waiters = self._waiters, []
+        for d in fired:
+            d.callback(None)
 
 
 @attrs.frozen
@@ -106,7 +119,7 @@ class Passthrough:
         self._total = 0
         self._last_run_ms = 0
         self._closed: GpumgrError | None = None
-        self._idle_waiters: list[defer.Deferred[None]] = []
+        self._idle = _IdleWaiters()
 
     def run(self, consumer: str, job: Job, kind: str | None = None,
             control: bool = False) -> defer.Deferred[Any]:
@@ -127,7 +140,7 @@ class Passthrough:
             if not control:
                 self._registry.job_ended(consumer, now)
             if not self._running:
-                _fire_all(self._idle_waiters)
+                self._idle.fire()
             return result
 
         d = defer.maybeDeferred(job)
@@ -147,11 +160,7 @@ class Passthrough:
             d.cancel()
 
     def when_idle(self) -> defer.Deferred[None]:
-        if not self._running:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._idle_waiters.append(d)
-        return d
+        return self._idle.wait(not self._running)
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(
@@ -298,7 +307,7 @@ class Locked:
         self._max_running_seen = 0
         self._dispatching = False
         self._closed: GpumgrError | None = None
-        self._idle_waiters: list[defer.Deferred[None]] = []
+        self._idle = _IdleWaiters()
 
     def configure(self, capacity: int, max_queue: int, queue_timeout_s: float,
                   priority: Mapping[str, int], aging_s: float, max_overtakes: int) -> None:
@@ -330,11 +339,7 @@ class Locked:
                 ticket.inner.cancel()
 
     def when_idle(self) -> defer.Deferred[None]:
-        if not self._running:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._idle_waiters.append(d)
-        return d
+        return self._idle.wait(not self._running)
 
     # -- the seam ----------------------------------------------------------
 
@@ -420,7 +425,7 @@ class Locked:
         finally:
             self._dispatch()
             if not self._running:
-                _fire_all(self._idle_waiters)
+                self._idle.fire()
         # If the caller cancelled and the job did not stop at once, the caller
         # already has its CancelledError; the late result goes nowhere.
         outer = ticket.outer

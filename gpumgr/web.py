@@ -248,8 +248,8 @@ def admin_refusal(request: Any, token: str | None) -> GpumgrError | None:
     return Unauthorized("a valid 'Authorization: Bearer <admin_token>' is required")
 
 
-class ConsumerAdminResource(JsonResource):
-    """POST /v1/consumers/<name>/{load,unload}: through the scheduler, like any job."""
+class _AdminResource(JsonResource):
+    """An admin route: POST only, the bearer token (or loopback) first."""
 
     isLeaf = True
     allowed_methods = ("POST",)
@@ -262,6 +262,16 @@ class ConsumerAdminResource(JsonResource):
         refusal = admin_refusal(request, self._broker.config.admin_token)
         if refusal is not None:
             raise refusal
+        return self.respond_admin(request)
+
+    def respond_admin(self, request: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ConsumerAdminResource(_AdminResource):
+    """POST /v1/consumers/<name>/{load,unload}: through the scheduler, like any job."""
+
+    def respond_admin(self, request: Any) -> Any:
         parts = request.postpath
         if len(parts) != 2 or parts[1] not in (b"load", b"unload"):
             raise UnknownRoute("use /v1/consumers/<name>/load or .../unload")
@@ -271,20 +281,10 @@ class ConsumerAdminResource(JsonResource):
         return d
 
 
-class ReloadResource(JsonResource):
+class ReloadResource(_AdminResource):
     """POST /v1/admin/reload: re-read the config file, as SIGHUP does."""
 
-    isLeaf = True
-    allowed_methods = ("POST",)
-
-    def __init__(self, broker: Broker) -> None:
-        super().__init__()
-        self._broker = broker
-
-    def respond(self, request: Any) -> Any:
-        refusal = admin_refusal(request, self._broker.config.admin_token)
-        if refusal is not None:
-            raise refusal
+    def respond_admin(self, request: Any) -> Any:
         if request.postpath != [b"reload"]:
             raise UnknownRoute("use POST /v1/admin/reload")
         outcome = self._broker.reload()

@@ -282,3 +282,56 @@ def test_overtakes_are_bounded_so_nobody_starves():
     for name in ["A0", "A1", "A2"]:
         jobs.finish(name)
     assert jobs.started == ["A0", "A1", "A2", "B"]  # B overtaken twice, then runs
+
+
+def test_close_refuses_queued_and_new_jobs_and_when_idle_waits_for_the_running_one():
+    from gpumgr.errors import ShuttingDown
+
+    clock, registry, sched, jobs = make()
+    running = sched.run("a", jobs.job("a1"))
+    queued = sched.run("b", jobs.job("b1"))
+    sched.close(ShuttingDown("draining"))
+    assert isinstance(outcome(queued)[0].value, ShuttingDown)
+    assert isinstance(outcome(sched.run("c", jobs.job("c1")))[0].value, ShuttingDown)
+    assert jobs.started == ["a1"]
+    idle = sched.when_idle()
+    assert not idle.called
+    jobs.finish("a1")
+    assert idle.called and outcome(running) == ["ok"]
+    assert sched.stats().queue_depth == 0 and sched.stats().in_flight == 0
+    assert clock.getDelayedCalls() == []  # the queue timer went with the queued job
+
+
+def test_cancel_running_frees_every_slot():
+    clock, registry, sched, jobs = make(capacity=2)
+    a, b = sched.run("a", jobs.job("a1")), sched.run("b", jobs.job("b1"))
+    sched.cancel_running()
+    assert sorted(jobs.cancelled) == ["a1", "b1"]
+    assert sched.stats().in_flight == 0 and sched.when_idle().called
+    for d in (a, b):
+        d.addErrback(lambda f: f.trap(defer.CancelledError))
+
+
+def test_passthrough_close_and_when_idle():
+    from gpumgr.errors import ShuttingDown
+
+    clock = Clock()
+    sched = Passthrough(clock, Registry(["a"]))
+    jobs = Jobs()
+    d = sched.run("a", jobs.job("a1"))
+    idle = sched.when_idle()
+    sched.close(ShuttingDown("draining"))
+    assert isinstance(outcome(sched.run("a", jobs.job("a2")))[0].value, ShuttingDown)
+    assert not idle.called
+    jobs.finish("a1")
+    assert idle.called and outcome(d) == ["ok"]
+
+
+def test_configure_applies_new_limits_and_starts_waiting_jobs():
+    clock, registry, sched, jobs = make(capacity=1, max_queue=1)
+    sched.run("a", jobs.job("a1"))
+    sched.run("b", jobs.job("b1"))
+    sched.configure(capacity=2, max_queue=5, queue_timeout_s=60, priority={"tts": 3},
+                    aging_s=10, max_overtakes=0)
+    assert jobs.started == ["a1", "b1"]  # the larger capacity started the waiter at once
+    assert sched.capacity == 2
