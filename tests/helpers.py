@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import attrs
 from twisted.internet import defer, reactor
@@ -120,3 +122,60 @@ class HeldStream:
         for gate in self.gates.values():
             if not gate.called:
                 gate.callback(None)
+
+
+# -- real twistd processes --------------------------------------------------------
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_twistd(cwd, port: int, *args: str, env=None, log_name: str = "twistd.log"):
+    """`twistd -n gpumgr ARGS` in `cwd`, waited for until `port` accepts.
+
+    Returns (process, output) where output() reads what it logged so far;
+    the caller stops the process (`stop_twistd`)."""
+    import socket
+    import subprocess
+    import time
+
+    import pytest
+
+    log_path = cwd / log_name
+    log = open(log_path, "w")
+    proc = subprocess.Popen([TWISTD, "--nodaemon", "--pidfile=", "gpumgr", *args],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+    log.close()
+    output = log_path.read_text
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc, output
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait(timeout=10)
+                pytest.fail(f"twistd did not start:\n{output()}")
+            time.sleep(0.1)
+
+
+def stop_twistd(proc, timeout_s: float = 20) -> int:
+    """SIGTERM, then SIGKILL if it does not exit in time; the exit status."""
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(timeout=10)

@@ -6,11 +6,7 @@ import contextlib
 import http.client
 import io
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -23,6 +19,7 @@ from twisted.logger._legacy import publishToNewObserver
 from twisted.scripts.twistd import ServerOptions
 
 from gpumgr import tap
+from tests.helpers import free_port, start_twistd, stop_twistd
 from gpumgr.logs import (
     REDACTED,
     Redactor,
@@ -33,7 +30,6 @@ from gpumgr.logs import (
     twistd_logging_problem,
 )
 
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 TOKEN = "tok-4b1f9e07c2d8a653"
 
 
@@ -203,7 +199,7 @@ def _write_config(tmp_path, port: int, token: str | None = TOKEN, name: str = "m
              "health: {interval_s: 0.2, timeout_s: 1}",
              "gpu: {nvidia_smi: /nonexistent/nvidia-smi, interval_s: 30}",
              f"routes: {{tts: {name}}}",
-             f"consumers: {{{name}: {{url: 'http://127.0.0.1:{_free_port()}', health: /health, "
+             f"consumers: {{{name}: {{url: 'http://127.0.0.1:{free_port()}', health: /health, "
              "paths: {tts: /tts}}}"]
     if token:
         lines.append(f"admin_token: {token}")
@@ -252,34 +248,14 @@ def test_outside_twistd_the_service_is_not_wrapped():
 # A real twistd ---------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _twistd(tmp_path, port: int, *args: str):
     """`twistd -n gpumgr ARGS`; yields a function returning its output so far."""
-    log_path = tmp_path / "twistd.out"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([TWISTD, "--nodaemon", "--pidfile=", "gpumgr", *args],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-        output = log_path.read_text
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=1):
-                        break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail(f"twistd did not start:\n{output()}")
-                    time.sleep(0.1)
-            yield output
-        finally:
-            proc.terminate()
-            proc.wait(timeout=20)
+    proc, output = start_twistd(tmp_path, port, *args, log_name="twistd.out")
+    try:
+        yield output
+    finally:
+        stop_twistd(proc)
 
 
 def _request(port: int, method: str, path: str, body: bytes | None = None,
@@ -300,7 +276,7 @@ def _wait_for_output(output, needle: str) -> str:
 
 @pytest.mark.slow
 def test_twistd_demo_logs_json_lines_only(tmp_path):
-    port = _free_port()
+    port = free_port()
     with _twistd(tmp_path, port, "--demo", "--listen", f"tcp:{port}:interface=127.0.0.1",
                  "--log-format", "json") as output:
         assert _request(port, "POST", "/v1/tts", b'{"text":"Hallo"}')[0] == 200
@@ -332,7 +308,7 @@ def test_twistd_text_log_redacts_the_configured_token(tmp_path):
     That makes the redaction visible in a real process, with the token taken
     from the config file, in twistd's default text format.
     """
-    port = _free_port()
+    port = free_port()
     config = _write_config(tmp_path, port, token=TOKEN, name=TOKEN)
     with _twistd(tmp_path, port, "--config", config) as output:
         for token in (TOKEN, "wrong"):

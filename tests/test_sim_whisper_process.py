@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import pytest_twisted
@@ -16,7 +15,7 @@ from gpumgr.gpu import run_command
 from gpumgr.testing import SimulatedGpu, sim_nvidia_smi_command
 from gpumgr.testing.multipart import encode_multipart
 from gpumgr.testing.whisper_server import PROCESS_NAME, whisper_server_argv
-from tests.helpers import Client, sleep, wait_for
+from tests.helpers import free_port, Client, sleep, wait_for
 
 
 class ServerProcess(ProcessProtocol):
@@ -45,12 +44,6 @@ class ServerProcess(ProcessProtocol):
             self.transport.signalProcess(sig)
         except ProcessExitedAlready:
             pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -2,48 +2,22 @@
 
 import http.client
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+from tests.helpers import free_port, start_twistd, stop_twistd
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def demo(tmp_path):
-    port = _free_port()
-    log = open(tmp_path / "twistd.log", "w+")
-    proc = subprocess.Popen(
-        [TWISTD, "--nodaemon", "--pidfile=", "gpumgr", "--demo",
-         "--listen", f"tcp:{port}:interface=127.0.0.1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"demo did not start:\n{log.read()}")
-            time.sleep(0.1)
+    port = free_port()
+    proc, output = start_twistd(tmp_path, port, "--demo",
+                                "--listen", f"tcp:{port}:interface=127.0.0.1")
     yield port
-    proc.terminate()
-    proc.wait(timeout=15)
-    log.seek(0)
-    output = log.read()
-    assert "Traceback" not in output, output
+    stop_twistd(proc, timeout_s=15)
+    assert "Traceback" not in output(), output()
 
 
 def _request(port, method, path, body=None, headers=None):

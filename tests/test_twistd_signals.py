@@ -6,41 +6,26 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 
 import pytest
 
-from tests.test_twistd_demo import TWISTD, _free_port, _request
+from tests.helpers import free_port, start_twistd
+from tests.test_twistd_demo import _request
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def demo_process(tmp_path):
-    port = _free_port()
+    port = free_port()
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    log = open(tmp_path / "twistd.log", "w+")
     env = {**os.environ, "TMPDIR": str(tmp)}  # the demo's state directory lands here
-    proc = subprocess.Popen(
-        [TWISTD, "--nodaemon", "--pidfile=", "gpumgr", "--demo",
-         "--listen", f"tcp:{port}:interface=127.0.0.1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            _, r = _request(port, "GET", "/healthz")
-            r.read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"demo did not start:\n{log.read()}")
-            time.sleep(0.1)
-    yield proc, port, tmp, log
+    proc, output = start_twistd(tmp_path, port, "--demo",
+                                "--listen", f"tcp:{port}:interface=127.0.0.1", env=env)
+    yield proc, port, tmp, output
     if proc.poll() is None:
         proc.kill()
         proc.wait(timeout=10)
@@ -82,7 +67,7 @@ def test_sighup_reloads_a_valid_config_and_keeps_running_on_an_invalid_one(demo_
 
 
 def test_sigterm_drains_then_exits_cleanly(demo_process):
-    proc, port, tmp, log = demo_process
+    proc, port, tmp, output = demo_process
     results: dict[str, object] = {}
     _, r = _request(port, "POST", "/v1/stt", b"audio")  # starts the managed whisper process
     r.read()
@@ -113,9 +98,7 @@ def test_sigterm_drains_then_exits_cleanly(demo_process):
     assert code == 503 and body["error"]["code"] == "shutting_down"
     assert os.listdir(tmp) == []  # the demo's state directory is gone
     assert not _alive(whisper_pid)  # no process gpumgr owned outlives it
-    log.seek(0)
-    output = log.read()
-    assert "Traceback" not in output, output
+    assert "Traceback" not in output(), output()
 
 
 def _alive(pid: int) -> bool:
