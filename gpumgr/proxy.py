@@ -346,7 +346,8 @@ class _Exchange:
             self._client_gone = True
             self._end(Outcome.CLIENT_GONE)
             return
-        method = self.request.method
+        # The Site routes HEAD as GET; the consumer gets the HEAD it was sent.
+        method = b"HEAD" if getattr(self.request, "answering_head", False) else self.request.method
         producer = body_producer(self.request.content, method, self._cooperator)
         headers = forward_request_headers(self.request.requestHeaders, _client_ip(self.request))
         self._producer = producer

@@ -605,3 +605,11 @@ async def test_consumer_answering_before_reading_the_body(world, start_broker, c
     finally:
         globalLogPublisher.removeObserver(observer)
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_reaches_the_consumer_as_head(broker, world, client):
+    _, url = broker
+    reply = await client.request("HEAD", url + "/audio/sample-1.wav")
+    assert reply.code == 200 and reply.body == b""
+    assert world["mvoice"].requests[-1].method == "HEAD"

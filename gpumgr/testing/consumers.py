@@ -90,7 +90,7 @@ class MvoiceSim(SimulatedConsumer):
         self.audio: dict[str, bytes] = {}
 
     def route(self, method, path):
-        if method == "GET" and path.startswith("/audio/"):
+        if method in ("GET", "HEAD") and path.startswith("/audio/"):
             return self.get_audio
         return {
             ("GET", "/health"): self.health,
