@@ -235,6 +235,7 @@ class GpumgrService(MultiService):
         closing = defer.DeferredList(
             [self._data_pool.closeCachedConnections(), self._control_pool.closeCachedConnections()]
         )
-        timer = self.reactor.callLater(_SHUTDOWN_GRACE_S, closing.cancel)
-        closing.addBoth(lambda _: timer.active() and timer.cancel())
+        closing.addTimeout(_SHUTDOWN_GRACE_S, self.reactor)
+        closing.addErrback(lambda f: log.warn("closing connection pools: {why}",
+                                              why=f.getErrorMessage()))
         return closing
