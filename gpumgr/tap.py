@@ -108,13 +108,16 @@ def _check_endpoint(description: str, what: str) -> None:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    redactor = options.get("redactor") or Redactor()
     if options["demo"]:
         service: IService = make_demo_service(reactor, options["listen"], options["mode"])
     else:
         mode = options["mode"]
-        service = GpumgrService(reactor, options["parsed_config"], options["listen"],
-                                overrides=lambda config: with_mode(config, mode),
-                                install_signals=True)
+        gpumgr = GpumgrService(reactor, options["parsed_config"], options["listen"],
+                               overrides=lambda config: with_mode(config, mode),
+                               install_signals=True)
+        # A token a reload brings in is redacted from then on (old ones stay so).
+        gpumgr.broker.config_listeners.append(lambda config: redactor.add(config.admin_token))
+        service = gpumgr
     twistd = _twistd_options(options) or None
-    return with_twistd_logging(service, twistd, options["log-format"],
-                               options.get("redactor") or Redactor())
+    return with_twistd_logging(service, twistd, options["log-format"], redactor)
