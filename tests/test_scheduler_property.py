@@ -1,8 +1,9 @@
 """Property: whatever happens, the Locked scheduler never leaks its lock.
 
 Random interleavings of arrivals, completions, upstream failures, synchronous
-exceptions, client cancels and queue timeouts, at capacity 1 and 2. After
-every sequence the lock is free and the books balance.
+exceptions, client cancels, queue timeouts and a shutdown drain (close, then
+cancel what still runs), at capacity 1 and 2. After every sequence the lock
+is free and the books balance.
 """
 
 from hypothesis import HealthCheck, given, settings
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from gpumgr.errors import QueueFull, QueueTimeout
+from gpumgr.errors import QueueFull, QueueTimeout, ShuttingDown
 from gpumgr.registry import Registry
 from gpumgr.scheduler import Locked
 
@@ -24,6 +25,8 @@ op = st.one_of(
     st.tuples(st.just("fail"), st.integers(0, 50)),
     st.tuples(st.just("cancel"), st.integers(0, 50)),
     st.tuples(st.just("advance"), st.floats(0, 20)),
+    st.tuples(st.just("close")),
+    st.tuples(st.just("abort")),
 )
 
 
@@ -52,6 +55,7 @@ def test_no_leak_under_any_interleaving(capacity, max_queue, queue_timeout_s, op
     jobs: list[Job] = []
     running: list[Job] = []  # as the jobs themselves see it
     max_running = 0
+    closed = False
 
     def make_run(job):
         def run():
@@ -85,6 +89,11 @@ def test_no_leak_under_any_interleaving(capacity, max_queue, queue_timeout_s, op
             jobs[step[1] % len(jobs)].outer.cancel()
         elif kind == "advance":
             clock.advance(step[1])
+        elif kind == "close":
+            closed = True
+            sched.close(ShuttingDown("draining"))
+        elif kind == "abort":
+            sched.cancel_running()
         assert len(running) <= capacity
         assert sched.stats().in_flight <= capacity
 
@@ -104,7 +113,8 @@ def test_no_leak_under_any_interleaving(capacity, max_queue, queue_timeout_s, op
     for job in jobs:
         assert len(job.outcomes) == 1, job.n  # answered exactly once
         result = job.outcomes[0]
-        refused = isinstance(result, defer.Failure) and result.check(QueueFull, QueueTimeout)
+        refused = isinstance(result, defer.Failure) and result.check(
+            QueueFull, QueueTimeout, ShuttingDown)
         cancelled = isinstance(result, defer.Failure) and result.check(defer.CancelledError)
         assert job.starts in (0, 1)
         if refused:
@@ -113,11 +123,19 @@ def test_no_leak_under_any_interleaving(capacity, max_queue, queue_timeout_s, op
         if job.starts == 0:
             assert refused or cancelled
         if isinstance(result, defer.Failure):
-            result.trap(QueueFull, QueueTimeout, defer.CancelledError, RuntimeError, ConnectionError)
-    assert stats.rejected == rejected
+            result.trap(QueueFull, QueueTimeout, ShuttingDown, defer.CancelledError,
+                        RuntimeError, ConnectionError)
+    shut_out = sum(1 for j in jobs if isinstance(j.outcomes[0], defer.Failure)
+                   and j.outcomes[0].check(ShuttingDown))
+    assert stats.rejected == rejected - shut_out
     assert stats.total_jobs == sum(j.starts for j in jobs)
 
-    # The lock is free: a new job starts at once.
+    assert sched.when_idle().called
+    # The lock is free: a new job starts at once (or, once closed, is refused at once).
     probe = Job(-1, "async")
-    sched.run("a", make_run(probe))
-    assert probe.starts == 1
+    d = sched.run("a", make_run(probe))
+    if closed:
+        assert probe.starts == 0 and d.called
+        d.addErrback(lambda f: f.trap(ShuttingDown))
+    else:
+        assert probe.starts == 1
