@@ -67,6 +67,12 @@ def openai_client(url: str):
                          timeout=CLIENT_TIMEOUT_S)
 
 
+def openai_chat(url: str):
+    """One non-streamed chat completion, from a client of its own."""
+    with openai_client(url) as c:
+        return c.chat.completions.create(model="llama3", messages=HI)
+
+
 class Lockstep:
     """A `stream_gate` the client drives: the simulated server writes chunk i
     only once the client has read chunk i-1.
@@ -142,7 +148,7 @@ async def status(client, url: str) -> dict[str, Any]:
     return (await client.request("GET", url + "/v1/status")).json()
 
 
-# -- ollama's own client ------------------------------------------------------------------------
+# -- ollama's own client -----------------------------------------------------------------------
 
 
 @pytest_twisted.ensureDeferred
@@ -180,7 +186,7 @@ async def test_the_ollama_client_through_gpumgr(world, start_broker):
     assert service.scheduler.stats().total_jobs == 4
 
 
-# -- the OpenAI client on ollama's OpenAI-compatible API ---------------------------------------------
+# -- the OpenAI client on ollama's OpenAI-compatible API ---------------------------------------
 
 
 @pytest_twisted.ensureDeferred
@@ -209,7 +215,7 @@ async def test_the_openai_client_through_gpumgr(world, start_broker):
     assert service.registry["ollama"].total_requests == 2  # the completions, not the list
 
 
-# -- scheduling, seen from the clients ------------------------------------------------------------
+# -- scheduling, seen from the clients ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", ["locked", "evicting"])
@@ -237,17 +243,13 @@ async def test_a_streamed_chat_holds_the_gpu_while_listing_answers_and_a_second_
             native.close()
             compatible.close()
 
-    def chat():
-        with openai_client(url) as c:
-            return c.chat.completions.create(model="llama3", messages=HI)
-
     first_chat = lockstep.reading(deferToThread(streamed_chat))
     await lockstep.held  # the client has its first chunk; the rest waits
     assert (await status(client, url))["scheduler"]["in_flight"] == 1
     assert await deferToThread(list_models) == (["llama3:latest"], ["llama3:latest"])
     assert not first_chat.called  # ...answered while the stream still held the GPU
 
-    second_chat = deferToThread(chat)
+    second_chat = deferToThread(openai_chat, url)
     await wait_for(lambda: service.scheduler.stats().queue_depth == 1)
     snapshot = await status(client, url)
     assert snapshot["scheduler"]["in_flight"] == 1 and snapshot["scheduler"]["queue_depth"] == 1
@@ -264,7 +266,34 @@ async def test_a_streamed_chat_holds_the_gpu_while_listing_answers_and_a_second_
     assert snapshot["scheduler"]["in_flight"] == 0 and snapshot["scheduler"]["queue_depth"] == 0
 
 
-# -- a ComfyUI API script ---------------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_abandons_a_stream_frees_the_gpu(world, start_broker):
+    service, url = await through_gpumgr(world, start_broker)
+    ollama_sim = world["ollama"]
+    lockstep = Lockstep(ollama_sim, hold_at=1)
+
+    def read_one_then_close():
+        with openai_client(url) as c:
+            stream = c.chat.completions.create(model="llama3", messages=HI, stream=True)
+            first = next(iter(stream)).choices[0].delta.content
+            lockstep.step()
+            stream.close()  # the user stopped reading: the connection closes
+            return first
+
+    assert await deferToThread(read_one_then_close) == "tok0 "
+    # gpumgr noticed the client leave and gave the GPU back, though the
+    # simulated server still sits on its next chunk.
+    await wait_for(lambda: service.scheduler.stats().in_flight == 0)
+    assert world.active_jobs == 1
+
+    assert (await deferToThread(openai_chat, url)).choices[0].message.content == "".join(TOKENS)
+    lockstep.release()  # the abandoned stream's next write finds its client gone
+    await wait_for(lambda: world.active_jobs == 0)
+    assert ollama_sim.jobs_cancelled == 1
+    assert service.registry["ollama"].total_requests == 2
+
+
+# -- a ComfyUI API script ----------------------------------------------------------------------
 
 #: A text-to-image workflow in ComfyUI's API format.
 WORKFLOW = {
@@ -329,10 +358,11 @@ def comfyui_script(base: str, client_id: str, submitted: defer.Deferred,
         ws.close()
 
 
+@pytest.mark.parametrize("mode", ["locked", "evicting"])
 @pytest_twisted.ensureDeferred
 async def test_a_comfyui_script_renders_through_gpumgr_and_the_render_holds_the_gpu(
-        world, start_broker, client):
-    service, url = await through_gpumgr(world, start_broker)
+        world, start_broker, client, mode):
+    service, url = await through_gpumgr(world, start_broker, mode)
     comfy = world["comfyui"]
     render_gates: dict[str, defer.Deferred] = {}
     comfy.behaviour.render_gate = lambda pid: render_gates.setdefault(pid, defer.Deferred())
@@ -382,7 +412,7 @@ async def test_a_comfyui_script_renders_through_gpumgr_and_the_render_holds_the_
     assert snapshot["consumers"]["comfyui"]["total_requests"] == 1  # only /prompt was GPU work
 
 
-# -- WebSocket edge cases ----------------------------------------------------------------------------
+# -- WebSocket edge cases ----------------------------------------------------------------------
 
 
 async def open_socket(world, url: str):
