@@ -11,6 +11,7 @@ GPU, or hold it.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -67,8 +68,12 @@ def upgrade_request_head(request: Any, host_header: bytes, path_and_query: bytes
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
+_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
 def parse_response_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
-    """Status code and headers of an HTTP/1.1 response head (pure)."""
+    """Status code and headers of an HTTP/1.1 response head (pure); ValueError
+    for anything that is not one (a bad header name included)."""
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
@@ -78,17 +83,23 @@ def parse_response_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
         if not line:
             continue
         name, sep, value = line.partition(b":")
-        if not sep:
+        if not sep or not _TOKEN.match(name) or b"\n" in value or b"\r" in value:
             raise ValueError(f"bad header line {line[:80]!r}")
         headers.append((name.strip(), value.strip()))
     return int(parts[1]), headers
 
 
 class _Side(Protocol):
-    """One end of a tunnel: what it receives goes to the other end."""
+    """One end of a tunnel: what it receives goes to the other end.
 
-    def __init__(self, tunnel: Tunnel) -> None:
+    On the client's end, `then` is the HTTP channel's own connectionLost: the
+    upgrade took over its bytes, but the channel still has to leave the
+    connection table and finish its request (which gives its spool back).
+    """
+
+    def __init__(self, tunnel: Tunnel, then: Callable[[Failure], None] | None = None) -> None:
         self._tunnel = tunnel
+        self._then = then
         self.peer: Any = None  # the other side's transport
 
     def dataReceived(self, data: bytes) -> None:
@@ -97,6 +108,9 @@ class _Side(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._tunnel.side_closed(self)
+        if self._then is not None:
+            then, self._then = self._then, None
+            then(reason)
 
 
 class _Upstream(Protocol):
@@ -107,6 +121,8 @@ class _Upstream(Protocol):
         self._head = head
         self._buffer = b""
         self.side: _Side | None = None
+        #: A refused upgrade: (status, headers, declared length or None), body in _buffer.
+        self._refusal: tuple[int, list[tuple[bytes, bytes]], int | None] | None = None
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -117,6 +133,9 @@ class _Upstream(Protocol):
             self.side.dataReceived(data)
             return
         self._buffer += data
+        if self._refusal is not None:
+            self._refusal_body()
+            return
         end = self._buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(self._buffer) > _HEAD_LIMIT:
@@ -124,11 +143,40 @@ class _Upstream(Protocol):
             return
         head, rest = self._buffer[: end + 4], self._buffer[end + 4:]
         self._buffer = b""
-        self._tunnel.got_head(self, head, rest)
+        try:
+            status, headers = parse_response_head(head)
+        except ValueError as e:
+            self._tunnel.failed(str(e))
+            return
+        if status == 101:
+            self._tunnel.upgraded(self, head, rest)
+            return
+        # A refusal: relay it once its (small) body is all here.
+        lengths = [v for n, v in headers if n.lower() == b"content-length"]
+        length = int(lengths[0]) if lengths and lengths[0].isdigit() else None
+        self._refusal = (status, headers, length)
+        self._buffer = rest
+        self._refusal_body()
+
+    def _refusal_body(self, closed: bool = False) -> None:
+        assert self._refusal is not None
+        status, headers, length = self._refusal
+        if length is not None and len(self._buffer) >= length:
+            self._tunnel.refused(status, headers, self._buffer[:length])
+        elif len(self._buffer) > _HEAD_LIMIT:
+            self._tunnel.failed("the answer refusing the upgrade is too large")
+        elif closed:
+            if length is None and not any(n.lower() == b"transfer-encoding" for n, _ in headers):
+                self._tunnel.refused(status, headers, self._buffer)  # ended by close
+            else:
+                self._tunnel.failed("the connection closed in the middle of the answer "
+                                    "refusing the upgrade")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.side is not None:
             self.side.connectionLost(reason)
+        elif self._refusal is not None:
+            self._refusal_body(closed=True)
         else:
             self._tunnel.upstream_closed_early(self._buffer)
 
@@ -180,16 +228,9 @@ class Tunnel:
         self._refuse(UpstreamTimeout(f"{self.consumer} did not answer the upgrade within "
                                      f"{seconds:g}s", consumer=self.consumer))
 
-    def got_head(self, upstream: _Upstream, head: bytes, rest: bytes) -> None:
+    def upgraded(self, upstream: _Upstream, head: bytes, rest: bytes) -> None:
+        """The consumer answered 101: from now on, bytes both ways."""
         self._stop_timer()
-        try:
-            status, headers = parse_response_head(head)
-        except ValueError as e:
-            self.failed(str(e))
-            return
-        if status != 101:
-            self._relay_refusal(status, headers, rest)
-            return
         request = self.request
         if request._disconnected or request.channel is None:
             self.close()
@@ -197,7 +238,7 @@ class Tunnel:
         client_transport = request.channel.transport
         assert upstream.transport is not None and client_transport is not None
         self._open = True
-        client_side = _Side(self)
+        client_side = _Side(self, then=request.channel.connectionLost)
         upstream_side = _Side(self)
         client_side.peer, upstream_side.peer = upstream.transport, client_transport
         self._client_side, self._upstream_side = client_side, upstream_side
@@ -214,19 +255,19 @@ class Tunnel:
         if rest:
             client_transport.write(rest)
 
-    def _relay_refusal(self, status: int, headers: list[tuple[bytes, bytes]],
-                       rest: bytes) -> None:
-        """The consumer answered the upgrade with a plain response: relay it."""
+    def refused(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """The consumer answered the upgrade with a plain response: relay it whole."""
+        self._stop_timer()
         request = self.request
-        if not request._disconnected:
+        if self._ended:
+            return
+        if not request._disconnected and not request.finished:
             request.setResponseCode(status)
             request.defaultContentType = None
             for name, value in headers:
                 if name.lower() not in (b"connection", b"upgrade", b"transfer-encoding",
                                         b"content-length", b"keep-alive"):
                     request.responseHeaders.addRawHeader(name, value)
-            length = dict((n.lower(), v) for n, v in headers).get(b"content-length")
-            body = rest[: int(length)] if length and length.isdigit() else rest
             request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
             request.write(body)
             request.finish()

@@ -65,9 +65,6 @@ async def _open_and_close_tunnel(port, request=UPGRADE):
 # -- WebSocket tunnels ------------------------------------------------------------------
 
 
-@xfail("tunnel.py:207 _protocolUpgradeForWebsockets replaces channel.connectionLost, so "
-       "GpumgrChannel.connectionLost (site.py:150) never runs: every tunnel keeps its slot "
-       "in the connection table for ever")
 @pytest_twisted.ensureDeferred
 async def test_closed_tunnels_give_their_connection_slots_back(world, start_broker, client,
                                                               ws_upstream):
@@ -80,8 +77,6 @@ async def test_closed_tunnels_give_their_connection_slots_back(world, start_brok
     assert reply.code == 200  # today: 503 too_many_connections, for every client, for ever
 
 
-@xfail("same cause: the upgraded Request never finishes, so its spool reservation "
-       "(site.py:444 notifyFinish -> _release) is never given back")
 @pytest_twisted.ensureDeferred
 async def test_a_tunnel_with_a_request_body_gives_its_spool_back(world, start_broker, client,
                                                                 ws_upstream):
@@ -111,8 +106,6 @@ class _SlowRefusal(protocol.Protocol):
         reactor.callLater(0.05, self.transport.write, self.BODY)
 
 
-@xfail("tunnel.py:217-233 relays only the body bytes that came in the same read as the "
-       "head and sets Content-Length to their count: a refusal looks complete but is cut")
 @pytest_twisted.ensureDeferred
 async def test_a_refused_upgrade_is_relayed_with_its_whole_body(world, start_broker, client):
     port = reactor.listenTCP(0, protocol.Factory.forProtocol(_SlowRefusal),
@@ -152,8 +145,6 @@ async def test_percent_encoded_gpu_routes_are_still_scheduled(world, start_broke
     assert service.broker.route("llm", "POST", [b"api", b"%67enerate"], b"")[3] is True
 
 
-@xfail("site.py:462-467 turns HEAD into GET before routing and proxy.py:349 forwards "
-       "request.method: the consumer sees GET (ollama's HEAD /api/blobs/<digest> has no GET)")
 @pytest_twisted.ensureDeferred
 async def test_head_reaches_the_consumer_as_head(world, start_broker, client):
     _, url = await locked_broker(world, start_broker)

@@ -213,7 +213,10 @@ class SimulatedConsumer(Resource):
                 at=self.clock.seconds(),
             )
         )
-        handler = self.route(request.method.decode("ascii"), path)
+        method = request.method.decode("ascii")
+        handler = self.route(method, path)
+        if handler is None and method == "HEAD":  # as real servers do; twisted.web drops the body
+            handler = self.route("GET", path)
         if handler is None:
             return json_body(request, {"error": f"no route {path}"}, 404)
         return handler(request)
