@@ -27,7 +27,7 @@ from twisted.web.iweb import IAgent
 
 from gpumgr.admission import CONTROL_TIMEOUT_S, Admission
 from gpumgr.config import AUDIO_ROUTE, Config, ConfigError, ConsumerConfig, parse_config_text
-from gpumgr.drivers import ControlHttp, IDriver, get_driver
+from gpumgr.drivers import ControlHttp, IDriver, RenderState, get_driver
 from gpumgr.errors import (
     BadPath,
     ConsumerUnhealthy,
@@ -532,54 +532,67 @@ class Broker:
 
     async def _track_render(self, c: ConsumerConfig, driver: IDriver, render_id: str,
                             job_started: float) -> None:
-        """Hold the GPU slot until the render is over, it runs past
-        job_timeout_s (then it is interrupted), or its service goes down."""
+        """Hold the GPU slot until the render is over; until it runs past
+        job_timeout_s (then it is interrupted); or until it is lost: its
+        service went down, forgot it (a restart), or was removed by a reload.
+        Each poll asks the consumer as the current config describes it."""
+        name = c.name
         self._render_seq += 1
         key = self._render_seq
-        self.renders[key] = TrackedRender(c.name, render_id, self.reactor.seconds())
+        self.renders[key] = TrackedRender(name, render_id, self.reactor.seconds())
         self.render_counts["tracked"] += 1
-        log.info("{name}: tracking render {id}", name=c.name, id=render_id)
-        deadline = job_started + c.job_timeout_s
+        log.info("{name}: tracking render {id}", name=name, id=render_id)
         poll_error_logged = False
         try:
             while True:
-                if self.registry[c.name].health is Health.DOWN:
-                    self.render_counts["lost"] += 1
-                    self.admission.event("render_lost", c.name, detail=render_id)
-                    log.warn("{name} went down while rendering {id}; releasing the GPU",
-                             name=c.name, id=render_id)
+                current = self._config.consumers.get(name)
+                if current is None or name not in self.registry:
+                    self._render_lost(name, render_id, "its consumer was removed by a reload")
                     return
-                if self.reactor.seconds() >= deadline:
+                if self.registry[name].health is Health.DOWN:
+                    self._render_lost(name, render_id, "its service went down")
+                    return
+                if self.reactor.seconds() >= job_started + current.job_timeout_s:
                     self.render_counts["interrupted"] += 1
-                    self.admission.event("render_interrupted", c.name, "job_timeout",
+                    self.admission.event("render_interrupted", name, "job_timeout",
                                          detail=render_id)
                     log.warn("{name}: render {id} ran past job_timeout_s ({s:g}s); "
-                             "interrupting it", name=c.name, id=render_id, s=c.job_timeout_s)
+                             "interrupting it", name=name, id=render_id, s=current.job_timeout_s)
                     try:
-                        await driver.interrupt(self.http, c, render_id).addTimeout(
+                        await driver.interrupt(self.http, current, render_id).addTimeout(
                             RENDER_POLL_TIMEOUT_S, self.reactor)
                     except Exception as e:
-                        log.warn("{name}: interrupt failed: {e}", name=c.name, e=e)
+                        log.warn("{name}: interrupt failed: {e}", name=name, e=e)
                     return
                 try:
-                    done = await driver.render_done(self.http, c, render_id).addTimeout(
+                    state = await driver.render_state(self.http, current, render_id).addTimeout(
                         RENDER_POLL_TIMEOUT_S, self.reactor)
                 except defer.CancelledError:
                     raise
                 except Exception as e:
-                    done = False
+                    state = RenderState.RUNNING
                     if not poll_error_logged:
                         poll_error_logged = True
-                        log.warn("{name}: polling render {id} failed: {e}", name=c.name,
+                        log.warn("{name}: polling render {id} failed: {e}", name=name,
                                  id=render_id, e=e)
-                        self.health.probe_now(c.name)
-                if done:
+                        self.health.probe_now(name)
+                if state is RenderState.DONE:
                     self.render_counts["completed"] += 1
-                    log.info("{name}: render {id} is over", name=c.name, id=render_id)
+                    log.info("{name}: render {id} is over", name=name, id=render_id)
+                    return
+                if state is RenderState.GONE:
+                    self._render_lost(name, render_id, "the service no longer knows it "
+                                      "(it restarted?)")
                     return
                 await task.deferLater(self.reactor, RENDER_POLL_S, lambda: None)
         finally:
             del self.renders[key]
+
+    def _render_lost(self, name: str, render_id: str, why: str) -> None:
+        self.render_counts["lost"] += 1
+        self.admission.event("render_lost", name, detail=f"{render_id}: {why}")
+        log.warn("{name}: render {id} lost ({why}); releasing the GPU", name=name,
+                 id=render_id, why=why)
 
     # -- /audio --------------------------------------------------------------
 

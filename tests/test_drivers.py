@@ -12,8 +12,8 @@ from twisted.internet.task import Clock, Cooperator
 from gpumgr.broker import Broker
 from gpumgr.config import ConfigError, parse_config
 from gpumgr.drivers import DRIVER_NAMES, get_driver
-from gpumgr.drivers.base import ControlCallFailed, HttpReply, IDriver
-from gpumgr.drivers.comfyui import history_done, prompt_id_of
+from gpumgr.drivers.base import ControlCallFailed, HttpReply, IDriver, RenderState
+from gpumgr.drivers.comfyui import history_done, prompt_id_of, queued_ids
 from gpumgr.drivers.ollama import loaded_models
 from gpumgr.gpu import GpuSampler
 from gpumgr.registry import Health
@@ -158,6 +158,10 @@ def test_comfyui_prompt_ids_and_history():
     assert comfy.render_id("GET", "/prompt", 200, b'{"prompt_id":"p1"}') is None
     for body in (b"", b"not json", b"[]", b'{"prompt_id": 5}', b'{"prompt_id": ""}'):
         assert prompt_id_of(body) is None
+    assert queued_ids(b'{"queue_running": [[3, "p1", {}, {}, []]], '
+                      b'"queue_pending": [[4, "p2", {}, {}, []], "junk", [5]]}') == {"p1", "p2"}
+    with pytest.raises(ControlCallFailed):
+        queued_ids(b"<html>")
     assert not history_done(b"{}", "p1")
     assert history_done(b'{"p1": {"status": {"completed": true}}}', "p1")
     with pytest.raises(ControlCallFailed):
@@ -171,16 +175,16 @@ class Renders:
     """A ComfyUI-like driver whose history the test controls."""
 
     def __init__(self):
-        self.done = False
+        self.state = RenderState.RUNNING
         self.polls = 0
         self.interrupted: list[str] = []
         self.fail_polls = False
 
-    def render_done(self, http, c, render_id):
+    def render_state(self, http, c, render_id):
         self.polls += 1
         if self.fail_polls:
             return defer.fail(ControlCallFailed("connection refused"))
-        return defer.succeed(self.done)
+        return defer.succeed(self.state)
 
     def interrupt(self, http, c, render_id):
         self.interrupted.append(render_id)
@@ -211,10 +215,22 @@ def test_a_render_holds_until_history_fills():
     for _ in range(4):
         clock.advance(0.5)
     assert not d.called and driver.polls == 5  # every 0.5 s
-    driver.done = True
+    driver.state = RenderState.DONE
     clock.advance(0.5)
     assert d.called and broker.renders == {}
     assert broker.render_counts["completed"] == 1
+
+
+def test_a_render_its_service_forgot_is_lost_and_released():
+    clock, broker = make_broker()
+    driver = Renders()
+    d = defer.ensureDeferred(broker._track_render(broker.config.consumers["comfy"], driver,
+                                                  "p1", clock.seconds()))
+    driver.state = RenderState.GONE
+    clock.advance(0.5)
+    assert d.called and broker.render_counts["lost"] == 1
+    (event,) = [e for e in broker.admission.events if e["event"] == "render_lost"]
+    assert event["detail"].startswith("p1: ")
 
 
 def test_a_render_past_job_timeout_is_interrupted_and_released():
@@ -250,3 +266,24 @@ def test_cancelling_a_tracked_render_releases_it():
     d.cancel()
     assert broker.renders == {}
     d.addErrback(lambda f: f.trap(defer.CancelledError))
+
+
+@pytest.mark.parametrize("queue,history,state", [
+    (b'{"queue_running": [[1, "p1", {}, {}, []]], "queue_pending": []}', b'{"p1": {}}',
+     RenderState.RUNNING),  # a reused id: an old history entry, but rendering again
+    (b'{"queue_running": [], "queue_pending": [[2, "p1", {}, {}, []]]}', b"{}",
+     RenderState.RUNNING),
+    (b'{"queue_running": [], "queue_pending": []}', b'{"p1": {"status": {}}}',
+     RenderState.DONE),
+    (b'{"queue_running": [], "queue_pending": []}', b"{}", RenderState.GONE),  # restarted
+])
+def test_comfyui_render_state_asks_the_queue_first(queue, history, state):
+    http = FakeHttp({("GET", "/queue"): HttpReply(200, queue),
+                     ("GET", "/history/p1"): HttpReply(200, history)})
+    assert result_of(get_driver("comfyui").render_state(http, consumer("comfyui"), "p1")) \
+        is state
+
+
+def test_a_prompt_id_is_found_in_a_truncated_answer():
+    body = b'{"prompt_id": "a\\"b", "number": 1, "node_errors": {"x": "' + b"y" * 70000
+    assert prompt_id_of(body[:65536]) == 'a"b'

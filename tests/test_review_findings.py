@@ -169,11 +169,9 @@ async def test_metrics_refuses_wrong_methods_in_json(broker, client):
 
 def _polls(world):
     return [r for r in world["comfyui"].requests
-            if r.method == "GET" and r.path.startswith("/history/")]
+            if r.method == "GET" and (r.path.startswith("/history/") or r.path == "/queue")]
 
 
-@xfail("comfyui.py:212-218 counts any /history entry as done: a client that reuses a "
-       "prompt_id (its own, or another's) releases the GPU while ComfyUI renders")
 @pytest_twisted.ensureDeferred
 async def test_a_reused_prompt_id_still_holds_the_gpu_while_it_renders(world, start_broker,
                                                                       client):
@@ -192,9 +190,6 @@ async def test_a_reused_prompt_id_still_holds_the_gpu_while_it_renders(world, st
         gate.release()
 
 
-@xfail("broker.py:541-577 ends tracking only on a filled /history, a DOWN probe or "
-       "job_timeout_s (30 min): a ComfyUI restarted between two polls has forgotten the "
-       "prompt, and the GPU stays held")
 @pytest_twisted.ensureDeferred
 async def test_a_render_lost_to_a_quick_comfyui_restart_releases_the_gpu(world, start_broker,
                                                                         client):
@@ -207,9 +202,6 @@ async def test_a_render_lost_to_a_quick_comfyui_restart_releases_the_gpu(world, 
     await wait_for(lambda: service.scheduler.stats().in_flight == 0, timeout_s=6)
 
 
-@xfail("same place: _track_render polls the ConsumerConfig captured before a reload; once "
-       "the URL moved, probes of the new URL pass and failed polls of the old one never "
-       "end tracking")
 @pytest_twisted.ensureDeferred
 async def test_a_render_tracked_across_a_url_change_releases_the_gpu(world, start_broker,
                                                                     client, tmp_path,
@@ -227,8 +219,6 @@ async def test_a_render_tracked_across_a_url_change_releases_the_gpu(world, star
     await wait_for(lambda: service.scheduler.stats().in_flight == 0, timeout_s=6)
 
 
-@xfail("broker.py:63/496 keeps the first 64 KiB of a /prompt answer and comfyui.py:202 "
-       "parses them as whole JSON: a 200 answer with large node_errors runs untracked")
 def test_a_prompt_answer_over_64_kib_still_names_its_render():
     errors = {f"node{i}": {"errors": ["x" * 200], "class_type": "X"} for i in range(400)}
     body = json.dumps({"prompt_id": "abc", "number": 1, "node_errors": errors}).encode()
@@ -273,8 +263,6 @@ async def test_a_queued_job_whose_consumer_a_reload_removed_is_not_a_500(world, 
     assert reply.code != 500, reply.body
 
 
-@xfail("broker.py:543 indexes the registry by a tracked consumer a reload removed: the "
-       "tracking coroutine dies with KeyError and a logged traceback")
 @pytest_twisted.ensureDeferred
 async def test_removing_a_consumer_with_a_tracked_render_logs_no_traceback(world, start_broker,
                                                                           client, tmp_path):

@@ -9,7 +9,7 @@ behaviour no config key can express:
   (ollama unloads every loaded model; vLLM sleeps and wakes up).
 - `is_gpu_work`: which requests of its native API use the GPU, and so go
   through the scheduler (the rest are relayed at once).
-- `render_id` / `render_done` / `interrupt`: GPU work that goes on after the
+- `render_id` / `render_state` / `interrupt`: GPU work that goes on after the
   answer (a ComfyUI render); gpumgr keeps the GPU slot until it is over.
 
 What a driver may use of the rest of gpumgr is `ControlHttp` (small bounded
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from gpumgr.drivers.base import BaseDriver, ControlHttp, IDriver
+from gpumgr.drivers.base import BaseDriver, ControlHttp, IDriver, RenderState
 from gpumgr.drivers.comfyui import ComfyUIDriver
 from gpumgr.drivers.http import HttpDriver
 from gpumgr.drivers.ollama import OllamaDriver
@@ -46,4 +46,4 @@ def get_driver(name: str) -> IDriver:
     return _DRIVERS[name]
 
 
-__all__ = ["BaseDriver", "ControlHttp", "DRIVER_NAMES", "IDriver", "get_driver"]
+__all__ = ["BaseDriver", "ControlHttp", "DRIVER_NAMES", "IDriver", "RenderState", "get_driver"]

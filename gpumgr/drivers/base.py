@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Protocol
 
 import attrs
@@ -23,6 +24,14 @@ class HttpReply:
 
     def snippet(self) -> str:
         return self.body[:200].decode("utf-8", "replace").strip()
+
+
+class RenderState(enum.Enum):
+    """Where GPU work that went on after its answer stands."""
+
+    RUNNING = "running"  # still queued or rendering
+    DONE = "done"  # finished (succeeded or failed): its result is recorded
+    GONE = "gone"  # the service knows nothing of it (it restarted, or moved)
 
 
 class ControlCallFailed(Exception):
@@ -60,9 +69,9 @@ class IDriver(Interface):
     def render_id(method: str, path: str, status: int, body_head: bytes) -> str | None:
         """For an answered request whose GPU work goes on afterwards, its id."""
 
-    def render_done(http: ControlHttp, consumer: ConsumerConfig,
-                    render_id: str) -> defer.Deferred[bool]:
-        """Is that work over (succeeded or failed)?"""
+    def render_state(http: ControlHttp, consumer: ConsumerConfig,
+                     render_id: str) -> defer.Deferred[RenderState]:
+        """Is that work still running, over, or unknown to the service?"""
 
     def interrupt(http: ControlHttp, consumer: ConsumerConfig,
                   render_id: str) -> defer.Deferred[None]:
@@ -121,9 +130,9 @@ class BaseDriver:
     def render_id(self, method: str, path: str, status: int, body_head: bytes) -> str | None:
         return None
 
-    def render_done(self, http: ControlHttp, consumer: ConsumerConfig,
-                    render_id: str) -> defer.Deferred[bool]:
-        return defer.succeed(True)
+    def render_state(self, http: ControlHttp, consumer: ConsumerConfig,
+                     render_id: str) -> defer.Deferred[RenderState]:
+        return defer.succeed(RenderState.DONE)
 
     def interrupt(self, http: ControlHttp, consumer: ConsumerConfig,
                   render_id: str) -> defer.Deferred[None]:

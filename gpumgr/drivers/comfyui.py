@@ -1,8 +1,9 @@
 """ComfyUI.
 
 `POST /prompt` answers at once with a `prompt_id` and renders afterwards, for
-seconds or minutes: the GPU slot is held until `GET /history/<id>` is no
-longer empty (the render succeeded or failed). `/free` only sets flags the
+seconds or minutes: the GPU slot is held while the prompt is in `GET /queue`
+(running or pending); then `GET /history/<id>` says it is over, or, empty,
+that ComfyUI has forgotten it (it restarted). `/free` only sets flags the
 worker honours between renders, so its 200 says nothing about freed memory.
 Every route is also served under `/api/`.
 """
@@ -10,24 +11,50 @@ Every route is also served under `/api/`.
 from __future__ import annotations
 
 import json
+import re
 from urllib.parse import quote
 
 from twisted.internet import defer
 
 from gpumgr.config import ConsumerConfig, HttpCall
-from gpumgr.drivers.base import BaseDriver, ControlCallFailed, ControlHttp
+from gpumgr.drivers.base import BaseDriver, ControlCallFailed, ControlHttp, RenderState
 
 _PROMPT_PATHS = ("/prompt", "/api/prompt")
 
 
+_PROMPT_ID = re.compile(rb'"prompt_id"\s*:\s*"((?:[^"\\]|\\.){1,256})"')
+
+
 def prompt_id_of(body_head: bytes) -> str | None:
-    """The prompt id in a `/prompt` answer (pure); None if there is none."""
+    """The prompt id in a `/prompt` answer (pure); None if there is none.
+
+    The answer may be longer than what gpumgr keeps of it (large
+    `node_errors`): then the id is found in the head as text."""
     try:
         doc = json.loads(body_head)
     except ValueError:
-        return None
+        match = _PROMPT_ID.search(body_head)
+        return json.loads(b'"' + match.group(1) + b'"') if match else None
     pid = doc.get("prompt_id") if isinstance(doc, dict) else None
     return pid if isinstance(pid, str) and pid else None
+
+
+def queued_ids(body: bytes) -> set[str]:
+    """Prompt ids in a `GET /queue` answer, running and pending (pure).
+
+    Each entry is `[number, prompt_id, prompt, extra_data, outputs]`."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise ControlCallFailed("GET /queue did not answer JSON") from None
+    if not isinstance(doc, dict):
+        raise ControlCallFailed("GET /queue did not answer a JSON object")
+    ids = set()
+    for key in ("queue_running", "queue_pending"):
+        for entry in doc.get(key) or ():
+            if isinstance(entry, list) and len(entry) > 1 and isinstance(entry[1], str):
+                ids.add(entry[1])
+    return ids
 
 
 def history_done(body: bytes, prompt_id: str) -> bool:
@@ -55,16 +82,25 @@ class ComfyUIDriver(BaseDriver):
             return None
         return prompt_id_of(body_head)
 
-    def render_done(self, http: ControlHttp, consumer: ConsumerConfig,
-                    render_id: str) -> defer.Deferred[bool]:
-        return defer.ensureDeferred(self._render_done(http, consumer, render_id))
+    def render_state(self, http: ControlHttp, consumer: ConsumerConfig,
+                     render_id: str) -> defer.Deferred[RenderState]:
+        return defer.ensureDeferred(self._render_state(http, consumer, render_id))
 
-    async def _render_done(self, http: ControlHttp, consumer: ConsumerConfig,
-                           render_id: str) -> bool:
+    async def _render_state(self, http: ControlHttp, consumer: ConsumerConfig,
+                            render_id: str) -> RenderState:
+        """Queued or running: RUNNING. Otherwise its history says DONE; with no
+        history either, ComfyUI has forgotten it (a restart): GONE. The queue
+        comes first, so a reused prompt id with an old history entry still
+        holds the GPU while it renders again."""
+        queue = await http.request("GET", consumer.url_for("/queue"))
+        if not queue.ok:
+            raise ControlCallFailed(f"GET /queue answered HTTP {queue.code}: {queue.snippet()}")
+        if render_id in queued_ids(queue.body):
+            return RenderState.RUNNING
         reply = await http.request("GET", consumer.url_for("/history/" + quote(render_id, safe="")))
         if not reply.ok:
             raise ControlCallFailed(f"GET /history answered HTTP {reply.code}: {reply.snippet()}")
-        return history_done(reply.body, render_id)
+        return RenderState.DONE if history_done(reply.body, render_id) else RenderState.GONE
 
     def interrupt(self, http: ControlHttp, consumer: ConsumerConfig,
                   render_id: str) -> defer.Deferred[None]:
