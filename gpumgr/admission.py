@@ -30,6 +30,8 @@ log = Logger()
 
 #: Deadline of a load or unload call (a process start has its own).
 CONTROL_TIMEOUT_S = 30.0
+#: What ManagedProcess allows a process after SIGKILL before giving up on it.
+PROCESS_KILL_GRACE_S = 5.0
 #: How often nvidia-smi is re-read while waiting for memory to come back.
 SETTLE_POLL_S = 0.25
 RECENT_EVENTS = 50
@@ -195,7 +197,14 @@ class Admission:
         if which == "load":
             d = self._control.load(name)
             return d.addTimeout(self._control.load_timeout_s(name), self._clock)
-        return self._control.unload(name).addTimeout(CONTROL_TIMEOUT_S, self._clock)
+        return self._control.unload(name).addTimeout(self._unload_timeout_s(name), self._clock)
+
+    def _unload_timeout_s(self, name: str) -> float:
+        """Stopping a process may take its stop_timeout_s, then SIGKILL's grace."""
+        c = self._config.consumers.get(name)
+        if c is not None and c.process is not None:
+            return max(CONTROL_TIMEOUT_S, c.process.stop_timeout_s + PROCESS_KILL_GRACE_S + 5.0)
+        return CONTROL_TIMEOUT_S
 
     @defer.inlineCallbacks
     def unload(self, name: str, reason: str, needed_mib: int | None = None) -> Any:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import hashlib
 from typing import Any, Callable
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote, unquote_to_bytes
 
 import attrs
 from twisted.internet import defer, task
@@ -34,6 +34,9 @@ from gpumgr.errors import (
     ControlFailed,
     GpumgrError,
     MethodNotAllowed,
+    ConsumerRemoved,
+    ConsumerStopped,
+    JobTimeout,
     NotSupported,
     ShuttingDown,
     UnknownConsumer,
@@ -59,6 +62,9 @@ access_log = Logger(namespace="gpumgr.access")
 RENDER_POLL_S = 0.5
 #: Deadline of one poll.
 RENDER_POLL_TIMEOUT_S = 5.0
+#: A job's hard deadline comes this long after job_timeout_s, when a tracked
+#: render has already been interrupted (it is polled every RENDER_POLL_S).
+_JOB_TIMEOUT_MARGIN_S = 2.0
 #: The first bytes of a response kept for a driver that tracks renders.
 _CAPTURE_BYTES = 64 * 1024
 
@@ -91,6 +97,10 @@ class TrackedRender:
     consumer: str
     render_id: str
     since: float
+
+
+def _wants_websocket(request: Any) -> bool:
+    return (request.getHeader(b"upgrade") or b"").strip().lower() == b"websocket"
 
 
 def reload_refusal(old: Config, new: Config) -> str | None:
@@ -167,6 +177,8 @@ class Broker:
         self.started_at = reactor.seconds()
         self.registry = Registry(config.consumers)
         self.processes: dict[str, ManagedProcess] = {}
+        #: Processes a reload removed or changed, until they have stopped.
+        self._retiring: dict[str, ManagedProcess] = {}
         self.renders: dict[int, TrackedRender] = {}
         self._render_seq = 0
         self.render_counts: collections.Counter[str] = collections.Counter()
@@ -255,7 +267,9 @@ class Broker:
             c = new.consumers.get(name)
             if c is None or c.process != old.consumers[name].process:
                 del self.processes[name]
-                self._retire(name, process)
+                # A changed process starts only once the old one has stopped: two
+                # servers must never hold the same port and memory side by side.
+                self._retire(name, process).addBoth(lambda _: self._sync_processes())
         self._sync_processes()
         sched = new.scheduler
         if isinstance(self.scheduler, Locked):
@@ -266,15 +280,30 @@ class Broker:
         for listener in self.config_listeners:
             listener(new)
 
-    def _retire(self, name: str, process: ManagedProcess) -> None:
-        """A managed process whose consumer is gone (or changed): stopped once idle."""
-        busy = any(h.consumer == name for h in self.scheduler.stats().holders)
-        if busy:
-            self.reactor.callLater(1.0, self._retire, name, process)
-            return
-        log.info("{name}: stopping its process (removed or changed by a reload)", name=name)
-        process.stop().addErrback(lambda f: log.warn("{name}: stopping failed: {why}",
-                                                     name=name, why=f.getErrorMessage()))
+    def _retire(self, name: str, process: ManagedProcess) -> defer.Deferred[None]:
+        """A managed process whose consumer is gone (or changed): stopped once
+        no job of it holds the GPU. Fires once it has stopped."""
+        self._retiring[name] = process
+        stopped: defer.Deferred[None] = defer.Deferred()
+
+        def attempt() -> None:
+            if any(h.consumer == name for h in self.scheduler.stats().holders):
+                self.reactor.callLater(1.0, attempt)
+                return
+            log.info("{name}: stopping its process (removed or changed by a reload)", name=name)
+
+            def done(result: Any) -> None:
+                if isinstance(result, Failure):
+                    log.warn("{name}: stopping failed: {why}", name=name,
+                             why=result.getErrorMessage())
+                if self._retiring.get(name) is process:
+                    del self._retiring[name]
+                stopped.callback(None)
+
+            process.stop().addBoth(done)
+
+        attempt()
+        return stopped
 
     async def drain(self, grace_s: float) -> None:
         """Shutdown: refuse queued and new GPU jobs with 503 shutting_down, let
@@ -295,7 +324,7 @@ class Broker:
 
     def _sync_processes(self) -> None:
         for name, c in self._config.consumers.items():
-            if c.process is None or name in self.processes:
+            if c.process is None or name in self.processes or name in self._retiring:
                 continue
             self.processes[name] = self._process_factory(
                 self.reactor, name, c.process, probe=lambda name=name: self._ready_probe(name),
@@ -330,8 +359,8 @@ class Broker:
         self.health.stop()
         self.gpu.stop()
         self.admission.stop()
-        return defer.DeferredList([p.stop() for p in self.processes.values()],
-                                  consumeErrors=True)
+        owned = list(self.processes.values()) + list(self._retiring.values())
+        return defer.DeferredList([p.stop() for p in owned], consumeErrors=True)
 
     # -- health --------------------------------------------------------------
 
@@ -406,8 +435,14 @@ class Broker:
             if not path_is_safe(subpath):
                 raise BadPath("paths must not contain '..', encoded separators or empty "
                               "segments", consumer=c.name)
-            path = "/" + b"/".join(subpath).decode("latin-1")
+            raw_path = "/" + b"/".join(subpath).decode("latin-1")
+            # Services decode %xx before routing (aiohttp, gin): so do the decisions.
+            path = unquote(raw_path)
             scheduled = self.is_gpu_work(c, method, path)
+            url = (c.url + raw_path).encode("utf-8")
+            if query:
+                url += b"?" + query
+            return c, url, path, scheduled
         url = c.url_for(path).encode("utf-8")
         if query:
             url += b"?" + query
@@ -428,11 +463,17 @@ class Broker:
         refusal = self._health_refusal(c)
         if refusal is not None:
             d: defer.Deferred[Any] = defer.fail(refusal)
-        elif is_upgrade(request):
+        elif is_upgrade(request) and (subpath is not None or _wants_websocket(request)):
+            # On pass-through routes WebSockets tunnel and other upgrades get 501; on
+            # /v1/<kind> an offer such as curl's h2c is ignored (RFC 9110 7.8).
             if subpath is None:
-                raise UpgradeNotSupported("upgrades are relayed on pass-through routes only")
+                raise UpgradeNotSupported("WebSockets are relayed on pass-through routes only")
             check_upgrade(request)
             return self._tunnel(request, c, url)
+        elif not scheduled and self._process_stopped(c.name):
+            d = defer.fail(ConsumerStopped(
+                f"{c.name} is not running; its next GPU request starts it", consumer=c.name,
+                retry_after_s=1))
         elif not scheduled:
             d = self.proxy.forward(request, c.name, self._agent_for(c), url, self._timeouts(c),
                                    [(b"X-Gpumgr-Consumer", c.name.encode("utf-8"))])
@@ -440,14 +481,30 @@ class Broker:
             driver = get_driver(c.driver)
 
             def job() -> defer.Deferred[Any]:
-                return defer.ensureDeferred(
-                    self._gpu_job(request, c, driver, method, path, url, timing))
+                current = self._config.consumers.get(c.name)
+                if current is None:
+                    return defer.fail(ConsumerRemoved(
+                        f"{c.name} was removed by a config reload while this request waited",
+                        consumer=c.name))
+                d = defer.ensureDeferred(
+                    self._gpu_job(request, current, driver, method, path, url, timing))
+                # Every job is bounded; a render's own deadline (job_timeout_s) comes
+                # first, so that it can be interrupted cleanly.
+                limit_s = current.job_timeout_s + _JOB_TIMEOUT_MARGIN_S
+                return d.addTimeout(limit_s, self.reactor,
+                                    onTimeoutCancel=lambda r, t: self._job_timed_out(c.name, t))
 
             d = self.scheduler.run(c.name, job, kind=kind)
             # A client that leaves while queued must leave the queue at once.
             request.notifyFinish().addErrback(lambda _: d.cancel())
         d.addBoth(self._account, request, kind, c.name, timing)
         return d
+
+    def _job_timed_out(self, name: str, seconds: float) -> Failure:
+        self.admission.event("job_timeout", name, "job_timeout")
+        log.warn("{name}: a job held the GPU past job_timeout_s; it was aborted", name=name)
+        return Failure(JobTimeout(f"{name}: the job ran past job_timeout_s and was aborted",
+                                  consumer=name))
 
     def _account(self, result: Any, request: Any, kind: str, consumer: str,
                  timing: _Timing) -> Any:
@@ -490,6 +547,14 @@ class Broker:
         evicting = self.mode == "evicting"
         if evicting:
             await self.admission.admit(name)
+        retiring = self._retiring.get(name)
+        if retiring is not None:
+            # A reload changed its process block: this job holds the GPU, so the old
+            # process goes now, and the new one starts below.
+            await retiring.stop()
+            if self._retiring.get(name) is retiring:
+                del self._retiring[name]
+            self._sync_processes()
         process = self.processes.get(name)
         if process is not None and process.state is not ProcessState.RUNNING:
             await self.admission.load(name, "demand", evicting=False)

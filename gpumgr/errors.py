@@ -124,6 +124,25 @@ class ConfigRejected(GpumgrError):
     code = "config_rejected"
 
 
+class ConsumerStopped(GpumgrError):
+    """A process gpumgr owns is not running, and this request does not start it."""
+
+    status = 503
+    code = "consumer_stopped"
+
+
+class ConsumerRemoved(GpumgrError):
+    """A reload removed the consumer this queued request was for."""
+
+    status = 503
+    code = "consumer_removed"
+
+
+class JobTimeout(GpumgrError):
+    status = 504
+    code = "job_timeout"
+
+
 class ShuttingDown(GpumgrError):
     status = 503
     code = "shutting_down"

@@ -21,7 +21,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
+from gpumgr.errors import MethodNotAllowed, UnknownRoute, write_error
 from gpumgr.eviction import Residency
 from gpumgr.process import ProcessState
 from gpumgr.registry import Health
@@ -193,10 +195,20 @@ class MetricsResource(Resource):
         super().__init__()
         self._registry = make_registry(snapshot)
 
+    def render(self, request: Any) -> Any:
+        """GET and HEAD; every other answer follows gpumgr's JSON error contract."""
+        if request.postpath not in ([], [b""]):
+            write_error(request, UnknownRoute(f"no route for {request.path.decode('latin-1')}"))
+            return NOT_DONE_YET
+        if request.method not in (b"GET", b"HEAD"):
+            write_error(request, MethodNotAllowed(request.method.decode("ascii", "replace"),
+                                                  ("GET", "HEAD")))
+            return NOT_DONE_YET
+        return self.render_GET(request)
+
     def render_GET(self, request: Any) -> bytes:
         body = generate_latest(self._registry)
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         request.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
         return body
 
-    render_HEAD = render_GET

@@ -189,6 +189,7 @@ class GpumgrService(MultiService):
         self.broker.start()
         self._previous_handlers: dict[int, Any] = {}
         self._signal_actions: dict[int, Callable[[], Any]] = {}
+        self._draining = False
         if self._install_signals:
             # After the reactor installed its own handlers, which it does as it starts.
             self.reactor.callWhenRunning(self._install_signal_handlers)
@@ -200,7 +201,7 @@ class GpumgrService(MultiService):
         if not self.running:
             return
         handlers: dict[int, Callable[[], Any]] = {
-            signal.SIGHUP: self.broker.reload, signal.SIGTERM: self._stop_reactor,
+            signal.SIGHUP: self._reload, signal.SIGTERM: self._stop_reactor,
             signal.SIGINT: self._stop_reactor}
         for signum in handlers:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
@@ -208,6 +209,12 @@ class GpumgrService(MultiService):
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self._signal_actions[signum])
+
+    def _reload(self) -> None:
+        if self._draining:
+            log.info("SIGHUP while draining for shutdown: not reloading")
+            return
+        self.broker.reload()
 
     def _stop_reactor(self) -> None:
         try:
@@ -219,16 +226,23 @@ class GpumgrService(MultiService):
         """Drain: stop listening, answer queued jobs 503 shutting_down, let
         running ones finish for up to shutdown_grace_s, stop the processes
         gpumgr owns, close the pools."""
-        for signum, previous in self._previous_handlers.items():
-            if previous is not None:
-                signal.signal(signum, previous)
-        self._previous_handlers = {}
+        # Our handlers stay until the drain is over: a second SIGTERM, or a
+        # SIGHUP from logrotate, must not cut it short.
+        self._draining = True
         d = defer.maybeDeferred(super().stopService)
         d.addBoth(lambda _: defer.ensureDeferred(
             self.broker.drain(self.broker.config.shutdown_grace_s)))
         d.addBoth(lambda _: self.broker.stop())
         d.addBoth(lambda _: self._close_pools())
+        d.addBoth(self._restore_signal_handlers)
         return d
+
+    def _restore_signal_handlers(self, result: Any) -> Any:
+        for signum, previous in self._previous_handlers.items():
+            if previous is not None:
+                signal.signal(signum, previous)
+        self._previous_handlers = {}
+        return result
 
     def _close_pools(self) -> defer.Deferred[Any]:
         self._cooperator.stop()

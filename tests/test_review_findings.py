@@ -121,8 +121,6 @@ async def test_a_refused_upgrade_is_relayed_with_its_whole_body(world, start_bro
         await port.stopListening()
 
 
-@xfail("broker.py:428-431 and tunnel.py:46-53 refuse every Upgrade that is not a WebSocket "
-       "with 501; RFC 9110 7.8 lets a server ignore it, and curl --http2 sends Upgrade: h2c")
 @pytest_twisted.ensureDeferred
 async def test_an_h2c_upgrade_offer_is_ignored_on_a_work_route(broker, client):
     _, url = broker
@@ -135,9 +133,6 @@ async def test_an_h2c_upgrade_offer_is_ignored_on_a_work_route(broker, client):
 # -- pass-through -------------------------------------------------------------------------
 
 
-@xfail("broker.py:402-404 matches the still percent-encoded path; comfyui.py:230, "
-       "ollama.py:331 and ScheduledRoute.matches (config.py:72) compare exact strings, while "
-       "ComfyUI (aiohttp) and ollama (gin) decode %70 to 'p': GPU work skips the lock")
 @pytest_twisted.ensureDeferred
 async def test_percent_encoded_gpu_routes_are_still_scheduled(world, start_broker):
     service, _ = await locked_broker(world, start_broker)
@@ -154,8 +149,6 @@ async def test_head_reaches_the_consumer_as_head(world, start_broker, client):
     assert [r.method for r in world["mvoice"].requests[before:]] == ["HEAD"]
 
 
-@xfail("metrics.py:187 is a plain Resource: wrong methods get twisted.web's HTML 405/501 "
-       "pages, not the JSON error contract")
 @pytest_twisted.ensureDeferred
 async def test_metrics_refuses_wrong_methods_in_json(broker, client):
     _, url = broker
@@ -226,8 +219,6 @@ def test_a_prompt_answer_over_64_kib_still_names_its_render():
     assert ComfyUIDriver().render_id("POST", "/prompt", 200, head) == "abc"
 
 
-@xfail("config.py:104 says job_timeout_s bounds any job, but only _track_render "
-       "(broker.py:539) applies it: a stream that never ends holds the GPU lock for ever")
 @pytest_twisted.ensureDeferred
 async def test_job_timeout_bounds_a_stream_too(world, start_broker, client):
     service, url = await start_broker(world_config(
@@ -243,8 +234,6 @@ async def test_job_timeout_bounds_a_stream_too(world, start_broker, client):
 # -- reload --------------------------------------------------------------------------------
 
 
-@xfail("admission.py:131 (from broker.py:489) indexes the registry by a consumer a reload "
-       "removed while its job was queued: KeyError, 500 internal_error")
 @pytest_twisted.ensureDeferred
 async def test_a_queued_job_whose_consumer_a_reload_removed_is_not_a_500(world, start_broker,
                                                                         client, tmp_path):
@@ -321,10 +310,6 @@ async def test_stopping_a_wrapped_server_stops_the_server(managed_world,  # noqa
         _kill_simulated_servers(managed_world)
 
 
-@xfail("broker.py:254-259 makes the new ManagedProcess at once while _retire (broker.py:269) "
-       "keeps the old one until idle: the queued job starts a second server beside it "
-       "(whisper.cpp loads its model first: twice the VRAM), which dies 'Address already in "
-       "use' while the old one answers")
 @pytest_twisted.ensureDeferred
 async def test_reloading_a_busy_process_block_never_runs_two_servers(managed_world,  # noqa: F811
                                                                     start_broker, client,
@@ -396,9 +381,6 @@ class _SlowStop:
         return 60.0
 
 
-@xfail("admission.py:198 gives every unload CONTROL_TIMEOUT_S (30 s), though stopping a "
-       "process may take stop_timeout_s + KILL: the eviction 'fails' and the job is refused "
-       "while the process dies a moment later")
 def test_an_unload_waits_as_long_as_the_process_may_take_to_stop():
     clock = Clock()
     config = parse_config({
@@ -421,7 +403,7 @@ def test_an_unload_waits_as_long_as_the_process_may_take_to_stop():
 
 
 def _drain_with_second_signal(demo_process, second):  # noqa: F811
-    proc, port, _, log = demo_process
+    proc, port, _, output = demo_process
     result = {}
 
     def stream():
@@ -444,22 +426,16 @@ def _drain_with_second_signal(demo_process, second):  # noqa: F811
     proc.send_signal(second)
     t.join(timeout=30)
     code = proc.wait(timeout=30)
-    log.seek(0)
-    return code, result.get("lines"), log.read()
+    return code, result.get("lines"), output()
 
 
 @pytest.mark.slow
-@xfail("service.py:222-225 restores the previous handlers when the drain starts: a second "
-       "SIGTERM goes to Twisted's own handler (critical ReactorNotRunning traceback, exit "
-       "143, which systemd reads as a failure)")
 def test_a_second_sigterm_while_draining_still_exits_0(demo_process):  # noqa: F811
     code, lines, output = _drain_with_second_signal(demo_process, signal.SIGTERM)
     assert code == 0 and "Traceback" not in output
 
 
 @pytest.mark.slow
-@xfail("same place: SIGHUP (logrotate) during the drain hits SIG_DFL and kills gpumgr at "
-       "once (exit 129), cutting the streams the drain promised to finish")
 def test_a_sighup_while_draining_does_not_kill_gpumgr(demo_process):  # noqa: F811
     code, lines, _ = _drain_with_second_signal(demo_process, signal.SIGHUP)
     assert code == 0 and lines and lines[-1]["done"] is True
