@@ -39,6 +39,7 @@ from gpumgr.errors import (
     JobTimeout,
     NotSupported,
     ShuttingDown,
+    UpgradeNotSupported,
     UnknownConsumer,
     UnknownRoute,
 )
@@ -52,7 +53,7 @@ from gpumgr.scheduler import Locked, Passthrough, Scheduler
 from gpumgr import __version__
 from gpumgr.snapshot import ConsumerSnapshot, RenderSnapshot, RequestStats, Snapshot
 from gpumgr.status import status_document
-from gpumgr.tunnel import Tunnel, UpgradeNotSupported, check_upgrade, is_upgrade
+from gpumgr.tunnel import Tunnel, check_upgrade, is_upgrade
 
 log = Logger()
 #: One line per proxied request.
@@ -92,7 +93,7 @@ def _body_size(request: Any) -> int:
         return 0
 
 
-@attrs.define
+@attrs.frozen
 class TrackedRender:
     consumer: str
     render_id: str

@@ -124,6 +124,11 @@ class ConfigRejected(GpumgrError):
     code = "config_rejected"
 
 
+class UpgradeNotSupported(GpumgrError):
+    status = 501
+    code = "upgrade_not_supported"
+
+
 class ConsumerStopped(GpumgrError):
     """A process gpumgr owns is not running, and this request does not start it."""
 

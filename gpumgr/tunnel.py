@@ -24,7 +24,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from gpumgr.errors import GpumgrError, UpstreamTimeout, UpstreamUnreachable, write_error
+from gpumgr.errors import (
+    GpumgrError,
+    UpgradeNotSupported,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    write_error,
+)
 from gpumgr.proxy import forward_request_headers
 
 log = Logger()
@@ -33,11 +39,6 @@ log = Logger()
 _HEAD_LIMIT = 64 * 1024
 #: Kept for the upgrade: the rest of the hop-by-hop set is dropped as usual.
 _UPGRADE_HEADERS = (b"upgrade", b"connection")
-
-
-class UpgradeNotSupported(GpumgrError):
-    status = 501
-    code = "upgrade_not_supported"
 
 
 def is_upgrade(request: Any) -> bool:
