@@ -5,9 +5,25 @@ its port, so freeing its VRAM means stopping the process and getting it back
 means starting it again (llama-swap's `cmd`/`cmdStop`). `ManagedProcess`
 does that for one consumer with a `process` block.
 
-On Linux the child is spawned through a tiny launcher that asks the kernel to
-send it SIGTERM when gpumgr dies (``PR_SET_PDEATHSIG``), so even a SIGKILLed
-gpumgr leaves no GPU-holding orphans behind.
+A `process.command` is often a wrapper (``sh -c``, ``uv run``, ``conda run``)
+whose child is the real server, and a wrapper may neither exec it nor pass
+signals on. So on Linux the child is spawned through a tiny launcher that
+starts a new session: the service and everything it forks share one process
+group (its id is the pid gpumgr logs), and stopping signals that whole group,
+then waits until no live process is left in it, not only the direct child.
+
+The launcher also asks the kernel to send the direct child SIGTERM when
+gpumgr dies (``PR_SET_PDEATHSIG``). What that covers when gpumgr is SIGKILLed
+(or crashes; a clean shutdown stops every group):
+
+- covered: a service that is the direct child, and a wrapper that execs its
+  server (``sh -c "exec whisper-server ..."``) or passes SIGTERM on;
+- not covered: the children of a wrapper that does neither (``sh -c "a; b"``,
+  ``conda run``): the death signal is per process and fork clears it, so they
+  outlive gpumgr. They are still in their own group, so
+  ``kill -TERM -- -PID`` (PID from "started pid PID") ends them all;
+- not covered either way: a process that starts its own session or group
+  (a daemonizing server): gpumgr never sees it, as before.
 """
 
 from __future__ import annotations
@@ -19,7 +35,7 @@ import os
 import shutil
 import signal
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import attrs
 from twisted.internet import defer, error
@@ -41,8 +57,10 @@ BACKOFF_FIRST_S = 30.0
 BACKOFF_MAX_S = 600.0
 #: After SIGKILL, how long to wait for the exit before giving up on the process.
 KILL_GRACE_S = 5.0
-#: After the exit, how long a grandchild may hold our pipes before we close them.
+#: Once the group is gone, how long a process outside it may hold our pipes.
 PIPE_DRAIN_S = 1.0
+#: How often to look whether a group outlives its leader; groups have no exit event.
+GROUP_POLL_S = 0.1
 LINE_MAX_CHARS = 2000
 LOG_LINES_PER_S = 50
 STDERR_KEPT_LINES = 20
@@ -108,6 +126,11 @@ except Exception:
     pass
 if os.getppid() != int(sys.argv[1]):
     sys.exit(1)  # gpumgr died before the death signal was armed
+try:
+    os.setsid()  # its own process group, which gpumgr stops as a whole
+except OSError as e:
+    sys.stderr.write("cannot start a new session: %s\\n" % e.strerror)
+    sys.exit(127)
 for s in range(1, signal.NSIG):  # Python ignores SIGPIPE and SIGXFSZ; the service should not
     try:
         if signal.getsignal(s) == signal.SIG_IGN:
@@ -136,10 +159,12 @@ class Launch:
     args: tuple[str, ...]
     #: spawnProcess's `path`; set only without the launcher.
     path: str | None
+    #: The child leads a new session and process group, whose id is its pid.
+    new_session: bool = False
 
 
 def launch(executable: str, argv: Sequence[str], cwd: str | None, parent_pid: int) -> Launch:
-    """Through the death-signal launcher on Linux, else as is.
+    """Through the launcher (new session, death signal) on Linux, else as is.
 
     The launcher also changes directory itself, so spawnProcess never needs
     `path=`: with it Twisted forks and runs Python in the child before exec,
@@ -150,7 +175,7 @@ def launch(executable: str, argv: Sequence[str], cwd: str | None, parent_pid: in
         return Launch(executable, tuple(argv), cwd)
     python = sys.executable
     args = (python, "-I", "-S", "-c", _LAUNCHER, str(parent_pid), cwd or "", executable, *argv)
-    return Launch(python, args, None)
+    return Launch(python, args, None, new_session=True)
 
 
 def resolve_executable(command: str, cwd: str | None, path: str | None) -> str | None:
@@ -161,6 +186,58 @@ def resolve_executable(command: str, cwd: str | None, path: str | None) -> str |
             return os.path.abspath(candidate)
         return None
     return shutil.which(command, path=path)
+
+
+class ProcessGroups(Protocol):
+    """The kernel's process groups, as far as stopping a service needs them."""
+
+    def signal(self, pgid: int, sig: int) -> None:
+        """killpg(2): ProcessLookupError if no process is in the group."""
+
+    def has_live_members(self, pgid: int) -> bool:
+        """Whether a process that is not a zombie is still in the group."""
+
+
+class _OsProcessGroups:
+    def signal(self, pgid: int, sig: int) -> None:
+        os.killpg(pgid, sig)
+
+    def has_live_members(self, pgid: int) -> bool:
+        # Where gpumgr is PID 1 (a container) or a subreaper, the group's
+        # orphans are its children, and nobody else would reap them.
+        try:
+            while os.waitpid(-pgid, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # someone is there
+        # killpg counts zombies, and an orphan whose reaper (PID 1 in a
+        # container) never reaps stays one forever: it holds no memory.
+        try:
+            entries = os.listdir("/proc")
+        except OSError:
+            return True
+        wanted = str(pgid).encode()
+        for entry in entries:
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            # fields: state, ppid, pgrp, ...
+            if len(fields) > 2 and fields[2] == wanted and fields[0] not in (b"Z", b"X"):
+                return True
+        return False
+
+
+OS_PROCESS_GROUPS: ProcessGroups = _OsProcessGroups()
 
 
 @attrs.define
@@ -232,6 +309,8 @@ class _Run:
     def __init__(self) -> None:
         self.transport: Any = None
         self.protocol: _ServiceProtocol | None = None
+        #: Its process group, when the launcher made it lead one.
+        self.pgid: int | None = None
         #: Fires when a probe passes; its deadline is the start timeout.
         self.healthy: defer.Deferred[None] | None = None
         self.probing = True
@@ -239,19 +318,32 @@ class _Run:
         self.poll_timer: IDelayedCall | None = None
         #: Stop and pipe-drain timers.
         self.timers: list[IDelayedCall] = []
+        self.group_timer: IDelayedCall | None = None
+        #: The direct child has exited (and been reaped).
         self.exited = False
+        #: processEnded: the exit, and our pipes closed; with its status.
+        self.ended = False
+        self.exit_code: int | None = None
+        self.exit_signal: int | None = None
+        #: Live processes are left in its group after the direct child exited.
+        self.group_alive = False
+        self.term_sent = False
+        #: SIGTERM reached the group, not only the direct child.
+        self.group_termed = False
         self.stop_requested = False
         self.start_pending = True
         #: Set when gpumgr ended the start (timeout, stop): the start's error.
         self.start_error: str | None = None
-        self.cancelled_by_stop = False
+        #: A stop, or every caller giving up, ended the start: no failed start.
+        self.start_cancelled = False
         self.last_probe_error: str | None = None
 
     def cancel_timers(self) -> None:
-        for timer in self.timers:
-            if timer.active():
+        for timer in [*self.timers, self.group_timer]:
+            if timer is not None and timer.active():
                 timer.cancel()
         self.timers = []
+        self.group_timer = None
 
 
 class _ServiceProtocol(ProcessProtocol):
@@ -302,6 +394,7 @@ class ManagedProcess:
         kill_grace_s: float = KILL_GRACE_S,
         pipe_drain_s: float = PIPE_DRAIN_S,
         log_lines_per_s: int = LOG_LINES_PER_S,
+        groups: ProcessGroups = OS_PROCESS_GROUPS,
     ) -> None:
         self._reactor = reactor
         self._clock: IReactorTime = clock if clock is not None else IReactorTime(reactor)
@@ -311,6 +404,7 @@ class ManagedProcess:
         self._on_exit = on_exit
         self._kill_grace_s = kill_grace_s
         self._pipe_drain_s = pipe_drain_s
+        self._groups = groups
         self.state = ProcessState.STOPPED
         self.pid: int | None = None
         self.started_at: float | None = None
@@ -323,6 +417,8 @@ class ManagedProcess:
         self._stderr = _LineSplitter(lambda line: self._output("stderr", line))
         self._run: _Run | None = None
         self._start_waiters: list[defer.Deferred[None]] = []
+        #: start() while stopping: spawned after the stop, if a caller still waits.
+        self._queued_starts: list[defer.Deferred[None]] = []
         self._stop_waiters: list[defer.Deferred[None]] = []
         self._consecutive_failures = 0
         self._last_failure_at: float | None = None
@@ -336,11 +432,17 @@ class ManagedProcess:
     # -- the public face --
 
     def start(self) -> defer.Deferred[None]:
-        """Fires once the process answers its health probe; shares a start in progress."""
+        """Fires once the process answers its health probe; shares a start in progress.
+
+        Cancelling it withdraws this caller only; a start that every caller
+        has withdrawn is given up (before the spawn: nothing is spawned; after:
+        the process is stopped), since nobody would record the process as
+        loaded, and eviction would never stop it.
+        """
         if self.state is ProcessState.RUNNING:
             return defer.succeed(None)
         if self.state is ProcessState.STOPPING:
-            return self._wait(self._stop_waiters).addBoth(lambda _: self.start())
+            return self._wait(self._queued_starts)
         if self.state is ProcessState.STARTING:
             return self._wait(self._start_waiters)
         refusal = self._backoff_refusal()
@@ -351,7 +453,8 @@ class ManagedProcess:
         return waiter
 
     def stop(self) -> defer.Deferred[None]:
-        """TERM, KILL after stop_timeout_s; fires once the process has exited.
+        """TERM, KILL after stop_timeout_s, to its whole process group; fires
+        once the process, and every process left in its group, has exited.
 
         A start in progress fails. Fails with ProcessStopFailed only if the
         process outlives KILL (a D-state process): then it is given up on.
@@ -363,7 +466,7 @@ class ManagedProcess:
         if self.state is ProcessState.STARTING:
             run.start_error = (
                 f"{self.name}: start cancelled: stop() was called while it was starting")
-            run.cancelled_by_stop = True
+            run.start_cancelled = True
             self._abort_health_wait(run)
         if self.state is not ProcessState.STOPPING:
             self.state = ProcessState.STOPPING
@@ -426,6 +529,8 @@ class ManagedProcess:
         if self._last_end_unexpected:
             self.restarts += 1
         self.pid = run.transport.pid
+        if how.new_session:
+            run.pgid = self.pid
         self.started_at = self._clock.seconds()
         log.info("{name}: started pid {pid}: {command}", name=self.name, pid=self.pid,
                  command=" ".join(command))
@@ -506,24 +611,51 @@ class ManagedProcess:
 
     # -- stopping --
 
-    def _signal(self, run: _Run, sig: str) -> None:
-        try:
-            run.transport.signalProcess(sig)
-        except error.ProcessExitedAlready:
-            pass
+    def _signal(self, run: _Run, sig: str) -> bool:
+        """To its whole process group; True if the group got it.
+
+        Until the launcher has called setsid() there is no group yet, and
+        only the direct child (still the launcher) can be signalled.
+        """
+        if run.pgid is not None:
+            try:
+                self._groups.signal(run.pgid, getattr(signal, "SIG" + sig))
+                return True
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                log.warn("{name}: may not signal process group {pgid}",
+                         name=self.name, pgid=run.pgid)
+                return False
+        if not run.exited:
+            try:
+                run.transport.signalProcess(sig)
+            except error.ProcessExitedAlready:
+                pass
+        return False
 
     def _terminate(self, run: _Run) -> None:
         run.stop_requested = True
-        if run.exited:
-            return  # only the pipes are left; the drain timer closes them
-        self._signal(run, "TERM")
+        self._send_term(run)
+
+    def _send_term(self, run: _Run) -> None:
+        """SIGTERM once, and SIGKILL for whatever is left stop_timeout_s later."""
+        if run.term_sent or (run.exited and not run.group_alive):
+            return  # on its way; or only the pipes are left, and the drain timer closes them
+        run.term_sent = True
+        run.group_termed = self._signal(run, "TERM")
         run.timers.append(self._clock.callLater(self.spec.stop_timeout_s, self._kill, run))
 
     def _kill(self, run: _Run) -> None:
-        if run.exited:
+        if not run.exited:
+            log.warn("{name}: no exit {t:g}s after SIGTERM; sending SIGKILL",
+                     name=self.name, t=self.spec.stop_timeout_s)
+        elif self._group_has_live_members(run):
+            log.warn("{name}: its process group {pgid} outlived SIGTERM by {t:g}s; "
+                     "sending SIGKILL", name=self.name, pgid=run.pgid,
+                     t=self.spec.stop_timeout_s)
+        else:
             return
-        log.warn("{name}: no exit {t:g}s after SIGTERM; sending SIGKILL",
-                 name=self.name, t=self.spec.stop_timeout_s)
         self._signal(run, "KILL")
         run.timers.append(self._clock.callLater(self._kill_grace_s, self._give_up, run))
 
@@ -531,21 +663,70 @@ class ManagedProcess:
         """A process that outlives KILL (D-state): forget it rather than hang."""
         if run is not self._run:
             return
-        log.error("{name}: pid {pid} did not exit after SIGKILL; gave up on it",
-                  name=self.name, pid=self.pid)
+        if run.exited and not self._group_has_live_members(run):
+            return  # only the pipes are left: the group watch and the drain timer end it
+        if run.exited:
+            log.error("{name}: processes in its group {pgid} did not exit after SIGKILL; "
+                      "gave up on them", name=self.name, pgid=run.pgid)
+        else:
+            log.error("{name}: pid {pid} did not exit after SIGKILL; gave up on it",
+                      name=self.name, pid=self.pid)
         if run.protocol is not None:
             run.protocol.detach()
-        run.transport.loseConnection()
-        self._ended(run, None, None, gave_up=True)
+        if not run.ended:
+            run.transport.loseConnection()
+        self._finish(run, gave_up=True)
 
     # -- exits --
 
     def _exited(self, run: _Run) -> None:
-        """The process is gone; a grandchild may still hold the pipes that processEnded awaits."""
+        """The direct child is gone; the rest of its group may not be."""
         run.exited = True
-        run.timers.append(self._clock.callLater(self._pipe_drain_s, run.transport.loseConnection))
+        if not self._group_has_live_members(run):
+            self._group_gone(run)
+            return
+        run.group_alive = True
+        if not run.group_termed:
+            if not run.stop_requested:
+                log.warn("{name}: pid {pid} exited, but processes are left in its group "
+                         "{pgid}; stopping them", name=self.name, pid=self.pid, pgid=run.pgid)
+            if run.term_sent:  # it reached the direct child only
+                run.group_termed = self._signal(run, "TERM")
+            else:
+                self._send_term(run)
+        run.group_timer = self._clock.callLater(GROUP_POLL_S, self._watch_group, run)
 
-    def _ended(self, run: _Run, code: int | None, sig: int | None, gave_up: bool = False) -> None:
+    def _watch_group(self, run: _Run) -> None:
+        run.group_timer = None
+        if run is not self._run or not run.group_alive:
+            return
+        if self._group_has_live_members(run):
+            run.group_timer = self._clock.callLater(GROUP_POLL_S, self._watch_group, run)
+        else:
+            self._group_gone(run)
+
+    def _group_has_live_members(self, run: _Run) -> bool:
+        return run.pgid is not None and self._groups.has_live_members(run.pgid)
+
+    def _group_gone(self, run: _Run) -> None:
+        """Nothing of it runs any more, but a process outside the group may hold our pipes."""
+        run.group_alive = False
+        if run.ended:
+            self._finish(run)
+        else:
+            run.timers.append(self._clock.callLater(self._pipe_drain_s,
+                                                    run.transport.loseConnection))
+
+    def _ended(self, run: _Run, code: int | None, sig: int | None) -> None:
+        """processEnded: the direct child is gone and our pipes are closed."""
+        run.ended = True
+        run.exit_code, run.exit_signal = code, sig
+        if not run.exited:
+            self._exited(run)  # Twisted always says so first; fakes need not
+        elif not run.group_alive:
+            self._finish(run)
+
+    def _finish(self, run: _Run, gave_up: bool = False) -> None:
         if run is not self._run:
             return
         self._run = None
@@ -554,6 +735,7 @@ class ManagedProcess:
         self._stdout.flush()
         self._stderr.flush()
         self._report_suppressed(self._budget.drain())
+        code, sig = run.exit_code, run.exit_signal
         self.pid = None
         self.started_at = None
         self.exit_code = -sig if sig else code
@@ -567,7 +749,7 @@ class ManagedProcess:
         start_error: ProcessStartFailed | None = None
         if during_start:
             message = run.start_error or self._exit_during_start(description)
-            if not run.cancelled_by_stop:
+            if not run.start_cancelled:
                 self._count_failure(message)
             if gave_up:
                 message += "; it did not exit after SIGKILL"
@@ -581,7 +763,7 @@ class ManagedProcess:
 
         if gave_up:
             self.state = ProcessState.FAILED
-        elif run.cancelled_by_stop or (expected and not during_start):
+        elif run.start_cancelled or (expected and not during_start):
             self.state = ProcessState.STOPPED
         else:
             self.state = ProcessState.FAILED
@@ -601,6 +783,24 @@ class ManagedProcess:
                 f"{self.name} did not exit after SIGKILL; gave up", consumer=self.name))
         else:
             self._fire(self._stop_waiters, None)
+        self._start_queued()
+
+    def _start_queued(self) -> None:
+        """The starts asked for while it was stopping, by callers still waiting."""
+        if not self._queued_starts or self.state is ProcessState.STOPPING:
+            return  # nobody waits; or a stop waiter's callback stopped it again
+        queued, self._queued_starts = self._queued_starts, []
+        if self.state is ProcessState.RUNNING:
+            self._fire(queued, None)
+            return
+        self._start_waiters.extend(queued)
+        if self.state is ProcessState.STARTING:
+            return  # a stop waiter's callback started it: share that start
+        refusal = self._backoff_refusal()
+        if refusal is not None:
+            self._fire(self._start_waiters, refusal)
+        else:
+            self._spawn()
 
     def _exit_during_start(self, description: str) -> str:
         last_line = self._stderr_lines[-1] if self._stderr_lines else None
@@ -625,17 +825,25 @@ class ManagedProcess:
 
     # -- waiters --
 
-    @staticmethod
-    def _wait(waiters: list[defer.Deferred[None]]) -> defer.Deferred[None]:
+    def _wait(self, waiters: list[defer.Deferred[None]]) -> defer.Deferred[None]:
         """A Deferred of one's own: cancelling it leaves the shared start or stop alone."""
-
-        def forget(d: defer.Deferred[None]) -> None:
-            if d in waiters:
-                waiters.remove(d)
-
-        d: defer.Deferred[None] = defer.Deferred(forget)
+        d: defer.Deferred[None] = defer.Deferred(self._withdraw)
         waiters.append(d)
         return d
+
+    def _withdraw(self, d: defer.Deferred[None]) -> None:
+        """A caller cancelled its wait; a start nobody waits for is not worth finishing."""
+        for waiters in (self._start_waiters, self._queued_starts, self._stop_waiters):
+            if d in waiters:
+                waiters.remove(d)
+        run = self._run
+        if self.state is ProcessState.STARTING and run is not None and not self._start_waiters:
+            log.info("{name}: every caller cancelled its start; stopping it", name=self.name)
+            run.start_error = f"{self.name}: start cancelled by every caller"
+            run.start_cancelled = True
+            self._abort_health_wait(run)
+            self.state = ProcessState.STOPPING
+            self._terminate(run)
 
     @staticmethod
     def _fire(waiters: list[defer.Deferred[None]], result: Exception | None) -> None:

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from gpumgr.config import ProcessConfig
 from gpumgr.errors import ProcessStartFailed, ProcessStopFailed
 from gpumgr.process import (
+    OS_PROCESS_GROUPS,
     LogBudget,
     ManagedProcess,
     ProcessExit,
@@ -129,6 +130,13 @@ def test_the_launcher_reports_what_vanished_after_the_checks(executable, cwd, st
 
 # -- a fake process reactor, for what real processes cannot do on demand --
 
+#: Above Linux's PID_MAX_LIMIT (2**22): a fake pid that reaches the real
+#: killpg() or waitpid() (ManagedProcess's default groups) finds nothing.
+FAKE_PID_BASE = 5_000_000
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="process groups come from the Linux launcher")
+
 
 class FakeTransport:
     def __init__(self, proto, pid: int) -> None:
@@ -155,10 +163,28 @@ class FakeProcessReactor(Clock):
         if self.fail_with is not None:
             raise self.fail_with
         self.spawned.append((executable, args, env, path))
-        transport = FakeTransport(proto, 4000 + len(self.spawned))
+        transport = FakeTransport(proto, FAKE_PID_BASE + len(self.spawned))
         self.transports.append(transport)
         proto.makeConnection(transport)
         return transport
+
+
+class FakeGroups:
+    """Process groups whose members the test decides; records what they were sent."""
+
+    def __init__(self) -> None:
+        #: Groups with a live process in them.
+        self.live: set[int] = set()
+        self.signals: list[tuple[int, str]] = []
+
+    def signal(self, pgid: int, sig: int) -> None:
+        if pgid not in self.live:
+            raise ProcessLookupError(3, "No such process")
+        if sig:
+            self.signals.append((pgid, signal.Signals(sig).name))
+
+    def has_live_members(self, pgid: int) -> bool:
+        return pgid in self.live
 
 
 class ScriptedProbe:
@@ -199,7 +225,7 @@ def test_spawn_uses_argv_env_cwd_and_the_launcher(tmp_path, monkeypatch):
     else:
         assert args == [sys.executable, "-V"] and path == str(tmp_path)
     assert env["MODEL"] == "base.en" and env["GPUMGR_PASSED_THROUGH"] == "yes"
-    assert mp.state is ProcessState.STARTING and mp.pid == 4001
+    assert mp.state is ProcessState.STARTING and mp.pid == FAKE_PID_BASE + 1
 
 
 def test_start_probes_every_quarter_second_until_healthy():
@@ -312,6 +338,174 @@ def test_start_while_stopping_starts_after_the_stop():
     assert outcome(stopped) is None
     assert len(fake.spawned) == 2 and outcome(started) is None
     assert mp.state is ProcessState.RUNNING and mp.restarts == 0
+
+
+def test_a_start_queued_behind_a_stop_spawns_only_for_callers_still_waiting():
+    fake, probe = FakeProcessReactor(), ScriptedProbe()
+    probe.healthy = True
+    mp = ManagedProcess(fake, "whisper", spec(), probe)
+    mp.start()
+    mp.stop()
+    gone, kept = mp.start(), mp.start()
+    gone.cancel()
+    fake.transports[0].proto.processEnded(Failure(ProcessTerminated(signal=15)))
+    assert outcome(gone).check(defer.CancelledError)
+    assert len(fake.spawned) == 2 and outcome(kept) is None and mp.state is ProcessState.RUNNING
+
+
+def test_a_start_queued_behind_a_stop_shares_a_start_made_when_the_stop_ended():
+    fake, probe = FakeProcessReactor(), ScriptedProbe()
+    mp = ManagedProcess(fake, "whisper", spec(), probe)
+    probe.healthy = True
+    mp.start()
+    probe.healthy = False
+    stopped = mp.stop()
+    from_the_stop: list[defer.Deferred[None]] = []
+    stopped.addCallback(lambda _: from_the_stop.append(mp.start()))
+    queued = mp.start()
+    fake.transports[0].proto.processEnded(Failure(ProcessTerminated(signal=15)))
+    assert len(fake.spawned) == 2 and mp.state is ProcessState.STARTING
+    probe.healthy = True
+    fake.advance(0.25)
+    assert outcome(queued) is None and outcome(from_the_stop[0]) is None
+
+
+def test_a_start_every_caller_cancelled_is_stopped_and_is_no_failed_start():
+    fake, probe = FakeProcessReactor(), ScriptedProbe()
+    exits: list[ProcessExit] = []
+    mp = ManagedProcess(fake, "whisper", spec(), probe, exits.append)
+    first, second = mp.start(), mp.start()
+    transport = fake.transports[0]
+    first.cancel()
+    assert mp.state is ProcessState.STARTING and transport.signals == []
+    second.cancel()  # nobody would record it as loaded, so eviction would never stop it
+    assert outcome(second).check(defer.CancelledError)
+    assert mp.state is ProcessState.STOPPING and transport.signals == ["TERM"]
+    fake.advance(1)
+    assert probe.calls == 1  # no more probes
+    transport.proto.processEnded(Failure(ProcessTerminated(signal=15)))
+    assert mp.state is ProcessState.STOPPED
+    assert [(e.expected, e.during_start) for e in exits] == [(True, True)]
+    for _ in range(3):  # no back-off, no restart counted
+        mp.start()
+        mp.stop()
+        fake.transports[-1].proto.processEnded(Failure(ProcessTerminated(signal=15)))
+    assert len(fake.spawned) == 4 and mp.restarts == 0 and fake.getDelayedCalls() == []
+
+
+# -- process groups, with fake groups --
+
+
+def _running_in_a_group(**spec_kw):
+    fake, probe, groups = FakeProcessReactor(), ScriptedProbe(), FakeGroups()
+    probe.healthy = True
+    exits: list[ProcessExit] = []
+    mp = ManagedProcess(fake, "whisper", spec(**spec_kw), probe, exits.append, kill_grace_s=2,
+                        groups=groups)
+    mp.start()
+    transport = fake.transports[0]
+    groups.live.add(transport.pid)  # the launcher's setsid()
+    return fake, groups, mp, transport, exits
+
+
+def _leader_ends(transport: FakeTransport, reason: Failure, pipes_too: bool = True) -> None:
+    transport.proto.processExited(reason)
+    if pipes_too:
+        transport.proto.processEnded(reason)
+
+
+@linux_only
+def test_stop_waits_for_the_group_not_only_for_its_leader():
+    fake, groups, mp, transport, exits = _running_in_a_group(stop_timeout_s=3)
+    pgid = transport.pid
+    stopped = mp.stop()
+    assert groups.signals == [(pgid, "SIGTERM")] and transport.signals == []
+    # The wrapper dies at once; the server it ran is still unloading its model.
+    _leader_ends(transport, Failure(ProcessTerminated(signal=15)))
+    fake.advance(1)
+    assert not stopped.called and mp.state is ProcessState.STOPPING and exits == []
+    groups.live.discard(pgid)
+    fake.advance(0.1)
+    assert outcome(stopped) is None and mp.state is ProcessState.STOPPED
+    assert mp.exit_code == -15 and [e.expected for e in exits] == [True]
+    assert groups.signals == [(pgid, "SIGTERM")] and fake.getDelayedCalls() == []
+
+
+@linux_only
+def test_a_group_that_outlives_term_gets_kill_at_the_stop_deadline(log_events):
+    fake, groups, mp, transport, _ = _running_in_a_group(stop_timeout_s=3)
+    pgid = transport.pid
+    stopped = mp.stop()
+    fake.advance(0.5)
+    _leader_ends(transport, Failure(ProcessTerminated(signal=15)), pipes_too=False)
+    fake.advance(2.4)
+    assert groups.signals == [(pgid, "SIGTERM")] and not stopped.called
+    fake.advance(0.1)
+    assert groups.signals == [(pgid, "SIGTERM"), (pgid, "SIGKILL")]
+    assert (f"whisper: its process group {pgid} outlived SIGTERM by 3s; sending SIGKILL"
+            in texts(log_events))
+    groups.live.discard(pgid)
+    fake.advance(0.1)
+    assert not stopped.called  # the pipes: the drain timer closes them
+    fake.advance(1)
+    assert transport.pipes_closed
+    transport.proto.processEnded(Failure(ProcessTerminated(signal=15)))
+    assert outcome(stopped) is None and mp.state is ProcessState.STOPPED
+    assert fake.getDelayedCalls() == []
+
+
+@linux_only
+def test_a_group_that_outlives_kill_is_given_up():
+    fake, groups, mp, transport, exits = _running_in_a_group(stop_timeout_s=3)
+    stopped = mp.stop()
+    _leader_ends(transport, Failure(ProcessTerminated(signal=15)))
+    fake.advance(3)
+    fake.advance(2)
+    failure = outcome(stopped)
+    assert failure.check(ProcessStopFailed) and mp.state is ProcessState.FAILED
+    assert [e.description for e in exits] == ["did not exit after SIGKILL; gave up on it"]
+    assert fake.getDelayedCalls() == []
+
+
+@linux_only
+def test_a_term_sent_before_the_group_existed_reaches_the_group_at_the_exit():
+    fake, probe, groups = FakeProcessReactor(), ScriptedProbe(), FakeGroups()
+    mp = ManagedProcess(fake, "whisper", spec(stop_timeout_s=3), probe, groups=groups)
+    starting = mp.start()
+    stopped = mp.stop()  # before the launcher's setsid(): the launcher alone gets it
+    transport = fake.transports[0]
+    pgid = transport.pid
+    assert transport.signals == ["TERM"] and groups.signals == []
+    groups.live.add(pgid)  # it had started the service, which forked, before it died
+    _leader_ends(transport, Failure(ProcessTerminated(signal=15)))
+    assert groups.signals == [(pgid, "SIGTERM")]
+    groups.live.discard(pgid)
+    fake.advance(0.1)
+    assert outcome(stopped) is None and outcome(starting).check(ProcessStartFailed)
+    assert transport.signals == ["TERM"] and fake.getDelayedCalls() == []
+
+
+@linux_only
+def test_a_leader_that_exits_alone_has_its_group_stopped(log_events):
+    fake, groups, mp, transport, exits = _running_in_a_group(stop_timeout_s=3)
+    pgid = transport.pid
+    _leader_ends(transport, Failure(ProcessTerminated(exitCode=1)))
+    assert groups.signals == [(pgid, "SIGTERM")] and mp.state is ProcessState.RUNNING
+    assert (f"whisper: pid {pgid} exited, but processes are left in its group {pgid}; "
+            "stopping them") in texts(log_events)
+    fake.advance(3)
+    assert groups.signals == [(pgid, "SIGTERM"), (pgid, "SIGKILL")] and exits == []
+    groups.live.discard(pgid)
+    fake.advance(0.1)
+    assert mp.state is ProcessState.FAILED and mp.exit_code == 1
+    assert [(e.expected, e.during_start) for e in exits] == [(False, False)]
+    assert fake.getDelayedCalls() == []
+
+
+def test_the_os_groups_find_nothing_in_a_group_that_cannot_exist():
+    assert not OS_PROCESS_GROUPS.has_live_members(FAKE_PID_BASE)
+    with pytest.raises(ProcessLookupError):
+        OS_PROCESS_GROUPS.signal(FAKE_PID_BASE, 0)
 
 
 def test_stop_when_not_running_is_a_no_op():
@@ -618,9 +812,12 @@ async def test_a_process_that_ignores_term_gets_kill(procs, log_events):
 
 @pytest_twisted.ensureDeferred
 async def test_a_child_holding_the_pipes_open_does_not_hold_up_a_real_stop(procs):
+    # Outside the service's process group (a daemon in a session of its own),
+    # gpumgr cannot stop it; it must not hold up the stop either.
     mp = procs.make("""\
         import subprocess
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                                 start_new_session=True)
         open("grandchild", "w").write(str(child.pid))
         ready()
         time.sleep(60)
@@ -630,8 +827,77 @@ async def test_a_child_holding_the_pipes_open_does_not_hold_up_a_real_stop(procs
     try:
         await mp.stop().addTimeout(30, reactor)
         assert mp.state is ProcessState.STOPPED and mp.exit_code == -signal.SIGTERM
+        assert not _gone(grandchild)  # not ours to stop
     finally:
-        os.kill(grandchild, signal.SIGKILL)
+        _kill_quietly(grandchild)
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@linux_only
+@pytest_twisted.ensureDeferred
+async def test_stop_ends_the_whole_group_even_a_grandchild_that_ignores_term(procs, log_events):
+    # A wrapper (sh -c, uv run, conda run) whose server ignores SIGTERM, or is slow to obey it.
+    mp = procs.make("""\
+        import subprocess
+        child = subprocess.Popen([sys.executable, "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "open('grandchild-ready', 'w').close(); time.sleep(60)"])
+        open("grandchild", "w").write(str(child.pid))
+        wait_for("grandchild-ready")
+        ready()
+        time.sleep(60)
+    """, stop_timeout_s=0.5)
+    await procs.start(mp).addTimeout(30, reactor)
+    pid = mp.pid
+    assert pid is not None
+    grandchild = int((procs.dir / "grandchild").read_text())
+    try:
+        assert os.getsid(pid) == pid and os.getpgid(grandchild) == pid  # the launcher's session
+        await mp.stop().addTimeout(30, reactor)
+        assert _gone(grandchild)  # before the stop fired, not after
+        assert mp.state is ProcessState.STOPPED and mp.exit_code == -signal.SIGTERM
+        assert (f"whisper: its process group {pid} outlived SIGTERM by 0.5s; sending SIGKILL"
+                in texts(log_events))
+    finally:
+        _kill_quietly(grandchild)
+
+
+@linux_only
+@pytest_twisted.ensureDeferred
+async def test_a_leader_that_exits_alone_takes_its_group_with_it(procs, log_events):
+    gone_at_exit: list[bool] = []
+    exited: defer.Deferred[ProcessExit] = defer.Deferred()
+
+    def on_exit(event: ProcessExit) -> None:
+        gone_at_exit.append(_gone(grandchild))
+        exited.callback(event)
+
+    mp = procs.make("""\
+        import subprocess
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        open("grandchild", "w").write(str(child.pid))
+        ready()
+        wait_for("crash")
+        os._exit(3)
+    """, on_exit=on_exit)
+    await procs.start(mp).addTimeout(30, reactor)
+    pid = mp.pid
+    grandchild = int((procs.dir / "grandchild").read_text())
+    try:
+        (procs.dir / "crash").touch()
+        event = await exited.addTimeout(30, reactor)
+        assert (event.expected, event.exit_code) == (False, 3) and gone_at_exit == [True]
+        assert mp.state is ProcessState.FAILED
+        assert (f"whisper: pid {pid} exited, but processes are left in its group {pid}; "
+                "stopping them") in texts(log_events)
+    finally:
+        _kill_quietly(grandchild)
 
 
 @pytest_twisted.ensureDeferred

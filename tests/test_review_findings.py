@@ -288,9 +288,6 @@ def _kill_simulated_servers(world) -> None:
             pass
 
 
-@xfail("process.py:509-520 signals only the direct child and the launcher starts no "
-       "session; PR_SET_PDEATHSIG does not reach grandchildren: a wrapper (sh, uv run, "
-       "conda run) dies and the server keeps its VRAM and port")
 @pytest_twisted.ensureDeferred
 async def test_stopping_a_wrapped_server_stops_the_server(managed_world,  # noqa: F811
                                                           start_broker, client):
@@ -338,9 +335,6 @@ async def test_reloading_a_busy_process_block_never_runs_two_servers(managed_wor
         _kill_simulated_servers(managed_world)
 
 
-@xfail("process.py:343 restarts from addBoth, so a start() cancelled while the process was "
-       "stopping (client gone, load timeout) still spawns it; nobody records it as loaded, "
-       "so eviction never stops it")
 def test_a_start_cancelled_while_stopping_spawns_nothing():
     fake, probe = FakeProcessReactor(), ScriptedProbe()
     probe.healthy = True
