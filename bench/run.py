@@ -154,6 +154,10 @@ http {{
     # a connection must not go back into the keep-alive pool that /small uses,
     # where it made later requests fail.
     location = /sink {{ proxy_pass http://127.0.0.1:{fast}; proxy_set_header Connection close; }}
+    # /small answers early too; unbuffered, nginx then dropped 7-15% of the
+    # client's keep-alive connections. A 1 KiB body arrives with the headers,
+    # so buffering it costs nothing.
+    location = /small {{ proxy_pass http://fast; proxy_request_buffering on; }}
     location / {{ proxy_pass http://fast; }}
   }}
 }}
@@ -251,14 +255,20 @@ class Bench:
         self.smi = sim_nvidia_smi_command(self.state)
         self.gp, self.gp_proc = self.start_gpumgr("passthrough")
 
-    def start_gpumgr(self, mode, template=GPUMGR_CONF):
+    def start_gpumgr(self, mode, template=GPUMGR_CONF, access_log=True):
+        """A gpumgr under twistd; `access_log=False` logs everything but the access
+        lines (bench/no_access_log.py), to measure what the line costs."""
         port = free_port()
-        conf = os.path.join(self.tmp, f"gpumgr-{mode}.yaml")
+        name = f"gpumgr-{mode}" + ("" if access_log else "-no-access-log")
+        conf = os.path.join(self.tmp, f"{name}.yaml")
         with open(conf, "w") as f:
             f.write(template.format(port=port, smi=json.dumps(self.smi), mode=mode,
                                     smi_interval=2, tw=self.tw, fast=self.fast))
-        p = self.procs.start(f"gpumgr-{mode}", [TWISTD, "--nodaemon", "--pidfile=", "gpumgr",
-                                                "--config", conf])
+        twistd, env = [TWISTD, "--nodaemon", "--pidfile="], None
+        if not access_log:
+            twistd.append("--logger=no_access_log.observer")
+            env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        p = self.procs.start(name, [*twistd, "gpumgr", "--config", conf], env=env)
         wait_http(port, "/healthz", proc=p)
         wait_http(port, "/v1/status", proc=p)
         time.sleep(0.3)  # first health probes
@@ -276,8 +286,20 @@ class Bench:
 
     # scenarios
     def small_requests(self):
+        """Latency and throughput of 1 KiB POSTs. A second gpumgr without the
+        access log line runs in the same rounds: the difference is the line's cost."""
+        quiet_port, quiet = self.start_gpumgr("passthrough", access_log=False)
+        try:
+            return self._small_requests(quiet_port)
+        finally:
+            self.procs.stop(quiet)
+
+    def _small_requests(self, quiet_port):
         n = 50 if self.smoke else 400
         paths = self.paths("/v1/tts", "/small")
+        paths["gpumgr_no_access_log"] = (quiet_port, "/v1/tts")
+        # The main gpumgr has served the bulk scenario; warm the new one alike.
+        client("latency", HOST, quiet_port, "/v1/tts", n, 1024)
         samples = {k: [] for k in paths}
         reconnects = {k: 0 for k in paths}
         for _ in range(self.rounds(5)):
@@ -298,6 +320,13 @@ class Bench:
         if "nginx" in lat:
             out["nginx_added_ms"] = {"p50": lat["nginx"]["p50"] - lat["direct"]["p50"],
                                      "p99": lat["nginx"]["p99"] - lat["direct"]["p99"]}
+        quiet = lat["gpumgr_no_access_log"]
+        out["access_log"] = {
+            "added_ms_without_line": {"p50": quiet["p50"] - lat["direct"]["p50"],
+                                      "p99": quiet["p99"] - lat["direct"]["p99"]},
+            "line_costs_ms": {"p50": lat["gpumgr"]["p50"] - quiet["p50"],
+                              "p99": lat["gpumgr"]["p99"] - quiet["p99"]},
+        }
         if self.wrk:
             lua = os.path.join(self.tmp, "post.lua")
             with open(lua, "w") as f:
@@ -309,6 +338,10 @@ class Bench:
                     rps[name].append(self.run_wrk(port, path, lua, 1 if self.smoke else 5))
             out["throughput_rps_32conn"] = {k: statistics.median(v) for k, v in rps.items()}
             t = out["throughput_rps_32conn"]
+            # Round by round, the two gpumgrs ran in the same minute.
+            per_round = [on / off for on, off in zip(rps["gpumgr"], rps["gpumgr_no_access_log"])]
+            out["access_log"]["throughput_with_vs_without_line"] = statistics.median(per_round)
+            out["access_log"]["throughput_with_vs_without_line_per_round"] = per_round
             out["gpumgr_vs_direct"] = t["gpumgr"] / t["direct"]
             if "nginx" in t:
                 out["gpumgr_vs_nginx"] = t["gpumgr"] / t["nginx"]
@@ -557,6 +590,12 @@ def table(result) -> str:
             if "gpumgr_vs_nginx" in x:
                 rows.append(("1 small", "gpumgr / nginx throughput", fmt(x["gpumgr_vs_nginx"])))
             rows.append(("1 small", "gpumgr / direct throughput", fmt(x["gpumgr_vs_direct"])))
+        a = x["access_log"]
+        rows.append(("1 small", "access log line costs p50 / p99",
+                     f"{fmt(a['line_costs_ms']['p50'], ' ms')} / {fmt(a['line_costs_ms']['p99'], ' ms')}"))
+        if "throughput_with_vs_without_line" in a:
+            rows.append(("1 small", "throughput with / without the line",
+                         fmt(a["throughput_with_vs_without_line"])))
     if "token_streams" in s:
         x = s["token_streams"]
         for name in ("direct", "gpumgr", "nginx"):
