@@ -72,6 +72,13 @@ def proc_kib(pid, field):
     return None
 
 
+def proc_cpu_s(pid):
+    """User plus system CPU seconds the process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def client(*args, timeout=600):
     out = subprocess.run([PY, os.path.join(HERE, "client.py"), *map(str, args)],
                          capture_output=True, text=True, timeout=timeout)
@@ -286,28 +293,45 @@ class Bench:
 
     # scenarios
     def small_requests(self):
-        """Latency and throughput of 1 KiB POSTs. A second gpumgr without the
-        access log line runs in the same rounds: the difference is the line's cost."""
+        """Latency and throughput of 1 KiB POSTs.
+
+        A second gpumgr without the access log line runs in the same rounds,
+        beside the first, in alternating order; the difference is what the line
+        costs. Its CPU time per request is counted too: on a shared machine it
+        moves far less than req/s.
+        """
         quiet_port, quiet = self.start_gpumgr("passthrough", access_log=False)
         try:
-            return self._small_requests(quiet_port)
+            return self._small_requests(quiet_port, quiet.pid)
         finally:
             self.procs.stop(quiet)
 
-    def _small_requests(self, quiet_port):
+    def _small_requests(self, quiet_port, quiet_pid):
         n = 50 if self.smoke else 400
         paths = self.paths("/v1/tts", "/small")
         paths["gpumgr_no_access_log"] = (quiet_port, "/v1/tts")
+        pids = {"gpumgr": self.gp_proc.pid, "gpumgr_no_access_log": quiet_pid}
+
+        def order(i):
+            names = [k for k in paths if k not in pids]
+            pair = list(pids) if i % 2 == 0 else list(pids)[::-1]
+            return names[:1] + pair + names[1:]  # direct, the two gpumgrs, nginx
+
         # The main gpumgr has served the bulk scenario; warm the new one alike.
         client("latency", HOST, quiet_port, "/v1/tts", n, 1024)
         samples = {k: [] for k in paths}
         reconnects = {k: 0 for k in paths}
-        for _ in range(self.rounds(5)):
-            for name, (port, path) in paths.items():
+        cpu_s = {k: 0.0 for k in pids}
+        for i in range(self.rounds(5)):
+            for name in order(i):
+                port, path = paths[name]
+                before = proc_cpu_s(pids[name]) if name in pids else 0
                 try:
                     r = client("latency", HOST, port, path, n, 1024)
                 except RuntimeError as e:
                     raise RuntimeError(f"{name} path: {e}") from None
+                if name in pids:
+                    cpu_s[name] += proc_cpu_s(pids[name]) - before
                 samples[name] += r["latency_ms"]
                 reconnects[name] += r["reconnects"]
         out = {"requests_per_path": len(samples["direct"]), "latency_ms": {},
@@ -321,11 +345,13 @@ class Bench:
             out["nginx_added_ms"] = {"p50": lat["nginx"]["p50"] - lat["direct"]["p50"],
                                      "p99": lat["nginx"]["p99"] - lat["direct"]["p99"]}
         quiet = lat["gpumgr_no_access_log"]
-        out["access_log"] = {
+        access = out["access_log"] = {
             "added_ms_without_line": {"p50": quiet["p50"] - lat["direct"]["p50"],
                                       "p99": quiet["p99"] - lat["direct"]["p99"]},
             "line_costs_ms": {"p50": lat["gpumgr"]["p50"] - quiet["p50"],
                               "p99": lat["gpumgr"]["p99"] - quiet["p99"]},
+            "cpu_us_per_request_sequential": {
+                k: v * 1e6 / len(samples[k]) for k, v in cpu_s.items()},
         }
         if self.wrk:
             lua = os.path.join(self.tmp, "post.lua")
@@ -333,15 +359,23 @@ class Bench:
                 f.write('wrk.method = "POST"\nwrk.body = string.rep("x", 1024)\n'
                         'wrk.headers["Content-Type"] = "application/octet-stream"\n')
             rps = {k: [] for k in paths}
-            for _ in range(self.rounds(3)):
-                for name, (port, path) in paths.items():
-                    rps[name].append(self.run_wrk(port, path, lua, 1 if self.smoke else 5))
+            cpu_us = {k: [] for k in pids}
+            for i in range(self.rounds(4)):
+                for name in order(i):
+                    port, path = paths[name]
+                    before = proc_cpu_s(pids[name]) if name in pids else 0
+                    rate, done = self.run_wrk(port, path, lua, 1 if self.smoke else 5)
+                    rps[name].append(rate)
+                    if name in pids:
+                        cpu_us[name].append((proc_cpu_s(pids[name]) - before) * 1e6 / done)
             out["throughput_rps_32conn"] = {k: statistics.median(v) for k, v in rps.items()}
             t = out["throughput_rps_32conn"]
-            # Round by round, the two gpumgrs ran in the same minute.
+            # Round by round, the two gpumgrs ran one after the other.
             per_round = [on / off for on, off in zip(rps["gpumgr"], rps["gpumgr_no_access_log"])]
-            out["access_log"]["throughput_with_vs_without_line"] = statistics.median(per_round)
-            out["access_log"]["throughput_with_vs_without_line_per_round"] = per_round
+            access["throughput_with_vs_without_line"] = statistics.median(per_round)
+            access["throughput_with_vs_without_line_per_round"] = per_round
+            access["cpu_us_per_request_32conn"] = {k: statistics.median(v)
+                                                   for k, v in cpu_us.items()}
             out["gpumgr_vs_direct"] = t["gpumgr"] / t["direct"]
             if "nginx" in t:
                 out["gpumgr_vs_nginx"] = t["gpumgr"] / t["nginx"]
@@ -349,14 +383,16 @@ class Bench:
         return out
 
     def run_wrk(self, port, path, lua, seconds):
+        """(requests per second, requests done)."""
         out = subprocess.run([self.wrk, "-t2", "-c32", f"-d{seconds}s", "-s", lua,
                               f"http://{HOST}:{port}{path}"], capture_output=True, text=True,
                              timeout=seconds + 30)
         m = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
+        done = re.search(r"(\d+) requests in", out.stdout)
         errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out.stdout)
-        if not m or errors:
+        if not m or not done or errors:
             raise RuntimeError(f"wrk failed: {out.stdout[-400:]} {out.stderr[-400:]}")
-        return float(m.group(1))
+        return float(m.group(1)), int(done.group(1))
 
     def token_streams(self):
         paths = self.paths("/v1/llm", "/stream", up_port=self.tw)
@@ -593,6 +629,12 @@ def table(result) -> str:
         a = x["access_log"]
         rows.append(("1 small", "access log line costs p50 / p99",
                      f"{fmt(a['line_costs_ms']['p50'], ' ms')} / {fmt(a['line_costs_ms']['p99'], ' ms')}"))
+        for key, how in (("cpu_us_per_request_sequential", "sequential"),
+                         ("cpu_us_per_request_32conn", "32 conns")):
+            if key in a:
+                rows.append(("1 small", f"gpumgr CPU/request with / without the line, {how}",
+                             f"{fmt(a[key]['gpumgr'], ' us')} / "
+                             f"{fmt(a[key]['gpumgr_no_access_log'], ' us')}"))
         if "throughput_with_vs_without_line" in a:
             rows.append(("1 small", "throughput with / without the line",
                          fmt(a["throughput_with_vs_without_line"])))
