@@ -8,10 +8,14 @@ namespace; everything else is logged as usual. The bench runs a gpumgr with
 it beside one without, so the only difference between the two is the
 formatting and writing of the access line. What stays in both: building the
 event in `Broker._account` and handing it to the publisher.
+
+`BENCH_ACCESS_LOG_CONTROL=1` keeps the access lines: the two gpumgrs then
+log alike, and their difference is the bench's own noise floor.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from twisted.logger import FilteringLogObserver, ILogObserver, LogEvent, PredicateResult
@@ -26,4 +30,6 @@ def _not_access(event: LogEvent) -> PredicateResult:
 
 
 def observer() -> ILogObserver:
-    return FilteringLogObserver(make_observer("text", sys.stdout, Redactor()), [_not_access])
+    keep = os.environ.get("BENCH_ACCESS_LOG_CONTROL") == "1"
+    return FilteringLogObserver(make_observer("text", sys.stdout, Redactor()),
+                                [] if keep else [_not_access])

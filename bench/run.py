@@ -352,6 +352,8 @@ class Bench:
                               "p99": lat["gpumgr"]["p99"] - quiet["p99"]},
             "cpu_us_per_request_sequential": {
                 k: v * 1e6 / len(samples[k]) for k, v in cpu_s.items()},
+            # BENCH_ACCESS_LOG_CONTROL=1: both log the line (bench/no_access_log.py)
+            "control_both_log_the_line": os.environ.get("BENCH_ACCESS_LOG_CONTROL") == "1",
         }
         if self.wrk:
             lua = os.path.join(self.tmp, "post.lua")
@@ -627,6 +629,8 @@ def table(result) -> str:
                 rows.append(("1 small", "gpumgr / nginx throughput", fmt(x["gpumgr_vs_nginx"])))
             rows.append(("1 small", "gpumgr / direct throughput", fmt(x["gpumgr_vs_direct"])))
         a = x["access_log"]
+        if a.get("control_both_log_the_line"):
+            rows.append(("1 small", "CONTROL RUN", "both gpumgrs log the access line"))
         rows.append(("1 small", "access log line costs p50 / p99",
                      f"{fmt(a['line_costs_ms']['p50'], ' ms')} / {fmt(a['line_costs_ms']['p99'], ' ms')}"))
         for key, how in (("cpu_us_per_request_sequential", "sequential"),
