@@ -72,6 +72,13 @@ def proc_kib(pid, field):
     return None
 
 
+def proc_cpu_s(pid):
+    """User plus system CPU seconds the process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def client(*args, timeout=600):
     out = subprocess.run([PY, os.path.join(HERE, "client.py"), *map(str, args)],
                          capture_output=True, text=True, timeout=timeout)
@@ -154,6 +161,10 @@ http {{
     # a connection must not go back into the keep-alive pool that /small uses,
     # where it made later requests fail.
     location = /sink {{ proxy_pass http://127.0.0.1:{fast}; proxy_set_header Connection close; }}
+    # /small answers early too; unbuffered, nginx then dropped 7-15% of the
+    # client's keep-alive connections. A 1 KiB body arrives with the headers,
+    # so buffering it costs nothing.
+    location = /small {{ proxy_pass http://fast; proxy_request_buffering on; }}
     location / {{ proxy_pass http://fast; }}
   }}
 }}
@@ -251,14 +262,20 @@ class Bench:
         self.smi = sim_nvidia_smi_command(self.state)
         self.gp, self.gp_proc = self.start_gpumgr("passthrough")
 
-    def start_gpumgr(self, mode, template=GPUMGR_CONF):
+    def start_gpumgr(self, mode, template=GPUMGR_CONF, access_log=True):
+        """A gpumgr under twistd; `access_log=False` logs everything but the access
+        lines (bench/no_access_log.py), to measure what the line costs."""
         port = free_port()
-        conf = os.path.join(self.tmp, f"gpumgr-{mode}.yaml")
+        name = f"gpumgr-{mode}" + ("" if access_log else "-no-access-log")
+        conf = os.path.join(self.tmp, f"{name}.yaml")
         with open(conf, "w") as f:
             f.write(template.format(port=port, smi=json.dumps(self.smi), mode=mode,
                                     smi_interval=2, tw=self.tw, fast=self.fast))
-        p = self.procs.start(f"gpumgr-{mode}", [TWISTD, "--nodaemon", "--pidfile=", "gpumgr",
-                                                "--config", conf])
+        twistd, env = [TWISTD, "--nodaemon", "--pidfile="], None
+        if not access_log:
+            twistd.append("--logger=no_access_log.observer")
+            env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        p = self.procs.start(name, [*twistd, "gpumgr", "--config", conf], env=env)
         wait_http(port, "/healthz", proc=p)
         wait_http(port, "/v1/status", proc=p)
         time.sleep(0.3)  # first health probes
@@ -276,16 +293,45 @@ class Bench:
 
     # scenarios
     def small_requests(self):
+        """Latency and throughput of 1 KiB POSTs.
+
+        A second gpumgr without the access log line runs in the same rounds,
+        beside the first, in alternating order; the difference is what the line
+        costs. Its CPU time per request is counted too: on a shared machine it
+        moves far less than req/s.
+        """
+        quiet_port, quiet = self.start_gpumgr("passthrough", access_log=False)
+        try:
+            return self._small_requests(quiet_port, quiet.pid)
+        finally:
+            self.procs.stop(quiet)
+
+    def _small_requests(self, quiet_port, quiet_pid):
         n = 50 if self.smoke else 400
         paths = self.paths("/v1/tts", "/small")
+        paths["gpumgr_no_access_log"] = (quiet_port, "/v1/tts")
+        pids = {"gpumgr": self.gp_proc.pid, "gpumgr_no_access_log": quiet_pid}
+
+        def order(i):
+            names = [k for k in paths if k not in pids]
+            pair = list(pids) if i % 2 == 0 else list(pids)[::-1]
+            return names[:1] + pair + names[1:]  # direct, the two gpumgrs, nginx
+
+        # The main gpumgr has served the bulk scenario; warm the new one alike.
+        client("latency", HOST, quiet_port, "/v1/tts", n, 1024)
         samples = {k: [] for k in paths}
         reconnects = {k: 0 for k in paths}
-        for _ in range(self.rounds(5)):
-            for name, (port, path) in paths.items():
+        cpu_s = {k: 0.0 for k in pids}
+        for i in range(self.rounds(5)):
+            for name in order(i):
+                port, path = paths[name]
+                before = proc_cpu_s(pids[name]) if name in pids else 0
                 try:
                     r = client("latency", HOST, port, path, n, 1024)
                 except RuntimeError as e:
                     raise RuntimeError(f"{name} path: {e}") from None
+                if name in pids:
+                    cpu_s[name] += proc_cpu_s(pids[name]) - before
                 samples[name] += r["latency_ms"]
                 reconnects[name] += r["reconnects"]
         out = {"requests_per_path": len(samples["direct"]), "latency_ms": {},
@@ -298,17 +344,40 @@ class Bench:
         if "nginx" in lat:
             out["nginx_added_ms"] = {"p50": lat["nginx"]["p50"] - lat["direct"]["p50"],
                                      "p99": lat["nginx"]["p99"] - lat["direct"]["p99"]}
+        quiet = lat["gpumgr_no_access_log"]
+        access = out["access_log"] = {
+            "added_ms_without_line": {"p50": quiet["p50"] - lat["direct"]["p50"],
+                                      "p99": quiet["p99"] - lat["direct"]["p99"]},
+            "line_costs_ms": {"p50": lat["gpumgr"]["p50"] - quiet["p50"],
+                              "p99": lat["gpumgr"]["p99"] - quiet["p99"]},
+            "cpu_us_per_request_sequential": {
+                k: v * 1e6 / len(samples[k]) for k, v in cpu_s.items()},
+            # BENCH_ACCESS_LOG_CONTROL=1: both log the line (bench/no_access_log.py)
+            "control_both_log_the_line": os.environ.get("BENCH_ACCESS_LOG_CONTROL") == "1",
+        }
         if self.wrk:
             lua = os.path.join(self.tmp, "post.lua")
             with open(lua, "w") as f:
                 f.write('wrk.method = "POST"\nwrk.body = string.rep("x", 1024)\n'
                         'wrk.headers["Content-Type"] = "application/octet-stream"\n')
             rps = {k: [] for k in paths}
-            for _ in range(self.rounds(3)):
-                for name, (port, path) in paths.items():
-                    rps[name].append(self.run_wrk(port, path, lua, 1 if self.smoke else 5))
+            cpu_us = {k: [] for k in pids}
+            for i in range(self.rounds(4)):
+                for name in order(i):
+                    port, path = paths[name]
+                    before = proc_cpu_s(pids[name]) if name in pids else 0
+                    rate, done = self.run_wrk(port, path, lua, 1 if self.smoke else 5)
+                    rps[name].append(rate)
+                    if name in pids:
+                        cpu_us[name].append((proc_cpu_s(pids[name]) - before) * 1e6 / done)
             out["throughput_rps_32conn"] = {k: statistics.median(v) for k, v in rps.items()}
             t = out["throughput_rps_32conn"]
+            # Round by round, the two gpumgrs ran one after the other.
+            per_round = [on / off for on, off in zip(rps["gpumgr"], rps["gpumgr_no_access_log"])]
+            access["throughput_with_vs_without_line"] = statistics.median(per_round)
+            access["throughput_with_vs_without_line_per_round"] = per_round
+            access["cpu_us_per_request_32conn"] = {k: statistics.median(v)
+                                                   for k, v in cpu_us.items()}
             out["gpumgr_vs_direct"] = t["gpumgr"] / t["direct"]
             if "nginx" in t:
                 out["gpumgr_vs_nginx"] = t["gpumgr"] / t["nginx"]
@@ -316,14 +385,16 @@ class Bench:
         return out
 
     def run_wrk(self, port, path, lua, seconds):
+        """(requests per second, requests done)."""
         out = subprocess.run([self.wrk, "-t2", "-c32", f"-d{seconds}s", "-s", lua,
                               f"http://{HOST}:{port}{path}"], capture_output=True, text=True,
                              timeout=seconds + 30)
         m = re.search(r"Requests/sec:\s+([\d.]+)", out.stdout)
+        done = re.search(r"(\d+) requests in", out.stdout)
         errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out.stdout)
-        if not m or errors:
+        if not m or not done or errors:
             raise RuntimeError(f"wrk failed: {out.stdout[-400:]} {out.stderr[-400:]}")
-        return float(m.group(1))
+        return float(m.group(1)), int(done.group(1))
 
     def token_streams(self):
         paths = self.paths("/v1/llm", "/stream", up_port=self.tw)
@@ -557,6 +628,20 @@ def table(result) -> str:
             if "gpumgr_vs_nginx" in x:
                 rows.append(("1 small", "gpumgr / nginx throughput", fmt(x["gpumgr_vs_nginx"])))
             rows.append(("1 small", "gpumgr / direct throughput", fmt(x["gpumgr_vs_direct"])))
+        a = x["access_log"]
+        if a.get("control_both_log_the_line"):
+            rows.append(("1 small", "CONTROL RUN", "both gpumgrs log the access line"))
+        rows.append(("1 small", "access log line costs p50 / p99",
+                     f"{fmt(a['line_costs_ms']['p50'], ' ms')} / {fmt(a['line_costs_ms']['p99'], ' ms')}"))
+        for key, how in (("cpu_us_per_request_sequential", "sequential"),
+                         ("cpu_us_per_request_32conn", "32 conns")):
+            if key in a:
+                rows.append(("1 small", f"gpumgr CPU/request with / without the line, {how}",
+                             f"{fmt(a[key]['gpumgr'], ' us')} / "
+                             f"{fmt(a[key]['gpumgr_no_access_log'], ' us')}"))
+        if "throughput_with_vs_without_line" in a:
+            rows.append(("1 small", "throughput with / without the line",
+                         fmt(a["throughput_with_vs_without_line"])))
     if "token_streams" in s:
         x = s["token_streams"]
         for name in ("direct", "gpumgr", "nginx"):

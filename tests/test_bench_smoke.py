@@ -24,6 +24,8 @@ def test_bench_smoke_pass_produces_wellformed_results(tmp_path):
     assert set(s) == {"small_requests", "token_streams", "bulk_bodies", "scheduler_handoff",
                       "status_under_load", "eviction_overhead"}
     assert s["token_streams"]["gpumgr"]["lines"] == 200  # every chunk arrived
+    access = s["small_requests"]["access_log"]  # a gpumgr without the access line beside
+    assert {"line_costs_ms", "cpu_us_per_request_sequential"} <= set(access)
     assert s["scheduler_handoff"]["codes"] == {"200": 20}
     assert s["scheduler_handoff"]["overlaps"] == 0
     assert s["status_under_load"]["queued"] == 50
@@ -42,7 +44,7 @@ def test_bench_without_nginx_and_wrk_skips_only_those_columns(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
     small = result["scenarios"]["small_requests"]
-    assert set(small["latency_ms"]) == {"direct", "gpumgr"}  # no nginx column
+    assert set(small["latency_ms"]) == {"direct", "gpumgr", "gpumgr_no_access_log"}  # no nginx
     assert "throughput_rps_32conn" not in small  # no wrk
     assert set(result["scenarios"]["bulk_bodies"]["download_mib_s"]) == {"direct", "gpumgr"}
     assert any("apt-get install nginx-light" in n for n in result["notes"])
