@@ -496,8 +496,11 @@ class Broker:
                                     onTimeoutCancel=lambda r, t: self._job_timed_out(c.name, t))
 
             d = self.scheduler.run(c.name, job, kind=kind)
-            # A client that leaves while queued must leave the queue at once.
-            request.notifyFinish().addErrback(lambda _: d.cancel())
+            # A client that leaves while queued leaves the queue at once. Once its
+            # job runs, the exchange decides: it cancels the upstream, or, for GPU
+            # work that goes on after the answer, reads the answer to follow it.
+            request.notifyFinish().addErrback(
+                lambda _: d.cancel() if timing.started is None else None)
         d.addBoth(self._account, request, kind, c.name, timing)
         return d
 
@@ -566,14 +569,18 @@ class Broker:
 
         def forward(hold_oom: bool) -> defer.Deferred[Result]:
             return self.proxy.forward(request, name, self._agent_for(c), url, self._timeouts(c),
-                                      headers, hold_oom=hold_oom, capture_bytes=capture)
+                                      headers, hold_oom=hold_oom, capture_bytes=capture,
+                                      finish_upstream=driver.tracks_renders)
 
         result = await forward(evicting)
         if result.outcome is Outcome.OOM:
             await self.admission.evict_for_oom(name)
             result = await forward(False)
         self.admission.job_ended(name, result)
-        if result.outcome is Outcome.COMPLETED and result.status is not None:
+        # A client that left after the consumer took its prompt still leaves a
+        # render running: its answer was read all the same (finish_upstream).
+        if result.outcome in (Outcome.COMPLETED, Outcome.CLIENT_GONE) \
+                and result.status is not None and result.body_head:
             render_id = driver.render_id(method, path, result.status, result.body_head)
             if render_id is not None:
                 await self._track_render(c, driver, render_id, timing.received)

@@ -241,6 +241,12 @@ class _WatchedProducer:
         self._transport.resumeProducing()
 
     def stopProducing(self) -> None:
+        if self._exchange.finish_upstream:
+            # The client left, but the consumer's answer is still wanted (it
+            # names GPU work that goes on): keep reading it, to nobody.
+            self._exchange.client_resumed()
+            self._transport.resumeProducing()
+            return
         self._transport.stopProducing()
 
 
@@ -307,8 +313,10 @@ class _Exchange:
         on_upstream_error: UpstreamErrorHook,
         hold_oom: bool = False,
         capture_bytes: int = 0,
+        finish_upstream: bool = False,
     ) -> None:
         self.request = request
+        self.finish_upstream = finish_upstream
         self._hold_oom = hold_oom
         self._capture_left = capture_bytes
         self._captured: list[bytes] = []
@@ -401,6 +409,9 @@ class _Exchange:
         self._pending = None
         self._stop_timer()
         self._status = response.code
+        if self._client_gone and self.finish_upstream:
+            response.deliverBody(_Drain(self))
+            return
         if self._client_gone:
             response.deliverBody(_Discard())
             self._end(Outcome.CLIENT_GONE)
@@ -454,10 +465,14 @@ class _Exchange:
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.reset(self._timeouts.body_idle_s)
         self._bytes_out += len(data)
+        self.capture(data)
+        if not self._client_gone:
+            self.request.write(data)
+
+    def capture(self, data: bytes) -> None:
         if self._capture_left > 0:
             self._captured.append(data[: self._capture_left])
             self._capture_left -= len(self._captured[-1])
-        self.request.write(data)
 
     def client_paused(self) -> None:
         # The upstream cannot send while we are paused; that is not its idleness.
@@ -531,6 +546,8 @@ class _Exchange:
         if self._outcome is not None:
             return
         self._client_gone = True
+        if self.finish_upstream:
+            return  # the answer is read to its end all the same (see forward)
         if self._pending is not None:
             self._pending.cancel()
         elif self._upstream_transport is not None:
@@ -560,6 +577,19 @@ class _Exchange:
         if not self.done.called:
             self.done.callback(Result(outcome, self._status, self._reached,
                                       b"".join(self._captured), self._bytes_out))
+
+
+class _Drain(Protocol):
+    """Reads an answer nobody will receive, keeping its head (see finish_upstream)."""
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self._exchange = exchange
+
+    def dataReceived(self, data: bytes) -> None:
+        self._exchange.capture(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._exchange.body_ended(reason)
 
 
 class _Discard(Protocol):
@@ -629,11 +659,15 @@ class StreamingProxy:
         extra_headers: Sequence[tuple[bytes, bytes]] = (),
         hold_oom: bool = False,
         capture_bytes: int = 0,
+        finish_upstream: bool = False,
     ) -> defer.Deferred[Result]:
         """Relay `request` to `url`. With `hold_oom`, an out-of-memory answer
         is not relayed: the Result's outcome is OOM and the caller may replay.
         With `capture_bytes`, the Result carries the body's first bytes (a
-        copy; the body is streamed all the same)."""
+        copy; the body is streamed all the same). With `finish_upstream`, a
+        client that leaves does not cancel the exchange: the answer is read
+        to its end (under the same deadlines) so that the GPU work it names
+        can be followed; the outcome is still CLIENT_GONE."""
         exchange = _Exchange(
             self._clock,
             self._cooperator,
@@ -646,6 +680,7 @@ class StreamingProxy:
             self._on_upstream_error,
             hold_oom,
             capture_bytes,
+            finish_upstream,
         )
         exchange.start()
         return exchange.done
