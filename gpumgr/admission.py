@@ -23,7 +23,7 @@ from gpumgr.errors import ControlFailed, InsufficientVram
 from gpumgr.eviction import ConsumerView, Residency, plan_eviction, settled
 from gpumgr.gpu import GpuSampler
 from gpumgr.proxy import Result
-from gpumgr.registry import Registry
+from gpumgr.registry import Health, Registry
 from gpumgr.status import iso
 
 log = Logger()
@@ -180,13 +180,16 @@ class Admission:
 
     def job_ended(self, consumer: str, result: Any) -> None:
         """A job reached `consumer`: whatever its outcome, it may now hold its
-        memory. Only a refusal before anything was sent leaves it as it was.
-        Marking it loaded is the safe side: a loaded consumer is admitted
-        without a pressure check (an OOM answer is still replayed), and it
-        is evicted like any other; an unknown one could be neither."""
+        memory, so it is marked loaded (its next job skips the pressure
+        check; an OOM answer is still replayed). Only a refusal before
+        anything was sent leaves it as it was, and a job that found it down
+        (a reset, a refused connection) leaves it unknown: it may have
+        restarted and lost its memory (`Registry.went_down`)."""
         if consumer not in self._registry:
             return
         if isinstance(result, Result) and not result.reached_consumer:
+            return
+        if self._registry[consumer].health is Health.DOWN:
             return
         self._became_loaded(consumer)
         self.schedule_idle_unload(consumer)

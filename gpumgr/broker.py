@@ -583,7 +583,9 @@ class Broker:
                 and result.status is not None and result.body_head:
             render_id = driver.render_id(method, path, result.status, result.body_head)
             if render_id is not None:
-                await self._track_render(c, driver, render_id, timing.received)
+                # job_timeout_s bounds the hold of the GPU, not the wait for it.
+                started = timing.started if timing.started is not None else timing.received
+                await self._track_render(c, driver, render_id, started)
         return result
 
     def _tunnel(self, request: Any, c: ConsumerConfig, url: bytes) -> defer.Deferred[None]:

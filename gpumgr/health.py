@@ -117,6 +117,8 @@ class HealthMonitor:
     def _change(self, name: str, health: Health, error: str | None) -> None:
         state = self._registry[name]
         was = state.health
+        if health is Health.DOWN:
+            self._registry.went_down(name)
         state.health = health
         state.last_error = error
         if was is not health:

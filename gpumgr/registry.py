@@ -130,6 +130,17 @@ class Registry:
             last_used=state.last_used,
         )
 
+    def went_down(self, name: str) -> None:
+        """It failed its health check or refused a connection. It may have
+        restarted and lost its memory, or may hold it still: a tracked
+        residency is no longer known (a measured one is read again from the
+        next sample). Trusting `loaded` would admit its next job without a
+        pressure check, into memory another consumer took meanwhile."""
+        state = self._states[name]
+        state.health = Health.DOWN
+        state.residency = Residency.UNKNOWN
+        state.gpu_resident_mib = 0
+
     def upstream_error(self, name: str, reason: str, reachable: bool) -> None:
         state = self._states.get(name)
         if state is None:
@@ -137,4 +148,4 @@ class Registry:
         state.errors += 1
         state.last_error = reason
         if not reachable and state.health is not Health.STOPPED:
-            state.health = Health.DOWN
+            self.went_down(name)

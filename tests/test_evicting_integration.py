@@ -305,3 +305,46 @@ async def test_a_client_that_leaves_early_does_not_wedge_its_consumer(tmp_path, 
         assert tts.code == 200 and world.gpu.oom_count == 0
     finally:
         await world.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_consumer_that_went_down_and_came_back_is_not_trusted_to_be_loaded(
+        abc, start_broker, client):
+    """Found by the fault suite: a consumer that restarts has lost its model,
+    but gpumgr kept it `loaded`, so its next job skipped the pressure check
+    and met the memory another consumer took meanwhile: a CUDA out-of-memory
+    (for ComfyUI, a render that fails after the client got its 200). Once its
+    health check fails, where it stands is unknown."""
+    service, url = await evicting(abc, start_broker, kinds=ABC_KINDS)
+    assert (await client.request("POST", url + "/v1/tts", b"a")).code == 200
+    await abc.stop_consumer("A")  # its process dies: its memory is back
+    await service.health.probe_all_now()
+    assert service.registry["A"].health == "down"
+    abc.restart_consumer("A")
+    await service.health.probe_all_now()
+    assert (await client.request("POST", url + "/v1/stt", b"b")).code == 200  # B takes the room
+    assert (await client.request("POST", url + "/v1/tts", b"a")).code == 200
+    assert abc.gpu.oom_count == 0
+    assert abc["B"].unloads == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_that_found_its_consumer_gone_leaves_it_unknown_not_loaded(
+        abc, start_broker, client):
+    """Found by the fault suite: the same, when the job itself meets the
+    reset: the exchange marks the consumer down, and the end of the job
+    then marked it `loaded` again."""
+    service, url = await evicting(abc, start_broker, kinds=ABC_KINDS)
+    assert (await client.request("POST", url + "/v1/tts", b"a")).code == 200
+    abc["A"].behaviour.job_s = 30.0
+    reply = defer.ensureDeferred(client.request("POST", url + "/v1/tts", b"a"))
+    await wait_for(lambda: abc["A"].jobs_started == 2)
+    await abc.stop_consumer("A")  # reset before the answer
+    assert (await reply).code == 502
+    assert service.registry["A"].loaded is not True
+    abc["A"].behaviour.job_s = 0.02
+    abc.restart_consumer("A")
+    await service.health.probe_all_now()
+    assert (await client.request("POST", url + "/v1/stt", b"b")).code == 200
+    assert (await client.request("POST", url + "/v1/tts", b"a")).code == 200
+    assert abc.gpu.oom_count == 0

@@ -3,11 +3,16 @@ and the GPU slot stays held until /history/<id> fills."""
 
 from __future__ import annotations
 
+import io
+
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.web.client import FileBodyProducer
+from twisted.web.http_headers import Headers
+from twisted.web.server import NOT_DONE_YET
 
 from gpumgr.testing import world_config
-from tests.helpers import wait_for
+from tests.helpers import HeldStream, sleep, wait_for
 
 
 async def comfy_broker(world, start_broker, mode="locked", **comfy):
@@ -103,3 +108,54 @@ async def test_renders_are_tracked_in_passthrough_mode_too(world, start_broker, 
     await wait_for(lambda: gate.gates)
     gate.release()
     await wait_for(lambda: service.scheduler.stats().in_flight == 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_job_timeout_counts_from_when_the_render_got_the_gpu(world, start_broker, client):
+    """Found by the fault suite: job_timeout_s, the longest a job may hold the
+    GPU, was counted from the request's arrival, so a prompt that had waited
+    in the queue that long was interrupted as soon as it started rendering."""
+    service, url = await comfy_broker(world, start_broker, job_timeout_s=1.0)
+    world["comfyui"].behaviour.job_s = 0.2  # outlasts the first poll
+    held = await HeldStream(world["ollama"]).start(client, url)
+    image = defer.ensureDeferred(client.request("POST", url + "/v1/image", b'{"prompt":{}}'))
+    await wait_for(lambda: service.scheduler.stats().queue_depth == 1)
+    await sleep(1.2)  # queued for longer than job_timeout_s
+    held.release()
+    assert (await image).code == 200
+    await wait_for(lambda: service.scheduler.stats().in_flight == 0)
+    assert world["comfyui"].interrupts == 0
+    assert service.status()["scheduler"]["renders"] == {"tracked": 1, "completed": 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_once_comfyui_took_its_prompt_still_holds_the_gpu_for_it(
+        world, start_broker, client):
+    service, url = await comfy_broker(world, start_broker)
+    comfy = world["comfyui"]
+    gate = Gate(comfy)
+    pending = client.agent.request(b"POST", (url + "/v1/image").encode(), Headers(),
+                                   FileBodyProducer(io.BytesIO(b'{"prompt":{}}')))
+    pending.addErrback(lambda _: None)
+    take_prompt = comfy.prompt
+
+    def prompt(request):
+        body = take_prompt(request)  # queued: the render starts now
+        pending.cancel()  # the client leaves before the answer reaches it
+
+        def answer():
+            if not request._disconnected:
+                request.write(body)
+                request.finish()
+
+        reactor.callLater(0.05, answer)
+        return NOT_DONE_YET
+
+    comfy.prompt = prompt
+    await wait_for(lambda: comfy.running_item is not None)
+    tts = defer.ensureDeferred(client.request("POST", url + "/v1/tts", b"x"))
+    await sleep(0.3)
+    assert world["mvoice"].work_requests() == []  # the render still holds the GPU
+    gate.release()
+    assert (await tts).code == 200
+    assert world.max_active_jobs == 1

@@ -1,0 +1,977 @@
+"""A seeded fault-injection run of the real broker: every promise, under fire.
+
+gpumgr (`GpumgrService`, `evicting` mode, capacity 1) fronts every driver at
+once: ollama (token streams, pass-through on), a tracked ComfyUI (renders,
+pass-through on), mvoice (the `http` driver, also serving /audio) and
+whisper.cpp as a process gpumgr starts on demand and stops to evict. Their
+VRAM adds up to more than the simulated GPU. The config is a file, so a
+reload can run half-way.
+
+Twenty clients send 2,000 requests (after a fault-free warm-up) in a seeded
+random mix of kinds and pass-through metadata GETs; some of them disconnect
+at a random moment (while queued, before the answer, mid-body) or after a
+few stream chunks. Meanwhile a seeded injector, at random moments, stops and
+restarts consumers (resets before and after headers), stalls them (tokens
+stop: body_idle_timeout_s; the answer is late: request_timeout_s), flaps
+mvoice's health, makes nvidia-smi hang (with and without a child holding its
+pipe), fail and print garbage, makes unloads fail, SIGKILLs the whisper
+process, hangs and slows ComfyUI renders, and reloads the config with new
+priorities half-way.
+
+At the end, each invariant is its own assertion:
+- every client call finished (none hung past CALL_BOUND_S); every 200 was
+  complete unless the client cut it or an injected fault hit its consumer
+  while it ran; every error gpumgr made itself is JSON with a known code (and
+  never `internal_error`); no consumer error reached a client;
+- the scheduler is idle (in_flight and queue_depth 0) and never ran more
+  than `capacity` jobs (`max_running_seen`);
+- the simulated GPU saw 0 OOMs (external processes and renders included);
+- two simulated GPU jobs ran at once only when one of them was work gpumgr
+  had already walked away from (its HTTP exchange dropped: the client left,
+  a stall deadline passed, the consumer was reset), never two exchanges
+  gpumgr was relaying, and no ComfyUI render ran without gpumgr holding
+  ComfyUI's slot. `world.max_active_jobs` counts such orphans too (a
+  simulated job ends on its own timer, not when its connection drops), so it
+  is printed, and this sharper form is what is asserted;
+- RSS within 30 MiB of its level after the warm-up; open fds back to their
+  idle count: no more pipes, files, listening or client sockets than after
+  the warm-up, and every upstream socket an idle keep-alive connection
+  cached in gpumgr's pools (health probes every 0.25 s keep up to
+  `maxPersistentPerHost` = 2 per consumer alive; each is two fds here,
+  since the simulated consumers live in this process). The listening port,
+  the reactor's own descriptors and those idle connections are what gpumgr
+  legitimately keeps;
+- nothing at warn level or above in the log but what the injected faults
+  explain (an allow-list of formats), and no `log.failure` or traceback.
+
+The seed comes from GPUMGR_FAULT_SEED (else DEFAULT_SEED); a failure names
+it and how to run it again. The timing of a run is not reproducible, but the
+request mix, the client cuts and the order of the faults are.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import io
+import json
+import os
+import random
+import signal
+import struct
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+import yaml
+from twisted.internet import defer, reactor
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+
+from gpumgr import errors
+from gpumgr import service as service_module
+from gpumgr.service import GpumgrService
+from gpumgr.testing import (
+    Behaviour,
+    make_world,
+    managed_whisper_entry,
+    world_config_raw,
+    write_world_config,
+)
+from tests.helpers import Collector, sleep, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+DEFAULT_SEED = 20261201
+REQUESTS = 2000
+WARMUP_REQUESTS = 100
+CLIENTS = 20
+#: No client call may take longer (queue_timeout_s 15 s is the longest wait gpumgr imposes).
+CALL_BOUND_S = 45.0
+RSS_SLACK_MIB = 30
+
+GPU_MIB = 16000
+#: 17,000 MiB on a 16,000 MiB card (350 MiB taken by the driver, 512 MiB headroom): all
+#: four never fit, and ollama and ComfyUI together leave room for whisper, not for mvoice.
+VRAM_MIB = {"ollama": 7000, "comfyui": 6500, "mvoice": 2000, "whisper": 1500}
+PRIORITY = {"tts": 10, "stt": 10, "llm": 5, "image": 0}
+PRIORITY_AFTER_RELOAD = {"tts": 4, "stt": 8, "llm": 6, "image": 2}
+
+MVOICE_JOB_S = 0.003
+#: mvoice's answer during a before-headers stall: past its request_timeout_s.
+MVOICE_STALL_JOB_S = 1.5
+COMFY_JOB_S = 0.0
+SIM_CONSUMERS = ("ollama", "comfyui", "mvoice")
+
+AUDIO = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+         b"Content-Type: audio/wav\r\n\r\nRIFF....WAVE\r\n--b--\r\n")
+KNOWN_CODES = frozenset(
+    cls.code for cls in vars(errors).values()
+    if isinstance(cls, type) and issubclass(cls, errors.GpumgrError))
+
+#: Warnings the injected faults explain, by format. Anything else at warn
+#: level or above, and any log.failure, fails the run.
+EXPECTED_WARNINGS = {
+    ("gpumgr.gpu", "GPU sampling failed: {message}"),
+    ("gpumgr.admission", "refusing a job for {target}: {message}"),
+    ("gpumgr.admission", "unloading {name} ({reason}) failed: {why}"),
+    ("gpumgr.admission", "{name}: only {freed} of {mib} MiB came back within {s:g}s"),
+    ("gpumgr.broker", "{consumer} unreachable ({reason}); re-probing now"),
+    ("gpumgr.broker", "{name}: render {id} lost ({why}); releasing the GPU"),
+    ("gpumgr.broker", "{name}: a job held the GPU past job_timeout_s; it was aborted"),
+    ("gpumgr.broker", "{name}: render {id} ran past job_timeout_s ({s:g}s); "
+                      "interrupting it"),
+    ("gpumgr.broker", "{name}: polling render {id} failed: {e}"),
+    # A hung render past job_timeout_s on a ComfyUI the injector just stopped.
+    ("gpumgr.broker", "{name}: interrupt failed: {e}"),
+    ("gpumgr.proxy", "{consumer} broke mid-body ({why}); aborting the client"),
+    ("gpumgr.proxy", "{consumer} {reason}; aborting the exchange"),
+    ("gpumgr.process", "{name} {description} unexpectedly; last stderr: {stderr}"),
+}
+
+
+# -- requests --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Spec:
+    n: int
+    label: str
+    consumer: str | None
+    method: str
+    path: str
+    body: bytes | None = None
+    content_type: bytes | None = None
+    #: The client disconnects this long after sending, whatever stage it is at.
+    cut_at_s: float | None = None
+    #: The client disconnects after this many body chunks.
+    cut_after_chunks: int | None = None
+
+
+_META = [("ollama", "/v1/llm/api/tags"), ("ollama", "/v1/llm/api/ps"),
+         ("ollama", "/v1/llm/api/version"), ("comfyui", "/v1/image/system_stats"),
+         ("comfyui", "/v1/image/queue"), ("comfyui", "/v1/image/history?max_items=1"),
+         ("comfyui", "/v1/image/object_info/KSampler")]
+_MIX = [("llm", 24), ("llm_once", 4), ("llm_chat", 5), ("tts", 18), ("stt", 14),
+        ("image", 2), ("meta", 17), ("audio", 6), ("status", 4)]
+_STREAMS = ("llm", "llm_chat")
+_JSON = b"application/json"
+
+
+def make_specs(rng: random.Random, count: int, first: int, faults: bool) -> list[Spec]:
+    labels = [label for label, _ in _MIX]
+    weights = [w for _, w in _MIX]
+    specs = []
+    for n in range(first, first + count):
+        label = rng.choices(labels, weights)[0]
+        if label == "llm":
+            spec = Spec(n, label, "ollama", "POST", "/v1/llm",
+                        json.dumps({"model": "llama3", "prompt": f"p{n}"}).encode(), _JSON)
+        elif label == "llm_once":
+            spec = Spec(n, label, "ollama", "POST", "/v1/llm",
+                        json.dumps({"prompt": f"p{n}", "stream": False}).encode(), _JSON)
+        elif label == "llm_chat":  # GPU work through a pass-through route
+            spec = Spec(n, label, "ollama", "POST", "/v1/llm/api/chat", json.dumps(
+                {"model": "llama3", "messages": [{"role": "user", "content": f"m{n}"}]}
+            ).encode(), _JSON)
+        elif label == "tts":
+            spec = Spec(n, label, "mvoice", "POST", "/v1/tts",
+                        json.dumps({"text": f"hallo {n}"}).encode(), _JSON)
+        elif label == "stt":
+            spec = Spec(n, label, "whisper", "POST", "/v1/stt", AUDIO,
+                        b"multipart/form-data; boundary=b")
+        elif label == "image":
+            spec = Spec(n, label, "comfyui", "POST", "/v1/image", b'{"prompt": {}}', _JSON)
+        elif label == "meta":
+            consumer, path = rng.choice(_META)
+            spec = Spec(n, label, consumer, "GET", path)
+        elif label == "audio":
+            spec = Spec(n, label, "mvoice", "GET", f"/audio/sample-{n}.wav")
+        else:
+            spec = Spec(n, label, None, "GET", rng.choice(["/v1/status", "/healthz"]))
+        # Image prompts are cut too: a client that leaves once ComfyUI took its
+        # prompt must not free the GPU under the render it started.
+        if faults and label != "status":
+            if rng.random() < 0.05:
+                spec = attrs.evolve(spec, cut_at_s=rng.uniform(0.0, 0.06))
+            elif label in _STREAMS and rng.random() < 0.07:
+                spec = attrs.evolve(spec, cut_after_chunks=rng.randint(1, 3))
+        specs.append(spec)
+    return specs
+
+
+@attrs.define
+class Record:
+    spec: Spec
+    started: float
+    ended: float | None = None
+    #: completed | cut | no_answer | hung
+    outcome: str = "pending"
+    status: int | None = None
+    complete: bool = False
+    #: Set only for a complete 200: what is wrong with its body, if anything.
+    body_problem: str | None = None
+    #: gpumgr's own error code, for an answer gpumgr made itself.
+    code: str | None = None
+    #: Not None for a non-2xx answer gpumgr relayed from a consumer.
+    consumer_error: str | None = None
+    error: str | None = None
+
+
+def body_problem(label: str, body: bytes) -> str | None:
+    """What is wrong with the body of a complete 200 (None: nothing)."""
+    try:
+        if label in _STREAMS:
+            lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+            return None if lines and lines[-1].get("done") is True else "stream without done"
+        if label in ("tts", "audio"):
+            ok = body[:4] == b"RIFF" and len(body) == struct.unpack("<I", body[4:8])[0] + 8
+            return None if ok else f"broken WAV of {len(body)} bytes"
+        doc = json.loads(body)
+    except (ValueError, struct.error) as e:
+        return f"unreadable body: {e}"
+    expected = {"llm_once": "done", "stt": "text", "image": "prompt_id"}.get(label)
+    if expected is not None and expected not in doc:
+        return f"no {expected!r} in {body[:120]!r}"
+    return None
+
+
+class Clients:
+    """CLIENTS concurrent loops over one list of specs, each call bounded."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = CLIENTS
+        self.agent = Agent(reactor, pool=self.pool)
+        self.records: list[Record] = []
+
+    async def run(self, specs: list[Spec]) -> None:
+        todo = list(specs)
+
+        async def loop() -> None:
+            while todo:
+                spec = todo.pop(0)
+                record = Record(spec, reactor.seconds())
+                self.records.append(record)
+                call = defer.ensureDeferred(self._send(spec, record))
+                try:
+                    await call.addTimeout(CALL_BOUND_S, reactor)
+                except defer.TimeoutError:
+                    record.outcome = "hung"
+                record.ended = reactor.seconds()
+
+        await defer.gatherResults([defer.ensureDeferred(loop()) for _ in range(CLIENTS)])
+
+    async def _send(self, spec: Spec, record: Record) -> None:
+        headers = Headers({b"X-Fault-Req": [str(spec.n).encode()]})
+        if spec.content_type is not None:
+            headers.setRawHeaders(b"Content-Type", [spec.content_type])
+        producer = None if spec.body is None else FileBodyProducer(io.BytesIO(spec.body))
+        pending = self.agent.request(spec.method.encode(), (self.url + spec.path).encode(),
+                                     headers, producer)
+        stage: dict[str, Any] = {}
+
+        def cut() -> None:
+            collector = stage.get("collector")
+            if collector is None:
+                record.outcome = "cut"
+                pending.cancel()
+            elif collector.reason is None:
+                record.outcome = "cut"
+                collector.transport.stopProducing()
+
+        timer = None if spec.cut_at_s is None else reactor.callLater(spec.cut_at_s, cut)
+        try:
+            try:
+                response = await pending
+            except Exception as e:
+                if record.outcome != "cut":
+                    record.outcome, record.error = "no_answer", repr(e)
+                return
+            record.status = response.code
+
+            def on_chunk(collector: Collector, data: bytes) -> None:
+                if (spec.cut_after_chunks is not None
+                        and len(collector.chunks) == spec.cut_after_chunks):
+                    # Not from inside dataReceived: on the body's last chunk
+                    # Twisted's pool would cache the closing connection and
+                    # hand it to this client's next request.
+                    reactor.callLater(0, cut)
+
+            collector = Collector(on_chunk)
+            stage["collector"] = collector
+            response.deliverBody(collector)
+            await collector.done
+        finally:
+            if timer is not None and timer.active():
+                timer.cancel()
+        record.complete = collector.complete
+        if record.outcome != "cut":
+            record.outcome = "completed"
+        if not record.complete:
+            return
+        body = collector.body
+        if response.code == 200:
+            record.body_problem = body_problem(spec.label, body)
+        elif not 200 <= response.code < 300:
+            relayed = response.headers.getRawHeaders(b"X-Gpumgr-Consumer")
+            if relayed:
+                record.consumer_error = f"{relayed[0].decode()} {response.code} {body[:200]!r}"
+            else:
+                try:
+                    record.code = json.loads(body)["error"]["code"]
+                except (ValueError, KeyError, TypeError):
+                    record.code = f"<not gpumgr's JSON: {body[:120]!r}>"
+
+    async def close(self) -> None:
+        await self.pool.closeCachedConnections()
+
+
+# -- simulated GPU jobs ------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class SimJob:
+    consumer: str
+    started: float
+    ended: float | None = None
+    #: Its HTTP exchange was dropped before the answer was done (gpumgr gave it up).
+    abandoned: bool = False
+
+
+class SimJobs:
+    """Every GPU job the simulated consumers ran, and which ran at once.
+
+    ollama's and mvoice's jobs belong to one HTTP exchange (`run_job`); a
+    ComfyUI render belongs to none: it goes on whatever the connection does.
+    """
+
+    def __init__(self, world: Any, service: GpumgrService) -> None:
+        self._service = service
+        self.jobs: list[SimJob] = []
+        self.running: list[SimJob] = []
+        self.overlaps: list[tuple[SimJob, SimJob]] = []
+        self.renders_without_slot = 0
+        self._exchange: tuple[Any, dict[str, SimJob]] | None = None
+        self._render: SimJob | None = None
+        started, ended = world.job_started, world.job_ended
+
+        def job_started(consumer: Any) -> None:
+            started(consumer)
+            job = SimJob(consumer.name, reactor.seconds())
+            if self._exchange is not None:
+                request, slot = self._exchange
+                slot["job"] = job
+                request.notifyFinish().addErrback(lambda _: setattr(job, "abandoned", True))
+            else:
+                self._render = job
+                held = {h.consumer for h in service.scheduler.stats().holders}
+                if consumer.name not in held:
+                    self.renders_without_slot += 1
+            self.overlaps.extend((other, job) for other in self.running)
+            self.running.append(job)
+            self.jobs.append(job)
+
+        def job_ended(consumer: Any) -> None:
+            ended(consumer)
+            if self._exchange is None and self._render is not None:
+                self._end(self._render)
+                self._render = None
+
+        world.job_started, world.job_ended = job_started, job_ended
+        for name in ("ollama", "mvoice"):
+            self._wrap(world[name])
+
+    def _wrap(self, consumer: Any) -> None:
+        run_job = consumer.run_job
+
+        def wrapped(request, work, load=None, oom=None, ended=None):
+            slot: dict[str, SimJob] = {}
+
+            def job_over() -> None:
+                if "job" in slot:
+                    self._end(slot["job"])
+                if ended is not None:
+                    ended()
+
+            self._exchange = (request, slot)
+            try:
+                return run_job(request, work, load=load, oom=oom, ended=job_over)
+            finally:
+                self._exchange = None
+
+        consumer.run_job = wrapped
+
+    def _end(self, job: SimJob) -> None:
+        job.ended = reactor.seconds()
+        if job in self.running:
+            self.running.remove(job)
+
+    def unexplained_overlaps(self) -> list[tuple[SimJob, SimJob]]:
+        return [(a, b) for a, b in self.overlaps if not a.abandoned and not b.abandoned]
+
+
+class OomWatch:
+    """Each simulated out-of-memory, with what the GPU and gpumgr held then."""
+
+    def __init__(self, world: Any, service: GpumgrService) -> None:
+        self.events: list[str] = []
+        gpu = world.gpu
+        allocate = gpu.allocate
+
+        def watched(owner: str, pid: int, process_name: str, mib: int) -> bool:
+            before = gpu.oom_count
+            ok = allocate(owner, pid, process_name, mib)
+            if gpu.oom_count > before and len(self.events) < 10:
+                held = {a: v.used_mib for a, v in gpu.allocations.items()}
+                held.update({f"pid {e.pid}": e.used_mib for e in gpu.external_allocations()})
+                loaded = {c.name: c.residency.value for c in service.registry}
+                self.events.append(
+                    f"t={reactor.seconds():.2f} {owner} wanted {mib} MiB, {gpu.free_mib} free; "
+                    f"held {held}; smi failure {gpu.smi_failure}; gpumgr thinks {loaded}; "
+                    f"last sample {service.gpu.latest.error or service.gpu.latest.memory_free_mib}")
+            return ok
+
+        gpu.allocate = watched
+
+
+# -- the log ------------------------------------------------------------------------------
+
+
+class LogWatch:
+    """Counts every event; keeps those at warn level and above."""
+
+    def __init__(self) -> None:
+        self.by_level: collections.Counter[str] = collections.Counter()
+        self.warnings: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.unexpected: list[str] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level", LogLevel.info)
+        self.by_level[level.name] += 1
+        failure = event.get("log_failure")
+        if level < LogLevel.warn and failure is None:
+            return
+        key = (event.get("log_namespace", "?"), event.get("log_format") or "")
+        if failure is None and level is LogLevel.warn and key in EXPECTED_WARNINGS:
+            self.warnings[key] += 1
+            return
+        from twisted.logger import formatEvent
+
+        text = formatEvent(event)
+        if failure is not None:
+            text += "\n" + failure.getTraceback()
+        if len(self.unexpected) < 20:
+            self.unexpected.append(f"[{level.name}] {key[0]}: {text[:2000]}")
+        else:
+            self.unexpected.append("...")
+
+
+# -- the process: memory and descriptors --------------------------------------------------
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def _tcp_sockets() -> dict[str, tuple[int, int, str]]:
+    """inode -> (local port, remote port, state) for every TCP socket here."""
+    table = {}
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            table[inode] = (int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16),
+                            state)
+    return table
+
+
+@attrs.frozen
+class Census:
+    #: Connected sockets to or from a consumer's port: gpumgr's upstream
+    #: connections, and the simulated consumers' ends of them.
+    consumer_links: int
+    #: Everything else: listening sockets, client connections, pipes, files.
+    other: int
+    kinds: tuple[tuple[str, int], ...]
+    #: Idle keep-alive connections cached in gpumgr's pools, read at the same
+    #: instant: what consumer_links may legitimately be (two fds each).
+    pooled_links: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.consumer_links + self.other
+
+
+def pooled_connections(service: GpumgrService) -> int:
+    """Idle connections cached in gpumgr's control and data pools (Twisted's
+    HTTPConnectionPool keeps them in `_connections`, per origin)."""
+    return sum(len(cached) for pool in (service._control_pool, service._data_pool)
+               for cached in pool._connections.values())
+
+
+def fd_census(consumer_ports: set[int], service: GpumgrService) -> Census:
+    pooled = pooled_connections(service)
+    tcp = _tcp_sockets()
+    links = 0
+    kinds: collections.Counter[str] = collections.Counter()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the directory's own descriptor, closed meanwhile
+        if target.startswith("socket:["):
+            entry = tcp.get(target[len("socket:["):-1])
+            if entry is not None and entry[2] != "0A" and (
+                    entry[0] in consumer_ports or entry[1] in consumer_ports):
+                links += 1
+                continue
+            kinds["listening" if entry is not None and entry[2] == "0A" else "socket"] += 1
+        elif target.startswith("pipe:"):
+            kinds["pipe"] += 1
+        elif target.startswith("anon_inode:"):
+            kinds[target] += 1
+        else:
+            kinds["file"] += 1
+    return Census(links, sum(kinds.values()), tuple(sorted(kinds.items())), 2 * pooled)
+
+
+async def quiet_census(consumer_ports: set[int], service: GpumgrService) -> Census:
+    """The quietest of a few readings: a sample of nvidia-smi in flight holds
+    pipes for a moment, and a health probe takes a connection out of the pool."""
+    readings = []
+    for _ in range(6):
+        readings.append(fd_census(consumer_ports, service))
+        await sleep(0.1)
+    return min(readings, key=lambda c: (c.consumer_links != c.pooled_links, c.total))
+
+
+# -- the faults ----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Window:
+    fault: str
+    consumer: str | None
+    start: float
+    end: float
+
+
+#: Faults that may cut a response of their consumer short.
+DISRUPTIVE = frozenset({"stop_restart", "stall_stream", "whisper_crash"})
+
+
+class Injector:
+    """Breaks one thing at a time, at seeded random moments, and mends it."""
+
+    #: Fault -> weight. Restarts weigh most: a consumer that comes back empty
+    #: while gpumgr still counts it loaded is how a GPU runs out of memory.
+    FAULTS = {"stop_restart": 3, "stall_stream": 1, "stall_headers": 1, "health_flap": 1,
+              "smi_hang": 1, "smi_hang_child": 1, "smi_driver": 1, "smi_garbage": 1,
+              "unload_fails": 1, "whisper_crash": 1, "render_hang": 1, "slow_render": 1}
+
+    def __init__(self, rng: random.Random, world: Any, service: GpumgrService,
+                 rewrite_config: Any) -> None:
+        self.rng = rng
+        self.world = world
+        self.service = service
+        self.rewrite_config = rewrite_config
+        self.windows: list[Window] = []
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.reload_result: dict[str, Any] | None = None
+        self._gates: list[defer.Deferred[None]] = []
+        self._stopped: set[str] = set()
+
+    def disrupted(self, consumer: str | None, start: float, end: float) -> bool:
+        return any(w.consumer == consumer and w.fault in DISRUPTIVE
+                   and w.start <= end and start <= w.end for w in self.windows)
+
+    async def run(self, progress: Any, total: int) -> None:
+        """Until `progress()` reaches `total`; the reload once half of it is done."""
+        reloading = defer.ensureDeferred(self._reload_half_way(progress, total))
+        while progress() < total:
+            await sleep(self.rng.uniform(0.1, 0.4))
+            if progress() >= total:
+                break
+            self.forget_requests()
+            fault = self.rng.choices(list(self.FAULTS), list(self.FAULTS.values()))[0]
+            start = reactor.seconds()
+            consumer, extra_s = await getattr(self, fault)()
+            if consumer is not False:
+                self.counts[fault] += 1
+                self.windows.append(Window(fault, consumer, start, reactor.seconds() + extra_s))
+        await reloading
+
+    async def _reload_half_way(self, progress: Any, total: int) -> None:
+        await wait_for(lambda: progress() >= total // 2, timeout_s=CALL_BOUND_S * 4)
+        self.reload()
+
+    def hold(self) -> defer.Deferred[None]:
+        return sleep(self.rng.uniform(0.3, 1.0))
+
+    def forget_requests(self) -> None:
+        """The simulators record every request; keep that from growing the heap."""
+        for consumer in self.world.consumers.values():
+            consumer.requests.clear()
+        self.world["mvoice"].audio.clear()
+
+    # Each fault returns (consumer it disrupts, seconds its effect outlives it),
+    # or (False, 0) when it could not be injected now.
+
+    async def stop_restart(self):
+        name = self.rng.choice(SIM_CONSUMERS)
+        self._stopped.add(name)
+        await self.world.stop_consumer(name)
+        await self.hold()
+        self.world.restart_consumer(name)
+        self._stopped.discard(name)
+        return name, 0.0
+
+    async def stall_stream(self):
+        """Tokens stop after the first: body_idle_timeout_s ends the exchange."""
+        def gate(i: int) -> defer.Deferred[None]:
+            d: defer.Deferred[None] = defer.Deferred()
+            self._gates.append(d)
+            return d
+
+        self.world["ollama"].behaviour.stream_gate = gate
+        await self.hold()
+        self._release_gates()
+        return "ollama", 0.0
+
+    async def stall_headers(self):
+        """mvoice answers after its request_timeout_s: 504."""
+        self.world["mvoice"].behaviour.job_s = MVOICE_STALL_JOB_S
+        await self.hold()
+        self.world["mvoice"].behaviour.job_s = MVOICE_JOB_S
+        return "mvoice", MVOICE_STALL_JOB_S
+
+    async def health_flap(self):
+        behaviour = self.world["mvoice"].behaviour
+        for _ in range(self.rng.randint(1, 3)):
+            behaviour.healthy = False
+            await sleep(self.rng.uniform(0.3, 0.7))
+            behaviour.healthy = True
+            await sleep(self.rng.uniform(0.1, 0.4))
+        return "mvoice", 0.0
+
+    async def _smi(self, mode: str):
+        self.world.gpu.set_smi_failure(mode, hang_child_s=1.0)
+        await self.hold()
+        self.world.gpu.set_smi_failure(None)
+        return None, 0.0
+
+    async def smi_hang(self):
+        return await self._smi("hang")
+
+    async def smi_hang_child(self):
+        return await self._smi("hang_child")
+
+    async def smi_driver(self):
+        return await self._smi("driver")
+
+    async def smi_garbage(self):
+        return await self._smi("garbage")
+
+    async def unload_fails(self):
+        name = self.rng.choice(SIM_CONSUMERS)
+        self.world[name].behaviour.unload_fails = True
+        await self.hold()
+        self.world[name].behaviour.unload_fails = False
+        return name, 0.0
+
+    async def whisper_crash(self):
+        process = self.service.status()["consumers"]["whisper"]["process"]
+        if process["state"] != "running" or not process["pid"]:
+            return False, 0.0
+        os.kill(process["pid"], signal.SIGKILL)
+        await sleep(0.2)
+        return "whisper", 0.0
+
+    async def render_hang(self):
+        """Renders started now never finish: gpumgr interrupts them at job_timeout_s."""
+        self.world["comfyui"].behaviour.render_hangs = True
+        await self.hold()
+        self.world["comfyui"].behaviour.render_hangs = False
+        return "comfyui", 0.0
+
+    async def slow_render(self):
+        self.world["comfyui"].behaviour.job_s = 0.3
+        await self.hold()
+        self.world["comfyui"].behaviour.job_s = COMFY_JOB_S
+        return "comfyui", 0.3
+
+    def reload(self) -> None:
+        """Half-way: new priorities from the rewritten file."""
+        self.rewrite_config(PRIORITY_AFTER_RELOAD)
+        self.reload_result = self.service.broker.reload()
+        self.counts["reload"] += 1
+
+    def _release_gates(self) -> None:
+        self.world["ollama"].behaviour.stream_gate = None
+        gates, self._gates = self._gates, []
+        for d in gates:
+            if not d.called:
+                d.callback(None)
+
+    async def mend_everything(self) -> None:
+        """After the run: every knob back, every consumer up, leftovers ended."""
+        self._release_gates()
+        for name in SIM_CONSUMERS:
+            b = self.world[name].behaviour
+            b.healthy, b.unload_fails = True, False
+            if name in self._stopped:
+                self.world.restart_consumer(name)
+        self._stopped.clear()
+        self.world["mvoice"].behaviour.job_s = MVOICE_JOB_S
+        comfy = self.world["comfyui"]
+        comfy.behaviour.render_hangs, comfy.behaviour.job_s = False, COMFY_JOB_S
+        self.world.gpu.set_smi_failure(None)
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def build_world(tmp_path: Any) -> tuple[Any, dict[str, Any]]:
+    world = make_world(reactor, str(tmp_path), total_mib=GPU_MIB, managed_whisper=True,
+                       behaviours={
+                           "ollama": Behaviour(vram_mib=VRAM_MIB["ollama"], stream_chunks=4,
+                                               chunk_interval_s=0.002, job_s=0.003),
+                           "comfyui": Behaviour(vram_mib=VRAM_MIB["comfyui"], job_s=COMFY_JOB_S,
+                                                render_steps=2),
+                           "mvoice": Behaviour(vram_mib=VRAM_MIB["mvoice"], job_s=MVOICE_JOB_S,
+                                               audio_bytes=16 * 1024),
+                       })
+    world.listen(reactor)
+    whisper = managed_whisper_entry(world, vram_mib=VRAM_MIB["whisper"], job_s=0.003,
+                                    start_timeout_s=10.0, stop_timeout_s=2.0)
+    return world, whisper
+
+
+def config_sections(whisper: dict[str, Any], priority: dict[str, int]) -> dict[str, Any]:
+    return dict(
+        managed={"whisper": whisper},
+        consumers={
+            "ollama": {"passthrough": True, "request_timeout_s": 2, "body_idle_timeout_s": 0.4},
+            "comfyui": {"passthrough": True, "request_timeout_s": 2, "body_idle_timeout_s": 1,
+                        "job_timeout_s": 1.0},
+            "mvoice": {"request_timeout_s": 0.5, "body_idle_timeout_s": 1},
+            "whisper": {"request_timeout_s": 2, "body_idle_timeout_s": 1},
+        },
+        scheduler={"mode": "evicting", "capacity": 1, "max_queue": 64, "queue_timeout_s": 15,
+                   "priority": priority, "aging_s": 1},
+        health={"interval_s": 0.25, "timeout_s": 1},
+        gpu={"interval_s": 0.5, "timeout_s": 0.3, "total_mib": GPU_MIB, "unload_settle_s": 2},
+        shutdown_grace_s=2,
+    )
+
+
+async def settle(service: GpumgrService, world: Any) -> None:
+    """Wait (bounded) until gpumgr holds no job and the simulated GPU runs none."""
+    def idle() -> bool:
+        stats = service.scheduler.stats()
+        return stats.in_flight == 0 and stats.queue_depth == 0 and world.active_jobs == 0
+
+    try:
+        await wait_for(idle, timeout_s=20.0, step_s=0.05)
+    except AssertionError:
+        pass  # the invariants below say what is left
+
+
+async def idle_fds_and_rss(service: GpumgrService, url: str, ports: set[int],
+                           clients: Clients) -> tuple[Census, float]:
+    """The same quiet state at both measuring points: whisper stopped, client
+    connections closed, gpumgr's data pool idle (it drops idle upstream
+    connections after gpumgr.service._IDLE_CONNECTION_S)."""
+    reply = await clients.agent.request(b"POST", f"{url}/v1/consumers/whisper/unload".encode())
+    collector = Collector()
+    reply.deliverBody(collector)
+    await collector.done
+    assert reply.code == 200, collector.body
+    await clients.close()
+    await sleep(service_module._IDLE_CONNECTION_S + 1.0)
+    gc.collect()
+    return await quiet_census(ports, service), rss_mib()
+
+
+def summarise(records: list[Record], injector: Injector, service: GpumgrService, world: Any,
+              jobs: SimJobs, watch: LogWatch, seed: int, elapsed_s: float,
+              rss: tuple[float, float], fds: tuple[Census, Census]) -> str:
+    outcomes: collections.Counter[str] = collections.Counter()
+    for r in records:
+        if r.outcome == "completed" and r.status is not None:
+            key = (f"{r.status} {r.code}" if r.code else
+                   "200 ok" if r.status == 200 and r.complete else
+                   "200 cut by a fault" if r.status == 200 else str(r.status))
+        else:
+            key = r.outcome
+        outcomes[key] += 1
+    status = service.status()
+    sched = status["scheduler"]
+    process = status["consumers"]["whisper"]["process"]
+    orphans = len(jobs.overlaps) - len(jobs.unexplained_overlaps())
+    return (
+        f"\n[fault suite] seed {seed}: {len(records)} requests from {CLIENTS} clients in "
+        f"{elapsed_s:.1f}s; outcomes {dict(outcomes.most_common())}; faults injected "
+        f"{dict(injector.counts.most_common())}; evictions {sched['evictions']} "
+        f"(failed {sched['eviction_failures']}, by reason "
+        f"{dict(service.admission.evictions_by_reason)}); "
+        f"renders {sched.get('renders')}; whisper restarts {process['restarts']}; "
+        f"GPU samples {service.gpu.samples_taken} ({service.gpu.samples_failed} failed); "
+        f"OOMs {world.gpu.oom_count}; max GPU jobs at once: gpumgr "
+        f"{service.scheduler.max_running_seen}, simulator {world.max_active_jobs} "
+        f"({orphans} overlaps with work gpumgr had dropped); RSS {rss[0]:.1f} -> "
+        f"{rss[1]:.1f} MiB; fds {fds[0].total} -> {fds[1].total} "
+        f"(upstream links {fds[0].consumer_links} -> {fds[1].consumer_links}, all idle in "
+        f"gpumgr's pools: {fds[1].consumer_links == fds[1].pooled_links}); "
+        f"warnings {sum(watch.warnings.values())}, log events {dict(watch.by_level)}")
+
+
+@pytest.mark.timeout(400)
+@pytest_twisted.ensureDeferred
+async def test_seeded_faults_keep_every_promise(tmp_path, capsys):
+    seed = int(os.environ.get("GPUMGR_FAULT_SEED", DEFAULT_SEED))
+    repro = (f"fault suite seed {seed}; run it again with: "
+             f"GPUMGR_FAULT_SEED={seed} make test PYTEST_ARGS='-k fault'")
+    try:
+        await _fault_run(tmp_path, seed, capsys)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n\n{repro}") from None
+    except BaseException:
+        with capsys.disabled():
+            print(f"\n{repro}")
+        raise
+
+
+async def _fault_run(tmp_path: Any, seed: int, capsys: Any) -> None:
+    with capsys.disabled():
+        print(f"\n[fault suite] seed {seed}: starting ({WARMUP_REQUESTS} warm-up requests, "
+              f"then {REQUESTS} with faults)")
+    rng = random.Random(seed)
+    world, whisper = build_world(tmp_path)
+    path = str(tmp_path / "gpumgr.yaml")
+    config = write_world_config(world, path, **config_sections(whisper, PRIORITY))
+
+    def rewrite_config(priority: dict[str, int]) -> None:
+        with open(path, "w") as f:
+            yaml.safe_dump(world_config_raw(world, **config_sections(whisper, priority)), f)
+
+    watch = LogWatch()
+    globalLogPublisher.addObserver(watch)
+    service = GpumgrService(reactor, config)
+    service.startService()
+    try:
+        port = await service.http.listening
+        url = f"http://127.0.0.1:{port.getHost().port}"
+        await service.health.probe_all_now()
+        ports = {int(c.url.rsplit(":", 1)[1]) for c in service.config.consumers.values()}
+        jobs = SimJobs(world, service)
+        ooms = OomWatch(world, service)
+
+        # Warm-up: every kind, no faults; then the quiet baseline.
+        clients = Clients(url)
+        await clients.run(make_specs(random.Random(seed ^ 0x5EED), WARMUP_REQUESTS, 0, False))
+        failed = [r for r in clients.records
+                  if not (r.outcome == "completed" and r.status == 200 and r.complete)]
+        assert not failed, f"the warm-up, with no faults, failed: {failed[:3]}"
+        await settle(service, world)
+        fds_before, rss_before = await idle_fds_and_rss(service, url, ports, clients)
+
+        # The run.
+        clients = Clients(url)
+        injector = Injector(random.Random(rng.random()), world, service, rewrite_config)
+        specs = make_specs(random.Random(rng.random()), REQUESTS, WARMUP_REQUESTS, True)
+        began = reactor.seconds()
+        injecting = defer.ensureDeferred(injector.run(
+            lambda: sum(1 for r in clients.records if r.ended is not None), REQUESTS))
+        await clients.run(specs)
+        await injecting
+        elapsed_s = reactor.seconds() - began
+        await injector.mend_everything()
+        await settle(service, world)
+        stats = service.scheduler.stats()
+        records = clients.records
+        fds_after, rss_after = await idle_fds_and_rss(service, url, ports, clients)
+        if fds_after.other > fds_before.other:
+            await sleep(3.0)  # a last straggler (a killed nvidia-smi's pipes) may still close
+            fds_after = await quiet_census(ports, service)
+        gc.collect()
+        summary = summarise(records, injector, service, world, jobs, watch, seed, elapsed_s,
+                            (rss_before, rss_after), (fds_before, fds_after))
+        with capsys.disabled():
+            print(summary)
+            for line in ooms.events:
+                print("  OOM:", line)
+
+        # Every request got a complete response or a clean abort.
+        assert len(records) == REQUESTS
+        hung = [r for r in records if r.outcome == "hung"]
+        assert not hung, f"{len(hung)} client calls never finished: {hung[:3]}"
+        unanswered = [r for r in records if r.outcome == "no_answer"]
+        assert not unanswered, f"{len(unanswered)} requests got no answer at all: {unanswered[:3]}"
+        truncated = [r for r in records if r.outcome == "completed" and r.status == 200
+                     and not r.complete
+                     and not injector.disrupted(r.spec.consumer, r.started,
+                                                r.ended or reactor.seconds())]
+        assert not truncated, (f"{len(truncated)} 200s were cut short with no fault to explain "
+                               f"it: {truncated[:3]}")
+        corrupt = [r for r in records if r.body_problem is not None]
+        assert not corrupt, f"{len(corrupt)} complete 200s with a broken body: {corrupt[:3]}"
+        strange = [r for r in records if r.code is not None and r.code not in KNOWN_CODES]
+        assert not strange, f"errors that are not gpumgr's JSON contract: {strange[:3]}"
+        internal = [r for r in records if r.code == "internal_error"]
+        assert not internal, f"{len(internal)} internal errors: {internal[:3]}"
+        relayed = [r for r in records if r.consumer_error is not None]
+        assert not relayed, f"{len(relayed)} consumer errors reached clients: {relayed[:3]}"
+
+        # The lock: free, and never more than capacity.
+        assert stats.in_flight == 0, f"{stats.in_flight} jobs still hold the GPU: {stats.holders}"
+        assert stats.queue_depth == 0, f"{stats.queue_depth} jobs still queued"
+        assert service.scheduler.max_running_seen <= service.config.scheduler.capacity
+        # The reload half-way was applied.
+        assert injector.reload_result is not None and injector.reload_result["reloaded"], \
+            injector.reload_result
+        assert dict(service.config.scheduler.priority) == PRIORITY_AFTER_RELOAD
+
+        # The GPU: no OOM, and never two jobs gpumgr was running at once.
+        assert world.gpu.oom_count == 0, (f"the simulated GPU ran out of memory "
+                                          f"{world.gpu.oom_count}x:\n" + "\n".join(ooms.events))
+        overlaps = jobs.unexplained_overlaps()
+        assert not overlaps, (f"{len(overlaps)} times two simulated GPU jobs ran at once, "
+                              f"neither dropped by gpumgr: {overlaps[:3]}")
+        assert jobs.renders_without_slot == 0, \
+            f"{jobs.renders_without_slot} ComfyUI renders started without gpumgr's slot"
+        assert world.active_jobs == 0, f"{world.active_jobs} simulated GPU jobs still running"
+
+        # Memory and descriptors back where they were after the warm-up.
+        assert rss_after - rss_before <= RSS_SLACK_MIB, \
+            f"RSS grew by {rss_after - rss_before:.1f} MiB"
+        assert fds_after.other <= fds_before.other, \
+            f"descriptors leaked: {fds_before} -> {fds_after}"
+        # Every upstream socket left is an idle keep-alive connection in
+        # gpumgr's pools (health probes every 0.25 s keep up to
+        # maxPersistentPerHost = 2 per consumer alive in the control pool),
+        # seen twice here since the simulated consumers live in this process.
+        assert fds_after.consumer_links == fds_after.pooled_links, \
+            f"upstream connections that no pool holds: {fds_after}"
+        assert fds_after.pooled_links <= 2 * 2 * len(SIM_CONSUMERS), fds_after
+
+        # The log: only what the faults explain.
+        assert not watch.unexpected, "unexpected log events:\n" + "\n".join(watch.unexpected)
+    finally:
+        globalLogPublisher.removeObserver(watch)
+        await service.stopService()
+        await world.stop()
+        world.gpu.kill_smi_children()
