@@ -344,7 +344,11 @@ async def test_a_job_that_found_its_consumer_gone_leaves_it_unknown_not_loaded(
     assert service.registry["A"].loaded is not True
     abc["A"].behaviour.job_s = 0.02
     abc.restart_consumer("A")
+    # The re-probe the reset triggered may still be on its way (refused): wait
+    # for it, then probe the restarted consumer afresh.
     await service.health.probe_all_now()
+    await service.health.probe_all_now()
+    assert service.registry["A"].health == "ok"
     assert (await client.request("POST", url + "/v1/stt", b"b")).code == 200
     assert (await client.request("POST", url + "/v1/tts", b"a")).code == 200
     assert abc.gpu.oom_count == 0
