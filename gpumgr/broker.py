@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
 from gpumgr.admission import CONTROL_TIMEOUT_S, Admission
-from gpumgr.config import AUDIO_ROUTE, Config, ConfigError, ConsumerConfig, parse_config_text
+from gpumgr.config import AUDIO_ROUTE, KINDS, Config, ConfigError, ConsumerConfig, parse_config_text
 from gpumgr.drivers import ControlHttp, IDriver, RenderState, get_driver
 from gpumgr.errors import (
     BadPath,
@@ -748,7 +748,8 @@ class Broker:
             gpu_sampling_s_total=self.gpu.sampling_s_total, consumers=tuple(consumers),
             scheduler=stats, tunnels_open=len(self.tunnels), tunnels_total=self.tunnels_total,
             renders=dict(self.render_counts), evictions_by_reason=dict(a.evictions_by_reason),
-            requests=self.request_stats)
+            requests=self.request_stats,
+            kinds=tuple(k for k in self._config.routes if k in KINDS))
 
     def status(self) -> dict[str, Any]:
         return status_document(self.snapshot())

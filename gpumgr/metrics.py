@@ -77,7 +77,8 @@ def metric_families(s: Snapshot) -> Iterator[Metric]:
     sched = s.scheduler
     depth = GaugeMetricFamily("gpumgr_queue_depth", "Jobs waiting for the GPU, by kind.",
                               labels=["kind"])
-    for kind, n in sorted(sched.queued_by_kind.items()):
+    queued = {kind: 0 for kind in s.kinds} | dict(sched.queued_by_kind)
+    for kind, n in sorted(queued.items()):
         depth.add_metric([kind], n)
     yield depth
     yield GaugeMetricFamily("gpumgr_in_flight_jobs", "Jobs holding the GPU now.",

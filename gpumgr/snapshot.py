@@ -120,3 +120,5 @@ class Snapshot:
     renders: dict[str, int]
     evictions_by_reason: dict[str, int]
     requests: RequestStats
+    #: Kinds with a route: their queue depth is exported even when 0.
+    kinds: tuple[str, ...] = ()

@@ -88,6 +88,10 @@ async def test_metrics_parse_and_name_every_metric(world, start_broker, client):
     assert value(families["gpumgr_sent_bytes"], consumer="mvoice") > 1000  # a WAV
     assert value(families["gpumgr_consumer_residency"], consumer="mvoice", state="loaded") == 1
     assert value(families["gpumgr_consumer_up"], consumer="ollama") == 1
+    # Every routed kind has a queue depth series, 0 when nothing waits.
+    assert {s.labels["kind"] for s in families["gpumgr_queue_depth"].samples} == \
+        {"tts", "stt", "llm", "image"}
+    assert value(families["gpumgr_queue_depth"], kind="image") == 0
 
     status = service.status()
     gpu = status["gpu"]["gpus"][0]
