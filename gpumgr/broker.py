@@ -27,7 +27,7 @@ from twisted.web.iweb import IAgent
 
 from gpumgr.admission import CONTROL_TIMEOUT_S, Admission
 from gpumgr.config import AUDIO_ROUTE, KINDS, Config, ConfigError, ConsumerConfig, parse_config_text
-from gpumgr.drivers import ControlHttp, IDriver, RenderState, get_driver
+from gpumgr.drivers import ControlHttp, IDriver, get_driver
 from gpumgr.errors import (
     BadPath,
     ConsumerUnhealthy,
@@ -49,6 +49,7 @@ from gpumgr.health import HealthMonitor
 from gpumgr.process import ManagedProcess, ProcessExit, ProcessState
 from gpumgr.proxy import Outcome, Result, StreamingProxy, Timeouts
 from gpumgr.registry import Health, Registry
+from gpumgr.renders import RenderTracker, TrackedRender
 from gpumgr.scheduler import Locked, Passthrough, Scheduler
 from gpumgr import __version__
 from gpumgr.snapshot import ConsumerSnapshot, RenderSnapshot, RequestStats, Snapshot
@@ -59,10 +60,6 @@ log = Logger()
 #: One line per proxied request.
 access_log = Logger(namespace="gpumgr.access")
 
-#: How often a tracked render's completion is polled.
-RENDER_POLL_S = 0.5
-#: Deadline of one poll.
-RENDER_POLL_TIMEOUT_S = 5.0
 #: A job's hard deadline comes this long after job_timeout_s, when a tracked
 #: render has already been interrupted (it is polled every RENDER_POLL_S).
 _JOB_TIMEOUT_MARGIN_S = 2.0
@@ -91,13 +88,6 @@ def _body_size(request: Any) -> int:
         return int(size)
     except (OSError, ValueError):
         return 0
-
-
-@attrs.frozen
-class TrackedRender:
-    consumer: str
-    render_id: str
-    since: float
 
 
 def _wants_websocket(request: Any) -> bool:
@@ -180,9 +170,6 @@ class Broker:
         self.processes: dict[str, ManagedProcess] = {}
         #: Processes a reload removed or changed, until they have stopped.
         self._retiring: dict[str, ManagedProcess] = {}
-        self.renders: dict[int, TrackedRender] = {}
-        self._render_seq = 0
-        self.render_counts: collections.Counter[str] = collections.Counter()
         self.tunnels: set[Tunnel] = set()
         self.tunnels_total = 0
         self.request_stats = RequestStats()
@@ -202,6 +189,9 @@ class Broker:
             reactor, lambda: self._config.consumers, self.registry, self._probe,
             config.health.interval_s, config.health.timeout_s,
             is_stopped=self._process_stopped)
+        self.render_tracker = RenderTracker(
+            reactor, http, lambda: self._config.consumers, self.registry,
+            self.health.probe_now, self.admission.event)
         gpu.listeners.append(lambda sample: self.registry.apply_sample(
             sample, self._config.consumers))
         self._sync_processes()
@@ -607,67 +597,15 @@ class Broker:
 
     async def _track_render(self, c: ConsumerConfig, driver: IDriver, render_id: str,
                             job_started: float) -> None:
-        """Hold the GPU slot until the render is over; until it runs past
-        job_timeout_s (then it is interrupted); or until it is lost: its
-        service went down, forgot it (a restart), or was removed by a reload.
-        Each poll asks the consumer as the current config describes it."""
-        name = c.name
-        self._render_seq += 1
-        key = self._render_seq
-        self.renders[key] = TrackedRender(name, render_id, self.reactor.seconds())
-        self.render_counts["tracked"] += 1
-        log.info("{name}: tracking render {id}", name=name, id=render_id)
-        poll_error_logged = False
-        try:
-            while True:
-                current = self._config.consumers.get(name)
-                if current is None or name not in self.registry:
-                    self._render_lost(name, render_id, "its consumer was removed by a reload")
-                    return
-                if self.registry[name].health is Health.DOWN:
-                    self._render_lost(name, render_id, "its service went down")
-                    return
-                if self.reactor.seconds() >= job_started + current.job_timeout_s:
-                    self.render_counts["interrupted"] += 1
-                    self.admission.event("render_interrupted", name, "job_timeout",
-                                         detail=render_id)
-                    log.warn("{name}: render {id} ran past job_timeout_s ({s:g}s); "
-                             "interrupting it", name=name, id=render_id, s=current.job_timeout_s)
-                    try:
-                        await driver.interrupt(self.http, current, render_id).addTimeout(
-                            RENDER_POLL_TIMEOUT_S, self.reactor)
-                    except Exception as e:
-                        log.warn("{name}: interrupt failed: {e}", name=name, e=e)
-                    return
-                try:
-                    state = await driver.render_state(self.http, current, render_id).addTimeout(
-                        RENDER_POLL_TIMEOUT_S, self.reactor)
-                except defer.CancelledError:
-                    raise
-                except Exception as e:
-                    state = RenderState.RUNNING
-                    if not poll_error_logged:
-                        poll_error_logged = True
-                        log.warn("{name}: polling render {id} failed: {e}", name=name,
-                                 id=render_id, e=e)
-                        self.health.probe_now(name)
-                if state is RenderState.DONE:
-                    self.render_counts["completed"] += 1
-                    log.info("{name}: render {id} is over", name=name, id=render_id)
-                    return
-                if state is RenderState.GONE:
-                    self._render_lost(name, render_id, "the service no longer knows it "
-                                      "(it restarted?)")
-                    return
-                await task.deferLater(self.reactor, RENDER_POLL_S, lambda: None)
-        finally:
-            del self.renders[key]
+        await self.render_tracker.track(c.name, driver, render_id, job_started)
 
-    def _render_lost(self, name: str, render_id: str, why: str) -> None:
-        self.render_counts["lost"] += 1
-        self.admission.event("render_lost", name, detail=f"{render_id}: {why}")
-        log.warn("{name}: render {id} lost ({why}); releasing the GPU", name=name,
-                 id=render_id, why=why)
+    @property
+    def renders(self) -> dict[int, TrackedRender]:
+        return self.render_tracker.tracked
+
+    @property
+    def render_counts(self) -> collections.Counter[str]:
+        return self.render_tracker.counts
 
     # -- /audio --------------------------------------------------------------
 

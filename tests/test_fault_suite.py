@@ -119,13 +119,13 @@ EXPECTED_WARNINGS = {
     ("gpumgr.admission", "unloading {name} ({reason}) failed: {why}"),
     ("gpumgr.admission", "{name}: only {freed} of {mib} MiB came back within {s:g}s"),
     ("gpumgr.broker", "{consumer} unreachable ({reason}); re-probing now"),
-    ("gpumgr.broker", "{name}: render {id} lost ({why}); releasing the GPU"),
+    ("gpumgr.renders", "{name}: render {id} lost ({why}); releasing the GPU"),
     ("gpumgr.broker", "{name}: a job held the GPU past job_timeout_s; it was aborted"),
-    ("gpumgr.broker", "{name}: render {id} ran past job_timeout_s ({s:g}s); "
+    ("gpumgr.renders", "{name}: render {id} ran past job_timeout_s ({s:g}s); "
                       "interrupting it"),
-    ("gpumgr.broker", "{name}: polling render {id} failed: {e}"),
+    ("gpumgr.renders", "{name}: polling render {id} failed: {e}"),
     # A hung render past job_timeout_s on a ComfyUI the injector just stopped.
-    ("gpumgr.broker", "{name}: interrupt failed: {e}"),
+    ("gpumgr.renders", "{name}: interrupt failed: {e}"),
     ("gpumgr.proxy", "{consumer} broke mid-body ({why}); aborting the client"),
     ("gpumgr.proxy", "{consumer} {reason}; aborting the exchange"),
     ("gpumgr.process", "{name} {description} unexpectedly; last stderr: {stderr}"),
