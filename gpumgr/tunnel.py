@@ -179,7 +179,7 @@ class _Upstream(Protocol):
         elif self._refusal is not None:
             self._refusal_body(closed=True)
         else:
-            self._tunnel.upstream_closed_early(self._buffer)
+            self._tunnel.upstream_closed_early()
 
 
 class Tunnel:
@@ -274,7 +274,7 @@ class Tunnel:
             request.finish()
         self._end()
 
-    def upstream_closed_early(self, buffered: bytes) -> None:
+    def upstream_closed_early(self) -> None:
         self.failed("the consumer closed the connection before answering the upgrade")
 
     def failed(self, why: str) -> None:
