@@ -15,7 +15,6 @@ A GPU job, whatever the mode, is one pipeline (`_gpu_job`):
 from __future__ import annotations
 
 import collections
-import hashlib
 from typing import Any, Callable
 from urllib.parse import unquote, unquote_to_bytes
 
@@ -175,7 +174,7 @@ class Broker:
         self.request_stats = RequestStats()
         self._overrides = overrides
         self.config_loaded_at = self.started_at
-        self.config_hash = ""
+        self.config_hash = config.sha256
         self.last_reload_error: str | None = None
         self.reload_attempts = 0
         self.reload_failures = 0
@@ -241,17 +240,17 @@ class Broker:
             self.last_reload_error = message
             log.error("reload refused, keeping the running config: {message}", message=message)
             return {"reloaded": False, "error": message}
-        self.apply_config(new, hashlib.sha256(text).hexdigest())
+        self.apply_config(new)
         log.info("reloaded {source} ({n} consumers)", source=source, n=len(new.consumers))
         return {"reloaded": True, "config_hash": self.config_hash}
 
-    def apply_config(self, new: Config, digest: str = "") -> None:
+    def apply_config(self, new: Config) -> None:
         """Swap in a validated config. Queued and running jobs are not
         disturbed; consumers that remain keep their state and process."""
         old = self._config
         self._config = new
         self.config_loaded_at = self.reactor.seconds()
-        self.config_hash = digest
+        self.config_hash = new.sha256
         self.last_reload_error = None
         self.registry.sync(new.consumers)
         for name, process in list(self.processes.items()):
@@ -552,9 +551,15 @@ class Broker:
         process = self.processes.get(name)
         if process is not None and process.state is not ProcessState.RUNNING:
             await self.admission.load(name, "demand", evicting=False)
-        wait_ms = int((self.reactor.seconds() - timing.received) * 1000)
+        # Two figures, so that neither hides the other: the wait for the GPU
+        # (the queue), then what admission took once it had it (evictions,
+        # loads, a process start).
+        started = timing.received if timing.started is None else timing.started
+        wait_ms = int((started - timing.received) * 1000)
+        admit_ms = int((self.reactor.seconds() - started) * 1000)
         headers = [(b"X-Gpumgr-Consumer", name.encode("utf-8")),
-                   (b"X-Gpumgr-Wait-Ms", str(wait_ms).encode("ascii"))]
+                   (b"X-Gpumgr-Wait-Ms", str(wait_ms).encode("ascii")),
+                   (b"X-Gpumgr-Admit-Ms", str(admit_ms).encode("ascii"))]
         capture = _CAPTURE_BYTES if driver.tracks_renders else 0
 
         def forward(hold_oom: bool) -> defer.Deferred[Result]:

@@ -6,6 +6,8 @@ The rest of gpumgr never touches raw YAML. `load_config(path)` either returns a
 
 from __future__ import annotations
 
+import hashlib
+
 import ipaddress
 import os
 import re
@@ -196,6 +198,8 @@ class Config:
     admin_token: str | None = None
     #: On SIGTERM, how long running jobs may finish before they are aborted.
     shutdown_grace_s: float = 30.0
+    #: SHA-256 of the file text this config was parsed from ("" if built in code).
+    sha256: str = ""
 
     def consumer_for(self, route: str) -> ConsumerConfig | None:
         name = self.routes.get(route)
@@ -344,7 +348,9 @@ def parse_config_text(
         raise ConfigError(source, e.key_path, e.problem) from None
     if raw is None:
         raise ConfigError(source, "", "file is empty; expected a mapping")
-    return parse_config(raw, source, environ)
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    return attrs.evolve(parse_config(raw, source, environ),
+                        sha256=hashlib.sha256(data).hexdigest())
 
 
 class _Section:

@@ -34,7 +34,7 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "Path of the YAML config (see etc/consumers.yaml)."],
         ["listen", None, None, "Twisted server endpoint; overrides the config's listen."],
-        ["mode", None, None, "Scheduler mode; overrides scheduler.mode (passthrough, locked)."],
+        ["mode", None, None, f"Scheduler mode; overrides scheduler.mode ({', '.join(SCHEDULER_MODES)})."],
         ["log-format", None, "text",
          f"Log lines as {' or '.join(LOG_FORMATS)} (json: one object a line, for journald/Loki)."],
     ]

@@ -104,6 +104,9 @@ async def test_job_waits_for_memory_that_comes_back_late(abc, start_broker, clie
     b_started = abc["B"].work_requests()[0].at
     a_unload_asked = [r.at for r in abc["A"].requests if r.path == "/unload"][0]
     assert b_started - a_unload_asked >= 1.0
+    # The settle is admission, not queueing: each header says what it measures.
+    assert int(reply.header("X-Gpumgr-Admit-Ms")) >= 1000
+    assert int(reply.header("X-Gpumgr-Wait-Ms")) < int(reply.header("X-Gpumgr-Admit-Ms"))
 
 
 @pytest_twisted.ensureDeferred

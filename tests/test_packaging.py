@@ -30,3 +30,11 @@ def test_twistd_lists_gpumgr():
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     out = subprocess.run([twistd, "--help"], capture_output=True, text=True, timeout=60).stdout
     assert "gpumgr" in out
+
+
+def test_mode_help_names_every_mode():
+    from gpumgr.config import SCHEDULER_MODES
+    from gpumgr.tap import Options
+
+    text = str(Options())
+    assert SCHEDULER_MODES and all(mode in text for mode in SCHEDULER_MODES)

@@ -3,6 +3,8 @@ graceful drain of stopService, on the real broker."""
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest_twisted
 import yaml
 from twisted.internet import defer
@@ -33,6 +35,8 @@ async def test_a_valid_reload_swaps_config_and_keeps_consumer_state(world, start
     service, url = await file_broker(world, start_broker, path, scheduler={"mode": "locked"})
     assert (await client.request("POST", url + "/v1/tts", b"x")).code == 200
     before = service.status()["broker"]
+    # The hash is known from the start, not only after the first reload.
+    assert before["config_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()
     rewrite(world, path, scheduler={"mode": "locked", "priority": {"tts": 7}},
             consumers={"ollama": {"passthrough": True}})
     reply = await client.request("POST", url + "/v1/admin/reload")
