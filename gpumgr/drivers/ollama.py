@@ -132,8 +132,9 @@ class OllamaDriver(BaseDriver):
 
     def is_control(self, consumer: ConsumerConfig, method: str, path: str,
                    body: Callable[[], bytes | None]) -> bool:
-        if method == "POST" and path in _UNLOAD_ROUTES and is_unload_request(path, body()):
-            return True
+        # A configured load or unload is a generate too: there, only the body tells.
+        if method == "POST" and path in _UNLOAD_ROUTES:
+            return is_unload_request(path, body())
         return super().is_control(consumer, method, path, body)
 
 
