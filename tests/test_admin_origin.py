@@ -193,3 +193,16 @@ def test_allowed_hosts_is_validated_with_its_key_path(world, value, problem):
 def test_allowed_hosts_are_kept_lower_case(world):
     raw = world_config_raw(world, allowed_hosts=["GPU.lan.", "[fe80::1]", "192.168.1.5"])
     assert parse_config(raw, "x").allowed_hosts == {"gpu.lan", "fe80::1", "192.168.1.5"}
+
+
+def test_the_new_key_and_error_are_documented():
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    with open(os.path.join(root, "etc", "consumers.yaml")) as f:
+        shipped = f.read()
+    assert "| `allowed_hosts` |" in readme and "# allowed_hosts:" in shipped
+    assert "| 415 | `unsupported_media_type` |" in readme
+    assert "## Exposing gpumgr beyond loopback safely" in readme
