@@ -37,6 +37,8 @@ from gpumgr.errors import (
     ConsumerStopped,
     JobTimeout,
     NotSupported,
+    QueueFull,
+    QueueTimeout,
     ShuttingDown,
     UpgradeNotSupported,
     UnknownConsumer,
@@ -110,6 +112,11 @@ def reload_refusal(old: Config, new: Config) -> str | None:
 def path_is_safe(segments: list[bytes]) -> bool:
     """Reject traversal, encoded separators and empty segments (pure)."""
     return bool(segments) and Target(tuple(Segment.of(s) for s in segments)).problem() is None
+
+
+#: Errors of a request that never reached its service.
+_REFUSED_BEFORE_SENDING = (ConsumerUnhealthy, ConsumerStopped, ConsumerRemoved, QueueFull,
+                           QueueTimeout, ShuttingDown)
 
 
 @attrs.frozen
@@ -508,6 +515,8 @@ class Broker:
         interrupt...): what gpumgr believed of its memory may be wrong now.
         A tracked render is left tracked: its end is taken from the service's
         queue, never from an interrupt's answer."""
+        if isinstance(result, Failure) and result.check(*_REFUSED_BEFORE_SENDING):
+            return result
         if name in self.registry:
             self.registry.mark_unknown(name)
             log.info("{name}: its control route was used through pass-through; "
