@@ -9,6 +9,12 @@ Routes:
   GET  /healthz                    liveness of the broker itself
   GET  /                           a small JSON index
 
+Every request's target is parsed once, at the root (`gpumgr.target`); the
+Resources below decide on that value (`request_target`). Admin routes, and
+the services' own control routes reached through pass-through, pass
+`admin_guard` first: Host and Origin (not a web page's), a JSON body (admin
+routes), then the bearer token or a loopback client.
+
 Errors are rendered in one place (`_respond`): a Resource raises a
 GpumgrError, or returns a Deferred that fails with one.
 """
