@@ -11,6 +11,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from gpumgr.config import ConsumerConfig, HttpCall
 from gpumgr.registry import Health
+from gpumgr.target import parse_target
 
 
 @attrs.frozen
@@ -142,7 +143,9 @@ class BaseDriver:
                    body: Callable[[], bytes | None]) -> bool:
         if (method, path) in self.control_routes:
             return True
-        return any(c is not None and c.method == method and c.path.partition("?")[0] == path
+        # The configured path decoded as a request's is (config checked it parses).
+        return any(c is not None and c.method == method
+                   and parse_target(c.path.encode("utf-8")).path == path
                    for c in (consumer.load, consumer.unload))
 
     def render_id(self, method: str, path: str, status: int, body_head: bytes) -> str | None:
