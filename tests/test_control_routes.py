@@ -16,7 +16,7 @@ import pytest_twisted
 from gpumgr.config import parse_config
 from gpumgr.drivers import get_driver
 from gpumgr.drivers.ollama import is_unload_request
-from gpumgr.testing import world_config, world_config_raw
+from gpumgr.testing import world_config
 from tests.helpers import wait_for
 from tests.test_passthrough import PASS
 from tests.test_render_tracking import Gate
