@@ -403,7 +403,7 @@ def admin_guard(request: Any, config: Config, check_media_type: bool = True) -> 
 
 
 class _AdminResource(JsonResource):
-    """An admin route: POST only, the bearer token (or loopback) first."""
+    """An admin route: POST only, `admin_guard` first."""
 
     isLeaf = True
     allowed_methods = ("POST",)

@@ -250,3 +250,18 @@ async def test_the_access_log_names_the_parsed_target(world, start_broker):
     finally:
         globalLogPublisher.removeObserver(observe)
     assert lines == ["/v1/llm/api/%74ags"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_mixed_case_route_is_what_the_service_sees_too(world, start_broker, client):
+    """gin routes case-sensitively: /API/generate is no generation there, so
+    it is relayed at once, unscheduled, exactly as sent, and answered 404."""
+    service, url = await locked_broker(world, start_broker)
+    ollama = world["ollama"]
+    held = await HeldStream(ollama).start(client, url)
+    started = ollama.jobs_started
+    code, _ = await raw_exchange(url, b"POST", b"/v1/llm/API/generate", GENERATE)
+    assert code == 404 and ollama.jobs_started == started
+    assert ollama.requests[-1].raw_target == b"/API/generate"
+    held.release()
+    assert (await held.reply).code == 200
