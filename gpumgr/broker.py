@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 from typing import Any, Callable
-from urllib.parse import unquote, unquote_to_bytes
 
 import attrs
 from twisted.internet import defer, task
@@ -37,6 +36,8 @@ from gpumgr.errors import (
     ConsumerStopped,
     JobTimeout,
     NotSupported,
+    QueueFull,
+    QueueTimeout,
     ShuttingDown,
     UpgradeNotSupported,
     UnknownConsumer,
@@ -53,6 +54,7 @@ from gpumgr.scheduler import Locked, Passthrough, Scheduler
 from gpumgr import __version__
 from gpumgr.snapshot import ConsumerSnapshot, RenderSnapshot, RequestStats, Snapshot
 from gpumgr.status import status_document
+from gpumgr.target import Segment, Target, forward_url, routed_target
 from gpumgr.tunnel import Tunnel, check_upgrade, is_upgrade
 
 log = Logger()
@@ -74,6 +76,8 @@ class _Timing:
     bytes_in: int = 0
     started: float | None = None
     ended: float | None = None
+    #: The request's path for the access log, from its parsed target.
+    path: str = ""
 
 
 def _body_size(request: Any) -> int:
@@ -106,15 +110,26 @@ def reload_refusal(old: Config, new: Config) -> str | None:
 
 def path_is_safe(segments: list[bytes]) -> bool:
     """Reject traversal, encoded separators and empty segments (pure)."""
-    if not segments:
-        return False
-    for raw in segments:
-        if not raw:
-            return False
-        decoded = unquote_to_bytes(raw)
-        if decoded in (b".", b"..") or b"/" in decoded or b"\\" in decoded or b"\x00" in decoded:
-            return False
-    return True
+    return bool(segments) and Target(tuple(Segment.of(s) for s in segments)).problem() is None
+
+
+#: Errors of a request that never reached its service.
+_REFUSED_BEFORE_SENDING = (ConsumerUnhealthy, ConsumerStopped, ConsumerRemoved, QueueFull,
+                           QueueTimeout, ShuttingDown)
+
+
+@attrs.frozen
+class Route:
+    """Where one request goes, all decided on one parsed target."""
+
+    consumer: ConsumerConfig
+    #: What is classified, checked and forwarded (its origin form).
+    target: Target
+    url: bytes
+    scheduled: bool
+    #: A service's own state-changing route: admin only.
+    control: bool
+    passthrough: bool
 
 
 class _Control:
@@ -406,37 +421,34 @@ class Broker:
 
     # -- requests ------------------------------------------------------------
 
-    def route(self, kind: str, method: str, subpath: list[bytes] | None,
-              query: bytes) -> tuple[ConsumerConfig, bytes, str, bool]:
-        """(consumer, upstream URL, upstream path, scheduled) for a request, or raise."""
+    def route(self, kind: str, method: str, target: Target | None, query: bytes | None = None,
+              body: Callable[[], bytes | None] = lambda: None) -> Route:
+        """Where a request to /v1/<kind>[/<target>] goes, decided on the one
+        parsed target, or raise. `query` is the request's, for /v1/<kind>
+        itself. `body` reads the request body, for drivers whose control
+        routes depend on it (ollama's unload)."""
         config = self._config
         c = config.consumer_for(kind)
         if c is None:
             raise UnknownRoute(f"no consumer is routed for {kind!r}")
-        if subpath is None:
+        if target is None:
             if method != "POST":
                 raise MethodNotAllowed(method, ("POST",))
-            path = c.paths[kind]
+            sent = routed_target(c.paths[kind], query)
             scheduled = True
         else:
             if not c.passthrough:
                 raise UnknownRoute(f"{c.name} does not allow pass-through "
                                    f"(consumers.{c.name}.passthrough)", consumer=c.name)
-            if not path_is_safe(subpath):
-                raise BadPath("paths must not contain '..', encoded separators or empty "
-                              "segments", consumer=c.name)
-            raw_path = "/" + b"/".join(subpath).decode("latin-1")
-            # Services decode %xx before routing (aiohttp, gin): so do the decisions.
-            path = unquote(raw_path)
-            scheduled = self.is_gpu_work(c, method, path)
-            url = (c.url + raw_path).encode("utf-8")
-            if query:
-                url += b"?" + query
-            return c, url, path, scheduled
-        url = c.url_for(path).encode("utf-8")
-        if query:
-            url += b"?" + query
-        return c, url, path, scheduled
+            problem = target.problem()
+            if problem is not None:
+                raise BadPath(problem, consumer=c.name)
+            sent = target
+            scheduled = self.is_gpu_work(c, method, sent.path)
+        driver = get_driver(c.driver)
+        control = bool(driver.is_control(c, method, sent.path, body))
+        return Route(c, sent, forward_url(c.url, sent), scheduled, control,
+                     passthrough=target is not None)
 
     @staticmethod
     def is_gpu_work(c: ConsumerConfig, method: str, path: str) -> bool:
@@ -444,22 +456,24 @@ class Broker:
             return True
         return bool(get_driver(c.driver).is_gpu_work(method, path))
 
-    def handle(self, request: Any, kind: str, subpath: list[bytes] | None) -> defer.Deferred[Any]:
-        """Serve /v1/<kind>[/<subpath>]. Fails with a GpumgrError to render."""
+    def handle(self, request: Any, kind: str, route: Route,
+               logged_path: str) -> defer.Deferred[Any]:
+        """Serve /v1/<kind>[/<subpath>] as `route` says. Fails with a
+        GpumgrError to render. A control route (already authorised by the
+        web layer) leaves the consumer's residency unknown once it was sent."""
         method = request.method.decode("ascii", "replace")
-        query = request.uri.partition(b"?")[2]
-        c, url, path, scheduled = self.route(kind, method, subpath, query)
-        timing = _Timing(self.reactor.seconds(), bytes_in=_body_size(request))
+        c, url, path, scheduled = route.consumer, route.url, route.target.path, route.scheduled
+        timing = _Timing(self.reactor.seconds(), bytes_in=_body_size(request), path=logged_path)
         refusal = self._health_refusal(c)
         if refusal is not None:
             d: defer.Deferred[Any] = defer.fail(refusal)
-        elif is_upgrade(request) and (subpath is not None or _wants_websocket(request)):
+        elif is_upgrade(request) and (route.passthrough or _wants_websocket(request)):
             # On pass-through routes WebSockets tunnel and other upgrades get 501; on
             # /v1/<kind> an offer such as curl's h2c is ignored (RFC 9110 7.8).
-            if subpath is None:
+            if not route.passthrough:
                 raise UpgradeNotSupported("WebSockets are relayed on pass-through routes only")
             check_upgrade(request)
-            return self._tunnel(request, c, url)
+            return self._tunnel(request, c, route.target)
         elif not scheduled and self._process_stopped(c.name):
             d = defer.fail(ConsumerStopped(
                 f"{c.name} is not running; its next GPU request starts it", consumer=c.name,
@@ -490,8 +504,23 @@ class Broker:
             # work that goes on after the answer, reads the answer to follow it.
             request.notifyFinish().addErrback(
                 lambda _: d.cancel() if timing.started is None else None)
+        if route.control:
+            d.addBoth(self._control_sent, c.name)
         d.addBoth(self._account, request, kind, c.name, timing)
         return d
+
+    def _control_sent(self, result: Any, name: str) -> Any:
+        """A service's own control route went through (load, unload, free,
+        interrupt...): what gpumgr believed of its memory may be wrong now.
+        A tracked render is left tracked: its end is taken from the service's
+        queue, never from an interrupt's answer."""
+        if isinstance(result, Failure) and result.check(*_REFUSED_BEFORE_SENDING):
+            return result
+        if name in self.registry:
+            self.registry.mark_unknown(name)
+            log.info("{name}: its control route was used through pass-through; "
+                     "its residency is unknown until measured or loaded", name=name)
+        return result
 
     def _job_timed_out(self, name: str, seconds: float) -> Failure:
         self.admission.event("job_timeout", name, "job_timeout")
@@ -520,7 +549,7 @@ class Broker:
             "{method} {path} {kind} {consumer} {status} in={bytes_in} out={bytes_out} "
             "wait_ms={wait_ms} gpu_ms={gpu_ms}",
             method=request.method.decode("ascii", "replace"),
-            path=request.uri.partition(b"?")[0].decode("latin-1"), kind=kind,
+            path=timing.path, kind=kind,
             consumer=consumer, status=code, bytes_in=bytes_in, bytes_out=bytes_out,
             wait_ms=None if wait_s is None else int(wait_s * 1000),
             gpu_ms=None if hold_s is None else int(hold_s * 1000))
@@ -583,12 +612,12 @@ class Broker:
                 await self._track_render(c, driver, render_id, started)
         return result
 
-    def _tunnel(self, request: Any, c: ConsumerConfig, url: bytes) -> defer.Deferred[None]:
+    def _tunnel(self, request: Any, c: ConsumerConfig, target: Target) -> defer.Deferred[None]:
         """A WebSocket relayed as a byte tunnel; never scheduled."""
         tunnel = Tunnel(self.reactor, request, c.name, self.tunnels.discard)
         self.tunnels.add(tunnel)
         self.tunnels_total += 1
-        path_and_query = url[len(c.url):]
+        path_and_query = target.origin_form()
         peer = request.getClientAddress()
         tunnel.start(self.reactor, c.url, path_and_query, c.connect_timeout_s,
                      c.request_timeout_s, getattr(peer, "host", None))
@@ -614,8 +643,10 @@ class Broker:
 
     # -- /audio --------------------------------------------------------------
 
-    def relay_audio(self, request: Any, segments: list[bytes]) -> defer.Deferred[Any]:
-        if not path_is_safe(segments):
+    def relay_audio(self, request: Any, target: Target) -> defer.Deferred[Any]:
+        """GET /audio/<rest>: `target` is the whole request target, forwarded as is."""
+        rest = target.after(1)
+        if rest is None or rest.problem() is not None:
             return defer.fail(BadPath("audio paths must be plain file names, no '..' or '//'"))
         c = self._config.consumer_for(AUDIO_ROUTE)
         if c is None:
@@ -623,7 +654,7 @@ class Broker:
         refusal = self._health_refusal(c)
         if refusal is not None:
             return defer.fail(refusal)
-        url = c.url.encode("utf-8") + request.uri
+        url = forward_url(c.url, target)
         return self.proxy.forward(request, c.name, self._agent_for(c), url, self._timeouts(c),
                                   [(b"X-Gpumgr-Consumer", c.name.encode("utf-8"))])
 
@@ -698,4 +729,4 @@ class Broker:
         return status_document(self.snapshot())
 
 
-__all__ = ["Broker", "TrackedRender", "path_is_safe"]
+__all__ = ["Broker", "Route", "TrackedRender", "path_is_safe"]

@@ -137,6 +137,9 @@ def _request(method: str, url: str, timeout_s: float,
     if token:
         headers["Authorization"] = f"Bearer {token}"
     data = b"" if method == "POST" else None
+    if data is not None:
+        # urllib would call an empty POST form-encoded; admin routes take JSON only.
+        headers["Content-Type"] = "application/json"
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with _opener.open(req, timeout=timeout_s) as response:

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import attrs
 
 from gpumgr import yaml_strict
+from gpumgr.errors import BadPath
+from gpumgr.target import parse_target
 
 KINDS = ("tts", "stt", "llm", "image")
 AUDIO_ROUTE = "audio_proxy"
@@ -196,6 +198,9 @@ class Config:
     routes: Mapping[str, str]
     consumers: Mapping[str, ConsumerConfig]
     admin_token: str | None = None
+    #: Host names (lower case, no port) besides loopback addresses and
+    #: localhost under which admin and control routes answer.
+    allowed_hosts: frozenset[str] = frozenset()
     #: On SIGTERM, how long running jobs may finish before they are aborted.
     shutdown_grace_s: float = 30.0
     #: SHA-256 of the file text this config was parsed from ("" if built in code).
@@ -438,6 +443,11 @@ class _Section:
         value = self.string(key, default)
         if value is not None and not value.startswith("/"):
             self.fail(key, f"must be an absolute path starting with '/', got {value!r}")
+        if value is not None:
+            try:
+                parse_target(value.encode("utf-8"))
+            except BadPath as e:
+                self.fail(key, f"{e.message}; got {value!r}")
         return value
 
     def finish(self) -> None:
@@ -502,6 +512,7 @@ def parse_config(raw: Any, source: str, environ: Mapping[str, str] | None = None
     consumers = _parse_consumers(top.section("consumers"))
     routes = _parse_routes(top.section("routes"), consumers)
     admin_token = _parse_admin_token(top, os.environ if environ is None else environ)
+    allowed_hosts = _parse_allowed_hosts(top)
     shutdown_grace_s = top.number("shutdown_grace_s", 30.0)
     top.finish()
     looping = find_self_reference(listen, consumers)
@@ -519,6 +530,7 @@ def parse_config(raw: Any, source: str, environ: Mapping[str, str] | None = None
         routes=MappingProxyType(routes),
         consumers=MappingProxyType(consumers),
         admin_token=admin_token,
+        allowed_hosts=allowed_hosts,
         shutdown_grace_s=shutdown_grace_s,
     )
 
@@ -575,6 +587,33 @@ def admin_token_problem(token: str) -> str | None:
         return ("must be printable ASCII without spaces or control characters "
                 "(it travels in an Authorization header)")
     return None
+
+
+_HOST_NAME = re.compile(r"\A(?=.{1,253}\Z)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+                        r"(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*\Z")
+
+
+def _parse_allowed_hosts(top: _Section) -> frozenset[str]:
+    """allowed_hosts: the names (or addresses) clients use to reach gpumgr
+    when that is not loopback; no scheme, no port, no wildcard."""
+    raw = top.get("allowed_hosts")
+    if raw is None:
+        return frozenset()
+    if not isinstance(raw, list):
+        top.fail("allowed_hosts", f"must be a list of host names, got {_type_name(raw)}")
+    names = set()
+    for i, item in enumerate(raw):
+        key = f"allowed_hosts[{i}]"
+        if not isinstance(item, str):
+            top.fail(key, f"must be a host name, got {_type_name(item)}")
+        name = item.strip().lower().rstrip(".")
+        if name.startswith("[") and name.endswith("]"):
+            name = name[1:-1]
+        if _ip(name) is None and not _HOST_NAME.match(name):
+            top.fail(key, f"must be a host name or an IP address without scheme or port, "
+                          f"got {item!r}")
+        names.add(name)
+    return frozenset(names)
 
 
 def _parse_admin_token(top: _Section, environ: Mapping[str, str]) -> str | None:

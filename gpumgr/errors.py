@@ -173,6 +173,13 @@ class Forbidden(GpumgrError):
     code = "forbidden"
 
 
+class UnsupportedMediaType(GpumgrError):
+    """An admin request with a body that is not JSON (a web form, text/plain)."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
 class BadRequest(GpumgrError):
     """A request twisted.web cannot or should not route (bad request line, no Host)."""
 
@@ -243,6 +250,7 @@ _REASONS = {
     408: "Request Timeout",
     413: "Content Too Large",
     414: "URI Too Long",
+    415: "Unsupported Media Type",
     431: "Request Header Fields Too Large",
     503: "Service Unavailable",
     507: "Insufficient Storage",

@@ -9,6 +9,12 @@ Routes:
   GET  /healthz                    liveness of the broker itself
   GET  /                           a small JSON index
 
+Every request's target is parsed once, at the root (`gpumgr.target`); the
+Resources below decide on that value (`request_target`). Admin routes, and
+the services' own control routes reached through pass-through, pass
+`admin_guard` first: Host and Origin (not a web page's), a JSON body (admin
+routes), then the bearer token or a loopback client.
+
 Errors are rendered in one place (`_respond`): a Resource raises a
 GpumgrError, or returns a Deferred that fails with one.
 """
@@ -18,7 +24,10 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-from typing import Any
+import re
+import socket
+from typing import Any, Iterable
+from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -28,17 +37,20 @@ from twisted.web.resource import Resource
 
 from gpumgr import __version__
 from gpumgr.broker import Broker
-from gpumgr.config import KINDS
+from gpumgr.config import KINDS, Config
 from gpumgr.metrics import MetricsResource
 from gpumgr.errors import (
+    BadPath,
     ConfigRejected,
     Forbidden,
     GpumgrError,
     MethodNotAllowed,
     Unauthorized,
     UnknownRoute,
+    UnsupportedMediaType,
     write_error,
 )
+from gpumgr.target import Target, parse_target
 from gpumgr.ui import UiResource
 
 log = Logger()
@@ -129,8 +141,40 @@ class ErrorResource(Resource):
         return server.NOT_DONE_YET
 
 
+def request_target(request: Any) -> Target:
+    """The request's target, as the root parsed it (once) for every decision."""
+    target = getattr(request, "gpumgr_target", None)
+    if isinstance(target, Target):
+        return target
+    target = parse_target(request.uri)
+    request.gpumgr_target = target
+    return target
+
+
+#: ollama's unload is told by its body: read at most this much of it.
+_CONTROL_BODY_MAX_BYTES = 32 * 1024 * 1024
+
+
+def _read_body(request: Any) -> bytes | None:
+    """The spooled request body; None when over _CONTROL_BODY_MAX_BYTES."""
+    content = request.content
+    if content is None:
+        return b""
+    position = content.tell()
+    try:
+        content.seek(0)
+        body = content.read(_CONTROL_BODY_MAX_BYTES + 1)
+    finally:
+        content.seek(position)
+    return None if len(body) > _CONTROL_BODY_MAX_BYTES else bytes(body)
+
+
 class KindResource(JsonResource):
-    """/v1/<kind>: POST to the routed path; /v1/<kind>/<subpath>: pass-through."""
+    """/v1/<kind>: POST to the routed path; /v1/<kind>/<subpath>: pass-through.
+
+    A service's own control routes (drivers' `is_control`) are admin routes
+    here: the same checks as gpumgr's admin API, except the content type,
+    which is the service's own (whisper.cpp's `/load` is multipart)."""
 
     isLeaf = True
     allowed_methods = ()  # the broker decides: POST only without a subpath
@@ -141,18 +185,16 @@ class KindResource(JsonResource):
         self._kind = kind
 
     def respond(self, request: Any) -> Any:
-        subpath = _raw_subpath(request, 3)  # "", "v1", kind
-        return self._broker.handle(request, self._kind, subpath)
-
-
-def _raw_subpath(request: Any, skip: int) -> list[bytes] | None:
-    """The path segments after the first `skip` ones, as sent (still
-    percent-encoded: twisted.web does not collapse '..' for us)."""
-    raw_path = request.uri.partition(b"?")[0]
-    segments = raw_path.split(b"/")[skip:]
-    if segments in ([], [b""]):
-        return None
-    return segments
+        target = request_target(request)
+        method = request.method.decode("ascii", "replace")
+        route = self._broker.route(self._kind, method, target.after(2), target.query,
+                                   body=lambda: _read_body(request))
+        if route.control:
+            refusal = admin_guard(request, self._broker.config, check_media_type=False)
+            if refusal is not None:
+                raise refusal
+        return self._broker.handle(request, self._kind, route,
+                                   target.raw_path.decode("ascii"))
 
 
 class AudioResource(JsonResource):
@@ -165,7 +207,7 @@ class AudioResource(JsonResource):
         self._broker = broker
 
     def respond(self, request: Any) -> Any:
-        return self._broker.relay_audio(request, _raw_subpath(request, 2) or [])
+        return self._broker.relay_audio(request, request_target(request))
 
 
 class StatusResource(JsonResource):
@@ -248,8 +290,120 @@ def admin_refusal(request: Any, token: str | None) -> GpumgrError | None:
     return Unauthorized("a valid 'Authorization: Bearer <admin_token>' is required")
 
 
+def _host_and_port(value: str) -> tuple[str, int | None] | None:
+    """`host[:port]` of a Host header (IPv6 in brackets); None if malformed."""
+    if value.startswith("["):
+        host, bracket, rest = value[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return None
+        port_text = rest[1:] if rest else None
+    else:
+        host, colon, port_text_ = value.partition(":")
+        port_text = port_text_ if colon else None
+        if ":" in port_text_:
+            return None
+    if not host:
+        return None
+    if port_text is None:
+        return host.lower().rstrip("."), None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        return None
+    return host.lower().rstrip("."), int(port_text)
+
+
+_IPV4_ANY_SPELLING = re.compile(r"\A[0-9a-fA-FxX.]+\Z")
+
+
+def is_loopback_name(host: str) -> bool:
+    """`localhost`, a `.localhost` name, or a loopback address in any
+    spelling (127.1, 2130706433, 0x7f.0.0.1, ::1, ::ffff:127.0.0.1)."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        if _IPV4_ANY_SPELLING.match(host) is None:
+            return False
+        try:
+            return socket.inet_aton(host)[0] == 127
+        except OSError:
+            return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def _header_values(request: Any, name: bytes) -> list[str]:
+    return [v.decode("latin-1").strip() for v in request.requestHeaders.getRawHeaders(name) or []]
+
+
+def page_refusal(request: Any, allowed_hosts: Iterable[str]) -> GpumgrError | None:
+    """Refuse what a web page, not an operator, would send (DNS rebinding, a
+    cross-site form or fetch): a Host that is neither loopback nor one of
+    `allowed_hosts`, and an Origin other than gpumgr's own (same host and
+    port as the Host)."""
+    hosts = _header_values(request, b"host")
+    if len(hosts) > 1:
+        return Forbidden("admin routes refuse a request with more than one Host header")
+    own: tuple[str, int | None] | None = None
+    if hosts:
+        host_header = hosts[0]
+        own = _host_and_port(host_header)
+        if own is None:
+            return Forbidden(f"admin routes refuse the malformed Host {host_header!r}")
+        if not is_loopback_name(own[0]) and own[0] not in allowed_hosts:
+            return Forbidden(f"admin routes answer for loopback addresses, localhost and "
+                             f"allowed_hosts only, not for Host {own[0]!r}")
+    origins = _header_values(request, b"origin")
+    if not origins:
+        return None
+    if len(origins) > 1 or own is None or not _same_origin(origins[0], own):
+        return Forbidden(f"admin routes refuse requests from web pages of other origins "
+                         f"(Origin: {', '.join(origins)})")
+    return None
+
+
+def _same_origin(origin: str, own: tuple[str, int | None]) -> bool:
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path \
+            or parts.query or parts.fragment:
+        return False
+    default = 443 if parts.scheme == "https" else 80
+    return (parts.hostname.rstrip("."), port or default) == (own[0], own[1] or default)
+
+
+def media_refusal(request: Any) -> GpumgrError | None:
+    """A state change is a JSON request, or has no body: a page can send
+    text/plain, forms and multipart across sites without asking first."""
+    content_types = _header_values(request, b"content-type")
+    if len(content_types) > 1:
+        return UnsupportedMediaType("send one Content-Type: application/json")
+    if not content_types:
+        if _read_body(request) == b"":
+            return None
+        return UnsupportedMediaType("a request body needs Content-Type: application/json")
+    media = content_types[0].partition(";")[0].strip().lower()
+    if media != "application/json":
+        return UnsupportedMediaType(
+            f"admin routes accept application/json (or no body), not {media or '(empty)'}")
+    return None
+
+
+def admin_guard(request: Any, config: Config, check_media_type: bool = True) -> GpumgrError | None:
+    """Everything an admin or control route checks, in order: who the page
+    is (Host, Origin), what it sends (JSON or nothing), who the client is
+    (the bearer token, or loopback)."""
+    return (page_refusal(request, config.allowed_hosts)
+            or (media_refusal(request) if check_media_type else None)
+            or admin_refusal(request, config.admin_token))
+
+
 class _AdminResource(JsonResource):
-    """An admin route: POST only, the bearer token (or loopback) first."""
+    """An admin route: POST only, `admin_guard` first."""
 
     isLeaf = True
     allowed_methods = ("POST",)
@@ -259,7 +413,7 @@ class _AdminResource(JsonResource):
         self._broker = broker
 
     def respond(self, request: Any) -> Any:
-        refusal = admin_refusal(request, self._broker.config.admin_token)
+        refusal = admin_guard(request, self._broker.config)
         if refusal is not None:
             raise refusal
         return self.respond_admin(request)
@@ -272,10 +426,11 @@ class ConsumerAdminResource(_AdminResource):
     """POST /v1/consumers/<name>/{load,unload}: through the scheduler, like any job."""
 
     def respond_admin(self, request: Any) -> Any:
-        parts = request.postpath
-        if len(parts) != 2 or parts[1] not in (b"load", b"unload"):
+        rest = request_target(request).after(2)
+        parts = () if rest is None else tuple(s.text for s in rest.segments)
+        if len(parts) != 2 or parts[1] not in ("load", "unload"):
             raise UnknownRoute("use /v1/consumers/<name>/load or .../unload")
-        name, action = parts[0].decode("utf-8", "replace"), parts[1].decode("ascii")
+        name, action = parts
         d = self._broker.admin(name, action)
         request.notifyFinish().addErrback(lambda _: d.cancel())
         return d
@@ -285,7 +440,8 @@ class ReloadResource(_AdminResource):
     """POST /v1/admin/reload: re-read the config file, as SIGHUP does."""
 
     def respond_admin(self, request: Any) -> Any:
-        if request.postpath != [b"reload"]:
+        rest = request_target(request).after(2)
+        if rest is None or [s.text for s in rest.segments] != ["reload"]:
             raise UnknownRoute("use POST /v1/admin/reload")
         outcome = self._broker.reload()
         if not outcome["reloaded"]:
@@ -315,6 +471,15 @@ class RootResource(JsonResource):
         self.putChild(b"healthz", HealthzResource())
         self.putChild(b"metrics", MetricsResource(broker.snapshot))
         self.putChild(b"ui", UiResource())
+
+    def getChildWithDefault(self, path: bytes, request: Any) -> Resource:
+        # Every request's target is parsed here, once; what it decides on
+        # below is that value (request_target).
+        try:
+            request.gpumgr_target = parse_target(request.uri)
+        except BadPath as e:
+            return ErrorResource(e)
+        return super().getChildWithDefault(path, request)
 
     def getChild(self, path: bytes, request: Any) -> Resource:
         if path == b"":

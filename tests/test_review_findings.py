@@ -29,6 +29,7 @@ from gpumgr.drivers.comfyui import ComfyUIDriver
 from gpumgr.gpu import NOT_SAMPLED
 from gpumgr.process import ManagedProcess, ProcessState
 from gpumgr.registry import Registry
+from gpumgr.target import parse_target
 from gpumgr.testing import managed_whisper_entry, world_config, world_config_raw
 from tests.helpers import HeldStream, wait_for
 from tests.test_managed_process import managed_world, transcribe  # noqa: F401 (fixture)
@@ -136,8 +137,8 @@ async def test_an_h2c_upgrade_offer_is_ignored_on_a_work_route(broker, client):
 @pytest_twisted.ensureDeferred
 async def test_percent_encoded_gpu_routes_are_still_scheduled(world, start_broker):
     service, _ = await locked_broker(world, start_broker)
-    assert service.broker.route("image", "POST", [b"%70rompt"], b"")[3] is True
-    assert service.broker.route("llm", "POST", [b"api", b"%67enerate"], b"")[3] is True
+    assert service.broker.route("image", "POST", parse_target(b"/%70rompt")).scheduled is True
+    assert service.broker.route("llm", "POST", parse_target(b"/api/%67enerate")).scheduled
 
 
 @pytest_twisted.ensureDeferred

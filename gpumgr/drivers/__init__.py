@@ -9,6 +9,9 @@ behaviour no config key can express:
   (ollama unloads every loaded model; vLLM sleeps and wakes up).
 - `is_gpu_work`: which requests of its native API use the GPU, and so go
   through the scheduler (the rest are relayed at once).
+- `is_control`: which requests of its native API change the service's state
+  (load, unload, free, interrupt): through pass-through they are admin
+  routes, and gpumgr forgets what it believed the service holds.
 - `render_id` / `render_state` / `interrupt`: GPU work that goes on after the
   answer (a ComfyUI render); gpumgr keeps the GPU slot until it is over.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from typing import Protocol
+from typing import Callable, Protocol
 
 import attrs
 from twisted.internet import defer
@@ -11,6 +11,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from gpumgr.config import ConsumerConfig, HttpCall
 from gpumgr.registry import Health
+from gpumgr.target import parse_target
 
 
 @attrs.frozen
@@ -65,6 +66,13 @@ class IDriver(Interface):
 
     def is_gpu_work(method: str, path: str) -> bool:
         """Does this request of the native API use the GPU (and so get scheduled)?"""
+
+    def is_control(consumer: ConsumerConfig, method: str, path: str,
+                   body: Callable[[], bytes | None]) -> bool:
+        """Is this request (decoded `path`) one of the service's own
+        state-changing routes (load, unload, free, interrupt)? Through
+        pass-through those are gpumgr's admin routes. `body()` is the request
+        body, or None when it is too large to read."""
 
     def render_id(method: str, path: str, status: int, body_head: bytes) -> str | None:
         """For an answered request whose GPU work goes on afterwards, its id."""
@@ -126,6 +134,19 @@ class BaseDriver:
 
     def is_gpu_work(self, method: str, path: str) -> bool:
         return method in self.gpu_methods
+
+    #: (method, path) routes that change the service's state, beyond the
+    #: consumer's configured load and unload calls.
+    control_routes: frozenset[tuple[str, str]] = frozenset()
+
+    def is_control(self, consumer: ConsumerConfig, method: str, path: str,
+                   body: Callable[[], bytes | None]) -> bool:
+        if (method, path) in self.control_routes:
+            return True
+        # The configured path decoded as a request's is (config checked it parses).
+        return any(c is not None and c.method == method
+                   and parse_target(c.path.encode("utf-8")).path == path
+                   for c in (consumer.load, consumer.unload))
 
     def render_id(self, method: str, path: str, status: int, body_head: bytes) -> str | None:
         return None

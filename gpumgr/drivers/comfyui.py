@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Callable
 from urllib.parse import quote
 
 from twisted.internet import defer
@@ -73,6 +74,19 @@ class ComfyUIDriver(BaseDriver):
                               body=b'{"unload_models": true, "free_memory": true}',
                               content_type="application/json")
     tracks_renders = True
+    #: Interrupting, freeing memory, and clearing or deleting from the queue
+    #: (`POST /queue {"clear"|"delete"}`), each also under /api/.
+    control_routes = frozenset(
+        ("POST", prefix + route) for prefix in ("", "/api")
+        for route in ("/interrupt", "/free", "/queue"))
+
+    def is_control(self, consumer: ConsumerConfig, method: str, path: str,
+                   body: Callable[[], bytes | None]) -> bool:
+        # Newer versions cancel one job with POST /api/jobs/<id>/cancel.
+        if method == "POST" and path.startswith(("/api/jobs/", "/jobs/")) \
+                and path.endswith("/cancel"):
+            return True
+        return super().is_control(consumer, method, path, body)
 
     def is_gpu_work(self, method: str, path: str) -> bool:
         return method == "POST" and path in _PROMPT_PATHS

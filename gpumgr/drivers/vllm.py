@@ -19,6 +19,9 @@ class VllmDriver(BaseDriver):
     default_health = "/health"
     default_unload = HttpCall(method="POST", path="/sleep?level=1", body=b"", content_type=None)
     default_load = HttpCall(method="POST", path="/wake_up", body=b"", content_type=None)
+    #: Sleeping and waking whatever the config's load and unload say;
+    #: `/collective_rpc` can reload the weights.
+    control_routes = frozenset(("POST", p) for p in ("/sleep", "/wake_up", "/collective_rpc"))
 
     def is_gpu_work(self, method: str, path: str) -> bool:
         return method == "POST" and path in _GPU_PATHS

@@ -16,6 +16,8 @@ from gpumgr.registry import Health
 class WhisperCppDriver(BaseDriver):
     name = "whisper.cpp"
     default_health = "/health"
+    #: Swaps the model (and exits if the new one cannot be loaded).
+    control_routes = frozenset({("POST", "/load")})
 
     def health_of_failed_probe(self, reply: HttpReply) -> Health:
         if reply.code == 503 and b"loading" in reply.body.lower():

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 from typing import TYPE_CHECKING, Any, Callable
+from urllib.parse import unquote_to_bytes
 
 import attrs
 from twisted.internet import defer
@@ -74,6 +75,8 @@ class RecordedRequest:
     body_sha256: str
     body_head: bytes
     at: float
+    #: The request target exactly as it arrived (path and query, encoded).
+    raw_target: bytes = b""
 
 
 def _digest(content) -> tuple[int, str, bytes]:
@@ -199,7 +202,8 @@ class SimulatedConsumer(Resource):
 
     def render(self, request):
         size, sha, head = _digest(request.content)
-        path = request.path.decode("utf-8", "replace")
+        # Like gin and aiohttp, route on the percent-decoded path.
+        path = unquote_to_bytes(request.path).decode("utf-8", "replace")
         self.requests.append(
             RecordedRequest(
                 method=request.method.decode("ascii"),
@@ -211,6 +215,7 @@ class SimulatedConsumer(Resource):
                 body_sha256=sha,
                 body_head=head,
                 at=self.clock.seconds(),
+                raw_target=request.uri,
             )
         )
         method = request.method.decode("ascii")
