@@ -39,6 +39,7 @@ from gpumgr.errors import (
     JobTimeout,
     NotSupported,
     ShuttingDown,
+    TooManyConnections,
     UpgradeNotSupported,
     UnknownConsumer,
     UnknownRoute,
@@ -580,7 +581,13 @@ class Broker:
 
     def _tunnel(self, request: Any, c: ConsumerConfig, url: bytes) -> defer.Deferred[None]:
         """A WebSocket relayed as a byte tunnel; never scheduled."""
-        tunnel = Tunnel(self.reactor, request, c.name, self.tunnels.discard)
+        limits = self._config.limits
+        if len(self.tunnels) >= limits.max_tunnels:
+            raise TooManyConnections(
+                f"gpumgr is relaying its limit of {limits.max_tunnels} WebSocket tunnels "
+                "(limits.max_tunnels)", retry_after_s=5)
+        tunnel = Tunnel(self.reactor, request, c.name, self.tunnels.discard,
+                        idle_timeout_s=limits.tunnel_idle_timeout_s)
         self.tunnels.add(tunnel)
         self.tunnels_total += 1
         path_and_query = url[len(c.url):]

@@ -169,6 +169,15 @@ class LimitsConfig:
     #: Bytes of all header lines together, and how many lines.
     max_header_bytes: int = 16384
     max_headers: int = 100
+    #: Of max_connections, kept for /healthz, /v1/status, /metrics and admin
+    #: (at most half of them): tunnels and uploads never take these.
+    reserved_connections: int = 16
+    #: WebSocket tunnels open at once; more get 503.
+    max_tunnels: int = 256
+    #: A tunnel that carries no byte either way for this long is closed.
+    tunnel_idle_timeout_s: float = 3600.0
+    #: A whole request body must arrive within this, whatever its rate.
+    max_upload_s: float = 900.0
 
     @property
     def max_body_bytes(self) -> int:
@@ -550,8 +559,18 @@ def _parse_limits(sec: _Section) -> LimitsConfig:
         max_request_line_bytes=count("max_request_line_bytes", 8192, 256),
         max_header_bytes=count("max_header_bytes", 16384, 1024),
         max_headers=count("max_headers", 100, 8),
+        reserved_connections=sec.number("reserved_connections", 16, integer=True,
+                                        maximum=1_000_000),
+        max_tunnels=sec.number("max_tunnels", 256, integer=True, maximum=1_000_000),
+        tunnel_idle_timeout_s=seconds("tunnel_idle_timeout_s", 3600.0),
+        max_upload_s=seconds("max_upload_s", 900.0),
     )
     sec.finish()
+    if sec.has("reserved_connections") and \
+            limits.reserved_connections > limits.max_connections // 2:
+        sec.fail("reserved_connections", f"must be at most half of limits.max_connections "
+                 f"({limits.max_connections // 2}), or too few connections are left for "
+                 "GPU work")
     if limits.max_spool_mib < limits.max_body_mib:
         sec.fail("max_spool_mib", f"must be at least limits.max_body_mib "
                  f"({limits.max_body_mib:g}), or a body within the limit could never be spooled")

@@ -6,11 +6,13 @@ then bytes both ways, with backpressure (each side's transport is the other's
 producer), until either side closes, which closes the other. A consumer that
 refuses the upgrade has its (small) answer relayed as an ordinary response.
 Tunnels are never scheduled: a ComfyUI progress socket must not wait for the
-GPU, or hold it.
+GPU, or hold it. They are capped (`limits.max_tunnels`, in the broker) and
+closed after `limits.tunnel_idle_timeout_s` without a byte either way.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -104,6 +106,7 @@ class _Side(Protocol):
         self.peer: Any = None  # the other side's transport
 
     def dataReceived(self, data: bytes) -> None:
+        self._tunnel.last_byte_at = self._tunnel.clock.seconds()
         if self.peer is not None:
             self.peer.write(data)
 
@@ -186,8 +189,12 @@ class Tunnel:
     """One relayed WebSocket. `done` fires when both sides are closed."""
 
     def __init__(self, clock: IReactorTime, request: Any, consumer: str,
-                 on_close: Callable[[Tunnel], None]) -> None:
-        self._clock = clock
+                 on_close: Callable[[Tunnel], None], idle_timeout_s: float = math.inf) -> None:
+        self.clock = self._clock = clock
+        #: No byte either way for this long closes both sides.
+        self.idle_timeout_s = idle_timeout_s
+        self.last_byte_at = clock.seconds()
+        self._idle_timer: Any = None
         self.request = request
         self.consumer = consumer
         self._on_close = on_close
@@ -255,6 +262,26 @@ class Tunnel:
         upstream.transport.registerProducer(client_transport, True)  # type: ignore[attr-defined]
         if rest:
             client_transport.write(rest)
+        self.last_byte_at = self._clock.seconds()
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        """One timer per tunnel, re-armed lazily: bytes only move `last_byte_at`."""
+        if self.idle_timeout_s == math.inf or self._ended:
+            return
+        due = self.last_byte_at + self.idle_timeout_s
+        self._idle_timer = self._clock.callLater(max(0.0, due - self._clock.seconds()),
+                                                 self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self._clock.seconds() < self.last_byte_at + self.idle_timeout_s:
+            self._arm_idle()
+            return
+        log.info("closing the WebSocket tunnel to {consumer}: no bytes either way for "
+                 "{seconds:g} s (limits.tunnel_idle_timeout_s)", consumer=self.consumer,
+                 seconds=self.idle_timeout_s)
+        self.close()
 
     def refused(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """The consumer answered the upgrade with a plain response: relay it whole."""
@@ -299,11 +326,17 @@ class Tunnel:
             self._timer.cancel()
         self._timer = None
 
+    def _stop_idle_timer(self) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+
     def _end(self) -> None:
         if self._ended:
             return
         self._ended = True
         self._stop_timer()
+        self._stop_idle_timer()
         if self._connecting is not None and not self._connecting.called:
             self._connecting.cancel()
         upstream = self._upstream

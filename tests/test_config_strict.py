@@ -278,10 +278,26 @@ def test_limits_defaults():
     ("{min_body_rate_kib_s: -1}", "limits.min_body_rate_kib_s", "negative"),
     ("{body_idle_timeout_s: .nan}", "limits.body_idle_timeout_s", "finite"),
     ("{max_sockets: 9}", "limits.max_sockets", "unknown key"),
+    ("{max_connections: 8, reserved_connections: 5}", "limits.reserved_connections",
+     "at most half of limits.max_connections (4)"),
+    ("{reserved_connections: -1}", "limits.reserved_connections", "negative"),
+    ("{max_tunnels: 1.5}", "limits.max_tunnels", "integer"),
+    ("{tunnel_idle_timeout_s: 0}", "limits.tunnel_idle_timeout_s", "greater than 0"),
+    ("{max_upload_s: 0}", "limits.max_upload_s", "greater than 0"),
+    ("{max_upload_s: 1.0e+9}", "limits.max_upload_s", "at most 86400"),
 ])
 def test_bad_limits_are_refused(snippet, key_path, problem):
     err = _refused(MINIMAL + f"limits: {snippet}\n")
     assert err.key_path == key_path and problem in err.problem, str(err)
+
+
+def test_reserve_tunnel_and_upload_limits_defaults_and_small_caps():
+    limits = parse_config_text(MINIMAL, "t.yaml").limits
+    assert (limits.reserved_connections, limits.max_tunnels, limits.tunnel_idle_timeout_s,
+            limits.max_upload_s) == (16, 256, 3600.0, 900.0)
+    # An existing config with a small cap keeps loading: the default reserve shrinks.
+    small = parse_config_text(MINIMAL + "limits: {max_connections: 8}\n", "t.yaml").limits
+    assert small.max_connections == 8
 
 
 def test_an_unset_spool_grows_with_max_body():
