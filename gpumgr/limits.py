@@ -106,6 +106,8 @@ def body_deadline(
 #: needs to see and steer gpumgr when everything else is taken.
 RESERVED_PATHS = frozenset({b"/healthz", b"/v1/status", b"/metrics"})
 RESERVED_PREFIXES = (b"/v1/admin/", b"/v1/consumers/")
+#: Bodies a reserved route may carry and keep its place in the reserve.
+RESERVED_BODY_BYTES = 64 * 1024
 
 
 def uses_reserve(target: bytes) -> bool:
@@ -200,7 +202,20 @@ class ConnectionTable(Generic[K]):
 
     def claim(self, conn: K, target: bytes) -> bool:
         """A request line for `target` arrived on `conn`: may it be served?"""
-        if conn in self._general or uses_reserve(target):
+        return uses_reserve(target) or self.claim_general(conn)
+
+    def claim_body(self, conn: K, length: int | None) -> bool:
+        """The request on `conn` has a body of `length` (None: chunked): may it be read?
+
+        A reserved route gets no upload: a body over RESERVED_BODY_BYTES
+        counts against the general cap like any other.
+        """
+        if length is not None and length <= RESERVED_BODY_BYTES:
+            return True
+        return self.claim_general(conn)
+
+    def claim_general(self, conn: K) -> bool:
+        if conn in self._general:
             return True
         if len(self._general) >= self.general_cap:
             return False

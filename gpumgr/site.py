@@ -333,15 +333,18 @@ class GpumgrChannel(_HTTPChannel):
             if problem is not None:
                 self.refuse(problem)
                 return
-            table = self.site.connections
-            if not table.claim(self, line.split(b" ")[1]):
-                self.refuse(TooManyConnections(
-                    f"gpumgr is serving its limit of {table.general_cap} requests; "
-                    f"the other {table.max_connections - table.general_cap} connections are "
-                    "kept for /healthz, /v1/status, /metrics and admin", retry_after_s=1))
+            if not self.site.connections.claim(self, line.split(b" ")[1]):
+                self._refuse_general()
                 return
             self._saw_request_line = True
         _HTTPChannel.lineReceived(self, line)
+
+    def _refuse_general(self) -> None:
+        table = self.site.connections
+        self.refuse(TooManyConnections(
+            f"gpumgr is serving its limit of {table.general_cap} requests; the other "
+            f"{table.max_connections - table.general_cap} connections are kept for "
+            "/healthz, /v1/status, /metrics and admin", retry_after_s=1))
 
     def _refuse_headers(self) -> None:
         limits = self._limits
@@ -370,6 +373,9 @@ class GpumgrChannel(_HTTPChannel):
             return
         if not hosts and self._version == b"HTTP/1.1":
             self.refuse(BadRequest("HTTP/1.1 requests must carry a Host header"))
+            return
+        if self.length != 0 and not self.site.connections.claim_body(self, self.length):
+            self._refuse_general()
             return
         super().allHeadersReceived()
         if self._phase is Phase.HEAD and self.length != 0:

@@ -176,6 +176,19 @@ def test_general_requests_never_take_the_reserve():
     assert table.general == 1
 
 
+def test_a_reserved_route_with_a_big_body_counts_as_general():
+    table: ConnectionTable[str] = ConnectionTable(4, reserved_connections=2)
+    for conn in "abc":
+        table.admit(conn, 0.0)
+    assert table.claim("a", b"/v1/admin/reload") and table.claim_body("a", 100)
+    assert table.general == 0
+    assert table.claim("b", b"/v1/admin/reload") and table.claim_body("b", 10**6)
+    assert table.claim("c", b"/v1/admin/reload") and table.claim_body("c", None)  # chunked
+    assert table.general == 2
+    table.admit("d", 0.0)
+    assert table.claim("d", b"/v1/admin/reload") and not table.claim_body("d", 10**6)
+
+
 def test_an_upload_must_end_within_max_upload_s_whatever_its_rate():
     # 1 MiB/s keeps far above any rate rule, and never pauses
     at, why = body_deadline(0.0, 1000.0, 1000 * 1024 * 1024, 30.0, 10.0, 1024.0,
