@@ -10,6 +10,7 @@ import ipaddress
 import os
 import re
 import shlex
+import socket
 from types import MappingProxyType
 from typing import Any, Mapping, NoReturn
 from urllib.parse import urlsplit
@@ -271,11 +272,29 @@ def listen_problem(description: str) -> str | None:
     return None
 
 
+#: What inet_aton may read as an IPv4 address: 1 to 4 parts, decimal, octal
+#: (leading 0) or hex (0x). Checked first, since inet_aton ignores anything
+#: after a space.
+_LEGACY_IPV4_RE = re.compile(r"\A(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}\Z", re.I)
+
+
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a literal host names, as the resolver reads it; None for a name (pure).
+
+    getaddrinfo takes every inet_aton spelling of IPv4 (`2130706433`,
+    `127.1`, `0x7f.1`, `0177.0.0.1`, `0`), so they are normalised the same
+    way; an IPv4-mapped IPv6 address is its IPv4 address.
+    """
+    text = host.strip("[]").split("%", 1)[0]
     try:
-        address = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(text)
     except ValueError:
-        return None
+        if not _LEGACY_IPV4_RE.match(text):
+            return None
+        try:
+            address = ipaddress.IPv4Address(socket.inet_aton(text))
+        except OSError:
+            return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
@@ -294,7 +313,7 @@ def url_reaches_listener(url: str, listen: ListenAddress) -> bool:
         return False
     if listen.port == 0 or port != listen.port or parts.hostname is None:
         return False
-    host = parts.hostname.lower()
+    host = parts.hostname.lower().rstrip(".")
     if host == "localhost" or host.endswith(".localhost"):
         candidates = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
     else:
@@ -302,15 +321,14 @@ def url_reaches_listener(url: str, listen: ListenAddress) -> bool:
         if address is None:
             return False  # a name: resolving it here would make loading depend on DNS
         candidates = [address]
-    if listen.interface in ("", "0.0.0.0", "::"):
+    interface = _ip(listen.interface) if listen.interface else None
+    if listen.interface == "" or (interface is not None and interface.is_unspecified):
         # tcp6 on "::" is dual-stack: it takes IPv4 connections too.
-        families = (4, 6) if listen.ipv6 and listen.interface == "::" else (
-            (6,) if listen.ipv6 else (4,))
+        families = (4, 6) if listen.ipv6 else (4,)
         return any(a.version in families and (a.is_loopback or a.is_unspecified)
                    for a in candidates)
-    interface = _ip(listen.interface)
     if interface is None:
-        return host == listen.interface.lower()
+        return host == listen.interface.lower().rstrip(".")
     # Connecting to 0.0.0.0 or :: reaches the local host on any address.
     return any(a == interface or (a.is_unspecified and a.version == interface.version)
                for a in candidates)

@@ -231,6 +231,29 @@ def test_admin_token_problem(token, ok):
     ("tcp:80", "https://localhost", False),
     ("tcp:8770", "http://gpu-box.example:8770", False),  # names are not resolved at load
     ("tcp:0:interface=127.0.0.1", "http://127.0.0.1:0", False),
+    # issue 14.10: every spelling the resolver (inet_aton) takes for loopback
+    ("tcp:8770:interface=127.0.0.1", "http://2130706433:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://127.1:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://127.0.1:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://0x7f.1:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://0X7F000001:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://0177.0.0.1:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://017700000001:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://[::ffff:127.0.0.1]:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://[::ffff:7f00:1]:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://localhost.:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://LocalHost:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://0:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://127.2:8770", False),
+    ("tcp:8770", "http://0:8770", True),
+    ("tcp:8770", "http://0.0:8770", True),
+    ("tcp:8770", "http://127.255.1:8770", True),
+    ("tcp:8770", "http://2130706434:8770", True),
+    ("tcp:8770:interface=0.0.0.0", "http://0x7f.0.0.1:8770", True),
+    ("tcp:8770:interface=127.1", "http://127.0.0.1:8770", True),
+    ("tcp6:8770:interface=\\:\\:", "http://2130706433:8770", True),
+    ("tcp:8770", "http://127.0.0.1.example:8770", False),  # a name
+    ("tcp:8770", "http://1.2.3.4.5:8770", False),
 ])
 def test_url_reaches_listener(listen, url, loops):
     address = listen_address(listen)
@@ -240,6 +263,15 @@ def test_url_reaches_listener(listen, url, loops):
 
 def test_non_tcp_listeners_have_no_address():
     assert listen_address("unix:/run/gpumgr.sock") is None
+
+
+@pytest.mark.parametrize("host", ["2130706433", "127.1", "0x7f.1", "[::ffff:127.0.0.1]", "0"])
+def test_consumer_pointing_at_gpumgr_itself_by_another_spelling_is_refused(host):
+    text = MINIMAL.replace("127.0.0.1:11434", f"{host}:8770") + "listen: tcp:8770\n"
+    assert f"{host}:8770" in text
+    err = _refused(text)
+    assert err.key_path == "consumers.ollama.url"
+    assert "gpumgr's own listen address" in err.problem
 
 
 def test_consumer_pointing_at_gpumgr_itself_is_refused():
