@@ -26,7 +26,15 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
 from gpumgr.admission import CONTROL_TIMEOUT_S, Admission
-from gpumgr.config import AUDIO_ROUTE, KINDS, Config, ConfigError, ConsumerConfig, parse_config_text
+from gpumgr.config import (
+    AUDIO_ROUTE,
+    KINDS,
+    Config,
+    ConfigError,
+    ConsumerConfig,
+    parse_config_text,
+    read_config_file,
+)
 from gpumgr.drivers import ControlHttp, IDriver, get_driver
 from gpumgr.errors import (
     BadPath,
@@ -230,8 +238,7 @@ class Broker:
         source = self._config.source
         self.reload_attempts += 1
         try:
-            with open(source, "rb") as f:
-                text = f.read()
+            text = read_config_file(source)  # never blocks the reactor on a FIFO
             new = self._overrides(parse_config_text(text, source))
             problem = reload_refusal(self._config, new)
             if problem is not None:

@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import socket
+import stat
 from types import MappingProxyType
 from typing import Any, Mapping, NoReturn
 from urllib.parse import urlsplit
@@ -353,12 +354,50 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
 
     `environ` (default: os.environ) is where `admin_token_env` is looked up.
     """
+    return parse_config_text(read_config_file(path), path, environ)
+
+
+def read_config_file(path: str) -> bytes:
+    """The bytes of a config file, read only if it is a regular file.
+
+    Opened non-blocking and checked with fstat before any read: a FIFO, a
+    terminal or a device as the config path would otherwise block the
+    caller (the reactor, on a reload) until someone writes to it, or never
+    end (/dev/zero). Reading at most one byte past the size limit is enough
+    for yaml_strict to refuse an oversized file.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | \
+        getattr(os, "O_CLOEXEC", 0)
     try:
-        with open(path, "rb") as f:
-            text = f.read(yaml_strict.MAX_CONFIG_BYTES + 1)
+        fd = os.open(path, flags)
     except OSError as e:
         raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
-    return parse_config_text(text, path, environ)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(path, "", f"is not a regular file ({_file_kind(mode)}); "
+                              "gpumgr reads its config only from a regular file")
+        chunks, size = [], 0
+        while size <= yaml_strict.MAX_CONFIG_BYTES:
+            chunk = os.read(fd, yaml_strict.MAX_CONFIG_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a plain file"
 
 
 def parse_config_text(
