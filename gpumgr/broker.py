@@ -114,6 +114,35 @@ def reload_refusal(old: Config, new: Config) -> str | None:
     return None
 
 
+#: nginx's code for "the client closed the connection before the answer was complete".
+CLIENT_CLOSED_REQUEST = 499
+
+
+def access_status(result: Any, client_left: bool) -> int:
+    """The status a proxied request is counted and logged with (pure).
+
+    A client that left before its answer was complete is 499, whatever the
+    upstream had begun to send (a stream cut mid-way was logged as 200, one
+    cut before the headers was counted as code 0).
+    """
+    if isinstance(result, Result):
+        if result.outcome is Outcome.CLIENT_GONE:
+            return CLIENT_CLOSED_REQUEST
+        if result.status is not None:
+            return result.status
+        return 502 if result.outcome is Outcome.UPSTREAM_BROKE else 500
+    if client_left or (isinstance(result, Failure) and result.check(defer.CancelledError)):
+        return CLIENT_CLOSED_REQUEST
+    if isinstance(result, Failure) and isinstance(result.value, GpumgrError):
+        return result.value.status
+    return 500
+
+
+def _client_left(request: Any) -> bool:
+    """The client's connection closed before its response was finished."""
+    return bool(getattr(request, "_disconnected", False)) and not request.finished
+
+
 def path_is_safe(segments: list[bytes]) -> bool:
     """Reject traversal, encoded separators and empty segments (pure)."""
     if not segments:
@@ -512,15 +541,8 @@ class Broker:
                  timing: _Timing) -> Any:
         """Metrics and the access log line of one proxied request."""
         now = self.reactor.seconds()
-        if isinstance(result, Result):
-            code = result.status or 0
-            bytes_out = result.bytes_out
-        elif isinstance(result, Failure) and isinstance(result.value, GpumgrError):
-            code, bytes_out = result.value.status, 0
-        elif isinstance(result, Failure) and result.check(defer.CancelledError):
-            code, bytes_out = 499, 0  # the client left
-        else:
-            code, bytes_out = 500, 0
+        code = access_status(result, _client_left(request))
+        bytes_out = result.bytes_out if isinstance(result, Result) else 0
         bytes_in = timing.bytes_in
         wait_s = None if timing.started is None else timing.started - timing.received
         hold_s = None if timing.started is None else (timing.ended or now) - timing.started
