@@ -7,6 +7,7 @@ walked the YAML node graph itself.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from gpumgr.config import (
     load_config,
     parse_config,
     parse_config_text,
+    parse_process_pattern,
     url_reaches_listener,
 )
 
@@ -152,6 +154,58 @@ def test_values_that_failed_at_startup_fail_at_load(snippet_or_replace, key_path
         text = MINIMAL + snippet_or_replace
     err = _refused(text)
     assert (err.key_path, problem in err.problem) == (key_path, True), str(err)
+
+
+@pytest.mark.parametrize("pattern", [
+    "(a+)+$",          # issue 14.10: 2-3 s per sample with re
+    "(x|xx)*y",
+    "a*a*a*a*a*b",
+    "[a-z]+",
+    "ollama?",
+    "\\d+",
+    "a{2}",
+    "(?i)ollama",
+    "a$b",
+    "whisper.cpp",     # '.' alone: write \. for a dot, or .* for anything
+])
+def test_gpu_process_refuses_what_could_backtrack(pattern):
+    err = _refused(MINIMAL.replace("    paths:", f"    gpu_process: '{pattern}'\n    paths:"))
+    assert err.key_path == "consumers.ollama.gpu_process"
+    assert "matched in linear time" in err.problem and "at position" in err.problem
+
+
+@pytest.mark.parametrize("pattern,names", [
+    ("ollama", ["/usr/local/bin/ollama", "ollama_llama_server", "llama"]),
+    ("whisper-server", ["/opt/whisper.cpp/build/bin/whisper-server", "whisper"]),
+    ("^A-process$", ["A-process", "xA-process", "A-processx", "A-proces"]),
+    ("ollama|llama-server", ["llama-server", "/bin/ollama", "llama"]),
+    ("^/usr/.*/ollama$", ["/usr/local/bin/ollama", "/usr/ollama", "/usr//ollama", "/opt/ollama"]),
+    ("whisper\\.cpp", ["whisper.cpp/x", "whisperXcpp"]),
+    ("^python.*comfy.*main\\.py$", ["python3 comfy/main.py", "python3 main.py comfy"]),
+    ("^$", ["", "x"]),
+    (".*", ["", "anything"]),
+    ("^a.*a$", ["a", "aa", "aba", "ab"]),
+])
+def test_gpu_process_patterns_match_as_re_search_does(pattern, names):
+    matcher = parse_process_pattern(pattern)
+    for name in names:
+        assert matcher.search(name) is bool(re.search(pattern, name)), (pattern, name)
+
+
+_PATTERN_PIECES = st.sampled_from(["a", "b", "ab", "-", "\\.", ".*", "|", "|^", "$|"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(start=st.booleans(), pieces=st.lists(_PATTERN_PIECES, max_size=6), end=st.booleans(),
+       names=st.lists(st.text(alphabet="ab.-x", max_size=12), min_size=1, max_size=8))
+def test_gpu_process_agrees_with_re_search_on_its_subset(start, pieces, end, names):
+    text = ("^" if start else "") + "".join(pieces) + ("$" if end else "")
+    try:
+        matcher = parse_process_pattern(text)
+    except ValueError:
+        return  # e.g. '^' after text, or '$' before it: refused, never misread
+    for name in names:
+        assert matcher.search(name) is bool(re.search(text, name)), (text, name)
 
 
 def test_gpu_process_with_a_huge_repeat_is_a_config_error():
