@@ -51,6 +51,7 @@ from gpumgr.errors import (
     UpgradeNotSupported,
     UnknownConsumer,
     UnknownRoute,
+    describe_failure,
 )
 from gpumgr.eviction import Residency
 from gpumgr.gpu import GpuSampler
@@ -323,7 +324,7 @@ class Broker:
             def done(result: Any) -> None:
                 if isinstance(result, Failure):
                     log.warn("{name}: stopping failed: {why}", name=name,
-                             why=result.getErrorMessage())
+                             why=describe_failure(result))
                 if self._retiring.get(name) is process:
                     del self._retiring[name]
                 stopped.callback(None)
@@ -376,7 +377,7 @@ class Broker:
                                control=True)
 
         def failed(f: Failure) -> None:
-            log.warn("preloading {name} failed: {why}", name=name, why=f.getErrorMessage())
+            log.warn("preloading {name} failed: {why}", name=name, why=describe_failure(f))
 
         d.addErrback(failed)
 

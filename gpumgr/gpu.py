@@ -22,6 +22,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gpumgr.errors import describe_failure
+
 GPU_QUERY = (
     "--query-gpu=index,name,memory.total,memory.used,memory.free,"
     "utilization.gpu,temperature.gpu"
@@ -426,7 +428,7 @@ class GpuSampler:
                 processes=parse_apps_csv(apps_out.decode("utf-8", "replace")),
             )
         except defer.FirstError as e:
-            sample = self._failed(str(e.subFailure.value))
+            sample = self._failed(describe_failure(e))
         except GpuCommandError as e:
             sample = self._failed(str(e))
         except GpuParseError as e:

@@ -31,6 +31,7 @@ from gpumgr.errors import (
     UpgradeNotSupported,
     UpstreamTimeout,
     UpstreamUnreachable,
+    describe_failure,
     write_error,
 )
 from gpumgr.proxy import forward_request_headers
@@ -227,7 +228,7 @@ class Tunnel:
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
         if not failure.check(defer.CancelledError):
-            why = failure.getErrorMessage()
+            why = describe_failure(failure)
             self._refuse(UpstreamUnreachable(f"{self.consumer} could not be reached: {why}",
                                              consumer=self.consumer))
 
