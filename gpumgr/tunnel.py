@@ -107,7 +107,7 @@ class _Side(Protocol):
         self.peer: Any = None  # the other side's transport
 
     def dataReceived(self, data: bytes) -> None:
-        self._tunnel.last_byte_at = self._tunnel.clock.seconds()
+        self._tunnel.touched()
         if self.peer is not None:
             self.peer.write(data)
 
@@ -191,7 +191,7 @@ class Tunnel:
 
     def __init__(self, clock: IReactorTime, request: Any, consumer: str,
                  on_close: Callable[[Tunnel], None], idle_timeout_s: float = math.inf) -> None:
-        self.clock = self._clock = clock
+        self._clock = clock
         #: No byte either way for this long closes both sides.
         self.idle_timeout_s = idle_timeout_s
         self.last_byte_at = clock.seconds()
@@ -263,8 +263,12 @@ class Tunnel:
         upstream.transport.registerProducer(client_transport, True)  # type: ignore[attr-defined]
         if rest:
             client_transport.write(rest)
-        self.last_byte_at = self._clock.seconds()
+        self.touched()
         self._arm_idle()
+
+    def touched(self) -> None:
+        """Bytes moved one way or the other: the idle clock restarts."""
+        self.last_byte_at = self._clock.seconds()
 
     def _arm_idle(self) -> None:
         """One timer per tunnel, re-armed lazily: bytes only move `last_byte_at`."""

@@ -9,6 +9,7 @@ while, so a regression fails on its message instead of hanging the suite.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import threading
 import time
@@ -16,6 +17,7 @@ import time
 import pytest
 import pytest_twisted
 
+from gpumgr import cli
 from gpumgr.config import ConfigError, load_config, read_config_file
 from tests.test_reload_drain import file_broker
 
@@ -57,6 +59,14 @@ def test_a_fifo_is_refused_without_reading_it(fifo):
     assert e.value.file == str(fifo) and e.value.key_path == ""
     assert e.value.problem == ("is not a regular file (a FIFO); gpumgr reads its config only "
                                "from a regular file")
+
+
+def test_check_config_refuses_a_fifo(fifo):
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.main(["check-config", str(fifo)], stdout=out, stderr=err) == 1
+    assert out.getvalue() == ""
+    assert err.getvalue() == (f"config error: {fifo}: is not a regular file (a FIFO); gpumgr "
+                              "reads its config only from a regular file\n")
 
 
 @pytest.mark.parametrize("path,kind", [("/dev/zero", "a character device"),
