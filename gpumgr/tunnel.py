@@ -264,13 +264,13 @@ class Tunnel:
         if rest:
             client_transport.write(rest)
         self.touched()
-        self._arm_idle()
+        self.watch_idle()
 
     def touched(self) -> None:
         """Bytes moved one way or the other: the idle clock restarts."""
         self.last_byte_at = self._clock.seconds()
 
-    def _arm_idle(self) -> None:
+    def watch_idle(self) -> None:
         """One timer per tunnel, re-armed lazily: bytes only move `last_byte_at`."""
         if self.idle_timeout_s == math.inf or self._ended:
             return
@@ -281,7 +281,7 @@ class Tunnel:
     def _idle_check(self) -> None:
         self._idle_timer = None
         if self._clock.seconds() < self.last_byte_at + self.idle_timeout_s:
-            self._arm_idle()
+            self.watch_idle()
             return
         log.info("closing the WebSocket tunnel to {consumer}: no bytes either way for "
                  "{seconds:g} s (limits.tunnel_idle_timeout_s)", consumer=self.consumer,

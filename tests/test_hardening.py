@@ -21,6 +21,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
@@ -42,6 +43,7 @@ from gpumgr.limits import (
     uses_reserve,
 )
 from gpumgr.site import GpumgrChannel, GpumgrSite, request_line_problem
+from gpumgr.tunnel import Tunnel
 from gpumgr.testing import world_config
 from gpumgr.testing.websocket import ConnectionClosed, HandshakeError, connect
 from gpumgr.web import admin_refusal
@@ -896,11 +898,27 @@ async def test_tunnels_have_their_own_cap(world, start_broker):
             ws.abort()
 
 
+def test_a_tunnel_is_closed_only_after_idle_timeout_without_a_byte():
+    clock = Clock()
+    closed: list[Tunnel] = []
+    tunnel = Tunnel(clock, None, "comfyui", closed.append, idle_timeout_s=10.0)
+    tunnel.touched()
+    tunnel.watch_idle()
+    for _ in range(5):  # a byte every 9 s keeps it open for 45 s
+        clock.advance(9.0)
+        tunnel.touched()
+    assert closed == [] and len(clock.getDelayedCalls()) == 1  # one timer, re-armed lazily
+    clock.advance(9.999)
+    assert closed == []
+    clock.advance(0.001)
+    assert closed == [tunnel] and tunnel.done.called and clock.getDelayedCalls() == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_an_idle_tunnel_is_closed(world, start_broker):
     """Issue 14.9: a tunnel with no traffic was still open after 75 s."""
     config = world_config(world, consumers=PASS_COMFY, health={"interval_s": 30},
-                          limits={"tunnel_idle_timeout_s": 0.3})
+                          limits={"tunnel_idle_timeout_s": 1.0})
     service, url = await start_broker(config)
     ws = await _tunnel(world, url)
     info = await ws.when_closed().addTimeout(10, reactor)
