@@ -266,6 +266,18 @@ class GpumgrChannel(_HTTPChannel):
         for request in self.requests:
             if isinstance(request, LimitedRequest):
                 request.abandon()
+        table = self.site.connections
+        if self in table:
+            # Its place goes to the next client at once: it lingers to read its
+            # answer as a refused connection, so a stream of refused requests
+            # cannot hold the reserved connections either.
+            table.forget(self)
+            if table.refusing >= refusing_allowance(table.max_connections):
+                self._set_phase(Phase.CLOSING)
+                self.transport.abortConnection()
+                return
+            table.refusing += 1
+            self._refusing = True
         self._close_with(error)
 
     def _close_with(self, error: GpumgrError) -> None:

@@ -550,6 +550,23 @@ def test_slow_uploads_never_take_the_reserved_connections():
     assert not late.closed and len(w.tree.held) == 1
 
 
+def test_refused_requests_that_linger_do_not_hold_the_reserve():
+    w = _world(max_connections=4, reserved_connections=2)
+    for _ in range(2):
+        w.connect().send(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+    refused = [w.connect() for _ in range(5)]
+    for c in refused:  # each is answered 503, and none closes its end
+        c.send(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert c.error_code() == "too_many_connections" and not c.transport.disconnected
+    assert len(w.site.connections) == 2 and w.site.connections.refusing == 5
+    monitors = [w.connect(), w.connect()]
+    for m in monitors:
+        m.send(GET_HEALTHZ)
+        assert m.reply()[0] == 200
+    w.clock.advance(2.0)  # the linger is over: the refused ones are cut
+    assert all(c.transport.disconnected for c in refused)
+
+
 def test_a_steady_upload_is_cut_at_max_upload_s_and_its_spool_comes_back():
     """Issue 14.9: uploads keeping just above the rate held 2,000 MB of spool for hours."""
     w = _world(max_upload_s=60.0, body_idle_timeout_s=30.0, min_body_rate_kib_s=1.0,
