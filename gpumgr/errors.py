@@ -10,6 +10,8 @@ import json
 import math
 from typing import ClassVar, Sequence
 
+from twisted.internet import defer
+
 
 class GpumgrError(Exception):
     status: ClassVar[int] = 500
@@ -285,6 +287,11 @@ def describe_failure(what: object) -> str:
         text = "; ".join(parts)
         prefix = _WRAPPER_WORDS.get(name)
         return _short(f"{prefix}: {text}" if prefix else text)
+    if isinstance(value, defer.TimeoutError):
+        # addTimeout's is TimeoutError(seconds, "Deferred"): str() is a tuple
+        seconds = value.args[0] if value.args else None
+        return f"timed out after {seconds:g} s" if isinstance(seconds, (int, float)) \
+            else "timed out"
     if name == "ConnectingCancelledError":
         address = getattr(value, "address", None)
         host = getattr(address, "hostname", getattr(address, "host", None))

@@ -34,6 +34,7 @@ ABANDONED_CONNECT = error.ConnectingCancelledError(HostnameAddress(b"127.0.0.1",
     (defer.FirstError(Failure(ABANDONED_CONNECT), 1),
      "gave up connecting to 127.0.0.1:9 (cancelled)"),
     (defer.TimeoutError(), "timed out"),
+    (defer.TimeoutError(60, "Deferred"), "timed out after 60 s"),  # what addTimeout raises
     (error.TimeoutError(), "User timeout caused connection failure."),
     (error.ConnectionRefusedError("not ready"), "Connection was refused by other side: not ready."),
     (error.DNSLookupError("gpu-box.invalid"), "DNS lookup failed: gpu-box.invalid."),
