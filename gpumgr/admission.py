@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from gpumgr.config import Config
-from gpumgr.errors import ControlFailed, InsufficientVram
+from gpumgr.errors import ControlFailed, InsufficientVram, describe_failure
 from gpumgr.eviction import ConsumerView, Residency, plan_eviction, settled
 from gpumgr.gpu import GpuSampler
 from gpumgr.proxy import Result
@@ -222,7 +222,7 @@ class Admission:
         try:
             yield self._call(name, "unload")
         except Exception as e:
-            why = "timed out" if isinstance(e, defer.TimeoutError) else str(e)
+            why = describe_failure(e)
             self.eviction_failures += 1
             self._registry.mark_unknown(name)
             self.event("eviction_failed", name, reason, view.resident_mib, why)
@@ -269,7 +269,7 @@ class Admission:
         try:
             yield self._call(name, "load")
         except Exception as e:
-            why = "timed out" if isinstance(e, defer.TimeoutError) else str(e)
+            why = describe_failure(e)
             self.event("load_failed", name, reason, detail=why)
             log.warn("loading {name} ({reason}) failed: {why}", name=name, reason=reason, why=why)
             if isinstance(e, ControlFailed) or hasattr(e, "status"):

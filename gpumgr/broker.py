@@ -24,7 +24,15 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
 from gpumgr.admission import CONTROL_TIMEOUT_S, Admission
-from gpumgr.config import AUDIO_ROUTE, KINDS, Config, ConfigError, ConsumerConfig, parse_config_text
+from gpumgr.config import (
+    AUDIO_ROUTE,
+    KINDS,
+    Config,
+    ConfigError,
+    ConsumerConfig,
+    parse_config_text,
+    read_config_file,
+)
 from gpumgr.drivers import ControlHttp, IDriver, get_driver
 from gpumgr.errors import (
     BadPath,
@@ -39,9 +47,11 @@ from gpumgr.errors import (
     QueueFull,
     QueueTimeout,
     ShuttingDown,
+    TooManyConnections,
     UpgradeNotSupported,
     UnknownConsumer,
     UnknownRoute,
+    describe_failure,
 )
 from gpumgr.eviction import Residency
 from gpumgr.gpu import GpuSampler
@@ -106,6 +116,35 @@ def reload_refusal(old: Config, new: Config) -> str | None:
         return (f"scheduler.mode changed from {old.scheduler.mode} to {new.scheduler.mode}: "
                 "that needs a restart (the running config is kept)")
     return None
+
+
+#: nginx's code for "the client closed the connection before the answer was complete".
+CLIENT_CLOSED_REQUEST = 499
+
+
+def access_status(result: Any, client_left: bool) -> int:
+    """The status a proxied request is counted and logged with (pure).
+
+    A client that left before its answer was complete is 499, whatever the
+    upstream had begun to send (a stream cut mid-way was logged as 200, one
+    cut before the headers was counted as code 0).
+    """
+    if isinstance(result, Result):
+        if result.outcome is Outcome.CLIENT_GONE:
+            return CLIENT_CLOSED_REQUEST
+        if result.status is not None:
+            return result.status
+        return 502 if result.outcome is Outcome.UPSTREAM_BROKE else 500
+    if client_left or (isinstance(result, Failure) and result.check(defer.CancelledError)):
+        return CLIENT_CLOSED_REQUEST
+    if isinstance(result, Failure) and isinstance(result.value, GpumgrError):
+        return result.value.status
+    return 500
+
+
+def _client_left(request: Any) -> bool:
+    """The client's connection closed before its response was finished."""
+    return bool(getattr(request, "_disconnected", False)) and not request.finished
 
 
 def path_is_safe(segments: list[bytes]) -> bool:
@@ -243,8 +282,7 @@ class Broker:
         source = self._config.source
         self.reload_attempts += 1
         try:
-            with open(source, "rb") as f:
-                text = f.read()
+            text = read_config_file(source)  # never blocks the reactor on a FIFO
             new = self._overrides(parse_config_text(text, source))
             problem = reload_refusal(self._config, new)
             if problem is not None:
@@ -300,7 +338,7 @@ class Broker:
             def done(result: Any) -> None:
                 if isinstance(result, Failure):
                     log.warn("{name}: stopping failed: {why}", name=name,
-                             why=result.getErrorMessage())
+                             why=describe_failure(result))
                 if self._retiring.get(name) is process:
                     del self._retiring[name]
                 stopped.callback(None)
@@ -353,7 +391,7 @@ class Broker:
                                control=True)
 
         def failed(f: Failure) -> None:
-            log.warn("preloading {name} failed: {why}", name=name, why=f.getErrorMessage())
+            log.warn("preloading {name} failed: {why}", name=name, why=describe_failure(f))
 
         d.addErrback(failed)
 
@@ -532,15 +570,8 @@ class Broker:
                  timing: _Timing) -> Any:
         """Metrics and the access log line of one proxied request."""
         now = self.reactor.seconds()
-        if isinstance(result, Result):
-            code = result.status or 0
-            bytes_out = result.bytes_out
-        elif isinstance(result, Failure) and isinstance(result.value, GpumgrError):
-            code, bytes_out = result.value.status, 0
-        elif isinstance(result, Failure) and result.check(defer.CancelledError):
-            code, bytes_out = 499, 0  # the client left
-        else:
-            code, bytes_out = 500, 0
+        code = access_status(result, _client_left(request))
+        bytes_out = result.bytes_out if isinstance(result, Result) else 0
         bytes_in = timing.bytes_in
         wait_s = None if timing.started is None else timing.started - timing.received
         hold_s = None if timing.started is None else (timing.ended or now) - timing.started
@@ -614,7 +645,13 @@ class Broker:
 
     def _tunnel(self, request: Any, c: ConsumerConfig, target: Target) -> defer.Deferred[None]:
         """A WebSocket relayed as a byte tunnel; never scheduled."""
-        tunnel = Tunnel(self.reactor, request, c.name, self.tunnels.discard)
+        limits = self._config.limits
+        if len(self.tunnels) >= limits.max_tunnels:
+            raise TooManyConnections(
+                f"gpumgr is relaying its limit of {limits.max_tunnels} WebSocket tunnels "
+                "(limits.max_tunnels)", retry_after_s=5)
+        tunnel = Tunnel(self.reactor, request, c.name, self.tunnels.discard,
+                        idle_timeout_s=limits.tunnel_idle_timeout_s)
         self.tunnels.add(tunnel)
         self.tunnels_total += 1
         path_and_query = target.origin_form()

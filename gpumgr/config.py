@@ -12,6 +12,8 @@ import ipaddress
 import os
 import re
 import shlex
+import socket
+import stat
 from types import MappingProxyType
 from typing import Any, Mapping, NoReturn
 from urllib.parse import urlsplit
@@ -78,6 +80,96 @@ class ScheduledRoute:
 
 
 @attrs.frozen
+class ProcessNameMatcher:
+    """`gpu_process`: which nvidia-smi process names are a consumer's.
+
+    A restricted regular expression, matched without backtracking: literal
+    text, `.*` between parts, `^` and `$` anchors, `|` between alternatives.
+    `search` agrees with `re.search` on that subset, in time linear in the
+    name, whereas a full regex such as `(a+)+$` cost 2-3 s per sample.
+    """
+
+    text: str
+    #: Per alternative: (anchored at the start, the parts in order, anchored at the end).
+    alternatives: tuple[tuple[bool, tuple[str, ...], bool], ...]
+
+    def search(self, name: str) -> bool:
+        return any(_parts_match(name, *alternative) for alternative in self.alternatives)
+
+
+def _parts_match(name: str, at_start: bool, parts: tuple[str, ...], at_end: bool) -> bool:
+    """Whether `parts` occur in `name` in order, honouring the anchors (pure, linear).
+
+    Taking each part at its leftmost occurrence after the previous one is
+    never wrong: an earlier end leaves more room for the rest.
+    """
+    pos = 0
+    last = len(parts) - 1
+    for i, part in enumerate(parts):
+        if i == last and at_end:
+            return name.endswith(part) and len(name) - len(part) >= pos and (
+                not (i == 0 and at_start) or name == part)
+        if i == 0 and at_start:
+            if not name.startswith(part):
+                return False
+            pos = len(part)
+            continue
+        found = name.find(part, pos)
+        if found < 0:
+            return False
+        pos = found + len(part)
+    return True
+
+
+_PROCESS_PATTERN_HELP = (
+    "only a restricted regular expression is accepted, matched in linear time: text "
+    "(a \\ before punctuation makes it literal), .* between parts, ^ and $ anchors, "
+    "| between alternatives")
+
+
+def parse_process_pattern(text: str) -> ProcessNameMatcher:
+    """Parse a `gpu_process` pattern; ValueError says which character is refused (pure)."""
+    alternatives = []
+    i, n = 0, len(text)
+    at_start, at_end = False, False
+    parts: list[str] = []
+    current: list[str] = []
+    while True:
+        ch = text[i] if i < n else "|"
+        if i == n or ch == "|":
+            parts.append("".join(current))
+            alternatives.append((at_start, tuple(parts), at_end))
+            if i >= n:
+                break
+            at_start, parts, current, at_end = False, [], [], False
+            i += 1
+            continue
+        if at_end:
+            raise ValueError(f"'$' at position {i - 1} must end its alternative; "
+                             + _PROCESS_PATTERN_HELP)
+        if ch == "\\":
+            if i + 1 >= n or text[i + 1].isalnum() or text[i + 1] == "_":
+                raise ValueError(f"{text[i:i + 2]!r} at position {i}: " + _PROCESS_PATTERN_HELP)
+            current.append(text[i + 1])
+            i += 2
+            continue
+        if ch == "^" and not parts and not current and not at_start:
+            at_start = True
+        elif ch == "$":
+            at_end = True
+        elif ch == "." and text[i + 1:i + 2] == "*":
+            parts.append("".join(current))
+            current = []
+            i += 1
+        elif ch in ".*+?()[]{}^":
+            raise ValueError(f"{ch!r} at position {i}: " + _PROCESS_PATTERN_HELP)
+        else:
+            current.append(ch)
+        i += 1
+    return ProcessNameMatcher(text, tuple(alternatives))
+
+
+@attrs.frozen
 class ConsumerConfig:
     name: str
     url: str
@@ -90,8 +182,8 @@ class ConsumerConfig:
     connect_timeout_s: float
     request_timeout_s: float
     body_idle_timeout_s: float = 300.0
-    #: Regex over nvidia-smi process names; when set, residency is measured.
-    gpu_process: re.Pattern[str] | None = None
+    #: Which nvidia-smi process names are this consumer's; when set, residency is measured.
+    gpu_process: ProcessNameMatcher | None = None
     idle_unload_s: float | None = None
     preload: bool = False
     process: ProcessConfig | None = None
@@ -173,6 +265,15 @@ class LimitsConfig:
     #: Bytes of all header lines together, and how many lines.
     max_header_bytes: int = 16384
     max_headers: int = 100
+    #: Of max_connections, kept for /healthz, /v1/status, /metrics and admin
+    #: (at most half of them): tunnels and uploads never take these.
+    reserved_connections: int = 16
+    #: WebSocket tunnels open at once; more get 503.
+    max_tunnels: int = 256
+    #: A tunnel that carries no byte either way for this long is closed.
+    tunnel_idle_timeout_s: float = 3600.0
+    #: A whole request body must arrive within this, whatever its rate.
+    max_upload_s: float = 900.0
 
     @property
     def max_body_bytes(self) -> int:
@@ -271,11 +372,29 @@ def listen_problem(description: str) -> str | None:
     return None
 
 
+#: What inet_aton may read as an IPv4 address: 1 to 4 parts, decimal, octal
+#: (leading 0) or hex (0x). Checked first, since inet_aton ignores anything
+#: after a space.
+_LEGACY_IPV4_RE = re.compile(r"\A(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}\Z", re.I)
+
+
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a literal host names, as the resolver reads it; None for a name (pure).
+
+    getaddrinfo takes every inet_aton spelling of IPv4 (`2130706433`,
+    `127.1`, `0x7f.1`, `0177.0.0.1`, `0`), so they are normalised the same
+    way; an IPv4-mapped IPv6 address is its IPv4 address.
+    """
+    text = host.strip("[]").split("%", 1)[0]
     try:
-        address = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(text)
     except ValueError:
-        return None
+        if not _LEGACY_IPV4_RE.match(text):
+            return None
+        try:
+            address = ipaddress.IPv4Address(socket.inet_aton(text))
+        except OSError:
+            return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
@@ -294,7 +413,7 @@ def url_reaches_listener(url: str, listen: ListenAddress) -> bool:
         return False
     if listen.port == 0 or port != listen.port or parts.hostname is None:
         return False
-    host = parts.hostname.lower()
+    host = parts.hostname.lower().rstrip(".")
     if host == "localhost" or host.endswith(".localhost"):
         candidates = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
     else:
@@ -302,15 +421,14 @@ def url_reaches_listener(url: str, listen: ListenAddress) -> bool:
         if address is None:
             return False  # a name: resolving it here would make loading depend on DNS
         candidates = [address]
-    if listen.interface in ("", "0.0.0.0", "::"):
+    interface = _ip(listen.interface) if listen.interface else None
+    if listen.interface == "" or (interface is not None and interface.is_unspecified):
         # tcp6 on "::" is dual-stack: it takes IPv4 connections too.
-        families = (4, 6) if listen.ipv6 and listen.interface == "::" else (
-            (6,) if listen.ipv6 else (4,))
+        families = (4, 6) if listen.ipv6 else (4,)
         return any(a.version in families and (a.is_loopback or a.is_unspecified)
                    for a in candidates)
-    interface = _ip(listen.interface)
     if interface is None:
-        return host == listen.interface.lower()
+        return host == listen.interface.lower().rstrip(".")
     # Connecting to 0.0.0.0 or :: reaches the local host on any address.
     return any(a == interface or (a.is_unspecified and a.version == interface.version)
                for a in candidates)
@@ -335,12 +453,50 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
 
     `environ` (default: os.environ) is where `admin_token_env` is looked up.
     """
+    return parse_config_text(read_config_file(path), path, environ)
+
+
+def read_config_file(path: str) -> bytes:
+    """The bytes of a config file, read only if it is a regular file.
+
+    Opened non-blocking and checked with fstat before any read: a FIFO, a
+    terminal or a device as the config path would otherwise block the
+    caller (the reactor, on a reload) until someone writes to it, or never
+    end (/dev/zero). Reading at most one byte past the size limit is enough
+    for yaml_strict to refuse an oversized file.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | \
+        getattr(os, "O_CLOEXEC", 0)
     try:
-        with open(path, "rb") as f:
-            text = f.read(yaml_strict.MAX_CONFIG_BYTES + 1)
+        fd = os.open(path, flags)
     except OSError as e:
         raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
-    return parse_config_text(text, path, environ)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(path, "", f"is not a regular file ({_file_kind(mode)}); "
+                              "gpumgr reads its config only from a regular file")
+        chunks, size = [], 0
+        while size <= yaml_strict.MAX_CONFIG_BYTES:
+            chunk = os.read(fd, yaml_strict.MAX_CONFIG_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a plain file"
 
 
 def parse_config_text(
@@ -568,8 +724,18 @@ def _parse_limits(sec: _Section) -> LimitsConfig:
         max_request_line_bytes=count("max_request_line_bytes", 8192, 256),
         max_header_bytes=count("max_header_bytes", 16384, 1024),
         max_headers=count("max_headers", 100, 8),
+        reserved_connections=sec.number("reserved_connections", 16, integer=True,
+                                        maximum=1_000_000),
+        max_tunnels=sec.number("max_tunnels", 256, integer=True, maximum=1_000_000),
+        tunnel_idle_timeout_s=seconds("tunnel_idle_timeout_s", 3600.0),
+        max_upload_s=seconds("max_upload_s", 900.0),
     )
     sec.finish()
+    if sec.has("reserved_connections") and \
+            limits.reserved_connections > limits.max_connections // 2:
+        sec.fail("reserved_connections", f"must be at most half of limits.max_connections "
+                 f"({limits.max_connections // 2}), or too few connections are left for "
+                 "GPU work")
     if limits.max_spool_mib < limits.max_body_mib:
         sec.fail("max_spool_mib", f"must be at least limits.max_body_mib "
                  f"({limits.max_body_mib:g}), or a body within the limit could never be spooled")
@@ -750,7 +916,7 @@ def _parse_consumer(sec: _Section, name: str) -> ConsumerConfig:
         connect_timeout_s=sec.number("connect_timeout_s", 5.0, positive=True),
         request_timeout_s=sec.number("request_timeout_s", 600.0, positive=True),
         body_idle_timeout_s=sec.number("body_idle_timeout_s", 300.0, positive=True),
-        gpu_process=_parse_regex(sec, "gpu_process"),
+        gpu_process=_parse_process_pattern(sec, "gpu_process"),
         idle_unload_s=sec.number("idle_unload_s", None, positive=True)
         if sec.has("idle_unload_s") else None,
         preload=_parse_bool(sec, "preload", False),
@@ -819,15 +985,14 @@ def _parse_process(parent: _Section) -> ProcessConfig | None:
     return process
 
 
-def _parse_regex(sec: _Section, key: str) -> re.Pattern[str] | None:
+def _parse_process_pattern(sec: _Section, key: str) -> ProcessNameMatcher | None:
     if not sec.has(key):
         return None
     text = sec.string(key, None)
     try:
-        return re.compile(text)
-    except (re.error, OverflowError) as e:
-        sec.fail(key, f"is not a valid regular expression: {e}")
-        raise  # unreachable: fail() raises
+        return parse_process_pattern(text)
+    except ValueError as e:
+        sec.fail(key, str(e))
 
 
 def _parse_bool(sec: _Section, key: str, default: bool) -> bool:

@@ -10,6 +10,8 @@ import json
 import math
 from typing import ClassVar, Sequence
 
+from twisted.internet import defer
+
 
 class GpumgrError(Exception):
     status: ClassVar[int] = 500
@@ -255,3 +257,62 @@ _REASONS = {
     503: "Service Unavailable",
     507: "Insufficient Storage",
 }
+
+
+# -- what went wrong, in words ----------------------------------------------------------
+
+#: Words for exceptions whose str() is empty (others speak for themselves).
+_WORDS_FOR = {
+    "CancelledError": "gave up waiting (cancelled)",
+    "TimeoutError": "timed out",
+    "ResponseDone": "the response ended",
+}
+#: Wrappers holding a list of Failures in `reasons`, and what each means.
+_WRAPPER_WORDS = {
+    "ResponseNeverReceived": "no response",
+    "ResponseFailed": "the response broke off",
+    "RequestTransmissionFailed": "the request could not be sent",
+    "RequestGenerationFailed": "the request could not be sent",
+}
+_MAX_DESCRIPTION = 300
+
+
+def describe_failure(what: object) -> str:
+    """What a Failure or exception means, in words, for logs, status and error bodies.
+
+    str() of Twisted's exceptions is often a Python repr (`[<Failure ...
+    CancelledError: >]`, `HostnameAddress(hostname=b'h', port=1)`) or empty;
+    this never returns one.
+    """
+    value = getattr(what, "value", what)  # a Failure, or the exception itself
+    name = type(value).__name__
+    sub = getattr(value, "subFailure", None)  # defer.FirstError
+    if sub is not None:
+        return describe_failure(sub)
+    reasons = getattr(value, "reasons", None)
+    if isinstance(reasons, list) and reasons:
+        parts = list(dict.fromkeys(describe_failure(r) for r in reasons))
+        text = "; ".join(parts)
+        prefix = _WRAPPER_WORDS.get(name)
+        return _short(f"{prefix}: {text}" if prefix else text)
+    if isinstance(value, defer.TimeoutError):
+        # addTimeout's is TimeoutError(seconds, "Deferred"): str() is a tuple
+        seconds = value.args[0] if value.args else None
+        return f"timed out after {seconds:g} s" if isinstance(seconds, (int, float)) \
+            else "timed out"
+    if name == "ConnectingCancelledError":
+        address = getattr(value, "address", None)
+        host = getattr(address, "hostname", getattr(address, "host", None))
+        if isinstance(host, bytes):
+            host = host.decode("ascii", "replace")
+        port = getattr(address, "port", None)
+        where = f" to {host}:{port}" if host is not None else ""
+        return f"gave up connecting{where} (cancelled)"
+    text = str(value).strip()
+    if not text or "<twisted.python.failure.Failure" in text or "Failure instance" in text:
+        return _WORDS_FOR.get(name, name)
+    return _short(text)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _MAX_DESCRIPTION else text[:_MAX_DESCRIPTION - 3] + "..."

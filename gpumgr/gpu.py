@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shlex
 import shutil
 from typing import Any, Callable, Generator, Sequence
@@ -20,6 +21,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from gpumgr.errors import describe_failure
 
 GPU_QUERY = (
     "--query-gpu=index,name,memory.total,memory.used,memory.free,"
@@ -98,8 +101,52 @@ def _int_field(field: str, what: str, line_no: int) -> int | None:
             break
     try:
         return int(float(field))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "inf"
         raise GpuParseError(f"line {line_no}: {what} is not a number: {field!r}") from None
+
+
+#: A whole (or decimal) count of MiB, as nvidia-smi prints it; no sign, no exponent.
+_MIB_RE = re.compile(r"\A[0-9]{1,15}(\.[0-9]{1,6})?\Z")
+#: No GPU has this much memory (4 TiB); a bigger figure is a driver's garbage.
+MAX_GPU_MIB = 4 * 1024 * 1024
+
+
+def _mib_field(field: str, what: str, line_no: int) -> int | None:
+    """A memory figure: unknown, or a non-negative whole number of MiB (pure).
+
+    `int(float(...))` took -3616 and 1e23 as given, and "inf" raised
+    OverflowError; a figure that cannot be memory makes the sample unavailable.
+    """
+    field = field.strip()
+    if _unknown(field):
+        return None
+    for unit in (" MiB", "MiB"):
+        if field.endswith(unit):
+            field = field[: -len(unit)].strip()
+            break
+    if not _MIB_RE.match(field):
+        raise GpuParseError(f"line {line_no}: {what} is not a whole number of MiB: {field!r}")
+    return int(float(field))
+
+
+def memory_problem(gpu: GpuInfo) -> str | None:
+    """Why a GPU's memory figures cannot be true, or None (pure)."""
+    total, used, free = gpu.memory_total_mib, gpu.memory_used_mib, gpu.memory_free_mib
+    where = f"GPU {gpu.index}"
+    if total is None:
+        return None
+    if total == 0:
+        return f"{where}: memory.total is 0 MiB"
+    if total > MAX_GPU_MIB:
+        return f"{where}: memory.total {total} MiB is not a real GPU's"
+    for name, value in (("memory.used", used), ("memory.free", free)):
+        if value is not None and value > total:
+            return f"{where}: {name} {value} MiB is more than memory.total {total} MiB"
+    # used + free is total less the driver's reserve; rounding each may add a MiB.
+    if used is not None and free is not None and used + free > total + max(16, total // 100):
+        return (f"{where}: memory.used {used} + memory.free {free} MiB is more than "
+                f"memory.total {total} MiB")
+    return None
 
 
 def _lines(text: str) -> list[tuple[int, str]]:
@@ -119,17 +166,19 @@ def parse_gpu_csv(text: str) -> tuple[GpuInfo, ...]:
         idx = _int_field(index, "index", line_no)
         if idx is None:
             raise GpuParseError(f"line {line_no}: GPU index is unknown: {line!r}")
-        gpus.append(
-            GpuInfo(
-                index=idx,
-                name=name,
-                memory_total_mib=_int_field(rest[0], "memory.total", line_no),
-                memory_used_mib=_int_field(rest[1], "memory.used", line_no),
-                memory_free_mib=_int_field(rest[2], "memory.free", line_no),
-                utilization_pct=_int_field(rest[3], "utilization.gpu", line_no),
-                temperature_c=_int_field(rest[4], "temperature.gpu", line_no),
-            )
+        gpu = GpuInfo(
+            index=idx,
+            name=name,
+            memory_total_mib=_mib_field(rest[0], "memory.total", line_no),
+            memory_used_mib=_mib_field(rest[1], "memory.used", line_no),
+            memory_free_mib=_mib_field(rest[2], "memory.free", line_no),
+            utilization_pct=_int_field(rest[3], "utilization.gpu", line_no),
+            temperature_c=_int_field(rest[4], "temperature.gpu", line_no),
         )
+        problem = memory_problem(gpu)
+        if problem is not None:
+            raise GpuParseError(f"impossible memory figures: {problem}")
+        gpus.append(gpu)
     if not gpus:
         raise GpuParseError("no GPUs in nvidia-smi output")
     return tuple(gpus)
@@ -151,7 +200,7 @@ def parse_apps_csv(text: str) -> tuple[GpuProcess, ...]:
             GpuProcess(
                 pid=pid,
                 name=", ".join(fields[1:-1]),
-                used_mib=_int_field(fields[-1], "used_memory", line_no),
+                used_mib=_mib_field(fields[-1], "used_memory", line_no),
             )
         )
     return tuple(procs)
@@ -379,7 +428,7 @@ class GpuSampler:
                 processes=parse_apps_csv(apps_out.decode("utf-8", "replace")),
             )
         except defer.FirstError as e:
-            sample = self._failed(str(e.subFailure.value))
+            sample = self._failed(describe_failure(e))
         except GpuCommandError as e:
             sample = self._failed(str(e))
         except GpuParseError as e:

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gpumgr.config import ConsumerConfig
+from gpumgr.errors import describe_failure
 from gpumgr.registry import Health, Registry
 
 log = Logger()
@@ -107,7 +108,7 @@ class HealthMonitor:
             elif result.check(defer.CancelledError):
                 return  # the monitor is stopping
             else:
-                error = _describe(result.value or Exception("probe failed"))
+                error = describe_failure(result)
             health = Health.DOWN
         else:
             error, health = None, result
@@ -127,7 +128,3 @@ class HealthMonitor:
             if self._on_change is not None:
                 self._on_change(name, was, health, error)
 
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) < 300 else text[:297] + "..."

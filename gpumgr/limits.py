@@ -7,6 +7,7 @@ and small ledgers only say what should happen.
 from __future__ import annotations
 
 import enum
+import math
 from typing import Generic, Hashable, TypeVar
 
 import attrs
@@ -83,19 +84,48 @@ def body_deadline(
     idle_s: float,
     grace_s: float,
     min_rate_bytes_s: float,
+    max_total_s: float = math.inf,
 ) -> tuple[float, str]:
-    """When a request body becomes late, and why: "idle" or "slow" (pure).
+    """When a request body becomes late, and why: "idle", "slow" or "long" (pure).
 
     Apache's mod_reqtimeout rule: a body may pause for at most `idle_s`, and
     after `grace_s` it must have averaged `min_rate_bytes_s`, i.e. every byte
     received buys 1/rate seconds more. One byte every 29 s passes an idle
-    limit of 30 s but not the rate.
+    limit of 30 s but not the rate. Whatever the rate, the whole body must
+    arrive within `max_total_s`: a client that keeps just above the rate
+    would otherwise hold its spool reservation for days.
     """
-    idle_at = last_byte_at + idle_s
-    if min_rate_bytes_s <= 0:
-        return idle_at, "idle"
-    slow_at = started_at + grace_s + received / min_rate_bytes_s
-    return (idle_at, "idle") if idle_at <= slow_at else (slow_at, "slow")
+    candidates = [(last_byte_at + idle_s, "idle")]
+    if min_rate_bytes_s > 0:
+        candidates.append((started_at + grace_s + received / min_rate_bytes_s, "slow"))
+    candidates.append((started_at + max_total_s, "long"))
+    return min(candidates, key=lambda c: c[0])
+
+
+#: Routes served from the reserve: what an operator, a monitor or Grafana
+#: needs to see and steer gpumgr when everything else is taken.
+RESERVED_PATHS = frozenset({b"/healthz", b"/v1/status", b"/metrics"})
+RESERVED_PREFIXES = (b"/v1/admin/", b"/v1/consumers/")
+#: Bodies a reserved route may carry and keep its place in the reserve.
+RESERVED_BODY_BYTES = 64 * 1024
+
+
+def uses_reserve(target: bytes) -> bool:
+    """Whether a request for this raw request target may take a reserved slot (pure).
+
+    Only the exact spellings: anything else (percent-encoding, `;`, a
+    fragment, an absolute URI) counts against the general cap, so no
+    spelling can smuggle a tunnel or an upload into the reserve.
+    """
+    path = target.split(b"?", 1)[0]
+    if b"%" in path or b";" in path or b"#" in path or b"/.." in path:
+        return False
+    return path in RESERVED_PATHS or path.startswith(RESERVED_PREFIXES)
+
+
+def reserved_slots(max_connections: int, reserved_connections: int) -> int:
+    """Connections kept for the reserved routes: at most half the cap (pure)."""
+    return max(0, min(reserved_connections, max_connections // 2))
 
 
 class SpoolLedger:
@@ -136,12 +166,21 @@ class ConnectionTable(Generic[K]):
     head after SHED_HEAD_AFTER_S (a slow or silent client). Only when every
     connection is receiving a body or being answered is a newcomer refused.
     So idle and slowloris sockets filling the cap cannot keep /healthz out.
+
+    Requests other than the reserved routes (see `uses_reserve`), tunnels
+    and uploads included, may only hold `general_cap` connections at once:
+    a request line that would pass it is refused. So the last `reserved`
+    connections can only be idle, dawdling (both sheddable) or serving a
+    reserved route, and busy tunnels or slow uploads never keep /healthz out.
     """
 
-    def __init__(self, max_connections: int) -> None:
+    def __init__(self, max_connections: int, reserved_connections: int = 0) -> None:
         self.max_connections = max_connections
+        self.reserved_connections = reserved_connections
         self.refusing = 0
         self._open: set[K] = set()
+        #: Connections handling a request that is not a reserved route.
+        self._general: set[K] = set()
         # insertion-ordered: oldest first, since entries are added as phases start
         self._idle: dict[K, float] = {}
         self._head: dict[K, float] = {}
@@ -151,6 +190,37 @@ class ConnectionTable(Generic[K]):
 
     def __contains__(self, conn: object) -> bool:
         return conn in self._open
+
+    @property
+    def general_cap(self) -> int:
+        return self.max_connections - reserved_slots(self.max_connections,
+                                                     self.reserved_connections)
+
+    @property
+    def general(self) -> int:
+        return len(self._general)
+
+    def claim(self, conn: K, target: bytes) -> bool:
+        """A request line for `target` arrived on `conn`: may it be served?"""
+        return uses_reserve(target) or self.claim_general(conn)
+
+    def claim_body(self, conn: K, length: int | None) -> bool:
+        """The request on `conn` has a body of `length` (None: chunked): may it be read?
+
+        A reserved route gets no upload: a body over RESERVED_BODY_BYTES
+        counts against the general cap like any other.
+        """
+        if length is not None and length <= RESERVED_BODY_BYTES:
+            return True
+        return self.claim_general(conn)
+
+    def claim_general(self, conn: K) -> bool:
+        if conn in self._general:
+            return True
+        if len(self._general) >= self.general_cap:
+            return False
+        self._general.add(conn)
+        return True
 
     def admit(self, conn: K, now: float) -> tuple[bool, K | None]:
         """(admitted, connection to shed first). Refused: (False, None)."""
@@ -178,6 +248,8 @@ class ConnectionTable(Generic[K]):
         """Record that `conn` entered `phase` at `now`."""
         self._idle.pop(conn, None)
         self._head.pop(conn, None)
+        if phase is not Phase.BODY and phase is not Phase.BUSY:
+            self._general.discard(conn)  # its request is over
         if conn not in self._open:
             return
         if phase is Phase.IDLE:
@@ -187,5 +259,6 @@ class ConnectionTable(Generic[K]):
 
     def forget(self, conn: K) -> None:
         self._open.discard(conn)
+        self._general.discard(conn)
         self._idle.pop(conn, None)
         self._head.pop(conn, None)

@@ -45,7 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gpumgr.config import ProcessConfig
-from gpumgr.errors import ProcessStartFailed, ProcessStopFailed
+from gpumgr.errors import ProcessStartFailed, ProcessStopFailed, describe_failure
 
 log = Logger()
 
@@ -557,7 +557,7 @@ class ManagedProcess:
     def _probe_failed(self, run: _Run, failure: Failure) -> None:
         run.probe = None
         if run.probing:
-            run.last_probe_error = failure.getErrorMessage() or type(failure.value).__name__
+            run.last_probe_error = describe_failure(failure)
             run.poll_timer = self._clock.callLater(PROBE_INTERVAL_S, self._poll, run)
 
     def _stop_probing(self, run: _Run) -> None:

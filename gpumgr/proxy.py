@@ -36,7 +36,13 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer
 
-from gpumgr.errors import GpumgrError, UpstreamTimeout, UpstreamUnreachable, write_error
+from gpumgr.errors import (
+    GpumgrError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    describe_failure,
+    write_error,
+)
 
 log = Logger()
 
@@ -604,12 +610,7 @@ def _abort_client(request) -> None:
 
 
 def _describe_failure(failure: Failure) -> str:
-    value = failure.value
-    reasons = getattr(value, "reasons", None)
-    if reasons:
-        return "; ".join(_describe_failure(r) for r in reasons)
-    text = str(value).strip() or type(value).__name__
-    return text if len(text) < 300 else text[:297] + "..."
+    return describe_failure(failure)
 
 
 @implementer(IAgentEndpointFactory)

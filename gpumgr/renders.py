@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from gpumgr.config import ConsumerConfig
 from gpumgr.drivers import ControlHttp, IDriver, RenderState
+from gpumgr.errors import describe_failure
 from gpumgr.registry import Health, Registry
 
 log = Logger()
@@ -92,7 +93,7 @@ class RenderTracker:
                     if not poll_error_logged:
                         poll_error_logged = True
                         log.warn("{name}: polling render {id} failed: {e}", name=name,
-                                 id=render_id, e=e)
+                                 id=render_id, e=describe_failure(e))
                         self._probe_now(name)
                 if state is RenderState.DONE:
                     self.counts["completed"] += 1
@@ -115,7 +116,7 @@ class RenderTracker:
             await driver.interrupt(self._http, c, render_id).addTimeout(
                 RENDER_POLL_TIMEOUT_S, self._clock)
         except Exception as e:
-            log.warn("{name}: interrupt failed: {e}", name=c.name, e=e)
+            log.warn("{name}: interrupt failed: {e}", name=c.name, e=describe_failure(e))
 
     def _lost(self, name: str, render_id: str, why: str) -> None:
         self.counts["lost"] += 1

@@ -20,6 +20,7 @@ from gpumgr.admission import Admission
 from gpumgr.broker import Broker
 from gpumgr.config import Config, ConsumerConfig
 from gpumgr.control import ControlClient
+from gpumgr.errors import describe_failure
 from gpumgr.gpu import GpuSampler
 from gpumgr.health import HealthMonitor
 from gpumgr.proxy import CachedEndpoints
@@ -84,7 +85,7 @@ class _ListenService(Service):
         self.listening.addErrback(self._failed_late)
 
     def _message(self, failure: Failure) -> str:
-        why = failure.getErrorMessage()
+        why = describe_failure(failure)
         error = failure.value
         if isinstance(error, CannotListenError) and isinstance(error.socketError, OSError):
             why = error.socketError.strerror or why
@@ -251,5 +252,5 @@ class GpumgrService(MultiService):
         )
         closing.addTimeout(_SHUTDOWN_GRACE_S, self.reactor)
         closing.addErrback(lambda f: log.warn("closing connection pools: {why}",
-                                              why=f.getErrorMessage()))
+                                              why=describe_failure(f)))
         return closing

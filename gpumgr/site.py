@@ -5,8 +5,11 @@ however slow, silent or malformed, can starve the others or `/healthz`:
 
 - connections: at most `limits.max_connections`; at the cap, an idle or
   head-dawdling connection is shed for the newcomer, else it gets 503;
+  `limits.reserved_connections` of them only serve /healthz, /v1/status,
+  /metrics and admin, so tunnels and uploads never take the last one;
 - time: a deadline for the whole request head, for an idle kept-alive
-  connection, and for a request body that stalls or trickles (408);
+  connection, and for a request body that stalls, trickles or simply takes
+  longer than `limits.max_upload_s` (408);
 - size: request line (414), header count and bytes (431), the body (413)
   and all bodies spooled at once (507);
 - hygiene: one Host header on HTTP/1.1, a printable request target (400),
@@ -203,7 +206,7 @@ class GpumgrChannel(_HTTPChannel):
         limits = self._limits
         return body_deadline(self._body_started, self._body_last, self._body_received,
                              limits.body_idle_timeout_s, limits.min_body_rate_grace_s,
-                             limits.min_body_rate_bytes_s)
+                             limits.min_body_rate_bytes_s, limits.max_upload_s)
 
     def body_progress(self, n: int) -> None:
         """Body bytes arrived; the deadline is re-checked lazily when its timer fires."""
@@ -245,6 +248,10 @@ class GpumgrChannel(_HTTPChannel):
         elif why == "idle":
             self.refuse(RequestTimeout(
                 f"no request body bytes for {limits.body_idle_timeout_s:g} s"))
+        elif why == "long":
+            self.refuse(RequestTimeout(
+                f"the request body did not arrive within limits.max_upload_s "
+                f"({limits.max_upload_s:g} s)"))
         else:
             self.refuse(RequestTimeout(
                 f"the request body arrived slower than {limits.min_body_rate_kib_s:g} KiB/s"))
@@ -259,6 +266,18 @@ class GpumgrChannel(_HTTPChannel):
         for request in self.requests:
             if isinstance(request, LimitedRequest):
                 request.abandon()
+        table = self.site.connections
+        if self in table:
+            # Its place goes to the next client at once: it lingers to read its
+            # answer as a refused connection, so a stream of refused requests
+            # cannot hold the reserved connections either.
+            table.forget(self)
+            if table.refusing >= refusing_allowance(table.max_connections):
+                self._set_phase(Phase.CLOSING)
+                self.transport.abortConnection()
+                return
+            table.refusing += 1
+            self._refusing = True
         self._close_with(error)
 
     def _close_with(self, error: GpumgrError) -> None:
@@ -326,8 +345,18 @@ class GpumgrChannel(_HTTPChannel):
             if problem is not None:
                 self.refuse(problem)
                 return
+            if not self.site.connections.claim(self, line.split(b" ")[1]):
+                self._refuse_general()
+                return
             self._saw_request_line = True
         _HTTPChannel.lineReceived(self, line)
+
+    def _refuse_general(self) -> None:
+        table = self.site.connections
+        self.refuse(TooManyConnections(
+            f"gpumgr is serving its limit of {table.general_cap} requests; the other "
+            f"{table.max_connections - table.general_cap} connections are kept for "
+            "/healthz, /v1/status, /metrics and admin", retry_after_s=1))
 
     def _refuse_headers(self) -> None:
         limits = self._limits
@@ -356,6 +385,9 @@ class GpumgrChannel(_HTTPChannel):
             return
         if not hosts and self._version == b"HTTP/1.1":
             self.refuse(BadRequest("HTTP/1.1 requests must carry a Host header"))
+            return
+        if self.length != 0 and not self.site.connections.claim_body(self, self.length):
+            self._refuse_general()
             return
         super().allHeadersReceived()
         if self._phase is Phase.HEAD and self.length != 0:
@@ -517,7 +549,8 @@ class GpumgrSite(server.Site):
         self.limits = limits
         self.max_body_bytes = limits.max_body_bytes
         self.spool = SpoolLedger(limits.max_spool_bytes)
-        self.connections: ConnectionTable[GpumgrChannel] = ConnectionTable(limits.max_connections)
+        self.connections: ConnectionTable[GpumgrChannel] = ConnectionTable(
+            limits.max_connections, limits.reserved_connections)
         #: error code (or "shed") -> how many times; for status and tests.
         self.refusals: collections.Counter[str] = collections.Counter()
         self.displayTracebacks = False

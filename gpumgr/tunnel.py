@@ -6,11 +6,13 @@ then bytes both ways, with backpressure (each side's transport is the other's
 producer), until either side closes, which closes the other. A consumer that
 refuses the upgrade has its (small) answer relayed as an ordinary response.
 Tunnels are never scheduled: a ComfyUI progress socket must not wait for the
-GPU, or hold it.
+GPU, or hold it. They are capped (`limits.max_tunnels`, in the broker) and
+closed after `limits.tunnel_idle_timeout_s` without a byte either way.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -29,6 +31,7 @@ from gpumgr.errors import (
     UpgradeNotSupported,
     UpstreamTimeout,
     UpstreamUnreachable,
+    describe_failure,
     write_error,
 )
 from gpumgr.proxy import forward_request_headers
@@ -104,6 +107,7 @@ class _Side(Protocol):
         self.peer: Any = None  # the other side's transport
 
     def dataReceived(self, data: bytes) -> None:
+        self._tunnel.touched()
         if self.peer is not None:
             self.peer.write(data)
 
@@ -186,8 +190,12 @@ class Tunnel:
     """One relayed WebSocket. `done` fires when both sides are closed."""
 
     def __init__(self, clock: IReactorTime, request: Any, consumer: str,
-                 on_close: Callable[[Tunnel], None]) -> None:
+                 on_close: Callable[[Tunnel], None], idle_timeout_s: float = math.inf) -> None:
         self._clock = clock
+        #: No byte either way for this long closes both sides.
+        self.idle_timeout_s = idle_timeout_s
+        self.last_byte_at = clock.seconds()
+        self._idle_timer: Any = None
         self.request = request
         self.consumer = consumer
         self._on_close = on_close
@@ -220,7 +228,7 @@ class Tunnel:
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
         if not failure.check(defer.CancelledError):
-            why = failure.getErrorMessage()
+            why = describe_failure(failure)
             self._refuse(UpstreamUnreachable(f"{self.consumer} could not be reached: {why}",
                                              consumer=self.consumer))
 
@@ -255,6 +263,30 @@ class Tunnel:
         upstream.transport.registerProducer(client_transport, True)  # type: ignore[attr-defined]
         if rest:
             client_transport.write(rest)
+        self.touched()
+        self.watch_idle()
+
+    def touched(self) -> None:
+        """Bytes moved one way or the other: the idle clock restarts."""
+        self.last_byte_at = self._clock.seconds()
+
+    def watch_idle(self) -> None:
+        """One timer per tunnel, re-armed lazily: bytes only move `last_byte_at`."""
+        if self.idle_timeout_s == math.inf or self._ended:
+            return
+        due = self.last_byte_at + self.idle_timeout_s
+        self._idle_timer = self._clock.callLater(max(0.0, due - self._clock.seconds()),
+                                                 self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self._clock.seconds() < self.last_byte_at + self.idle_timeout_s:
+            self.watch_idle()
+            return
+        log.info("closing the WebSocket tunnel to {consumer}: no bytes either way for "
+                 "{seconds:g} s (limits.tunnel_idle_timeout_s)", consumer=self.consumer,
+                 seconds=self.idle_timeout_s)
+        self.close()
 
     def refused(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """The consumer answered the upgrade with a plain response: relay it whole."""
@@ -299,11 +331,17 @@ class Tunnel:
             self._timer.cancel()
         self._timer = None
 
+    def _stop_idle_timer(self) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+
     def _end(self) -> None:
         if self._ended:
             return
         self._ended = True
         self._stop_timer()
+        self._stop_idle_timer()
         if self._connecting is not None and not self._connecting.called:
             self._connecting.cancel()
         upstream = self._upstream

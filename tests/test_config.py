@@ -124,7 +124,7 @@ BAD = [
     ("priority not an integer", _with("scheduler: {priority: {tts: high}}\n"),
      "scheduler.priority.tts", "must be an integer"),
     ("bad regex", MINIMAL.replace("    paths:", "    gpu_process: '(ollama'\n    paths:"),
-     "consumers.ollama.gpu_process", "not a valid regular expression"),
+     "consumers.ollama.gpu_process", "'(' at position 0: only a restricted regular expression"),
     ("idle unload without route", MINIMAL.replace("    paths:", "    idle_unload_s: 60\n    paths:"),
      "consumers.ollama.idle_unload_s", "needs a way to unload"),
     ("preload not a bool", MINIMAL.replace("    paths:", "    preload: yes please\n    paths:"),

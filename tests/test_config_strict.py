@@ -7,6 +7,7 @@ walked the YAML node graph itself.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from gpumgr.config import (
     load_config,
     parse_config,
     parse_config_text,
+    parse_process_pattern,
     url_reaches_listener,
 )
 
@@ -154,6 +156,58 @@ def test_values_that_failed_at_startup_fail_at_load(snippet_or_replace, key_path
     assert (err.key_path, problem in err.problem) == (key_path, True), str(err)
 
 
+@pytest.mark.parametrize("pattern", [
+    "(a+)+$",          # issue 14.10: 2-3 s per sample with re
+    "(x|xx)*y",
+    "a*a*a*a*a*b",
+    "[a-z]+",
+    "ollama?",
+    "\\d+",
+    "a{2}",
+    "(?i)ollama",
+    "a$b",
+    "whisper.cpp",     # '.' alone: write \. for a dot, or .* for anything
+])
+def test_gpu_process_refuses_what_could_backtrack(pattern):
+    err = _refused(MINIMAL.replace("    paths:", f"    gpu_process: '{pattern}'\n    paths:"))
+    assert err.key_path == "consumers.ollama.gpu_process"
+    assert "matched in linear time" in err.problem and "at position" in err.problem
+
+
+@pytest.mark.parametrize("pattern,names", [
+    ("ollama", ["/usr/local/bin/ollama", "ollama_llama_server", "llama"]),
+    ("whisper-server", ["/opt/whisper.cpp/build/bin/whisper-server", "whisper"]),
+    ("^A-process$", ["A-process", "xA-process", "A-processx", "A-proces"]),
+    ("ollama|llama-server", ["llama-server", "/bin/ollama", "llama"]),
+    ("^/usr/.*/ollama$", ["/usr/local/bin/ollama", "/usr/ollama", "/usr//ollama", "/opt/ollama"]),
+    ("whisper\\.cpp", ["whisper.cpp/x", "whisperXcpp"]),
+    ("^python.*comfy.*main\\.py$", ["python3 comfy/main.py", "python3 main.py comfy"]),
+    ("^$", ["", "x"]),
+    (".*", ["", "anything"]),
+    ("^a.*a$", ["a", "aa", "aba", "ab"]),
+])
+def test_gpu_process_patterns_match_as_re_search_does(pattern, names):
+    matcher = parse_process_pattern(pattern)
+    for name in names:
+        assert matcher.search(name) is bool(re.search(pattern, name)), (pattern, name)
+
+
+_PATTERN_PIECES = st.sampled_from(["a", "b", "ab", "-", "\\.", ".*", "|", "|^", "$|"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(start=st.booleans(), pieces=st.lists(_PATTERN_PIECES, max_size=6), end=st.booleans(),
+       names=st.lists(st.text(alphabet="ab.-x", max_size=12), min_size=1, max_size=8))
+def test_gpu_process_agrees_with_re_search_on_its_subset(start, pieces, end, names):
+    text = ("^" if start else "") + "".join(pieces) + ("$" if end else "")
+    try:
+        matcher = parse_process_pattern(text)
+    except ValueError:
+        return  # e.g. '^' after text, or '$' before it: refused, never misread
+    for name in names:
+        assert matcher.search(name) is bool(re.search(text, name)), (text, name)
+
+
 def test_gpu_process_with_a_huge_repeat_is_a_config_error():
     err = _refused(MINIMAL.replace("    paths:", "    gpu_process: 'a{99999999999}'\n    paths:"))
     assert err.key_path.endswith(".gpu_process") and "regular expression" in err.problem
@@ -231,6 +285,29 @@ def test_admin_token_problem(token, ok):
     ("tcp:80", "https://localhost", False),
     ("tcp:8770", "http://gpu-box.example:8770", False),  # names are not resolved at load
     ("tcp:0:interface=127.0.0.1", "http://127.0.0.1:0", False),
+    # issue 14.10: every spelling the resolver (inet_aton) takes for loopback
+    ("tcp:8770:interface=127.0.0.1", "http://2130706433:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://127.1:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://127.0.1:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://0x7f.1:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://0X7F000001:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://0177.0.0.1:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://017700000001:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://[::ffff:127.0.0.1]:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://[::ffff:7f00:1]:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://localhost.:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://LocalHost:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://0:8770", True),
+    ("tcp:8770:interface=127.0.0.1", "http://127.2:8770", False),
+    ("tcp:8770", "http://0:8770", True),
+    ("tcp:8770", "http://0.0:8770", True),
+    ("tcp:8770", "http://127.255.1:8770", True),
+    ("tcp:8770", "http://2130706434:8770", True),
+    ("tcp:8770:interface=0.0.0.0", "http://0x7f.0.0.1:8770", True),
+    ("tcp:8770:interface=127.1", "http://127.0.0.1:8770", True),
+    ("tcp6:8770:interface=\\:\\:", "http://2130706433:8770", True),
+    ("tcp:8770", "http://127.0.0.1.example:8770", False),  # a name
+    ("tcp:8770", "http://1.2.3.4.5:8770", False),
 ])
 def test_url_reaches_listener(listen, url, loops):
     address = listen_address(listen)
@@ -240,6 +317,15 @@ def test_url_reaches_listener(listen, url, loops):
 
 def test_non_tcp_listeners_have_no_address():
     assert listen_address("unix:/run/gpumgr.sock") is None
+
+
+@pytest.mark.parametrize("host", ["2130706433", "127.1", "0x7f.1", "[::ffff:127.0.0.1]", "0"])
+def test_consumer_pointing_at_gpumgr_itself_by_another_spelling_is_refused(host):
+    text = MINIMAL.replace("127.0.0.1:11434", f"{host}:8770") + "listen: tcp:8770\n"
+    assert f"{host}:8770" in text
+    err = _refused(text)
+    assert err.key_path == "consumers.ollama.url"
+    assert "gpumgr's own listen address" in err.problem
 
 
 def test_consumer_pointing_at_gpumgr_itself_is_refused():
@@ -278,10 +364,26 @@ def test_limits_defaults():
     ("{min_body_rate_kib_s: -1}", "limits.min_body_rate_kib_s", "negative"),
     ("{body_idle_timeout_s: .nan}", "limits.body_idle_timeout_s", "finite"),
     ("{max_sockets: 9}", "limits.max_sockets", "unknown key"),
+    ("{max_connections: 8, reserved_connections: 5}", "limits.reserved_connections",
+     "at most half of limits.max_connections (4)"),
+    ("{reserved_connections: -1}", "limits.reserved_connections", "negative"),
+    ("{max_tunnels: 1.5}", "limits.max_tunnels", "integer"),
+    ("{tunnel_idle_timeout_s: 0}", "limits.tunnel_idle_timeout_s", "greater than 0"),
+    ("{max_upload_s: 0}", "limits.max_upload_s", "greater than 0"),
+    ("{max_upload_s: 1.0e+9}", "limits.max_upload_s", "at most 86400"),
 ])
 def test_bad_limits_are_refused(snippet, key_path, problem):
     err = _refused(MINIMAL + f"limits: {snippet}\n")
     assert err.key_path == key_path and problem in err.problem, str(err)
+
+
+def test_reserve_tunnel_and_upload_limits_defaults_and_small_caps():
+    limits = parse_config_text(MINIMAL, "t.yaml").limits
+    assert (limits.reserved_connections, limits.max_tunnels, limits.tunnel_idle_timeout_s,
+            limits.max_upload_s) == (16, 256, 3600.0, 900.0)
+    # An existing config with a small cap keeps loading: the default reserve shrinks.
+    small = parse_config_text(MINIMAL + "limits: {max_connections: 8}\n", "t.yaml").limits
+    assert small.max_connections == 8
 
 
 def test_an_unset_spool_grows_with_max_body():

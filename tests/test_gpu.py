@@ -81,12 +81,52 @@ def test_process_memory_unknown():
 @pytest.mark.parametrize("text,match", [
     ("", "no GPUs"),
     ("garbage\n", "expected 7 fields"),
-    ("0, X, lots, 1, 2, 3, 4\n", "memory.total is not a number"),
+    ("0, X, lots, 1, 2, 3, 4\n", "memory.total is not a whole number of MiB"),
     ("[N/A], X, 1, 1, 0, 1, 1\n", "index is unknown"),
 ])
 def test_gpu_garbage_is_rejected_readably(text, match):
     with pytest.raises(GpuParseError, match=match):
         parse_gpu_csv(text)
+
+
+@pytest.mark.parametrize("line,match", [
+    ("0, X, 8192, -3616, 11808, 0, 30", "memory.used is not a whole number of MiB: '-3616'"),
+    ("0, X, 8192, 100, 1e23, 0, 30", "memory.free is not a whole number of MiB: '1e23'"),
+    ("0, X, 8192, 100, inf, 0, 30", "memory.free is not a whole number of MiB: 'inf'"),
+    ("0, X, 8192, 100, nan, 0, 30", "memory.free is not a whole number of MiB: 'nan'"),
+    ("0, X, 0x2000, 100, 8092, 0, 30", "memory.total is not a whole number of MiB"),
+    ("0, X, 8192, 9000, 0, 0, 30", "GPU 0: memory.used 9000 MiB is more than memory.total "
+                                   "8192 MiB"),
+    ("0, X, 8192, 0, 9000, 0, 30", "GPU 0: memory.free 9000 MiB is more than memory.total "
+                                   "8192 MiB"),
+    ("0, X, 8192, 5000, 5000, 0, 30", "GPU 0: memory.used 5000 + memory.free 5000 MiB is "
+                                      "more than memory.total 8192 MiB"),
+    ("0, X, 99999999999, 0, 99999999999, 0, 30", "GPU 0: memory.total 99999999999 MiB is "
+                                                 "not a real GPU's"),
+    ("0, X, 0, 0, 0, 0, 30", "GPU 0: memory.total is 0 MiB"),
+])
+def test_impossible_memory_figures_are_refused_with_a_reason(line, match):
+    """Issue 14.10: nvidia-smi figures of -3,616 or 1e23 MiB were taken as given."""
+    with pytest.raises(GpuParseError) as e:
+        parse_gpu_csv(line + "\n")
+    assert match in str(e.value)
+
+
+def test_plausible_memory_figures_still_parse():
+    (gpu,) = parse_gpu_csv("0, X, 81559, 0, 81050, 0, 30\n")  # an H100: some is reserved
+    assert (gpu.memory_total_mib, gpu.memory_used_mib, gpu.memory_free_mib) == (81559, 0, 81050)
+    (gpu,) = parse_gpu_csv("0, X, 8192.0, 10.0, 8000, 0, 30\n")
+    assert gpu.memory_total_mib == 8192
+
+
+@pytest.mark.parametrize("line,match", [
+    ("77, python, -5", "used_memory is not a whole number of MiB: '-5'"),
+    ("77, python, 1e23", "used_memory is not a whole number of MiB: '1e23'"),
+])
+def test_impossible_process_memory_is_refused(line, match):
+    with pytest.raises(GpuParseError) as e:
+        parse_apps_csv(line + "\n")
+    assert match in str(e.value)
 
 
 def test_apps_garbage_is_rejected():
@@ -118,6 +158,10 @@ async def test_sampler_reads_the_simulated_nvidia_smi(sim_gpu):
 @pytest.mark.parametrize("mode,message", [
     ("driver", "exited with status 9: NVIDIA-SMI has failed"),
     ("garbage", "unreadable nvidia-smi output"),
+    ("negative_memory", "unreadable nvidia-smi output: line 1: memory.used is not a whole "
+                        "number of MiB: '-3616'"),
+    ("huge_memory", "unreadable nvidia-smi output: line 1: memory.free is not a whole "
+                    "number of MiB: '1e+23'"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_sampler_reports_failures(sim_gpu, mode, message):

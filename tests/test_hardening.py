@@ -21,6 +21,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
@@ -38,9 +39,13 @@ from gpumgr.limits import (
     body_deadline,
     fds_needed,
     plan_fds,
+    reserved_slots,
+    uses_reserve,
 )
 from gpumgr.site import GpumgrChannel, GpumgrSite, request_line_problem
+from gpumgr.tunnel import Tunnel
 from gpumgr.testing import world_config
+from gpumgr.testing.websocket import ConnectionClosed, HandshakeError, connect
 from gpumgr.web import admin_refusal
 from tests.helpers import Client, wait_for
 
@@ -131,6 +136,67 @@ def test_connection_table_prefers_who_waited_longest():
     table.moved("head", Phase.HEAD, 0.0)
     table.moved("idle", Phase.IDLE, 5.0)
     assert table.sheddable(6.0) == "head"
+
+
+@pytest.mark.parametrize("target,reserved", [
+    (b"/healthz", True),
+    (b"/v1/status", True),
+    (b"/v1/status?x=1", True),
+    (b"/metrics", True),
+    (b"/v1/admin/reload", True),
+    (b"/v1/consumers/ollama/unload", True),
+    (b"/v1/image/ws?clientId=x", False),
+    (b"/v1/stt", False),
+    (b"/healthz/x", False),
+    (b"/%68ealthz", False),           # no spelling but the plain one
+    (b"/healthz;", False),
+    (b"/healthz#x", False),
+    (b"/v1/admin/../image/ws", False),
+    (b"http://gpumgr/healthz", False),
+])
+def test_which_requests_may_use_the_reserve(target, reserved):
+    assert uses_reserve(target) is reserved
+
+
+@pytest.mark.parametrize("cap,wanted,kept", [(1024, 16, 16), (8, 2, 2), (8, 16, 4), (1, 16, 0),
+                                             (100, 0, 0)])
+def test_reserved_slots_leave_at_least_half_the_cap(cap, wanted, kept):
+    assert reserved_slots(cap, wanted) == kept
+
+
+def test_general_requests_never_take_the_reserve():
+    table: ConnectionTable[str] = ConnectionTable(4, reserved_connections=2)
+    for conn in "abcd":
+        assert table.admit(conn, 0.0) == (True, None)
+    assert table.claim("a", b"/v1/image/ws") and table.claim("b", b"/v1/stt")
+    assert not table.claim("c", b"/v1/llm/api/tags")  # the general cap (2) is taken
+    assert table.claim("c", b"/healthz") and table.claim("d", b"/v1/status")
+    assert table.general == 2
+    table.moved("a", Phase.IDLE, 1.0)  # a's request is over: its general slot is free
+    assert table.general == 1 and table.claim("c", b"/v1/stt")
+    table.forget("b")
+    assert table.general == 1
+
+
+def test_a_reserved_route_with_a_big_body_counts_as_general():
+    table: ConnectionTable[str] = ConnectionTable(4, reserved_connections=2)
+    for conn in "abc":
+        table.admit(conn, 0.0)
+    assert table.claim("a", b"/v1/admin/reload") and table.claim_body("a", 100)
+    assert table.general == 0
+    assert table.claim("b", b"/v1/admin/reload") and table.claim_body("b", 10**6)
+    assert table.claim("c", b"/v1/admin/reload") and table.claim_body("c", None)  # chunked
+    assert table.general == 2
+    table.admit("d", 0.0)
+    assert table.claim("d", b"/v1/admin/reload") and not table.claim_body("d", 10**6)
+
+
+def test_an_upload_must_end_within_max_upload_s_whatever_its_rate():
+    # 1 MiB/s keeps far above any rate rule, and never pauses
+    at, why = body_deadline(0.0, 1000.0, 1000 * 1024 * 1024, 30.0, 10.0, 1024.0,
+                            max_total_s=900.0)
+    assert (at, why) == (900.0, "long")
+    assert body_deadline(0.0, 5.0, 0, 30.0, 10.0, 1024.0, max_total_s=900.0) == (10.0, "slow")
 
 
 # -- a GpumgrSite in memory --------------------------------------------------------------
@@ -414,7 +480,7 @@ def test_body_over_max_body_is_413_before_it_is_read():
 
 
 def test_at_the_cap_busy_connections_refuse_a_newcomer_with_503():
-    w = _world(max_connections=2)
+    w = _world(max_connections=2, reserved_connections=0)
     busy = [w.connect(), w.connect()]
     for c in busy:
         c.send(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -454,6 +520,72 @@ def test_at_the_cap_idle_and_dawdling_connections_make_room():
     fifth.send(GET_HEALTHZ)
     assert fifth.reply()[0] == 200
     assert w.site.refusals["shed"] == 2
+
+
+def test_slow_uploads_never_take_the_reserved_connections():
+    """Issue 14.9: 1,024 slow uploads filled max_connections and /healthz got 503."""
+    w = _world(max_connections=8, reserved_connections=2)
+    uploads = [w.connect() for _ in range(6)]
+    for c in uploads:
+        c.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nab")
+    assert all(c.channel._phase is Phase.BODY for c in uploads)
+    seventh = w.connect()
+    seventh.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+    assert seventh.error_code() == "too_many_connections" and seventh.closed
+    seventh.drop()
+    for _ in range(3):  # the reserve serves, again and again
+        monitor = w.connect()
+        monitor.send(GET_HEALTHZ)
+        assert monitor.reply()[0] == 200
+        monitor.drop()
+    a, b = w.connect(), w.connect()  # two at once: the whole reserve
+    a.send(GET_HEALTHZ)
+    b.send(GET_HEALTHZ)
+    assert a.reply()[0] == b.reply()[0] == 200
+    assert w.site.refusals["too_many_connections"] == 1
+    uploads[0].send(b"x" * 998)  # an upload ends: its slot serves GPU work again
+    assert uploads[0].reply()[0] == 200
+    late = w.connect()
+    late.send(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert not late.closed and len(w.tree.held) == 1
+
+
+def test_refused_requests_that_linger_do_not_hold_the_reserve():
+    w = _world(max_connections=4, reserved_connections=2)
+    for _ in range(2):
+        w.connect().send(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+    refused = [w.connect() for _ in range(5)]
+    for c in refused:  # each is answered 503, and none closes its end
+        c.send(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert c.error_code() == "too_many_connections" and not c.transport.disconnected
+    assert len(w.site.connections) == 2 and w.site.connections.refusing == 5
+    monitors = [w.connect(), w.connect()]
+    for m in monitors:
+        m.send(GET_HEALTHZ)
+        assert m.reply()[0] == 200
+    w.clock.advance(2.0)  # the linger is over: the refused ones are cut
+    assert all(c.transport.disconnected for c in refused)
+
+
+def test_a_steady_upload_is_cut_at_max_upload_s_and_its_spool_comes_back():
+    """Issue 14.9: uploads keeping just above the rate held 2,000 MB of spool for hours."""
+    w = _world(max_upload_s=60.0, body_idle_timeout_s=30.0, min_body_rate_kib_s=1.0,
+               max_body_mib=1, max_spool_mib=1)
+    c = w.connect()
+    c.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+    for _ in range(59):  # 2 KiB/s: twice the rate, never idle
+        w.clock.advance(1.0)
+        c.send(b"x" * 2048)
+    assert not c.closed and w.site.spool.used_bytes == 1000000
+    w.clock.advance(1.0)
+    status, _, body = c.reply()
+    assert status == 408 and json.loads(body)["error"]["message"] == (
+        "the request body did not arrive within limits.max_upload_s (60 s)")
+    assert w.site.spool.used_bytes == 0 and w.tree.uploads == []
+    fresh = w.connect()  # the spool is free for the next upload
+    fresh.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 600000\r\n\r\n"
+               + b"y" * 600000)
+    assert fresh.reply()[0] == 200
 
 
 def test_a_flood_beyond_the_refusing_allowance_is_reset_without_an_answer():
@@ -693,20 +825,31 @@ async def test_idle_sockets_up_to_the_cap_do_not_keep_healthz_out(world, start_b
 
 
 @pytest_twisted.ensureDeferred
-async def test_busy_sockets_up_to_the_cap_get_503_json(world, start_broker, client):
-    service, url = await start_broker(world_config(world, limits={"max_connections": 4}))
+async def test_busy_uploads_leave_the_reserve_to_healthz(world, start_broker, client):
+    """Uploads beyond max_connections - reserved_connections get 503; /healthz still 200.
+
+    (Before issue 14.9 this test pinned the opposite: four uploads took all four
+    connections and /healthz got 503.)
+    """
+    limits = {"max_connections": 4, "reserved_connections": 2}
+    service, url = await start_broker(world_config(world, limits=limits))
     port = _port(url)
     uploads = [await _open(port, b"POST /v1/tts HTTP/1.1\r\nHost: x\r\nContent-Length: 100"
                                  b"\r\n\r\n0123456789", timeout_s=30) for _ in range(4)]
     try:
-        await wait_for(lambda: len(service.site.connections) == 4 and all(
-            c._phase is Phase.BODY for c in service.site.connections._open))
-        reply = await client.request("GET", url + "/healthz")
-        assert reply.code == 503 and reply.json()["error"]["code"] == "too_many_connections"
-        assert reply.header("Retry-After") == b"1"
+        await wait_for(lambda: sum(p.received.startswith(b"HTTP/1.1 503 ") for p in uploads) == 2)
+        assert [c._phase for c in service.site.connections._open] == [Phase.BODY] * 2
+        refused = next(p for p in uploads if p.received)
+        assert b'"too_many_connections"' in refused.received
+        assert b"Retry-After: 1" in refused.received
+        for _ in range(3):
+            reply = await client.request("GET", url + "/healthz")
+            assert reply.code == 200
+            assert (await client.request("GET", url + "/v1/status")).code == 200
     finally:
         for p in uploads:
             p.transport.abortConnection()
+        await client.close()  # its kept-alive connection too
     await wait_for(lambda: len(service.site.connections) == 0)
     assert service.site.spool.used_bytes == 0
     fresh = Client()
@@ -714,6 +857,92 @@ async def test_busy_sockets_up_to_the_cap_get_503_json(world, start_broker, clie
         assert (await fresh.request("GET", url + "/healthz")).code == 200
     finally:
         await fresh.close()
+
+
+PASS_COMFY = {"comfyui": {"passthrough": True}}
+
+
+async def _tunnel(world, url: str):
+    ws = await connect(reactor, url.replace("http://", "ws://") + "/v1/image/ws?clientId=t",
+                       timeout_s=10)
+    hello = await ws.next_json(timeout_s=10)
+    assert hello["type"] == "status"
+    return ws
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnels_never_take_the_reserved_connections(world, start_broker):
+    """Issue 14.9: idle WebSocket tunnels filled max_connections; /healthz, /v1/status 503."""
+    config = world_config(world, consumers=PASS_COMFY, health={"interval_s": 30},
+                          limits={"max_connections": 8, "reserved_connections": 2})
+    service, url = await start_broker(config)
+    tunnels, refused = [], []
+    try:
+        for _ in range(8):
+            try:
+                tunnels.append(await _tunnel(world, url))
+            except HandshakeError as e:
+                refused.append(e)
+        assert len(tunnels) == 6 and len(refused) == 2
+        assert [e.code for e in refused] == [503, 503]
+        for _ in range(2):
+            for path in ("/healthz", "/v1/status", "/metrics"):
+                fresh = Client()
+                try:
+                    reply = await fresh.request("GET", url + path)
+                finally:
+                    await fresh.close()
+                assert reply.code == 200, path
+    finally:
+        for ws in tunnels:
+            ws.abort()
+    await wait_for(lambda: not service.broker.tunnels)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnels_have_their_own_cap(world, start_broker):
+    config = world_config(world, consumers=PASS_COMFY, health={"interval_s": 30},
+                          limits={"max_tunnels": 2})
+    service, url = await start_broker(config)
+    tunnels = [await _tunnel(world, url), await _tunnel(world, url)]
+    try:
+        with pytest.raises(HandshakeError) as e:
+            await _tunnel(world, url)
+        assert e.value.code == 503 and b"limits.max_tunnels" in e.value.body
+        assert world["comfyui"].open_sockets == 2
+    finally:
+        for ws in tunnels:
+            ws.abort()
+
+
+def test_a_tunnel_is_closed_only_after_idle_timeout_without_a_byte():
+    clock = Clock()
+    closed: list[Tunnel] = []
+    tunnel = Tunnel(clock, None, "comfyui", closed.append, idle_timeout_s=10.0)
+    tunnel.touched()
+    tunnel.watch_idle()
+    for _ in range(5):  # a byte every 9 s keeps it open for 45 s
+        clock.advance(9.0)
+        tunnel.touched()
+    assert closed == [] and len(clock.getDelayedCalls()) == 1  # one timer, re-armed lazily
+    clock.advance(9.999)
+    assert closed == []
+    clock.advance(0.001)
+    assert closed == [tunnel] and tunnel.done.called and clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_tunnel_is_closed(world, start_broker):
+    """Issue 14.9: a tunnel with no traffic was still open after 75 s."""
+    config = world_config(world, consumers=PASS_COMFY, health={"interval_s": 30},
+                          limits={"tunnel_idle_timeout_s": 1.0})
+    service, url = await start_broker(config)
+    ws = await _tunnel(world, url)
+    info = await ws.when_closed().addTimeout(10, reactor)
+    assert info.code == 1006  # gpumgr closed the TCP connection under the socket
+    with pytest.raises(ConnectionClosed):
+        await ws.next_message(timeout_s=1)
+    await wait_for(lambda: not service.broker.tunnels and world["comfyui"].open_sockets == 0)
 
 
 @pytest_twisted.ensureDeferred

@@ -4,7 +4,9 @@ It reads the simulated GPU's state file (``--state PATH`` or
 ``$GPUMGR_SIM_STATE``) and answers the two queries gpumgr makes, in the
 formats of the real tool: ``csv,noheader,nounits`` or ``csv`` with headers
 and units. Failure modes written into the state file reproduce the real
-tool's misbehaviour: a driver error (exit 9), a hang, garbage output, or
+tool's misbehaviour: a driver error (exit 9), a hang, garbage output,
+impossible memory figures (``negative_memory``: -3616 MiB used,
+``huge_memory``: 1e+23 MiB free), or
 ``hang_child``: a hang after starting a child that inherits stdout and keeps it
 open (for ``hang_child_s`` seconds), so killing nvidia-smi alone does not
 close its pipe.
@@ -38,6 +40,11 @@ _APP_FIELDS = {
     "pid": ("pid", ""),
     "process_name": ("name", ""),
     "used_memory": ("used_mib", " MiB"),
+}
+#: Failure modes that print well-formed CSV with impossible memory figures.
+_IMPOSSIBLE = {
+    "negative_memory": ("memory_used_mib", -3616),
+    "huge_memory": ("memory_free_mib", "1e+23"),
 }
 #: Beside the state file: one JSON file per external process holding GPU memory.
 PROCS_DIR = "gpu-procs"
@@ -225,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     if failure == "garbage":
         sys.stdout.write("\x00\x7fthis is not csv at all\n")
         return 0
+    if failure in _IMPOSSIBLE:  # well-formed CSV, impossible figures (seen on real drivers)
+        key, value = _IMPOSSIBLE[failure]
+        state = {**state, "gpus": [{**g, key: value} for g in state["gpus"]]}
     opts = fmt.split(",")
     header, units = "noheader" not in opts, "nounits" not in opts
     if query is None:
