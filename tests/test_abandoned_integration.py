@@ -1,0 +1,94 @@
+"""A client that leaves a running job: the GPU stays held until the service stopped.
+
+The real broker (locked, capacity 1) in front of the simulated services and
+the simulated nvidia-smi, over loopback. The simulated ollama goes on
+computing after its client left (it notices only at its next write, and not
+at all while it evaluates a prompt, as ollama#11889 describes), so a GPU
+given back when the connection closes lets the next job onto a card that
+still computes: the simulated card records that as an overlap.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.web.client import Agent, FileBodyProducer, ResponseNeverReceived
+from twisted.web.http_headers import Headers
+
+from gpumgr.testing import world_config
+from tests.helpers import Collector, wait_for
+
+STREAM = json.dumps({"model": "llama3", "prompt": "a long prompt"}).encode()
+JSON = Headers({b"Content-Type": [b"application/json"]})
+
+
+async def locked_broker(world, start_broker, **consumers):
+    config = world_config(world, scheduler={"mode": "locked"}, health={"interval_s": 0.5},
+                          gpu={"interval_s": 0.5}, consumers=consumers or None)
+    service, url = await start_broker(config)
+    await service.health.probe_all_now()
+    return service, url
+
+
+def post(url: str, body: bytes) -> defer.Deferred:
+    return Agent(reactor).request(b"POST", url.encode(), JSON, FileBodyProducer(io.BytesIO(body)))
+
+
+async def tts(client, url: str):
+    return await client.request("POST", url + "/v1/tts", b'{"text":"next"}',
+                                {"Content-Type": "application/json"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_mid_prompt_never_lets_the_next_job_overlap(world, start_broker,
+                                                                            client):
+    ollama = world["ollama"]
+    ollama.behaviour.prompt_eval_s = 1.5
+    ollama.behaviour.working_mib = 1000
+    service, url = await locked_broker(world, start_broker)
+    pending = post(url + "/v1/llm", STREAM)
+    pending.addErrback(lambda f: f.trap(defer.CancelledError, ResponseNeverReceived))
+    await wait_for(lambda: world.active_jobs == 1)
+    after = defer.ensureDeferred(tts(client, url))
+    await wait_for(lambda: service.scheduler.stats().queue_depth == 1)
+    pending.cancel()  # the client leaves while ollama evaluates its prompt
+
+    reply = await after
+    assert reply.code == 200
+    await wait_for(lambda: world.active_jobs == 0)
+    assert ollama.jobs_cancelled == 1  # it did notice, at its first write
+    assert world.gpu.overlaps == []
+    assert world.gpu.oom_count == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_leaving_mid_stream_never_lets_the_next_job_overlap(world, start_broker,
+                                                                            client):
+    ollama = world["ollama"]
+    ollama.behaviour.stream_chunks = 4
+    ollama.behaviour.chunk_interval_s = 1.5  # a slow token: the next write is far
+    ollama.behaviour.working_mib = 1000
+    service, url = await locked_broker(world, start_broker)
+    response = await post(url + "/v1/llm", STREAM)
+    first = defer.Deferred()
+
+    def on_chunk(collector, data):
+        if not first.called:
+            first.callback(collector)
+
+    collector = Collector(on_chunk)
+    response.deliverBody(collector)
+    await first
+    after = defer.ensureDeferred(tts(client, url))
+    await wait_for(lambda: service.scheduler.stats().queue_depth == 1)
+    collector.transport.stopProducing()  # the client leaves after one token
+
+    reply = await after
+    assert reply.code == 200
+    await wait_for(lambda: world.active_jobs == 0)
+    assert ollama.jobs_cancelled == 1  # at its next write
+    assert world.gpu.overlaps == []
+    assert world.gpu.oom_count == 0
