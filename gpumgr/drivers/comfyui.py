@@ -73,6 +73,9 @@ class ComfyUIDriver(BaseDriver):
                               body=b'{"unload_models": true, "free_memory": true}',
                               content_type="application/json")
     tracks_renders = True
+    #: A prompt it took is followed as a render whether or not its client
+    #: stays; this bounds other GPU work whose client left.
+    abandoned_grace_s = 30.0
 
     def is_gpu_work(self, method: str, path: str) -> bool:
         return method == "POST" and path in _PROMPT_PATHS
