@@ -56,12 +56,28 @@ async def test_a_client_leaving_mid_prompt_never_lets_the_next_job_overlap(world
     await wait_for(lambda: service.scheduler.stats().queue_depth == 1)
     pending.cancel()  # the client leaves while ollama evaluates its prompt
 
+    # Status and metrics show the job draining while ollama computes on.
+    await wait_for(lambda: service.status()["scheduler"]["draining"])
+    status = service.status()["scheduler"]
+    (holder,) = status["holders"]
+    assert (holder["consumer"], holder["state"]) == ("ollama", "draining after the client left")
+    assert status["draining"][0]["consumer"] == "ollama" and status["queue_depth"] == 1
+    metrics = (await client.request("GET", url + "/metrics")).body.decode()
+    assert "gpumgr_abandoned_draining_jobs 1.0" in metrics
+
     reply = await after
     assert reply.code == 200
     await wait_for(lambda: world.active_jobs == 0)
     assert ollama.jobs_cancelled == 1  # it did notice, at its first write
     assert world.gpu.overlaps == []
     assert world.gpu.oom_count == 0
+    status = service.status()["scheduler"]
+    assert status["drains"] == {"gpu_idle": 1} and status["draining"] == []
+    (event,) = [e for e in status["recent_events"] if e["event"].startswith("abandoned")]
+    assert event["event"] == "abandoned_settled" and event["consumer"] == "ollama"
+    metrics = (await client.request("GET", url + "/metrics")).body.decode()
+    assert 'gpumgr_abandoned_drain_seconds_count{consumer="ollama"} 1.0' in metrics
+    assert 'gpumgr_abandoned_drains_total{outcome="gpu_idle"} 1.0' in metrics
 
 
 @pytest_twisted.ensureDeferred
@@ -92,3 +108,35 @@ async def test_a_client_leaving_mid_stream_never_lets_the_next_job_overlap(world
     assert ollama.jobs_cancelled == 1  # at its next write
     assert world.gpu.overlaps == []
     assert world.gpu.oom_count == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_grace_bounds_a_service_that_never_goes_idle(world, start_broker, client):
+    ollama = world["ollama"]
+    ollama.behaviour.stream_chunks = 3
+    gate: defer.Deferred = defer.Deferred()
+    ollama.behaviour.stream_gate = lambda i: gate  # after the first token it computes for ever
+    service, url = await locked_broker(world, start_broker,
+                                       ollama={"abandoned_grace_s": 1.0})
+    try:
+        response = await post(url + "/v1/llm", STREAM)
+        first = defer.Deferred()
+        collector = Collector(lambda c, data: None if first.called else first.callback(c))
+        response.deliverBody(collector)
+        await first
+        after = defer.ensureDeferred(tts(client, url))
+        await wait_for(lambda: service.scheduler.stats().queue_depth == 1)
+        collector.transport.stopProducing()
+
+        reply = await after  # once the grace ran out
+        assert reply.code == 200
+        assert world.active_jobs == 1  # ollama still computes: gpumgr gave up waiting
+        status = service.status()["scheduler"]
+        assert status["drains"] == {"grace_expired": 1}
+        (event,) = [e for e in status["recent_events"] if e["event"].startswith("abandoned")]
+        assert event["event"] == "abandoned_grace_expired"
+        hold = service.broker.abandoned.durations_s["ollama"]
+        assert hold.count == 1 and hold.total >= 1.0
+    finally:
+        gate.callback(None)
+    await wait_for(lambda: world.active_jobs == 0)

@@ -388,7 +388,7 @@ class SimJobs:
     def _wrap(self, consumer: Any) -> None:
         run_job = consumer.run_job
 
-        def wrapped(request, work, load=None, oom=None, ended=None):
+        def wrapped(request, work, load=None, oom=None, ended=None, **more):
             slot: dict[str, SimJob] = {}
 
             def job_over() -> None:
@@ -399,7 +399,7 @@ class SimJobs:
 
             self._exchange = (request, slot)
             try:
-                return run_job(request, work, load=load, oom=oom, ended=job_over)
+                return run_job(request, work, load=load, oom=oom, ended=job_over, **more)
             finally:
                 self._exchange = None
 
