@@ -140,3 +140,48 @@ async def test_the_grace_bounds_a_service_that_never_goes_idle(world, start_brok
     finally:
         gate.callback(None)
     await wait_for(lambda: world.active_jobs == 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_whisper_inference_whose_client_left_holds_the_gpu_until_it_ends(
+        world, start_broker, client):
+    whisper = world["whisper"]
+    whisper.behaviour.job_s = 1.5  # it looks at its client only when it is done
+    service, url = await locked_broker(world, start_broker)
+    audio = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n" \
+        b"RIFF....WAVE\r\n--b--\r\n"
+    pending = Agent(reactor).request(
+        b"POST", (url + "/v1/stt").encode(),
+        Headers({b"Content-Type": [b"multipart/form-data; boundary=b"]}),
+        FileBodyProducer(io.BytesIO(audio)))
+    pending.addErrback(lambda f: f.trap(defer.CancelledError, ResponseNeverReceived))
+    await wait_for(lambda: world.active_jobs == 1)
+    after = defer.ensureDeferred(tts(client, url))
+    await wait_for(lambda: service.scheduler.stats().queue_depth == 1)
+    pending.cancel()
+
+    assert (await after).code == 200
+    await wait_for(lambda: world.active_jobs == 0)
+    assert whisper.jobs_cancelled == 1
+    assert world.gpu.overlaps == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_utilisation_the_processes_memory_coming_back_is_the_evidence(
+        world, start_broker, client):
+    world.gpu.reports_utilization = False  # [N/A], as under MIG
+    ollama = world["ollama"]
+    ollama.behaviour.prompt_eval_s = 1.5
+    ollama.behaviour.working_mib = 1000
+    service, url = await locked_broker(world, start_broker, ollama={"gpu_process": "ollama"})
+    pending = post(url + "/v1/llm", STREAM)
+    pending.addErrback(lambda f: f.trap(defer.CancelledError, ResponseNeverReceived))
+    await wait_for(lambda: world.active_jobs == 1)
+    after = defer.ensureDeferred(tts(client, url))
+    await wait_for(lambda: service.scheduler.stats().queue_depth == 1)
+    pending.cancel()
+
+    assert (await after).code == 200
+    await wait_for(lambda: world.active_jobs == 0)
+    assert world.gpu.overlaps == []
+    assert service.status()["scheduler"]["drains"] == {"memory_back": 1}

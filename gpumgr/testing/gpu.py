@@ -85,6 +85,8 @@ class SimulatedGpu:
         self.max_concurrent_work = 0
         #: Set by the world, so that overlaps carry a time.
         self.clock: IReactorTime | None = None
+        #: False: nvidia-smi prints utilization.gpu as [N/A], as under MIG.
+        self.reports_utilization = True
         self.write_state()
 
     # -- working periods -------------------------------------------------------
@@ -195,7 +197,8 @@ class SimulatedGpu:
                     "memory_total_mib": self.total_mib,
                     "memory_used_mib": self._own_used_mib,
                     "memory_free_mib": self.total_mib - self._own_used_mib,
-                    "utilization_pct": BUSY_UTILIZATION_PCT if busy else IDLE_UTILIZATION_PCT,
+                    "utilization_pct": None if not self.reports_utilization
+                    else BUSY_UTILIZATION_PCT if busy else IDLE_UTILIZATION_PCT,
                     "temperature_c": 48 if busy else 34,
                 }
             ],

@@ -147,8 +147,8 @@ def with_external(state: dict, rows: list[dict]) -> dict:
         g = gpus[0]
         g["memory_used_mib"] += extra
         g["memory_free_mib"] -= extra
-        if any(r.get("busy") for r in rows):
-            g["utilization_pct"] = max(g.get("utilization_pct") or 0, 97)
+        if any(r.get("busy") for r in rows) and g.get("utilization_pct") is not None:
+            g["utilization_pct"] = max(g["utilization_pct"], 97)
             g["temperature_c"] = max(g.get("temperature_c") or 0, 48)
     processes = [{k: r[k] for k in ("pid", "name", "used_mib")} for r in rows]
     return {**state, "gpus": gpus, "processes": list(state["processes"]) + processes}
