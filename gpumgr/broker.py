@@ -9,7 +9,8 @@ A GPU job, whatever the mode, is one pipeline (`_gpu_job`):
   admit (evicting: make room) -> start the consumer's process if it is not
   running -> relay the exchange (evicting: hold an out-of-memory answer and
   replay once) -> note that the consumer may now hold its memory -> keep the
-  slot while a render the answer started is still running.
+  slot while a render the answer started is still running, or, when the
+  client left, until the service stopped the work it left (gpumgr.abandoned).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
+from gpumgr.abandoned import DRAIN_SAMPLE_S, AbandonedWork
 from gpumgr.admission import CONTROL_TIMEOUT_S, Admission
 from gpumgr.config import (
     AUDIO_ROUTE,
@@ -62,7 +64,13 @@ from gpumgr.registry import Health, Registry
 from gpumgr.renders import RenderTracker, TrackedRender
 from gpumgr.scheduler import Locked, Passthrough, Scheduler
 from gpumgr import __version__
-from gpumgr.snapshot import ConsumerSnapshot, RenderSnapshot, RequestStats, Snapshot
+from gpumgr.snapshot import (
+    ConsumerSnapshot,
+    DrainSnapshot,
+    RenderSnapshot,
+    RequestStats,
+    Snapshot,
+)
 from gpumgr.status import status_document
 from gpumgr.target import Segment, Target, forward_url, routed_target
 from gpumgr.tunnel import Tunnel, check_upgrade, is_upgrade
@@ -245,6 +253,9 @@ class Broker:
         self.render_tracker = RenderTracker(
             reactor, http, lambda: self._config.consumers, self.registry,
             self.health.probe_now, self.admission.event)
+        self.abandoned = AbandonedWork(
+            reactor, gpu.sample_now, self.admission.event,
+            sample_period_s=lambda: min(DRAIN_SAMPLE_S, self._config.gpu.interval_s))
         gpu.listeners.append(lambda sample: self.registry.apply_sample(
             sample, self._config.consumers))
         self._sync_processes()
@@ -641,7 +652,28 @@ class Broker:
                 # job_timeout_s bounds the hold of the GPU, not the wait for it.
                 started = timing.started if timing.started is not None else timing.received
                 await self._track_render(c, driver, render_id, started)
+                return result
+        if result.abandoned:
+            await self._settle_abandoned(c, driver)
         return result
+
+    async def _settle_abandoned(self, c: ConsumerConfig, driver: IDriver) -> None:
+        """The client left while the service had its request: keep the slot
+        until the service stopped that work (see gpumgr.abandoned)."""
+        if self.mode == "passthrough" or c.abandoned_grace_s <= 0:
+            return
+        name = c.name
+
+        def is_down() -> bool:
+            return (name in self.registry and self.registry[name].health is Health.DOWN) \
+                or self._process_stopped(name)
+
+        def ask_service() -> defer.Deferred[bool | None]:
+            return driver.work_stopped(self.http, c).addTimeout(
+                self._config.health.timeout_s, self.reactor)
+
+        await self.abandoned.settle(name, c.abandoned_grace_s, c.gpu_process,
+                                    c.vram_resident_mib, is_down, ask_service)
 
     def _tunnel(self, request: Any, c: ConsumerConfig, target: Target) -> defer.Deferred[None]:
         """A WebSocket relayed as a byte tunnel; never scheduled."""
@@ -760,7 +792,11 @@ class Broker:
             scheduler=stats, tunnels_open=len(self.tunnels), tunnels_total=self.tunnels_total,
             renders=dict(self.render_counts), evictions_by_reason=dict(a.evictions_by_reason),
             requests=self.request_stats,
-            kinds=tuple(k for k in self._config.routes if k in KINDS))
+            kinds=tuple(k for k in self._config.routes if k in KINDS),
+            draining=tuple(DrainSnapshot(d.consumer, d.since, d.grace_s)
+                           for d in self.abandoned.draining.values()),
+            drain_s=dict(self.abandoned.durations_s),
+            drain_outcomes=dict(self.abandoned.outcomes))
 
     def status(self) -> dict[str, Any]:
         return status_document(self.snapshot())

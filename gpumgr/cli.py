@@ -377,8 +377,10 @@ def format_status(doc: Mapping[str, Any], base_url: str = "") -> str:
         h = _dict(h)
         held = _num(h.get("held_ms"))
         render = f", render {h['render']}" if h.get("render") else ""
+        draining = ", draining after the client left" \
+            if h.get("state") == "draining after the client left" else ""
         lines.append(f"  holding the GPU: {_text(h.get('consumer'))} ({_text(h.get('kind'))})"
-                     f" for {_seconds(None if held is None else held / 1000)}{render}")
+                     f" for {_seconds(None if held is None else held / 1000)}{render}{draining}")
 
     events = [e for e in _list(sched.get("recent_events")) if isinstance(e, dict)]
     if events:

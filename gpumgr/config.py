@@ -199,6 +199,9 @@ class ConsumerConfig:
     scheduled: tuple[ScheduledRoute, ...] = ()
     #: Longest a job (a tracked render included) may hold the GPU.
     job_timeout_s: float = 1800.0
+    #: After its client left, how long a job holds the GPU at most waiting for
+    #: evidence that the service stopped (gpumgr.abandoned); 0: not at all.
+    abandoned_grace_s: float = 30.0
 
     @property
     def pinned(self) -> bool:
@@ -927,6 +930,8 @@ def _parse_consumer(sec: _Section, name: str) -> ConsumerConfig:
         passthrough=_parse_bool(sec, "passthrough", False),
         scheduled=_parse_scheduled(sec),
         job_timeout_s=sec.number("job_timeout_s", 1800.0, positive=True),
+        abandoned_grace_s=sec.number("abandoned_grace_s", driver.abandoned_grace_s,
+                                     maximum=3600.0),
     )
     sec.finish()
     if consumer.idle_unload_s is not None and not consumer.can_unload:

@@ -101,6 +101,18 @@ def metric_families(s: Snapshot) -> Iterator[Metric]:
                                   value=s.renders.get(outcome, 0))
     yield GaugeMetricFamily("gpumgr_renders_in_progress", "Renders holding the GPU now.",
                             value=sum(len(c.renders) for c in s.consumers))
+    yield GaugeMetricFamily("gpumgr_abandoned_draining_jobs", "Jobs holding the GPU after "
+                            "their client left, until the service stops.",
+                            value=len(s.draining))
+    yield _histogram("gpumgr_abandoned_drain_seconds", "How long a job held the GPU after its "
+                     "client left, waiting for evidence that the service stopped.", s.drain_s)
+    drains = CounterMetricFamily("gpumgr_abandoned_drains", "Drains after a client left, by "
+                                 "how they ended (gpu_idle, memory_back, service_down, "
+                                 "service_says_done, grace_expired, cancelled).",
+                                 labels=["outcome"])
+    for outcome, n in sorted(s.drain_outcomes.items()):
+        drains.add_metric([outcome], n)
+    yield drains
     yield GaugeMetricFamily("gpumgr_tunnels_open", "WebSocket tunnels open now.",
                             value=s.tunnels_open)
 

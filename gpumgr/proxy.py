@@ -7,7 +7,9 @@ Invariants:
   with the upstream transport registered as the client's push producer, so a
   slow client pauses the upstream.
 - A client that leaves cancels the upstream request (before headers) or stops
-  the upstream transport (during the body).
+  the upstream transport (during the body). The service may go on with the
+  work all the same (`Result.abandoned`): the broker keeps the GPU until it
+  stopped (gpumgr.abandoned).
 - An upstream that breaks mid-body aborts the client connection; `finish()`
   is never called on a truncated body.
 - `forward()` returns a Deferred that fires with an `Outcome` once the
@@ -93,6 +95,16 @@ class Result:
     body_head: bytes = b""
     #: Response body bytes relayed to the client.
     bytes_out: int = 0
+    #: gpumgr itself ended the exchange (a job timeout, shutdown): the client
+    #: did not leave, it was sent away.
+    cancelled: bool = False
+
+    @property
+    def abandoned(self) -> bool:
+        """The client left while the consumer had the request: the work it
+        started may go on without anyone to answer (gpumgr.abandoned)."""
+        return self.outcome is Outcome.CLIENT_GONE and self.reached_consumer \
+            and not self.cancelled
 
 
 #: How much of a 5xx body is held back to look for "out of memory".
@@ -343,6 +355,7 @@ class _Exchange:
         self._timer: Any = None
         self._timed_out = False
         self._client_gone = False
+        self._cancelled = False
         self._upstream_transport = None
         self._outcome: Outcome | None = None
         self._idle_timer: Any = None
@@ -564,6 +577,7 @@ class _Exchange:
         if self._outcome is not None:
             return
         self._client_gone = True
+        self._cancelled = True
         _abort_client(self.request)
         if self._pending is not None:
             self._pending.cancel()
@@ -582,7 +596,8 @@ class _Exchange:
             producer.stopProducing()  # silent: its Deferred just never fires
         if not self.done.called:
             self.done.callback(Result(outcome, self._status, self._reached,
-                                      b"".join(self._captured), self._bytes_out))
+                                      b"".join(self._captured), self._bytes_out,
+                                      self._cancelled))
 
 
 class _Drain(Protocol):

@@ -77,6 +77,15 @@ class RenderSnapshot:
 
 
 @attrs.frozen
+class DrainSnapshot:
+    """A job holding the GPU after its client left, until the service stopped."""
+
+    consumer: str
+    since: float
+    grace_s: float
+
+
+@attrs.frozen
 class ConsumerSnapshot:
     name: str
     url: str
@@ -122,3 +131,8 @@ class Snapshot:
     requests: RequestStats
     #: Kinds with a route: their queue depth is exported even when 0.
     kinds: tuple[str, ...] = ()
+    #: Jobs draining after their client left (gpumgr.abandoned).
+    draining: tuple[DrainSnapshot, ...] = ()
+    #: How long such drains lasted, by consumer, and how they ended.
+    drain_s: dict[str, Histogram] = attrs.Factory(dict)
+    drain_outcomes: dict[str, int] = attrs.Factory(dict)

@@ -16,6 +16,8 @@ def iso(ts: float | None) -> str | None:
 
 
 _LOADED = {"loaded": True, "unloaded": False}
+#: A holder's state while its client is gone and the service may still compute.
+DRAINING = "draining after the client left"
 
 
 def _consumer(s: Snapshot, c: ConsumerSnapshot) -> dict[str, Any]:
@@ -36,6 +38,17 @@ def _consumer(s: Snapshot, c: ConsumerSnapshot) -> dict[str, Any]:
         "renders": [{"prompt_id": r.render_id, "since": iso(r.since),
                      "held_s": round(s.now - r.since, 3)} for r in c.renders],
     }
+
+
+def _holder(s: Snapshot, h: Any) -> dict[str, Any]:
+    render = next((r.render_id for c in s.consumers if c.name == h.consumer
+                   for r in c.renders), None)
+    draining = not h.control and any(d.consumer == h.consumer for d in s.draining)
+    state = DRAINING if draining else "rendering" if render is not None else \
+        "control" if h.control else "running"
+    return {"consumer": h.consumer, "kind": h.kind, "since": iso(h.since),
+            "held_ms": int((s.now - h.since) * 1000), "control": h.control,
+            "render": render, "state": state}
 
 
 def status_document(s: Snapshot) -> dict[str, Any]:
@@ -94,13 +107,13 @@ def status_document(s: Snapshot) -> dict[str, Any]:
             "eviction_failures": sched.eviction_failures,
             "oom_retries": sched.oom_retries,
             "renders": dict(s.renders),
-            "holders": [
-                {"consumer": h.consumer, "kind": h.kind, "since": iso(h.since),
-                 "held_ms": int((s.now - h.since) * 1000), "control": h.control,
-                 "render": next((r.render_id for c in s.consumers if c.name == h.consumer
-                                 for r in c.renders), None)}
-                for h in sched.holders
+            "holders": [_holder(s, h) for h in sched.holders],
+            "draining": [
+                {"consumer": d.consumer, "state": DRAINING, "since": iso(d.since),
+                 "draining_ms": int((s.now - d.since) * 1000), "grace_s": d.grace_s}
+                for d in s.draining
             ],
+            "drains": dict(s.drain_outcomes),
             "recent_events": list(sched.recent_events),
         },
     }

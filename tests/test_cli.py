@@ -247,3 +247,13 @@ def test_python_dash_m_runs_the_cli(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and result.stderr.startswith("gpumgr: cannot reach")
     assert "Traceback" not in result.stderr
+
+
+def test_format_status_shows_a_job_draining_after_its_client_left():
+    doc = {"broker": {"version": "0.2.0", "mode": "locked", "uptime_s": 5},
+           "gpu": {"available": False}, "consumers": {},
+           "scheduler": {"holders": [{"consumer": "ollama", "kind": "llm", "held_ms": 1200,
+                                      "render": None,
+                                      "state": "draining after the client left"}]}}
+    assert "holding the GPU: ollama (llm) for 1.2s, draining after the client left" \
+        in format_status(doc)

@@ -267,7 +267,8 @@ async def test_a_streamed_chat_holds_the_gpu_while_listing_answers_and_a_second_
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_client_that_abandons_a_stream_frees_the_gpu(world, start_broker):
+async def test_a_client_that_abandons_a_stream_frees_the_gpu_once_the_service_stopped(
+        world, start_broker):
     service, url = await through_gpumgr(world, start_broker)
     ollama_sim = world["ollama"]
     lockstep = Lockstep(ollama_sim, hold_at=1)
@@ -281,16 +282,21 @@ async def test_a_client_that_abandons_a_stream_frees_the_gpu(world, start_broker
             return first
 
     assert await deferToThread(read_one_then_close) == "tok0 "
-    # gpumgr noticed the client leave and gave the GPU back, though the
-    # simulated server still sits on its next chunk.
-    await wait_for(lambda: service.scheduler.stats().in_flight == 0)
-    assert world.active_jobs == 1
+    # The simulated server still sits on its next chunk: it has not noticed and
+    # computes on, so gpumgr keeps the GPU, draining, and the next chat waits.
+    await wait_for(lambda: service.broker.abandoned.draining)
+    second_chat = deferToThread(openai_chat, url)
+    await wait_for(lambda: service.scheduler.stats().queue_depth == 1)
+    (holder,) = service.status()["scheduler"]["holders"]
+    assert holder["consumer"] == "ollama" and holder["state"] == "draining after the client left"
+    assert world.active_jobs == 1 and not second_chat.called
 
-    assert (await deferToThread(openai_chat, url)).choices[0].message.content == "".join(TOKENS)
-    lockstep.release()  # the abandoned stream's next write finds its client gone
-    await wait_for(lambda: world.active_jobs == 0)
+    lockstep.release()  # the abandoned stream's next write finds its client gone: it stops
+    assert (await second_chat).choices[0].message.content == "".join(TOKENS)
     assert ollama_sim.jobs_cancelled == 1
+    assert world.gpu.overlaps == [] and world.max_active_jobs == 1
     assert service.registry["ollama"].total_requests == 2
+    assert service.status()["scheduler"]["drains"] == {"gpu_idle": 1}
 
 
 # -- a ComfyUI API script ----------------------------------------------------------------------

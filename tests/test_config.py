@@ -38,6 +38,7 @@ def test_shipped_config_is_valid_and_describes_the_real_apis():
     assert whisper.paths["stt"] == "/inference"
     assert config.routes["audio_proxy"] == "mvoice"
     assert config.scheduler.mode == "evicting"
+    assert ollama.abandoned_grace_s == 15
     assert config.scheduler.priority == {"tts": 10, "stt": 10, "llm": 5, "image": 0}
 
 
@@ -139,6 +140,15 @@ BAD = [
      "No closing quotation"),
     ("recursive alias", _with("x: &a [*a]\n"), "x[0]", "recursive"),
     ("complex key", _with("? [a, b]\n: 1\n"), "", "keys must be plain"),
+    ("negative abandoned grace",
+     MINIMAL.replace("    paths:", "    abandoned_grace_s: -1\n    paths:"),
+     "consumers.ollama.abandoned_grace_s", "must not be negative"),
+    ("abandoned grace not a number",
+     MINIMAL.replace("    paths:", "    abandoned_grace_s: soon\n    paths:"),
+     "consumers.ollama.abandoned_grace_s", "must be a number"),
+    ("abandoned grace over an hour",
+     MINIMAL.replace("    paths:", "    abandoned_grace_s: 7200\n    paths:"),
+     "consumers.ollama.abandoned_grace_s", "at most 3600"),
 ]
 
 
@@ -207,3 +217,14 @@ def test_twistd_rejects_a_bad_listen_endpoint(tmp_path):
     result = _twistd("--config", str(path), "--listen", "carrier-pigeon:7")
     assert result.returncode != 0
     assert "--listen: invalid endpoint" in result.stdout + result.stderr
+
+
+def test_the_abandoned_grace_defaults_to_the_drivers_and_may_be_zero():
+    config = parse_config_text(MINIMAL, "x.yaml")
+    assert config.consumers["ollama"].abandoned_grace_s == 30.0  # the http driver's
+    ollama = parse_config_text(MINIMAL.replace("    paths:", "    driver: ollama\n    paths:"),
+                               "x.yaml")
+    assert ollama.consumers["ollama"].abandoned_grace_s == 15.0  # the ollama driver's
+    zero = parse_config_text(MINIMAL.replace("    paths:", "    abandoned_grace_s: 0\n    paths:"),
+                             "x.yaml")
+    assert zero.consumers["ollama"].abandoned_grace_s == 0

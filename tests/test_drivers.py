@@ -287,3 +287,20 @@ def test_comfyui_render_state_asks_the_queue_first(queue, history, state):
 def test_a_prompt_id_is_found_in_a_truncated_answer():
     body = b'{"prompt_id": "a\\"b", "number": 1, "node_errors": {"x": "' + b"y" * 70000
     assert prompt_id_of(body[:65536]) == 'a"b'
+
+
+def test_after_a_client_left_only_vllm_can_be_asked_whether_work_runs():
+    running = b'vllm:num_requests_running{model_name="m"} 1.0\nvllm:num_requests_waiting{model_name="m"} 0.0\n'
+    idle = running.replace(b"} 1.0", b"} 0.0")
+    vllm, c = get_driver("vllm"), consumer("vllm")
+    assert result_of(vllm.work_stopped(FakeHttp({("GET", "/metrics"): HttpReply(200, running)}),
+                                       c)) is False
+    assert result_of(vllm.work_stopped(FakeHttp({("GET", "/metrics"): HttpReply(200, idle)}),
+                                       c)) is True
+    assert result_of(vllm.work_stopped(FakeHttp({("GET", "/metrics"): HttpReply(500, b"")}),
+                                       c)) is None
+    for name in ("http", "ollama", "comfyui", "whisper.cpp"):
+        http = FakeHttp()
+        keys = {"health": "/h"} if name == "http" else {}
+        assert result_of(get_driver(name).work_stopped(http, consumer(name, **keys))) is None
+        assert http.calls == []  # nothing to ask: they offer no such route

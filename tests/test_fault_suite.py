@@ -27,10 +27,11 @@ At the end, each invariant is its own assertion:
   than `capacity` jobs (`max_running_seen`);
 - the simulated GPU saw 0 OOMs (external processes and renders included);
 - two simulated GPU jobs ran at once only when one of them was work gpumgr
-  had already walked away from (its HTTP exchange dropped: the client left,
-  a stall deadline passed, the consumer was reset), never two exchanges
-  gpumgr was relaying, and no ComfyUI render ran without gpumgr holding
-  ComfyUI's slot. `world.max_active_jobs` counts such orphans too (a
+  had already walked away from (its HTTP exchange dropped: a stall deadline
+  passed, the consumer was reset), never two exchanges gpumgr was relaying,
+  never beside work whose client left (gpumgr holds the GPU until such work
+  stopped, unless a fault hit that consumer meanwhile), and no ComfyUI
+  render ran without gpumgr holding ComfyUI's slot. `world.max_active_jobs` counts such orphans too (a
   simulated job ends on its own timer, not when its connection drops), so it
   is printed, and this sharper form is what is asserted;
 - RSS within 30 MiB of its level after the warm-up; open fds back to their
@@ -340,6 +341,8 @@ class SimJob:
     ended: float | None = None
     #: Its HTTP exchange was dropped before the answer was done (gpumgr gave it up).
     abandoned: bool = False
+    #: The client request it serves (X-Fault-Req), when it serves one.
+    request_n: int | None = None
 
 
 class SimJobs:
@@ -365,6 +368,8 @@ class SimJobs:
             if self._exchange is not None:
                 request, slot = self._exchange
                 slot["job"] = job
+                n = request.getHeader(b"x-fault-req")
+                job.request_n = None if n is None else int(n)
                 request.notifyFinish().addErrback(lambda _: setattr(job, "abandoned", True))
             else:
                 self._render = job
@@ -388,7 +393,7 @@ class SimJobs:
     def _wrap(self, consumer: Any) -> None:
         run_job = consumer.run_job
 
-        def wrapped(request, work, load=None, oom=None, ended=None):
+        def wrapped(request, work, load=None, oom=None, ended=None, **more):
             slot: dict[str, SimJob] = {}
 
             def job_over() -> None:
@@ -399,7 +404,7 @@ class SimJobs:
 
             self._exchange = (request, slot)
             try:
-                return run_job(request, work, load=load, oom=oom, ended=job_over)
+                return run_job(request, work, load=load, oom=oom, ended=job_over, **more)
             finally:
                 self._exchange = None
 
@@ -412,6 +417,16 @@ class SimJobs:
 
     def unexplained_overlaps(self) -> list[tuple[SimJob, SimJob]]:
         return [(a, b) for a, b in self.overlaps if not a.abandoned and not b.abandoned]
+
+    def overlaps_after_client_cuts(self, cut: set[int],
+                                   disrupted: Any) -> list[tuple[SimJob, SimJob]]:
+        """Overlaps with a job whose client left (and no fault hit its consumer
+        meanwhile): gpumgr must hold the GPU until such work stopped."""
+        def left(job: SimJob) -> bool:
+            return (job.abandoned and job.request_n in cut
+                    and not disrupted(job.consumer, job.started, job.ended or reactor.seconds()))
+
+        return [(a, b) for a, b in self.overlaps if left(a) or left(b)]
 
 
 class OomWatch:
@@ -832,7 +847,8 @@ def summarise(records: list[Record], injector: Injector, service: GpumgrService,
         f"GPU samples {service.gpu.samples_taken} ({service.gpu.samples_failed} failed); "
         f"OOMs {world.gpu.oom_count}; max GPU jobs at once: gpumgr "
         f"{service.scheduler.max_running_seen}, simulator {world.max_active_jobs} "
-        f"({orphans} overlaps with work gpumgr had dropped); RSS {rss[0]:.1f} -> "
+        f"({orphans} overlaps with work gpumgr had dropped); drains after a client left "
+        f"{dict(service.broker.abandoned.outcomes)}; RSS {rss[0]:.1f} -> "
         f"{rss[1]:.1f} MiB; fds {fds[0].total} -> {fds[1].total} "
         f"(upstream links {fds[0].consumer_links} -> {fds[1].consumer_links}, all idle in "
         f"gpumgr's pools: {fds[1].consumer_links == fds[1].pooled_links}); "
@@ -951,6 +967,10 @@ async def _fault_run(tmp_path: Any, seed: int, capsys: Any) -> None:
         overlaps = jobs.unexplained_overlaps()
         assert not overlaps, (f"{len(overlaps)} times two simulated GPU jobs ran at once, "
                               f"neither dropped by gpumgr: {overlaps[:3]}")
+        cut = {r.spec.n for r in records if r.outcome == "cut"}
+        after_cuts = jobs.overlaps_after_client_cuts(cut, injector.disrupted)
+        assert not after_cuts, (f"{len(after_cuts)} times a job ran beside work whose client "
+                                f"had left: {after_cuts[:3]}")
         assert jobs.renders_without_slot == 0, \
             f"{jobs.renders_without_slot} ComfyUI renders started without gpumgr's slot"
         assert world.active_jobs == 0, f"{world.active_jobs} simulated GPU jobs still running"

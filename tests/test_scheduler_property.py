@@ -2,8 +2,10 @@
 
 Random interleavings of arrivals, completions, upstream failures, synchronous
 exceptions, client cancels, queue timeouts and a shutdown drain (close, then
-cancel what still runs), at capacity 1 and 2. After every sequence the lock
-is free and the books balance.
+cancel what still runs), at capacity 1 and 2. Some jobs are a drain after a
+client left (`AbandonedWork.settle`): they end on a quiet card, on their
+grace, or cancelled. After every sequence the lock is free, no drain is left
+and the books balance.
 """
 
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +13,9 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
+from gpumgr.abandoned import AbandonedWork, Evidence
 from gpumgr.errors import QueueFull, QueueTimeout, ShuttingDown
+from gpumgr.gpu import GpuInfo, GpuSample
 from gpumgr.registry import Registry
 from gpumgr.scheduler import Locked
 
@@ -20,13 +24,14 @@ KINDS = ["tts", "stt", "llm", "image"]
 
 op = st.one_of(
     st.tuples(st.just("arrive"), st.integers(0, 2), st.integers(0, 3),
-              st.sampled_from(["async", "async", "async", "raise", "sync"])),
+              st.sampled_from(["async", "async", "async", "raise", "sync", "drain"])),
     st.tuples(st.just("complete"), st.integers(0, 50)),
     st.tuples(st.just("fail"), st.integers(0, 50)),
     st.tuples(st.just("cancel"), st.integers(0, 50)),
     st.tuples(st.just("advance"), st.floats(0, 20)),
     st.tuples(st.just("close")),
     st.tuples(st.just("abort")),
+    st.tuples(st.just("card"), st.sampled_from(["busy", "idle", "unavailable"])),
 )
 
 
@@ -56,6 +61,16 @@ def test_no_leak_under_any_interleaving(capacity, max_queue, queue_timeout_s, op
     running: list[Job] = []  # as the jobs themselves see it
     max_running = 0
     closed = False
+    card = {"state": "busy"}
+
+    def sample():
+        if card["state"] == "unavailable":
+            return defer.succeed(GpuSample(sampled_at=clock.seconds(), error="driver"))
+        util = 97 if card["state"] == "busy" else 0
+        return defer.succeed(GpuSample(sampled_at=clock.seconds(), gpus=(
+            GpuInfo(0, "sim", 24576, 9000, 15576, util, 40),)))
+
+    abandoned = AbandonedWork(clock, sample, lambda *a, **k: None)
 
     def make_run(job):
         def run():
@@ -65,7 +80,10 @@ def test_no_leak_under_any_interleaving(capacity, max_queue, queue_timeout_s, op
                 raise RuntimeError("job blew up")
             if job.how == "sync":
                 return defer.succeed("done-sync")
-            job.inner = defer.Deferred()
+            if job.how == "drain":
+                job.inner = defer.ensureDeferred(abandoned.settle("a", 3.0))
+            else:
+                job.inner = defer.Deferred()
             job.inner.addBoth(lambda r: (running.remove(job), r)[1])
             running.append(job)
             max_running = max(max_running, len(running))
@@ -79,8 +97,9 @@ def test_no_leak_under_any_interleaving(capacity, max_queue, queue_timeout_s, op
             jobs.append(job)
             job.outer = sched.run(CONSUMERS[step[1]], make_run(job), kind=KINDS[step[2]])
             job.outer.addBoth(job.outcomes.append)
-        elif kind in ("complete", "fail") and running:
-            job = running[step[1] % len(running)]
+        elif kind in ("complete", "fail") and [j for j in running if j.how != "drain"]:
+            relayed = [j for j in running if j.how != "drain"]
+            job = relayed[step[1] % len(relayed)]
             if kind == "complete":
                 job.inner.callback("done")
             else:
@@ -94,20 +113,27 @@ def test_no_leak_under_any_interleaving(capacity, max_queue, queue_timeout_s, op
             sched.close(ShuttingDown("draining"))
         elif kind == "abort":
             sched.cancel_running()
+        elif kind == "card":
+            card["state"] = step[1]
         assert len(running) <= capacity
         assert sched.stats().in_flight <= capacity
 
     # Drain: finish whatever runs, let every queue timer fire.
     for _ in range(len(jobs) + 2):
-        while running:
-            running[0].inner.callback("done")
-        clock.advance(queue_timeout_s + 1)
+        while [j for j in running if j.how != "drain"]:
+            [j for j in running if j.how != "drain"][0].inner.callback("done")
+        clock.advance(queue_timeout_s + 1)  # past every drain's grace too
 
     stats = sched.stats()
     assert stats.in_flight == 0 and stats.queue_depth == 0
     assert max_running <= capacity and sched.max_running_seen <= capacity
     assert all(registry[c].active == 0 for c in CONSUMERS)
     assert clock.getDelayedCalls() == []
+    assert abandoned.draining == {}
+    drains_run = sum(j.starts for j in jobs if j.how == "drain")
+    assert sum(abandoned.outcomes.values()) == drains_run
+    assert set(abandoned.outcomes) <= {Evidence.GPU_IDLE.value, Evidence.GRACE_EXPIRED.value,
+                                       "cancelled"}
 
     rejected = 0
     for job in jobs:

@@ -53,6 +53,9 @@ class IDriver(Interface):
     default_unload = Attribute("HttpCall used when the config sets no `unload`, or None.")
     native_unload = Attribute("True if it can unload with no unload call configured.")
     tracks_renders = Attribute("True if answers may start GPU work that goes on (render_id).")
+    abandoned_grace_s = Attribute(
+        "Default of consumers.<name>.abandoned_grace_s: how long a job whose client left "
+        "holds the GPU at most, waiting for evidence that the service stopped its work.")
 
     def probe(http: ControlHttp, consumer: ConsumerConfig) -> defer.Deferred[Health]:
         """OK or STARTING; fails (ControlCallFailed or a connection error) when down."""
@@ -85,6 +88,10 @@ class IDriver(Interface):
                   render_id: str) -> defer.Deferred[None]:
         """End that work now (it ran past its job_timeout_s)."""
 
+    def work_stopped(http: ControlHttp, consumer: ConsumerConfig) -> defer.Deferred[bool | None]:
+        """After a client left: does the service itself say that nothing runs
+        (True), that work runs (False), or can it not tell (None)?"""
+
 
 async def call(http: ControlHttp, consumer: ConsumerConfig, call: HttpCall) -> HttpReply:
     """Make a configured control call; fails unless the service answers 2xx."""
@@ -106,6 +113,8 @@ class BaseDriver:
     default_unload: HttpCall | None = None
     native_unload = False
     tracks_renders = False
+    #: Nothing is known of how such a service treats a client that leaves.
+    abandoned_grace_s = 30.0
     #: Methods of the native API that are GPU work (the `http` driver's rule).
     gpu_methods = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -157,4 +166,8 @@ class BaseDriver:
 
     def interrupt(self, http: ControlHttp, consumer: ConsumerConfig,
                   render_id: str) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def work_stopped(self, http: ControlHttp,
+                     consumer: ConsumerConfig) -> defer.Deferred[bool | None]:
         return defer.succeed(None)

@@ -74,6 +74,9 @@ class ComfyUIDriver(BaseDriver):
                               body=b'{"unload_models": true, "free_memory": true}',
                               content_type="application/json")
     tracks_renders = True
+    #: A prompt it took is followed as a render whether or not its client
+    #: stays; this bounds other GPU work whose client left.
+    abandoned_grace_s = 30.0
     #: Interrupting, freeing memory, and clearing or deleting from the queue
     #: (`POST /queue {"clear"|"delete"}`), each also under /api/.
     control_routes = frozenset(

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from gpumgr.testing.consumers import SimulatedWorld
 
 _pids = itertools.count(41000)
+_work_ids = itertools.count(1)
 
 
 def next_pid() -> int:
@@ -62,6 +63,14 @@ class Behaviour:
     render_error: str | None = None
     #: Tests only: a render ends once `job_s` passed AND render_gate(prompt_id) fired.
     render_gate: Callable[[str], defer.Deferred] | None = None
+    #: ollama: evaluating the prompt before the first token is written. The
+    #: runner does not look at its client meanwhile: one that left is noticed
+    #: only at the first write (ollama#11889).
+    prompt_eval_s: float = 0.0
+    #: Memory a job allocates beside the model while it computes (activations,
+    #: a KV cache grown for the request), freed when the job ends. It shows in
+    #: the process's nvidia-smi row.
+    working_mib: int = 0
 
 
 @attrs.define
@@ -238,21 +247,32 @@ class SimulatedConsumer(Resource):
 
     def run_job(self, request, work: Callable[[Callable[[], bool]], Any],
                 load: Callable[[], bool] | None = None, oom: Callable[[], bytes] | None = None,
-                ended: Callable[[], None] | None = None):
+                ended: Callable[[], None] | None = None, pid: Callable[[], int] | None = None):
         """Load if needed (or answer OOM), then do `work` while counted as a GPU job.
 
         `work(gone)` gets a function telling whether the client left; `load`
         and `oom` replace the default model load and OOM answer, and `ended`
-        runs when the job is over.
+        runs when the job is over. The job's working memory
+        (`Behaviour.working_mib`) is held by process `pid()` (default: this
+        consumer's) from its start to its end; if it does not fit, the job
+        answers out of memory.
         """
         if not (load or self.load)():
             return oom() if oom is not None else json_body(request, self.oom_body(), 500)
+        working = self._take_working_memory(pid() if pid is not None else self.pid)
+        if working is False:
+            if ended is not None:
+                ended()
+            mib = self.behaviour.working_mib
+            return (json_body(request, {"error": self.oom_message(mib)}, 500))
         gone = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         self.jobs_started += 1
         self.world.job_started(self)
 
         def job_ended(result):
+            if isinstance(working, str):
+                self.world.gpu.free(working)
             self.world.job_ended(self)
             if gone:
                 self.jobs_cancelled += 1
@@ -264,6 +284,17 @@ class SimulatedConsumer(Resource):
         d.addBoth(job_ended)
         d.addErrback(lambda f: None if gone else f)
         return server.NOT_DONE_YET
+
+    def _take_working_memory(self, pid: int) -> str | bool:
+        """The owner of the job's working memory; True when it needs none,
+        False when it does not fit (an out-of-memory is counted)."""
+        mib = self.behaviour.working_mib
+        if mib <= 0:
+            return True
+        owner = f"{self.name}/work#{next(_work_ids)}"
+        if not self.world.gpu.allocate(owner, pid, self.process_name, mib):
+            return False
+        return owner
 
     def finish_with(self, request, body: bytes) -> None:
         if not request._disconnected:

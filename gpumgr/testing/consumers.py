@@ -175,6 +175,7 @@ class SimulatedWorld:
     def __init__(self, clock, gpu: SimulatedGpu) -> None:
         self.clock = clock
         self.gpu = gpu
+        gpu.clock = clock
         self.consumers: dict[str, SimulatedConsumer] = {}
         self.active_jobs = 0
         self.max_active_jobs = 0
@@ -199,9 +200,11 @@ class SimulatedWorld:
         self.total_jobs += 1
         self.work_log.append(consumer.name)
         self.max_active_jobs = max(self.max_active_jobs, self.active_jobs)
+        self.gpu.begin_work(consumer.name)
 
     def job_ended(self, consumer: SimulatedConsumer) -> None:
         self.active_jobs -= 1
+        self.gpu.end_work(consumer.name)
 
     def listen(self, reactor, interface: str = "127.0.0.1") -> None:
         """Serve every consumer on its own ephemeral loopback port."""

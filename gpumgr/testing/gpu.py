@@ -10,6 +10,13 @@ memory too: each records its allocation in ``<state dir>/gpu-procs/<pid>.json``.
 Both this class and nvidia-smi count such a file only while its process lives,
 so memory comes back when the process dies, even by SIGKILL, as with the real
 driver. In-process OOM decisions include that memory.
+
+The card also knows when it computes: a simulated job's working period runs
+from `begin_work` to `end_work` (the service's own view, which may outlast
+the HTTP exchange that asked for it). While any period is open nvidia-smi
+reports the card busy (`utilization.gpu`); a period that begins while another
+is open is recorded in `overlaps`, so a test can assert that two jobs never
+shared the card.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import tempfile
 from typing import Any
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 
 from gpumgr.testing.nvidia_smi import (
     children_dir_for,
@@ -35,6 +43,20 @@ class Allocation:
     pid: int
     process_name: str
     used_mib: int
+
+
+#: What nvidia-smi's utilization.gpu reads while a job computes, and while none does.
+BUSY_UTILIZATION_PCT = 97
+IDLE_UTILIZATION_PCT = 0
+
+
+@attrs.frozen
+class WorkOverlap:
+    """A job began computing while others still did (`SimulatedGpu.overlaps`)."""
+
+    at: float | None
+    began: str
+    already_working: tuple[str, ...]
 
 
 class SimulatedGpu:
@@ -57,6 +79,37 @@ class SimulatedGpu:
         self.smi_failure: str | None = None
         #: How long a "hang_child" child keeps nvidia-smi's stdout open.
         self.hang_child_s = 60.0
+        #: Open working periods: owner -> how many jobs of it compute now.
+        self.working: dict[str, int] = {}
+        self.overlaps: list[WorkOverlap] = []
+        self.max_concurrent_work = 0
+        #: Set by the world, so that overlaps carry a time.
+        self.clock: IReactorTime | None = None
+        #: False: nvidia-smi prints utilization.gpu as [N/A], as under MIG.
+        self.reports_utilization = True
+        self.write_state()
+
+    # -- working periods -------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.working)
+
+    def begin_work(self, owner: str) -> None:
+        """A job of `owner` starts computing; recorded as an overlap if another is."""
+        if self.working:
+            at = None if self.clock is None else self.clock.seconds()
+            self.overlaps.append(WorkOverlap(at, owner, tuple(sorted(self.working))))
+        self.working[owner] = self.working.get(owner, 0) + 1
+        self.max_concurrent_work = max(self.max_concurrent_work, sum(self.working.values()))
+        self.write_state()
+
+    def end_work(self, owner: str) -> None:
+        left = self.working.get(owner, 0) - 1
+        if left > 0:
+            self.working[owner] = left
+        else:
+            self.working.pop(owner, None)
         self.write_state()
 
     def external_allocations(self) -> list[Allocation]:
@@ -126,8 +179,13 @@ class SimulatedGpu:
 
     def state(self) -> dict[str, Any]:
         """What the state file holds: the in-process view. nvidia-smi adds the
-        external processes' memory itself when it runs."""
-        busy = any(True for _ in self.allocations)
+        external processes' memory itself when it runs. Allocations of one
+        process are one row, as the real tool shows them."""
+        busy = self.busy
+        per_pid: dict[int, dict[str, Any]] = {}
+        for a in self.allocations.values():
+            row = per_pid.setdefault(a.pid, {"pid": a.pid, "name": a.process_name, "used_mib": 0})
+            row["used_mib"] += a.used_mib
         return {
             "failure": self.smi_failure,
             "hang_child_s": self.hang_child_s,
@@ -139,14 +197,12 @@ class SimulatedGpu:
                     "memory_total_mib": self.total_mib,
                     "memory_used_mib": self._own_used_mib,
                     "memory_free_mib": self.total_mib - self._own_used_mib,
-                    "utilization_pct": 37 if busy else 0,
+                    "utilization_pct": None if not self.reports_utilization
+                    else BUSY_UTILIZATION_PCT if busy else IDLE_UTILIZATION_PCT,
                     "temperature_c": 48 if busy else 34,
                 }
             ],
-            "processes": [
-                {"pid": a.pid, "name": a.process_name, "used_mib": a.used_mib}
-                for a in self.allocations.values()
-            ],
+            "processes": list(per_pid.values()),
         }
 
     def write_state(self) -> None:

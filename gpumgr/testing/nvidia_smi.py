@@ -136,12 +136,16 @@ def read_external(procs_dir: str | None) -> list[dict]:
             except OSError:
                 pass
             continue
-        rows.append({"pid": pid, "name": entry.get("process_name", "?"), "used_mib": used})
+        rows.append({"pid": pid, "name": entry.get("process_name", "?"), "used_mib": used,
+                     "busy": bool(entry.get("busy"))})
     return rows
 
 
 def with_external(state: dict, rows: list[dict]) -> dict:
-    """The state file's in-process view plus memory held by external processes."""
+    """The state file's in-process view plus memory held by external processes.
+
+    Holding memory is not computing: the card reads busy only for a row that
+    says so (``"busy": true`` in its record)."""
     if not rows:
         return state
     extra = sum(r["used_mib"] for r in rows)
@@ -150,9 +154,11 @@ def with_external(state: dict, rows: list[dict]) -> dict:
         g = gpus[0]
         g["memory_used_mib"] += extra
         g["memory_free_mib"] -= extra
-        g["utilization_pct"] = g.get("utilization_pct") or 37
-        g["temperature_c"] = max(g.get("temperature_c") or 0, 48)
-    return {**state, "gpus": gpus, "processes": list(state["processes"]) + rows}
+        if any(r.get("busy") for r in rows) and g.get("utilization_pct") is not None:
+            g["utilization_pct"] = max(g["utilization_pct"], 97)
+            g["temperature_c"] = max(g.get("temperature_c") or 0, 48)
+    processes = [{k: r[k] for k in ("pid", "name", "used_mib")} for r in rows]
+    return {**state, "gpus": gpus, "processes": list(state["processes"]) + processes}
 
 
 def _hold_stdout_in_a_child(state_path: str, seconds: float) -> None:

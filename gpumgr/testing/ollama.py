@@ -8,7 +8,10 @@ What it copies from the real server (shared CONSUMERS-NOTES):
   "CUDA out of memory" (the real scheduler would first evict its own idle
   models; this one leaves eviction to gpumgr).
 - ``/api/generate`` and ``/api/chat`` stream NDJSON by default, one write per
-  token; ``"stream": false`` gives one object. No prompt (or no messages)
+  token, after `Behaviour.prompt_eval_s` of prompt evaluation. A client that
+  leaves is noticed only at the next write: the runner goes on computing
+  (and holding its working memory, `Behaviour.working_mib`) until then, as
+  the real runner does (ollama#11889); ``"stream": false`` gives one object. No prompt (or no messages)
   loads the model; with ``keep_alive: 0`` it unloads it: the reply comes at
   once, the unload waits for that model's in-flight requests, and the memory
   comes back `unload_settle_s` later.
@@ -310,15 +313,19 @@ class OllamaSim(SimulatedConsumer):
             request, work,
             load=lambda: self._acquire(info, keep_alive),
             oom=lambda: self._error(request, 500, self.oom_message(info.vram_mib), openai),
-            ended=lambda: self._release(info))
+            ended=lambda: self._release(info), pid=lambda: self.resident[info.name].pid)
 
     def _tokens(self) -> list[str]:
         return [f"tok{i} " for i in range(max(0, self.behaviour.stream_chunks - 1))]
 
     @defer.inlineCallbacks
     def _emit(self, request, frames: list[Callable[[], bytes]], gone):
-        """Write each frame on its own, spaced by chunk_interval_s (or the test's gate)."""
+        """Write each frame on its own, spaced by chunk_interval_s (or the test's
+        gate), after the prompt's evaluation (prompt_eval_s), during which a
+        client that left goes unnoticed."""
         b = self.behaviour
+        if b.prompt_eval_s > 0:
+            yield task.deferLater(self.clock, b.prompt_eval_s, lambda: None)
         for i, frame in enumerate(frames):
             if i:
                 if b.stream_gate is not None:
@@ -333,7 +340,8 @@ class OllamaSim(SimulatedConsumer):
 
     @defer.inlineCallbacks
     def _answer_later(self, request, make_body: Callable[[], bytes], gone):
-        yield task.deferLater(self.clock, self.behaviour.job_s, lambda: None)
+        b = self.behaviour
+        yield task.deferLater(self.clock, b.prompt_eval_s + b.job_s, lambda: None)
         if not gone():
             body = make_body()
             request.setHeader(b"Content-Type", b"application/json; charset=utf-8")

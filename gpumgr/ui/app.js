@@ -224,7 +224,9 @@ function drawScheduler(doc, clock) {
         h("span", { class: "dot busy" }), h("strong", null, x.consumer ?? "?"),
         x.kind ? h("span", { class: "muted" }, ` ${x.kind}`) : null,
         ` for ${duration(num(x.held_ms) === null ? null : x.held_ms / 1000)}`,
-        x.render ? h("span", { class: "muted" }, ` · render ${x.render}`) : null)));
+        x.render ? h("span", { class: "muted" }, ` · render ${x.render}`) : null,
+        x.state === "draining after the client left"
+          ? h("span", { class: "muted" }, " · draining after the client left") : null)));
   } else if ("holders" in s || num(s.in_flight) === 0) {
     holding = h("p", { class: "muted", id: "holders" }, "The GPU is free.");
   } else {
