@@ -103,6 +103,9 @@ class ConsumerConfig:
     scheduled: tuple[ScheduledRoute, ...] = ()
     #: Longest a job (a tracked render included) may hold the GPU.
     job_timeout_s: float = 1800.0
+    #: After a render's interrupt, how long gpumgr waits for evidence that it
+    #: stopped before it stops the owned process (or, with none, reports it stuck).
+    render_stop_grace_s: float = 30.0
 
     @property
     def pinned(self) -> bool:
@@ -716,6 +719,7 @@ def _parse_consumer(sec: _Section, name: str) -> ConsumerConfig:
         passthrough=_parse_bool(sec, "passthrough", False),
         scheduled=_parse_scheduled(sec),
         job_timeout_s=sec.number("job_timeout_s", 1800.0, positive=True),
+        render_stop_grace_s=sec.number("render_stop_grace_s", 30.0, positive=True),
     )
     sec.finish()
     if consumer.idle_unload_s is not None and not consumer.can_unload:

@@ -185,7 +185,9 @@ async def test_a_timed_out_render_holds_the_gpu_until_comfyui_really_ended_it(
     started 0.9-1.2 s before ComfyUI's own execution_interrupted."""
     comfy = world["comfyui"]
     comfy.behaviour.render_hangs = True
-    comfy.behaviour.render_node_s = 2.0  # the interrupt is seen at the next node boundary
+    # The interrupt is seen at the next node boundary, 3 s in: after the job's
+    # own hard deadline (job_timeout_s + 2 s), which must not release it either.
+    comfy.behaviour.render_node_s = 3.0
     service, url = await comfy_broker(world, start_broker, job_timeout_s=0.3)
     prompt = await client.request("POST", url + "/v1/image", b'{"prompt":{}}')
     assert prompt.code == 200
