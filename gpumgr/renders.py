@@ -218,7 +218,7 @@ class RenderTracker:
                 self._lost(render, "the service no longer knows it (it restarted?)")
             return
         how = "it ended" if state is RenderState.DONE else "it left the queue"
-        log.warn("{name}: render {id} stopped ({how}) after its interrupt; releasing the GPU",
+        log.info("{name}: render {id} stopped ({how}) after its interrupt; releasing the GPU",
                  name=name, id=render_id, how=how)
 
     def _released(self, render: TrackedRender) -> None:

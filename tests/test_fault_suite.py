@@ -121,11 +121,11 @@ EXPECTED_WARNINGS = {
     ("gpumgr.broker", "{consumer} unreachable ({reason}); re-probing now"),
     ("gpumgr.renders", "{name}: render {id} lost ({why}); releasing the GPU"),
     ("gpumgr.broker", "{name}: a job held the GPU past job_timeout_s; it was aborted"),
-    ("gpumgr.renders", "{name}: render {id} ran past job_timeout_s ({s:g}s); "
-                      "interrupting it"),
+    ("gpumgr.renders", "{name}: render {id} ran past job_timeout_s ({s:g}s); stopping "
+                      "it, and holding the GPU until {name} shows it ended"),
     ("gpumgr.renders", "{name}: polling render {id} failed: {e}"),
     # A hung render past job_timeout_s on a ComfyUI the injector just stopped.
-    ("gpumgr.renders", "{name}: interrupt failed: {e}"),
+    ("gpumgr.renders", "{name}: stopping render {id} failed: {e}"),
     ("gpumgr.proxy", "{consumer} broke mid-body ({why}); aborting the client"),
     ("gpumgr.proxy", "{consumer} {reason}; aborting the exchange"),
     ("gpumgr.process", "{name} {description} unexpectedly; last stderr: {stderr}"),

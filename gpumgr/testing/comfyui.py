@@ -372,7 +372,7 @@ class ComfyUISim(SimulatedConsumer):
             if b.render_stuck:
                 return  # never ends, never looks at the flag
             if b.render_hangs:
-                self._later(node_s, self._sampler_step, item)
+                self._later(max(node_s, 0.005), self._sampler_step, item)
                 return
         self._later(node_s, self._node_time_over, item, index)
 
@@ -391,7 +391,7 @@ class ComfyUISim(SimulatedConsumer):
         if self.interrupt_flag:
             self._interrupt(item)
         else:
-            self._later(self._node_s(item), self._sampler_step, item)
+            self._later(max(self._node_s(item), 0.005), self._sampler_step, item)
 
     def _node_done(self, item: QueueItem, index: int) -> None:
         if self.running_item is not item:
