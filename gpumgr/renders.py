@@ -113,7 +113,7 @@ class RenderTracker:
         render = self.tracked[key] = TrackedRender(name, render_id, now, phase_since=now)
         self.counts["tracked"] += 1
         log.info("{name}: tracking render {id}", name=name, id=render_id)
-        poll_error_logged = False
+        poll_error_logged = stop_error_logged = False
         stop_by = 0.0
         try:
             while True:
@@ -155,7 +155,11 @@ class RenderTracker:
                 if render.phase is not RenderPhase.RUNNING:
                     # Again at every poll until the evidence comes: it may have
                     # gone from pending to running since, and a call may have failed.
-                    await self._interrupt(driver, current, render_id)
+                    error = await self._interrupt(driver, current, render_id)
+                    if error is not None and not stop_error_logged:
+                        stop_error_logged = True
+                        log.warn("{name}: stopping render {id} failed: {e}", name=name,
+                                 id=render_id, e=error)
                 if render.phase is RenderPhase.INTERRUPTING and now >= stop_by:
                     if await self._grace_over(render, current):
                         return
@@ -163,14 +167,17 @@ class RenderTracker:
         finally:
             del self.tracked[key]
 
-    async def _interrupt(self, driver: IDriver, c: ConsumerConfig, render_id: str) -> None:
+    async def _interrupt(self, driver: IDriver, c: ConsumerConfig,
+                         render_id: str) -> Exception | None:
+        """Ask the service to stop the render; the error, if the call failed."""
         try:
             await driver.interrupt(self._http, c, render_id).addTimeout(
                 RENDER_POLL_TIMEOUT_S, self._clock)
         except defer.CancelledError:
             raise
         except Exception as e:
-            log.warn("{name}: stopping render {id} failed: {e}", name=c.name, id=render_id, e=e)
+            return e
+        return None
 
     async def _grace_over(self, render: TrackedRender, c: ConsumerConfig) -> bool:
         """No evidence within render_stop_grace_s: stop the owned process (True
