@@ -16,6 +16,7 @@ from gpumgr.drivers.base import ControlCallFailed, HttpReply, IDriver, RenderSta
 from gpumgr.drivers.comfyui import history_done, prompt_id_of, queued_ids
 from gpumgr.drivers.ollama import loaded_models
 from gpumgr.gpu import GpuSampler
+from gpumgr.process import ProcessState
 from gpumgr.registry import Health, Registry
 from gpumgr.renders import RenderTracker
 from gpumgr.snapshot import RenderPhase
@@ -418,3 +419,42 @@ def test_comfyui_stops_a_prompt_by_deleting_it_from_the_queue_then_interrupting_
     failed = driver.interrupt(http, config.consumers["comfy"], "p1")
     assert isinstance(failed.result.value, ControlCallFailed)
     failed.addErrback(lambda _: None)
+
+
+class _OwnedProcess:
+    """What the broker needs of a ManagedProcess, for the render tracker's stop."""
+
+    def __init__(self, reactor, name, spec, probe, on_exit):
+        self.name, self.on_exit = name, on_exit
+        self.stops: list[defer.Deferred] = []
+        self.state = ProcessState.RUNNING
+
+    def stop(self):
+        self.stops.append(defer.Deferred())
+        return self.stops[-1]
+
+    def status(self):
+        return {"state": self.state.value}
+
+
+def test_the_broker_stops_the_process_it_owns_when_a_render_gives_no_evidence():
+    clock = Clock()
+    raw = json.loads(json.dumps(RAW))
+    raw["consumers"]["comfy"]["process"] = {"command": ["comfyui-main"]}
+    raw["consumers"]["comfy"]["render_stop_grace_s"] = 5
+    config = parse_config(raw, "t.yaml")
+    gpu = GpuSampler(clock, "nvidia-smi", 2, 5, run=lambda *a: defer.Deferred())
+    broker = Broker(clock, config, gpu, FakeHttp({}), lambda c: None,
+                    Cooperator(scheduler=lambda f: clock.callLater(0, f)),
+                    process_factory=_OwnedProcess)
+    process = broker.processes["comfy"]
+    driver = Renders()
+    d = defer.ensureDeferred(broker._track_render(config.consumers["comfy"], driver, "p1",
+                                                  clock.seconds()))
+    for _ in range(int((60 + 5) / 0.5) + 2):
+        clock.advance(0.5)
+    assert len(process.stops) == 1 and not d.called
+    (render,) = broker.status()["consumers"]["comfy"]["renders"]
+    assert render["state"] == "stopping"
+    process.stops[0].callback(None)  # it exited: the render is over
+    assert d.called and broker.render_counts["stopped"] == 1 and broker.renders == {}
