@@ -172,6 +172,8 @@ class ComfyUISim(SimulatedConsumer):
         self.interrupts = 0
         #: The interrupt flag (nodes.interrupt_processing): honoured at the next node.
         self.interrupt_flag = False
+        #: Pending prompts removed by POST /queue (delete or clear): they never run.
+        self.deleted: list[str] = []
         #: Prompt ids an interrupt named while they were not running (skipped).
         self.skipped_interrupts: list[str] = []
         #: (seconds, prompt_id, "started" | "success" | "error" | "interrupted"):
@@ -243,10 +245,13 @@ class ComfyUISim(SimulatedConsumer):
             "queue_pending": [item.entry() for item in self.pending]})
 
     def edit_queue(self, request):
+        """Deletes and clears touch pending prompts only (PromptQueue.delete_queue_item)."""
         body = _json_object(request)
         if body.get("clear"):
+            self.deleted.extend(i.prompt_id for i in self.pending)
             self.pending.clear()
         doomed = set(body.get("delete") or ())
+        self.deleted.extend(i.prompt_id for i in self.pending if i.prompt_id in doomed)
         self.pending[:] = [i for i in self.pending if i.prompt_id not in doomed]
         self._broadcast_status()
         return _empty(request)
@@ -313,16 +318,23 @@ class ComfyUISim(SimulatedConsumer):
                 return _invalid(request, "invalid_prompt",
                                 "Cannot execute because a node is missing the class_type property.",
                                 f"Node ID '#{node_id}'")
-        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
         client_id = body.get("client_id")
+        item = self.submit(workflow, client_id if isinstance(client_id, str) else None,
+                           str(body.get("prompt_id") or "") or None)
+        return json_body(request, {"prompt_id": item.prompt_id, "number": item.number,
+                                   "node_errors": {}})
+
+    def submit(self, workflow: dict, client_id: str | None = None,
+               prompt_id: str | None = None) -> QueueItem:
+        """Queue a valid workflow, as POST /prompt does (tests use it for a
+        prompt another client sends ComfyUI directly)."""
         nodes, sampler, output = _plan(workflow)
-        item = QueueItem(next(self._numbers), prompt_id, workflow,
-                         client_id if isinstance(client_id, str) else None, nodes, sampler, output)
+        item = QueueItem(next(self._numbers), prompt_id or str(uuid.uuid4()), workflow,
+                         client_id, nodes, sampler, output)
         self.pending.append(item)
         self._broadcast_status()
         self._advance()
-        return json_body(request, {"prompt_id": prompt_id, "number": item.number,
-                                   "node_errors": {}})
+        return item
 
     def _advance(self) -> None:
         """The worker's loop body: act on /free flags between renders, then start the next."""
