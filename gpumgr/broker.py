@@ -511,7 +511,7 @@ class Broker:
         def settle(result: Any) -> Any:
             if timing.deadline is not None and timing.deadline.active():
                 timing.deadline.cancel()
-            if timed_out and isinstance(result, Failure) and result.check(defer.CancelledError):
+            if timed_out:
                 return self._job_timed_out(c.name, limit_s)
             return result
 

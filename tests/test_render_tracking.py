@@ -6,8 +6,10 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
+from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET
@@ -269,3 +271,20 @@ async def test_a_render_that_never_stops_keeps_the_gpu_says_so_and_an_admin_unlo
     events = [e["event"] for e in service.status()["scheduler"]["recent_events"]]
     assert "render_released" in events
     assert service.status()["consumers"]["comfyui"]["renders"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_hard_deadline_still_bounds_a_job_that_is_not_a_render(
+        world, start_broker, client):
+    """Only a tracked render leaves the job's bound (job_timeout_s + 2 s)."""
+    world["mvoice"].behaviour.job_s = 10.0
+    config = world_config(world, health={"interval_s": 0.2},
+                          consumers={"mvoice": {"job_timeout_s": 0.1}})
+    service, url = await start_broker(config)
+    await service.health.probe_all_now()
+    with pytest.raises(ResponseNeverReceived):  # mvoice took it: the exchange is aborted
+        await client.request("POST", url + "/v1/tts", b'{"text":"x"}')
+    assert service.scheduler.stats().in_flight == 0
+    assert world.active_jobs == 1  # released by the bound, not by the job's end
+    events = [e["event"] for e in service.status()["scheduler"]["recent_events"]]
+    assert "job_timeout" in events
