@@ -121,8 +121,12 @@ class RenderTracker:
                 if current is None or name not in self._registry:
                     self._lost(render, "its consumer was removed by a reload")
                     return
-                if self._registry[name].health is Health.DOWN:
+                health = self._registry[name].health
+                if health is Health.DOWN:
                     self._lost(render, "its service went down")
+                    return
+                if health is Health.STOPPED:
+                    self._lost(render, "the process gpumgr owns for it exited")
                     return
                 if render.phase is RenderPhase.STUCK and self._release_requested[name] > 0:
                     self._released(render)

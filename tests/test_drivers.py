@@ -448,6 +448,7 @@ def test_the_broker_stops_the_process_it_owns_when_a_render_gives_no_evidence():
                     Cooperator(scheduler=lambda f: clock.callLater(0, f)),
                     process_factory=_OwnedProcess)
     process = broker.processes["comfy"]
+    broker.registry.set_health("comfy", Health.OK)  # it was started and answers
     driver = Renders()
     d = defer.ensureDeferred(broker._track_render(config.consumers["comfy"], driver, "p1",
                                                   clock.seconds()))
@@ -458,3 +459,19 @@ def test_the_broker_stops_the_process_it_owns_when_a_render_gives_no_evidence():
     assert render["state"] == "stopping"
     process.stops[0].callback(None)  # it exited: the render is over
     assert d.called and broker.render_counts["stopped"] == 1 and broker.renders == {}
+
+
+def test_a_render_is_released_once_the_process_gpumgr_owns_for_it_exited():
+    """A crash of the owned process is evidence at once, not after job_timeout_s."""
+    clock, broker = make_broker()
+    driver = Renders()
+    driver.fail_polls = True  # nothing answers any more
+    d = defer.ensureDeferred(broker._track_render(broker.config.consumers["comfy"], driver,
+                                                  "p1", clock.seconds()))
+    clock.advance(1.0)
+    assert not d.called
+    broker.registry.set_health("comfy", Health.STOPPED)  # as _process_exited marks it
+    clock.advance(0.5)
+    assert d.called and broker.render_counts["lost"] == 1
+    (event,) = [e for e in broker.admission.events if e["event"] == "render_lost"]
+    assert "exited" in event["detail"]
