@@ -79,8 +79,9 @@ log = Logger()
 #: One line per proxied request.
 access_log = Logger(namespace="gpumgr.access")
 
-#: A job's hard deadline comes this long after job_timeout_s, when a tracked
-#: render has already been interrupted (it is polled every RENDER_POLL_S).
+#: A job's hard deadline comes this long after job_timeout_s. A tracked render
+#: is not bound by it: the render tracker interrupts it at job_timeout_s and
+#: holds the GPU until the evidence that it stopped (see `_track_render`).
 _JOB_TIMEOUT_MARGIN_S = 2.0
 #: The first bytes of a response kept for a driver that tracks renders.
 _CAPTURE_BYTES = 64 * 1024
@@ -96,6 +97,8 @@ class _Timing:
     ended: float | None = None
     #: The request's path for the access log, from its parsed target.
     path: str = ""
+    #: The job's hard deadline (`_bound_job`); a tracked render disarms it.
+    deadline: Any = None
 
 
 def _body_size(request: Any) -> int:
@@ -252,7 +255,7 @@ class Broker:
             is_stopped=self._process_stopped)
         self.render_tracker = RenderTracker(
             reactor, http, lambda: self._config.consumers, self.registry,
-            self.health.probe_now, self.admission.event)
+            self.health.probe_now, self.admission.event, self._stop_process_for_render)
         self.abandoned = AbandonedWork(
             reactor, gpu.sample_now, self.admission.event,
             sample_period_s=lambda: min(DRAIN_SAMPLE_S, self._config.gpu.interval_s))
@@ -541,11 +544,7 @@ class Broker:
                         consumer=c.name))
                 d = defer.ensureDeferred(
                     self._gpu_job(request, current, driver, method, path, url, timing))
-                # Every job is bounded; a render's own deadline (job_timeout_s) comes
-                # first, so that it can be interrupted cleanly.
-                limit_s = current.job_timeout_s + _JOB_TIMEOUT_MARGIN_S
-                return d.addTimeout(limit_s, self.reactor,
-                                    onTimeoutCancel=lambda r, t: self._job_timed_out(c.name, t))
+                return self._bound_job(d, current, timing)
 
             d = self.scheduler.run(c.name, job, kind=kind)
             # A client that leaves while queued leaves the queue at once. Once its
@@ -570,6 +569,30 @@ class Broker:
             log.info("{name}: its control route was used through pass-through; "
                      "its residency is unknown until measured or loaded", name=name)
         return result
+
+    def _bound_job(self, d: defer.Deferred[Any], c: ConsumerConfig,
+                   timing: _Timing) -> defer.Deferred[Any]:
+        """Every job is bounded: job_timeout_s plus a margin. A tracked render
+        leaves this bound when its tracking starts (`_track_render`): from
+        there the tracker bounds it, and gives the GPU back only on evidence
+        that the render stopped; a timeout here would release it on none."""
+        limit_s = c.job_timeout_s + _JOB_TIMEOUT_MARGIN_S
+        timed_out = []
+
+        def expire() -> None:
+            timed_out.append(True)
+            d.cancel()
+
+        timing.deadline = self.reactor.callLater(limit_s, expire)
+
+        def settle(result: Any) -> Any:
+            if timing.deadline is not None and timing.deadline.active():
+                timing.deadline.cancel()
+            if timed_out:
+                return self._job_timed_out(c.name, limit_s)
+            return result
+
+        return d.addBoth(settle)
 
     def _job_timed_out(self, name: str, seconds: float) -> Failure:
         self.admission.event("job_timeout", name, "job_timeout")
@@ -651,7 +674,7 @@ class Broker:
             if render_id is not None:
                 # job_timeout_s bounds the hold of the GPU, not the wait for it.
                 started = timing.started if timing.started is not None else timing.received
-                await self._track_render(c, driver, render_id, started)
+                await self._track_render(c, driver, render_id, started, timing)
                 return result
         if result.abandoned:
             await self._settle_abandoned(c, driver)
@@ -699,8 +722,17 @@ class Broker:
     # -- render tracking -----------------------------------------------------
 
     async def _track_render(self, c: ConsumerConfig, driver: IDriver, render_id: str,
-                            job_started: float) -> None:
+                            job_started: float, timing: _Timing | None = None) -> None:
+        """Hold the job's GPU slot until the render is over (see renders.py).
+        The job's hard deadline is disarmed: the tracker interrupts the render
+        at job_timeout_s and releases on evidence only, which may come later."""
+        if timing is not None and timing.deadline is not None and timing.deadline.active():
+            timing.deadline.cancel()
         await self.render_tracker.track(c.name, driver, render_id, job_started)
+
+    def _stop_process_for_render(self, name: str) -> defer.Deferred[None] | None:
+        process = self.processes.get(name)
+        return None if process is None else process.stop()
 
     @property
     def renders(self) -> dict[int, TrackedRender]:
@@ -745,7 +777,12 @@ class Broker:
             job: Callable[[], Any] = lambda: self.admission.load(name, "admin", evicting)
         else:
             job = lambda: self.admission.admin_unload(name)  # noqa: E731
+            # A render of `name` stuck with no evidence that it stopped gives
+            # the GPU back to this unload: the operator's way out.
+            self.render_tracker.request_release(name)
         d = self.scheduler.run(name, job, control=True)
+        if action == "unload":
+            d.addBoth(self._unload_done, name)
 
         def answer(_: Any) -> dict[str, Any]:
             state = self.registry[name]
@@ -753,6 +790,10 @@ class Broker:
                     "gpu_resident_mib": state.gpu_resident_mib}
 
         return d.addCallback(answer)
+
+    def _unload_done(self, result: Any, name: str) -> Any:
+        self.render_tracker.release_done(name)
+        return result
 
     # -- status --------------------------------------------------------------
 
@@ -766,8 +807,7 @@ class Broker:
             recent_events=tuple(a.events))
         renders: dict[str, list[RenderSnapshot]] = {}
         for r in self.renders.values():
-            renders.setdefault(r.consumer, []).append(
-                RenderSnapshot(r.consumer, r.render_id, r.since))
+            renders.setdefault(r.consumer, []).append(r.snapshot())
         consumers = []
         for state in self.registry:
             c = self._config.consumers.get(state.name)

@@ -202,6 +202,9 @@ class ConsumerConfig:
     #: After its client left, how long a job holds the GPU at most waiting for
     #: evidence that the service stopped (gpumgr.abandoned); 0: not at all.
     abandoned_grace_s: float = 30.0
+    #: After a render's interrupt, how long gpumgr waits for evidence that it
+    #: stopped before it stops the owned process (or, with none, reports it stuck).
+    render_stop_grace_s: float = 30.0
 
     @property
     def pinned(self) -> bool:
@@ -932,6 +935,7 @@ def _parse_consumer(sec: _Section, name: str) -> ConsumerConfig:
         job_timeout_s=sec.number("job_timeout_s", 1800.0, positive=True),
         abandoned_grace_s=sec.number("abandoned_grace_s", driver.abandoned_grace_s,
                                      maximum=3600.0),
+        render_stop_grace_s=sec.number("render_stop_grace_s", 30.0, positive=True),
     )
     sec.finish()
     if consumer.idle_unload_s is not None and not consumer.can_unload:

@@ -27,7 +27,7 @@ from gpumgr.errors import MethodNotAllowed, UnknownRoute, write_error
 from gpumgr.eviction import Residency
 from gpumgr.process import ProcessState
 from gpumgr.registry import Health
-from gpumgr.snapshot import Histogram, Snapshot
+from gpumgr.snapshot import RENDER_OUTCOMES, Histogram, RenderPhase, Snapshot
 
 _MIB = 1024 * 1024
 
@@ -95,7 +95,7 @@ def metric_families(s: Snapshot) -> Iterator[Metric]:
                               value=sched.eviction_failures)
     yield CounterMetricFamily("gpumgr_oom_retries", "Jobs replayed after an out-of-memory "
                               "answer.", value=sched.oom_retries)
-    for outcome in ("tracked", "completed", "interrupted", "lost"):
+    for outcome in RENDER_OUTCOMES:
         yield CounterMetricFamily(f"gpumgr_renders_{outcome}",
                                   f"Renders {outcome} (ComfyUI; the GPU is held until done).",
                                   value=s.renders.get(outcome, 0))
@@ -113,6 +113,10 @@ def metric_families(s: Snapshot) -> Iterator[Metric]:
     for outcome, n in sorted(s.drain_outcomes.items()):
         drains.add_metric([outcome], n)
     yield drains
+    yield GaugeMetricFamily("gpumgr_renders_stuck", "Renders past job_timeout_s with no "
+                            "evidence they stopped: the GPU stays held (admin unload frees it).",
+                            value=sum(r.phase is RenderPhase.STUCK
+                                      for c in s.consumers for r in c.renders))
     yield GaugeMetricFamily("gpumgr_tunnels_open", "WebSocket tunnels open now.",
                             value=s.tunnels_open)
 

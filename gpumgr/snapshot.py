@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import enum
 from typing import Any
 
 import attrs
@@ -69,11 +70,34 @@ class RequestStats:
             self.gpu_hold_s.setdefault(consumer, Histogram()).observe(hold_s)
 
 
+#: How tracked renders ended (a counter each), "tracked" counting every one.
+RENDER_OUTCOMES = ("tracked", "completed", "interrupted", "stopped", "stuck", "released",
+                   "lost")
+
+
+class RenderPhase(enum.Enum):
+    """Where gpumgr stands with a render that holds the GPU."""
+
+    #: Queued or rendering, within its job_timeout_s.
+    RUNNING = "running"
+    #: Past job_timeout_s: stopped (interrupted, or deleted from the queue)
+    #: and held until the service shows it ended, for render_stop_grace_s.
+    INTERRUPTING = "interrupting"
+    #: No evidence within the grace: gpumgr stops the process it owns.
+    STOPPING = "stopping"
+    #: No evidence within the grace and no process of gpumgr's to stop: still
+    #: held, until evidence comes or an admin unload gives the GPU back.
+    STUCK = "stuck"
+
+
 @attrs.frozen
 class RenderSnapshot:
     consumer: str
     render_id: str
     since: float
+    phase: RenderPhase = RenderPhase.RUNNING
+    #: When the render entered `phase`.
+    phase_since: float | None = None
 
 
 @attrs.frozen
@@ -125,7 +149,7 @@ class Snapshot:
     scheduler: SchedulerStats
     tunnels_open: int
     tunnels_total: int
-    #: tracked / completed / interrupted / lost
+    #: tracked / completed / interrupted / stopped / stuck / released / lost
     renders: dict[str, int]
     evictions_by_reason: dict[str, int]
     requests: RequestStats

@@ -36,7 +36,8 @@ def _consumer(s: Snapshot, c: ConsumerSnapshot) -> dict[str, Any]:
         "last_used": iso(c.last_used),
         "process": c.process,
         "renders": [{"prompt_id": r.render_id, "since": iso(r.since),
-                     "held_s": round(s.now - r.since, 3)} for r in c.renders],
+                     "held_s": round(s.now - r.since, 3), "state": r.phase.value,
+                     "state_since": iso(r.phase_since)} for r in c.renders],
     }
 
 

@@ -55,6 +55,7 @@ def test_minimal_config_gets_documented_defaults():
     c = config.consumers["ollama"]
     assert c.connect_timeout_s == 5 and c.request_timeout_s == 600
     assert c.load is None and c.can_coexist_with is None
+    assert c.job_timeout_s == 1800 and c.render_stop_grace_s == 30
 
 
 def test_fractional_durations_are_allowed():
@@ -131,6 +132,11 @@ BAD = [
     ("preload not a bool", MINIMAL.replace("    paths:", "    preload: yes please\n    paths:"),
      "consumers.ollama.preload", "true or false"),
     ("infinite number", _with("health: {timeout_s: .inf}\n"), "health.timeout_s", "finite"),
+    ("render grace zero", MINIMAL.replace("    paths:", "    render_stop_grace_s: 0\n    paths:"),
+     "consumers.ollama.render_stop_grace_s", "greater than 0"),
+    ("render grace not a number",
+     MINIMAL.replace("    paths:", "    render_stop_grace_s: soon\n    paths:"),
+     "consumers.ollama.render_stop_grace_s", "must be a number"),
     ("empty admin token", _with("admin_token: ''\n"), "admin_token", "must not be empty"),
     ("admin token and env", _with("admin_token: a\nadmin_token_env: B\n"), "admin_token_env",
      "not both"),

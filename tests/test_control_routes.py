@@ -121,9 +121,14 @@ async def test_without_a_token_loopback_may_use_them_and_a_render_stays_followed
     interrupt = await client.request("POST", url + "/v1/image/interrupt", b"{}", JSON)
     assert interrupt.code == 200
     assert residency(service, "comfyui") == "unknown"
-    # Its end comes from ComfyUI's queue, polled, not from the answer above.
-    await wait_for(lambda: not service.broker.renders)
+    # The answer released nothing: the node that runs now has not ended, so
+    # ComfyUI has not looked at the flag yet.
+    assert len(service.broker.renders) == 1 and service.scheduler.stats().in_flight == 1
+    await wait_for(lambda: gate.gates)  # its last node ended: the render ends at the gate
+    assert len(service.broker.renders) == 1
     gate.release()
+    # Its end comes from ComfyUI's queue, polled, once the render really stopped.
+    await wait_for(lambda: not service.broker.renders)
     assert service.scheduler.stats().in_flight == 0
 
 

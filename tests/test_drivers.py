@@ -16,7 +16,10 @@ from gpumgr.drivers.base import ControlCallFailed, HttpReply, IDriver, RenderSta
 from gpumgr.drivers.comfyui import history_done, prompt_id_of, queued_ids
 from gpumgr.drivers.ollama import loaded_models
 from gpumgr.gpu import GpuSampler
-from gpumgr.registry import Health
+from gpumgr.process import ProcessState
+from gpumgr.registry import Health, Registry
+from gpumgr.renders import RenderTracker
+from gpumgr.snapshot import RenderPhase
 from zope.interface.verify import verifyObject
 
 
@@ -233,16 +236,128 @@ def test_a_render_its_service_forgot_is_lost_and_released():
     assert event["detail"].startswith("p1: ")
 
 
-def test_a_render_past_job_timeout_is_interrupted_and_released():
+def test_a_render_past_job_timeout_is_interrupted_and_held_until_it_ended():
+    """The interrupt's answer is no evidence (ComfyUI sees it only between nodes):
+    the GPU stays held, the stop is asked again at every poll, until the
+    service shows the render ended."""
     clock, broker = make_broker()
     driver = Renders()
     d = defer.ensureDeferred(broker._track_render(broker.config.consumers["comfy"], driver,
                                                   "p1", clock.seconds()))
-    for _ in range(130):
-        clock.advance(0.5)
-    assert d.called and driver.interrupted == ["p1"] and broker.renders == {}
+    for _ in range(119):
+        clock.advance(0.5)  # job_timeout_s is 60
+    assert driver.interrupted == []
+    clock.advance(0.5)
+    assert not d.called and driver.interrupted == ["p1"]
+    (render,) = broker.status()["consumers"]["comfy"]["renders"]
+    assert render["state"] == "interrupting"
     (event,) = [e for e in broker.admission.events if e["event"] == "render_interrupted"]
     assert event["consumer"] == "comfy" and event["detail"] == "p1"
+    clock.advance(0.5)
+    assert not d.called and driver.interrupted == ["p1", "p1"]
+    driver.state = RenderState.DONE  # /history shows execution_interrupted
+    clock.advance(0.5)
+    assert d.called and broker.renders == {}
+    assert broker.render_counts["interrupted"] == 1 and broker.render_counts["lost"] == 0
+
+
+def test_a_stopped_render_that_left_the_queue_is_released():
+    clock, broker = make_broker()
+    driver = Renders()
+    d = defer.ensureDeferred(broker._track_render(broker.config.consumers["comfy"], driver,
+                                                  "p1", clock.seconds()))
+    for _ in range(121):
+        clock.advance(0.5)
+    driver.state = RenderState.GONE  # deleted from ComfyUI's queue: no history
+    clock.advance(0.5)
+    assert d.called and broker.render_counts["lost"] == 0
+
+
+def _tracker(clock, stop_process=lambda name: None):
+    config = parse_config(RAW, "t.yaml")
+    registry = Registry(config.consumers)
+    events: list[tuple] = []
+    tracker = RenderTracker(clock, FakeHttp({}), lambda: config.consumers, registry,
+                            lambda name: None, lambda *a, **k: events.append((a, k)),
+                            stop_process)
+    return tracker, config.consumers["comfy"], events
+
+
+def _past_grace(clock):
+    for _ in range(int((60 + 30) / 0.5) + 2):  # job_timeout_s, then render_stop_grace_s
+        clock.advance(0.5)
+
+
+def test_no_evidence_within_the_grace_stops_the_owned_process_then_releases():
+    clock = Clock()
+    stopping: list[defer.Deferred] = []
+
+    def stop_process(name):
+        stopping.append(defer.Deferred())
+        return stopping[-1]
+
+    tracker, c, events = _tracker(clock, stop_process)
+    driver = Renders()
+    d = defer.ensureDeferred(tracker.track("comfy", driver, "p1", clock.seconds()))
+    _past_grace(clock)
+    assert len(stopping) == 1 and not d.called
+    (render,) = tracker.tracked.values()
+    assert render.phase is RenderPhase.STOPPING
+    assert [a[0] for a, _ in events] == ["render_interrupted", "render_stuck"]
+    stopping[0].callback(None)  # the process exited
+    assert d.called and tracker.counts["stopped"] == 1 and tracker.tracked == {}
+
+
+def test_no_evidence_and_no_process_holds_as_stuck_until_an_admin_release():
+    clock = Clock()
+    tracker, c, events = _tracker(clock)
+    driver = Renders()
+    d = defer.ensureDeferred(tracker.track("comfy", driver, "p1", clock.seconds()))
+    _past_grace(clock)
+    (render,) = tracker.tracked.values()
+    assert render.phase is RenderPhase.STUCK and not d.called
+    assert tracker.counts["stuck"] == 1
+    (stuck,) = [k for a, k in events if a[0] == "render_stuck"]
+    assert "p1" in stuck["detail"] and "admin unload" in stuck["detail"]
+    for _ in range(100):
+        clock.advance(0.5)
+    assert not d.called  # held for as long as nothing says otherwise
+    tracker.request_release("other")
+    clock.advance(0.5)
+    assert not d.called  # another consumer's unload changes nothing
+    tracker.request_release("comfy")
+    clock.advance(0.5)
+    assert d.called and tracker.counts["released"] == 1
+    assert [a[0] for a, _ in events][-1] == "render_released"
+
+
+def test_a_stuck_render_still_ends_on_late_evidence_and_a_failed_stop_leaves_it_stuck():
+    clock = Clock()
+    tracker, c, events = _tracker(clock, lambda name: defer.fail(RuntimeError("D state")))
+    driver = Renders()
+    d = defer.ensureDeferred(tracker.track("comfy", driver, "p1", clock.seconds()))
+    _past_grace(clock)
+    (render,) = tracker.tracked.values()
+    assert render.phase is RenderPhase.STUCK and tracker.counts["stopped"] == 0
+    driver.state = RenderState.DONE
+    clock.advance(0.5)
+    assert d.called and tracker.counts["released"] == 0
+
+
+def test_an_admin_release_does_not_touch_a_render_that_is_not_stuck():
+    clock = Clock()
+    tracker, c, events = _tracker(clock)
+    driver = Renders()
+    d = defer.ensureDeferred(tracker.track("comfy", driver, "p1", clock.seconds()))
+    tracker.request_release("comfy")
+    clock.advance(0.5)
+    assert not d.called  # running: an unload waits for it like any job
+    tracker.release_done("comfy")
+    _past_grace(clock)
+    assert not d.called  # stuck, and no unload waits any more
+    driver.state = RenderState.DONE
+    clock.advance(0.5)
+    assert d.called
 
 
 def test_a_render_is_released_once_its_service_is_down():
@@ -304,3 +419,76 @@ def test_after_a_client_left_only_vllm_can_be_asked_whether_work_runs():
         keys = {"health": "/h"} if name == "http" else {}
         assert result_of(get_driver(name).work_stopped(http, consumer(name, **keys))) is None
         assert http.calls == []  # nothing to ask: they offer no such route
+
+
+def test_comfyui_stops_a_prompt_by_deleting_it_from_the_queue_then_interrupting_it():
+    """Delete first: a prompt that starts running between the calls is still
+    interrupted; a pending one is gone (an interrupt would be skipped for it)."""
+    config = parse_config(RAW, "t.yaml")
+    http = FakeHttp({("POST", "/queue"): HttpReply(200, b""),
+                     ("POST", "/interrupt"): HttpReply(200, b"")})
+    driver = get_driver("comfyui")
+    d = driver.interrupt(http, config.consumers["comfy"], "p1")
+    assert d.called
+    assert [(m, p, json.loads(b)) for m, p, b in http.calls] == [
+        ("POST", "/queue", {"delete": ["p1"]}), ("POST", "/interrupt", {"prompt_id": "p1"})]
+    http.answers[("POST", "/queue")] = HttpReply(500, b"boom")
+    failed = driver.interrupt(http, config.consumers["comfy"], "p1")
+    assert isinstance(failed.result.value, ControlCallFailed)
+    failed.addErrback(lambda _: None)
+
+
+class _OwnedProcess:
+    """What the broker needs of a ManagedProcess, for the render tracker's stop."""
+
+    def __init__(self, reactor, name, spec, probe, on_exit):
+        self.name, self.on_exit = name, on_exit
+        self.stops: list[defer.Deferred] = []
+        self.state = ProcessState.RUNNING
+
+    def stop(self):
+        self.stops.append(defer.Deferred())
+        return self.stops[-1]
+
+    def status(self):
+        return {"state": self.state.value}
+
+
+def test_the_broker_stops_the_process_it_owns_when_a_render_gives_no_evidence():
+    clock = Clock()
+    raw = json.loads(json.dumps(RAW))
+    raw["consumers"]["comfy"]["process"] = {"command": ["comfyui-main"]}
+    raw["consumers"]["comfy"]["render_stop_grace_s"] = 5
+    config = parse_config(raw, "t.yaml")
+    gpu = GpuSampler(clock, "nvidia-smi", 2, 5, run=lambda *a: defer.Deferred())
+    broker = Broker(clock, config, gpu, FakeHttp({}), lambda c: None,
+                    Cooperator(scheduler=lambda f: clock.callLater(0, f)),
+                    process_factory=_OwnedProcess)
+    process = broker.processes["comfy"]
+    broker.registry.set_health("comfy", Health.OK)  # it was started and answers
+    driver = Renders()
+    d = defer.ensureDeferred(broker._track_render(config.consumers["comfy"], driver, "p1",
+                                                  clock.seconds()))
+    for _ in range(int((60 + 5) / 0.5) + 2):
+        clock.advance(0.5)
+    assert len(process.stops) == 1 and not d.called
+    (render,) = broker.status()["consumers"]["comfy"]["renders"]
+    assert render["state"] == "stopping"
+    process.stops[0].callback(None)  # it exited: the render is over
+    assert d.called and broker.render_counts["stopped"] == 1 and broker.renders == {}
+
+
+def test_a_render_is_released_once_the_process_gpumgr_owns_for_it_exited():
+    """A crash of the owned process is evidence at once, not after job_timeout_s."""
+    clock, broker = make_broker()
+    driver = Renders()
+    driver.fail_polls = True  # nothing answers any more
+    d = defer.ensureDeferred(broker._track_render(broker.config.consumers["comfy"], driver,
+                                                  "p1", clock.seconds()))
+    clock.advance(1.0)
+    assert not d.called
+    broker.registry.set_health("comfy", Health.STOPPED)  # as _process_exited marks it
+    clock.advance(0.5)
+    assert d.called and broker.render_counts["lost"] == 1
+    (event,) = [e for e in broker.admission.events if e["event"] == "render_lost"]
+    assert "exited" in event["detail"]

@@ -15,8 +15,10 @@ restarts consumers (resets before and after headers), stalls them (tokens
 stop: body_idle_timeout_s; the answer is late: request_timeout_s), flaps
 mvoice's health, makes nvidia-smi hang (with and without a child holding its
 pipe), fail and print garbage, makes unloads fail, SIGKILLs the whisper
-process, hangs and slows ComfyUI renders, and reloads the config with new
-priorities half-way.
+process, hangs and slows ComfyUI renders, times out renders that run (their
+sampler sees the interrupt only at its next step) and gpumgr's prompts still
+pending behind one another client sent to ComfyUI directly, and reloads the
+config with new priorities half-way.
 
 At the end, each invariant is its own assertion:
 - every client call finished (none hung past CALL_BOUND_S); every 200 was
@@ -31,7 +33,8 @@ At the end, each invariant is its own assertion:
   passed, the consumer was reset), never two exchanges gpumgr was relaying,
   never beside work whose client left (gpumgr holds the GPU until such work
   stopped, unless a fault hit that consumer meanwhile), and no ComfyUI
-  render ran without gpumgr holding ComfyUI's slot. `world.max_active_jobs` counts such orphans too (a
+  render ran without gpumgr holding ComfyUI's slot (prompts sent to ComfyUI
+  directly, which gpumgr never saw, excepted). `world.max_active_jobs` counts such orphans too (a
   simulated job ends on its own timer, not when its connection drops), so it
   is printed, and this sharper form is what is asserted;
 - RSS within 30 MiB of its level after the warm-up; open fds back to their
@@ -60,6 +63,7 @@ import os
 import random
 import signal
 import struct
+import uuid
 from typing import Any
 
 import attrs
@@ -100,6 +104,9 @@ VRAM_MIB = {"ollama": 7000, "comfyui": 6500, "mvoice": 2000, "whisper": 1500}
 PRIORITY = {"tts": 10, "stt": 10, "llm": 5, "image": 0}
 PRIORITY_AFTER_RELOAD = {"tts": 4, "stt": 8, "llm": 6, "image": 2}
 
+#: The client_id of prompts sent to ComfyUI directly, not through gpumgr.
+DIRECT_CLIENT = "direct-web-ui"
+
 MVOICE_JOB_S = 0.003
 #: mvoice's answer during a before-headers stall: past its request_timeout_s.
 MVOICE_STALL_JOB_S = 1.5
@@ -122,11 +129,11 @@ EXPECTED_WARNINGS = {
     ("gpumgr.broker", "{consumer} unreachable ({reason}); re-probing now"),
     ("gpumgr.renders", "{name}: render {id} lost ({why}); releasing the GPU"),
     ("gpumgr.broker", "{name}: a job held the GPU past job_timeout_s; it was aborted"),
-    ("gpumgr.renders", "{name}: render {id} ran past job_timeout_s ({s:g}s); "
-                      "interrupting it"),
+    ("gpumgr.renders", "{name}: render {id} ran past job_timeout_s ({s:g}s); stopping "
+                      "it, and holding the GPU until {name} shows it ended"),
     ("gpumgr.renders", "{name}: polling render {id} failed: {e}"),
     # A hung render past job_timeout_s on a ComfyUI the injector just stopped.
-    ("gpumgr.renders", "{name}: interrupt failed: {e}"),
+    ("gpumgr.renders", "{name}: stopping render {id} failed: {e}"),
     ("gpumgr.proxy", "{consumer} broke mid-body ({why}); aborting the client"),
     ("gpumgr.proxy", "{consumer} {reason}; aborting the exchange"),
     ("gpumgr.process", "{name} {description} unexpectedly; last stderr: {stderr}"),
@@ -343,6 +350,8 @@ class SimJob:
     abandoned: bool = False
     #: The client request it serves (X-Fault-Req), when it serves one.
     request_n: int | None = None
+    #: A ComfyUI prompt another client sent to ComfyUI directly: gpumgr never saw it.
+    foreign: bool = False
 
 
 class SimJobs:
@@ -373,8 +382,10 @@ class SimJobs:
                 request.notifyFinish().addErrback(lambda _: setattr(job, "abandoned", True))
             else:
                 self._render = job
+                item = getattr(consumer, "running_item", None)
+                job.foreign = item is not None and item.client_id == DIRECT_CLIENT
                 held = {h.consumer for h in service.scheduler.stats().holders}
-                if consumer.name not in held:
+                if consumer.name not in held and not job.foreign:
                     self.renders_without_slot += 1
             self.overlaps.extend((other, job) for other in self.running)
             self.running.append(job)
@@ -416,7 +427,10 @@ class SimJobs:
             self.running.remove(job)
 
     def unexplained_overlaps(self) -> list[tuple[SimJob, SimJob]]:
-        return [(a, b) for a, b in self.overlaps if not a.abandoned and not b.abandoned]
+        """Overlaps of two jobs gpumgr was running: neither dropped by it, nor
+        a prompt sent to ComfyUI directly (gpumgr cannot hold the GPU for those)."""
+        return [(a, b) for a, b in self.overlaps
+                if not (a.abandoned or b.abandoned or a.foreign or b.foreign)]
 
     def overlaps_after_client_cuts(self, cut: set[int],
                                    disrupted: Any) -> list[tuple[SimJob, SimJob]]:
@@ -595,11 +609,13 @@ class Injector:
     #: while gpumgr still counts it loaded is how a GPU runs out of memory.
     FAULTS = {"stop_restart": 3, "stall_stream": 1, "stall_headers": 1, "health_flap": 1,
               "smi_hang": 1, "smi_hang_child": 1, "smi_driver": 1, "smi_garbage": 1,
-              "unload_fails": 1, "whisper_crash": 1, "render_hang": 1, "slow_render": 1}
+              "unload_fails": 1, "whisper_crash": 1, "render_hang": 1, "slow_render": 1,
+              "render_timeout_running": 1, "direct_prompt": 2}
 
     def __init__(self, rng: random.Random, world: Any, service: GpumgrService,
-                 rewrite_config: Any) -> None:
+                 rewrite_config: Any, url: str) -> None:
         self.rng = rng
+        self.url = url
         self.world = world
         self.service = service
         self.rewrite_config = rewrite_config
@@ -722,6 +738,64 @@ class Injector:
         self.world["comfyui"].behaviour.render_hangs = False
         return "comfyui", 0.0
 
+    async def render_timeout_running(self):
+        """Renders started now hang in a sampler whose steps take 0.4 s: gpumgr
+        stops them at job_timeout_s, and ComfyUI ends them only at the next
+        step. The GPU must stay held until then (no overlap)."""
+        b = self.world["comfyui"].behaviour
+        b.render_hangs, b.render_node_s = True, 0.4
+        prompt = defer.ensureDeferred(self._post_json(self.url + "/v1/image", {"prompt": {}}))
+        await self.hold()
+        b.render_hangs, b.render_node_s = False, None
+        await prompt
+        return "comfyui", 0.0
+
+    async def _post_json(self, url: str, value: dict[str, Any]) -> None:
+        """The injector's own request (a prompt it needs in place); its answer is not checked."""
+        try:
+            response = await Agent(reactor).request(
+                b"POST", url.encode(), Headers({b"Content-Type": [b"application/json"]}),
+                FileBodyProducer(io.BytesIO(json.dumps(value).encode()))).addTimeout(
+                    CALL_BOUND_S, reactor)
+            collector = Collector()
+            response.deliverBody(collector)
+            await collector.done
+        except Exception:
+            pass  # a fault of the injector's own (a stopped ComfyUI) may cut it
+
+    async def direct_prompt(self):
+        """Another client sends ComfyUI a prompt directly, just before gpumgr's
+        next one reaches it, that renders for longer than job_timeout_s:
+        gpumgr's prompt waits behind it in ComfyUI's queue and times out; it
+        must be deleted from the queue, never run without gpumgr's slot. The
+        direct prompt lands while gpumgr holds ComfyUI's slot, so the model it
+        may load is the one gpumgr made room for."""
+        comfy = self.world["comfyui"]
+        if not comfy.running or comfy.url is None:
+            return False, 0.0
+        prompt_id = str(uuid.uuid4())
+        comfy.behaviour.node_gate = lambda pid, node: (
+            sleep(0.8) if pid == prompt_id else defer.succeed(None))  # 2 nodes: 1.6 s
+        take_prompt = comfy.prompt
+
+        def prompt(request: Any) -> Any:
+            del comfy.prompt  # one shot
+            comfy.submit({}, DIRECT_CLIENT, prompt_id)
+            return take_prompt(request)
+
+        comfy.prompt = prompt
+        try:
+            await self._post_json(self.url + "/v1/image", {"prompt": {}})
+            await wait_for(lambda: prompt_id in comfy.history or not comfy.running,
+                           timeout_s=10)
+        except AssertionError:
+            pass
+        finally:
+            if "prompt" in vars(comfy):
+                del comfy.prompt
+            comfy.behaviour.node_gate = None
+        return "comfyui", 0.0
+
     async def slow_render(self):
         self.world["comfyui"].behaviour.job_s = 0.3
         await self.hold()
@@ -753,6 +827,7 @@ class Injector:
         self.world["mvoice"].behaviour.job_s = MVOICE_JOB_S
         comfy = self.world["comfyui"]
         comfy.behaviour.render_hangs, comfy.behaviour.job_s = False, COMFY_JOB_S
+        comfy.behaviour.render_node_s = comfy.behaviour.node_gate = None
         self.world.gpu.set_smi_failure(None)
 
 
@@ -843,7 +918,9 @@ def summarise(records: list[Record], injector: Injector, service: GpumgrService,
         f"{dict(injector.counts.most_common())}; evictions {sched['evictions']} "
         f"(failed {sched['eviction_failures']}, by reason "
         f"{dict(service.admission.evictions_by_reason)}); "
-        f"renders {sched.get('renders')}; whisper restarts {process['restarts']}; "
+        f"renders {sched.get('renders')} (prompts deleted from ComfyUI's queue "
+        f"{len(world['comfyui'].deleted)}, renders ended by an interrupt "
+        f"{world['comfyui'].interrupts}); whisper restarts {process['restarts']}; "
         f"GPU samples {service.gpu.samples_taken} ({service.gpu.samples_failed} failed); "
         f"OOMs {world.gpu.oom_count}; max GPU jobs at once: gpumgr "
         f"{service.scheduler.max_running_seen}, simulator {world.max_active_jobs} "
@@ -907,7 +984,7 @@ async def _fault_run(tmp_path: Any, seed: int, capsys: Any) -> None:
 
         # The run.
         clients = Clients(url)
-        injector = Injector(random.Random(rng.random()), world, service, rewrite_config)
+        injector = Injector(random.Random(rng.random()), world, service, rewrite_config, url)
         specs = make_specs(random.Random(rng.random()), REQUESTS, WARMUP_REQUESTS, True)
         began = reactor.seconds()
         injecting = defer.ensureDeferred(injector.run(

@@ -4,9 +4,12 @@ and the GPU slot stays held until /history/<id> fills."""
 from __future__ import annotations
 
 import io
+import json
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
+from twisted.web._newclient import ResponseNeverReceived
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET
@@ -159,3 +162,129 @@ async def test_a_client_that_leaves_once_comfyui_took_its_prompt_still_holds_the
     gate.release()
     assert (await tts).code == 200
     assert world.max_active_jobs == 1
+
+
+# -- issue 14: a render is released on evidence that it stopped, never on an interrupt's 200 --
+
+
+def _ended_at(comfy, prompt_id):
+    """When the simulated ComfyUI really ended that render (its own timeline)."""
+    return next(t for t, p, how in comfy.timeline if p == prompt_id and how != "started")
+
+
+async def _submit_directly(client, comfy, client_id="web-ui"):
+    """A prompt from another client (ComfyUI's web UI, a script): gpumgr never sees it."""
+    reply = await client.request("POST", comfy.url + "/prompt", json.dumps(
+        {"prompt": {}, "client_id": client_id}).encode(), {"Content-Type": "application/json"})
+    assert reply.code == 200
+    return reply.json()["prompt_id"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_timed_out_render_holds_the_gpu_until_comfyui_really_ended_it(
+        world, start_broker, client):
+    """The real ComfyUI sees an interrupt only between nodes: the next GPU job
+    started 0.9-1.2 s before ComfyUI's own execution_interrupted."""
+    comfy = world["comfyui"]
+    comfy.behaviour.render_hangs = True
+    # The interrupt is seen at the next node boundary, 3 s in: after the job's
+    # own hard deadline (job_timeout_s + 2 s), which must not release it either.
+    comfy.behaviour.render_node_s = 3.0
+    service, url = await comfy_broker(world, start_broker, job_timeout_s=0.3)
+    prompt = await client.request("POST", url + "/v1/image", b'{"prompt":{}}')
+    assert prompt.code == 200
+    prompt_id = prompt.json()["prompt_id"]
+    tts = defer.ensureDeferred(client.request("POST", url + "/v1/tts", b'{"text":"x"}'))
+    await wait_for(lambda: comfy.interrupt_flag, timeout_s=5)  # gpumgr interrupted it...
+    assert service.status()["consumers"]["comfyui"]["renders"][0]["state"] == "interrupting"
+    assert (await tts).code == 200
+    # ...and the TTS job started only once ComfyUI had really ended the render.
+    assert world.max_active_jobs == 1
+    (tts_request,) = world["mvoice"].work_requests()
+    assert _ended_at(comfy, prompt_id) <= tts_request.at
+    assert comfy.history[prompt_id]["status"]["messages"][-1][0] == "execution_interrupted"
+    events = [e["event"] for e in service.status()["scheduler"]["recent_events"]]
+    assert "render_interrupted" in events and "render_stuck" not in events
+    assert service.status()["scheduler"]["renders"]["interrupted"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_timed_out_prompt_pending_behind_another_clients_is_deleted_and_never_runs(
+        world, start_broker, client):
+    """ComfyUI skips an interrupt for a prompt that is not running; the prompt
+    then ran 5-6 s after the next GPU job had started."""
+    comfy = world["comfyui"]
+    comfy.behaviour.render_node_s = 0.4  # theirs renders for 1.6 s
+    service, url = await comfy_broker(world, start_broker, job_timeout_s=0.3)
+    theirs = await _submit_directly(client, comfy)
+    prompt = await client.request("POST", url + "/v1/image", b'{"prompt":{}}')
+    assert prompt.code == 200
+    ours = prompt.json()["prompt_id"]
+    assert [i.prompt_id for i in comfy.pending] == [ours]  # waits behind theirs
+    tts = await client.request("POST", url + "/v1/tts", b'{"text":"x"}')
+    assert tts.code == 200
+    # gpumgr deleted it from ComfyUI's queue and saw /queue without it before releasing.
+    (tts_request,) = world["mvoice"].work_requests()
+    deletes = [r for r in comfy.requests if r.method == "POST" and r.path == "/queue"
+               and ours.encode() in r.body_head]
+    assert deletes and deletes[0].at <= tts_request.at
+    assert any(r.method == "GET" and r.path == "/queue" and deletes[0].at <= r.at
+               <= tts_request.at for r in comfy.requests)
+    # Theirs ends; ours never runs afterwards.
+    await wait_for(lambda: theirs in comfy.history and comfy.queue_remaining == 0, timeout_s=10)
+    assert [p for _, p, how in comfy.timeline if how == "started"] == [theirs]
+    assert ours not in comfy.history
+    assert service.scheduler.stats().in_flight == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_render_that_never_stops_keeps_the_gpu_says_so_and_an_admin_unload_frees_it(
+        world, start_broker, client):
+    """No evidence within render_stop_grace_s and no process of its own to stop:
+    gpumgr keeps holding the GPU (status, event, metric, log); an admin unload
+    is the way out."""
+    comfy = world["comfyui"]
+    comfy.behaviour.render_stuck = True  # a node that never ends nor sees the flag
+    service, url = await comfy_broker(world, start_broker, job_timeout_s=0.2,
+                                      render_stop_grace_s=0.5)
+    prompt = await client.request("POST", url + "/v1/image", b'{"prompt":{}}')
+    prompt_id = prompt.json()["prompt_id"]
+    tts = defer.ensureDeferred(client.request("POST", url + "/v1/tts", b'{"text":"x"}'))
+
+    def stuck():
+        renders = service.status()["consumers"]["comfyui"]["renders"]
+        return renders and renders[0]["state"] == "stuck"
+
+    await wait_for(stuck, timeout_s=10)
+    status = service.status()
+    assert status["scheduler"]["in_flight"] == 1 and not tts.called
+    assert world["mvoice"].work_requests() == []
+    (event,) = [e for e in status["scheduler"]["recent_events"] if e["event"] == "render_stuck"]
+    assert event["consumer"] == "comfyui" and prompt_id in event["detail"]
+    metrics = (await client.request("GET", url + "/metrics")).body.decode()
+    assert "gpumgr_renders_stuck 1.0" in metrics
+
+    unload = await client.request("POST", url + "/v1/consumers/comfyui/unload")
+    assert unload.code == 200, unload.body
+    assert (await tts).code == 200
+    assert service.scheduler.stats().in_flight == 0
+    events = [e["event"] for e in service.status()["scheduler"]["recent_events"]]
+    assert "render_released" in events
+    assert service.status()["consumers"]["comfyui"]["renders"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_hard_deadline_still_bounds_a_job_that_is_not_a_render(
+        world, start_broker, client):
+    """Only a tracked render leaves the job's bound (job_timeout_s + 2 s)."""
+    world["mvoice"].behaviour.job_s = 10.0
+    config = world_config(world, health={"interval_s": 0.2},
+                          consumers={"mvoice": {"job_timeout_s": 0.1}})
+    service, url = await start_broker(config)
+    await service.health.probe_all_now()
+    with pytest.raises(ResponseNeverReceived):  # mvoice took it: the exchange is aborted
+        await client.request("POST", url + "/v1/tts", b'{"text":"x"}')
+    assert service.scheduler.stats().in_flight == 0
+    assert world.active_jobs == 1  # released by the bound, not by the job's end
+    events = [e["event"] for e in service.status()["scheduler"]["recent_events"]]
+    assert "job_timeout" in events

@@ -170,30 +170,145 @@ async def test_a_failing_render_ends_in_execution_error(world, comfy, client):
 # -- /interrupt ----------------------------------------------------------------------------------
 
 
+class NodeGates:
+    """Each node of each render ends only when the test opens its gate."""
+
+    def __init__(self, comfy) -> None:
+        self.gates: dict[tuple[str, str], defer.Deferred] = {}
+        comfy.behaviour.node_gate = lambda prompt_id, node: self.gates.setdefault(
+            (prompt_id, node), defer.Deferred())
+
+    async def reached(self, prompt_id: str, node: str) -> None:
+        """The node has run its time and waits for its gate."""
+        await wait_for(lambda: (prompt_id, node) in self.gates, timeout_s=5)
+
+    async def open(self, prompt_id: str, node: str) -> None:
+        await self.reached(prompt_id, node)
+        self.gates[(prompt_id, node)].callback(None)
+
+    def open_all(self) -> None:
+        self.gates, gates = {}, self.gates
+        for d in gates.values():
+            if not d.called:
+                d.callback(None)
+
+
+def _queue_ids(queue: dict) -> tuple[list[str], list[str]]:
+    return [e[1] for e in queue["queue_running"]], [e[1] for e in queue["queue_pending"]]
+
+
 @pytest_twisted.ensureDeferred
-async def test_interrupt_ends_the_running_render_at_once_and_the_next_one_starts(world, comfy,
-                                                                                client):
-    comfy.behaviour.render_hangs = True
-    first = (await submit(client, comfy))["prompt_id"]
-    second = (await submit(client, comfy))["prompt_id"]
-    assert (await get_json(client, f"{comfy.url}/history/{first}")) == {}
+async def test_interrupt_only_sets_a_flag_honoured_at_the_next_node_boundary(world, comfy,
+                                                                            client):
+    """As the real one: the render, its memory and its /queue entry go on until
+    the node that runs now ends; then execution_interrupted (to every socket)."""
+    gates = NodeGates(comfy)
+    first = (await submit(client, comfy, client_id="a"))["prompt_id"]
+    second = (await submit(client, comfy, client_id="b"))["prompt_id"]
+    await gates.reached(first, "4")  # the loader node has run its time, and still runs
 
-    # Naming a prompt that is not running interrupts nothing.
-    reply = await post(client, comfy.url + "/interrupt", {"prompt_id": second})
-    assert reply.code == 200 and comfy.interrupts == 0 and comfy.running_item.prompt_id == first
+    reply = await post(client, comfy.url + "/interrupt", {"prompt_id": first})
+    assert reply.code == 200 and comfy.interrupt_flag
+    assert _queue_ids(await get_json(client, comfy.url + "/queue")) == ([first], [second])
+    assert await get_json(client, f"{comfy.url}/history/{first}") == {}
+    assert comfy.interrupts == 0 and world.active_jobs == 1 and "comfyui" in world.gpu.allocations
 
-    await post(client, comfy.url + "/interrupt", raw=b"")
-    assert comfy.interrupts == 1
+    await gates.open(first, "4")  # the node ends: the next one sees the flag
+    await wait_for(lambda: first in comfy.history, timeout_s=5)
     status = (await get_json(client, f"{comfy.url}/history/{first}"))[first]["status"]
     assert status["status_str"] == "error" and status["completed"] is False
-    assert "execution_interrupted" in [m[0] for m in status["messages"]]
-    assert comfy.running_item.prompt_id == second and world.active_jobs == 1
+    (interrupted,) = [m[1] for m in status["messages"] if m[0] == "execution_interrupted"]
+    assert interrupted["node_id"] == "3"  # raised as the sampler was about to run
+    assert comfy.interrupts == 1
+    # The next prompt starts after the interrupted one ended, with the flag cleared.
+    await wait_for(lambda: comfy.running_item is not None, timeout_s=5)
+    assert comfy.running_item.prompt_id == second and not comfy.interrupt_flag
+    assert [(p, how) for _, p, how in comfy.timeline] == [
+        (first, "started"), (first, "interrupted"), (second, "started")]
+    gates.open_all()
 
-    await post(client, comfy.url + "/api/interrupt", {"prompt_id": second})
-    assert comfy.interrupts == 2 and second in comfy.history
-    assert world.active_jobs == 0 and comfy.queue_remaining == 0
-    await post(client, comfy.url + "/interrupt")  # idle: nothing to interrupt
-    assert comfy.interrupts == 2
+
+@pytest_twisted.ensureDeferred
+async def test_an_interrupt_during_the_last_node_is_moot(world, comfy, client):
+    gates = NodeGates(comfy)
+    prompt_id = (await submit(client, comfy))["prompt_id"]
+    for node in ("4", "3", "8"):
+        await gates.open(prompt_id, node)
+    await gates.reached(prompt_id, "9")
+    await post(client, comfy.url + "/interrupt", {"prompt_id": prompt_id})
+    await gates.open(prompt_id, "9")
+    await wait_for(lambda: prompt_id in comfy.history, timeout_s=5)
+    assert comfy.history[prompt_id]["status"]["status_str"] == "success"
+    assert comfy.interrupts == 0 and world.active_jobs == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_interrupt_for_a_pending_prompt_is_skipped_and_it_runs_later(world, comfy,
+                                                                             client):
+    """Another client's prompt runs; ours waits behind it. Interrupting ours
+    does nothing ("not currently running, skipping interrupt"): it runs later."""
+    gates = NodeGates(comfy)
+    theirs = (await submit(client, comfy, client_id="web-ui"))["prompt_id"]
+    ours = (await submit(client, comfy, client_id="gpumgr"))["prompt_id"]
+    reply = await post(client, comfy.url + "/api/interrupt", {"prompt_id": ours})
+    assert reply.code == 200
+    assert comfy.skipped_interrupts == [ours] and not comfy.interrupt_flag
+    assert _queue_ids(await get_json(client, comfy.url + "/queue")) == ([theirs], [ours])
+    for node in ("4", "3", "8", "9"):
+        await gates.open(theirs, node)
+    for node in ("4", "3", "8", "9"):
+        await gates.open(ours, node)
+    await wait_for(lambda: ours in comfy.history, timeout_s=5)
+    assert comfy.history[theirs]["status"]["status_str"] == "success"
+    assert comfy.history[ours]["status"]["status_str"] == "success"
+    assert comfy.interrupts == 0 and world.max_active_jobs == 1
+    assert [(p, how) for _, p, how in comfy.timeline] == [
+        (theirs, "started"), (theirs, "success"), (ours, "started"), (ours, "success")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bare_interrupt_ends_whatever_runs_and_an_idle_one_is_forgotten(world, comfy,
+                                                                               client):
+    comfy.behaviour.render_hangs = True  # the sampler looks at the flag at each step
+    await post(client, comfy.url + "/interrupt", raw=b"")  # idle: a flag nobody reads
+    first = (await submit(client, comfy))["prompt_id"]
+    await wait_for(lambda: comfy._executing_node == "3", timeout_s=5)
+    assert comfy.running_item.prompt_id == first and not comfy.interrupt_flag
+    await post(client, comfy.url + "/interrupt", raw=b"")
+    await wait_for(lambda: first in comfy.history, timeout_s=5)
+    assert comfy.interrupts == 1 and world.active_jobs == 0 and comfy.queue_remaining == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stuck_node_never_sees_the_interrupt_until_the_process_dies(world, comfy,
+                                                                           client):
+    comfy.behaviour.render_stuck = True
+    comfy.behaviour.render_node_s = 0.001
+    prompt_id = (await submit(client, comfy))["prompt_id"]
+    await wait_for(lambda: comfy._executing_node == "3", timeout_s=5)
+    await post(client, comfy.url + "/interrupt", {"prompt_id": prompt_id})
+    assert comfy.interrupt_flag
+    assert _queue_ids(await get_json(client, comfy.url + "/queue")) == ([prompt_id], [])
+    assert comfy.interrupts == 0 and world.active_jobs == 1
+    await world.stop_consumer("comfyui")
+    assert world.active_jobs == 0 and [how for _, _, how in comfy.timeline] == [
+        "started", "lost"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_delete_removes_pending_prompts_never_the_running_one(world, comfy, client):
+    gates = NodeGates(comfy)
+    ids = [(await submit(client, comfy))["prompt_id"] for _ in range(4)]
+    await post(client, comfy.url + "/queue", {"delete": [ids[0], ids[2], "unknown"]})
+    assert _queue_ids(await get_json(client, comfy.url + "/queue")) == (
+        [ids[0]], [ids[1], ids[3]])
+    await post(client, comfy.url + "/api/queue", {"clear": True})
+    assert _queue_ids(await get_json(client, comfy.url + "/queue")) == ([ids[0]], [])
+    for node in ("4", "3", "8", "9"):
+        await gates.open(ids[0], node)
+    await wait_for(lambda: ids[0] in comfy.history, timeout_s=5)
+    assert comfy.history.keys() == {ids[0]}  # the deleted ones never ran, nor left history
+    assert [p for _, p, how in comfy.timeline if how == "started"] == [ids[0]]
 
 
 @pytest_twisted.ensureDeferred
@@ -205,6 +320,7 @@ async def test_queue_and_history_can_be_edited(comfy, client):
     await post(client, comfy.url + "/queue", {"clear": True})
     assert comfy.pending == [] and comfy.running_item.prompt_id == ids[0]
     await post(client, comfy.url + "/interrupt")
+    await wait_for(lambda: ids[0] in comfy.history, timeout_s=5)
     assert list(await get_json(client, comfy.url + "/history?max_items=1")) == [ids[0]]
     await post(client, comfy.url + "/history", {"delete": [ids[0]]})
     assert await get_json(client, comfy.url + "/history") == {}
@@ -378,6 +494,7 @@ async def test_a_prompt_without_client_id_sends_no_execution_events(comfy, clien
 async def test_reconnecting_during_a_render_says_which_node_runs(comfy, client):
     comfy.behaviour.render_hangs = True
     prompt_id = (await submit(client, comfy, client_id="me"))["prompt_id"]
+    await wait_for(lambda: comfy._executing_node == "3", timeout_s=5)
     ws = await connect(reactor, _ws_url(comfy, "me"))
     try:
         assert (await ws.next_json(timeout_s=5))["type"] == "status"

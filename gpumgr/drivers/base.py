@@ -86,7 +86,9 @@ class IDriver(Interface):
 
     def interrupt(http: ControlHttp, consumer: ConsumerConfig,
                   render_id: str) -> defer.Deferred[None]:
-        """End that work now (it ran past its job_timeout_s)."""
+        """Ask the service to stop that work, queued or running (it ran past its
+        job_timeout_s). Its answer is not evidence: gpumgr keeps polling
+        `render_state` until the work is over."""
 
     def work_stopped(http: ControlHttp, consumer: ConsumerConfig) -> defer.Deferred[bool | None]:
         """After a client left: does the service itself say that nothing runs

@@ -3,7 +3,10 @@
 `POST /prompt` answers at once with a `prompt_id` and renders afterwards, for
 seconds or minutes: the GPU slot is held while the prompt is in `GET /queue`
 (running or pending); then `GET /history/<id>` says it is over, or, empty,
-that ComfyUI has forgotten it (it restarted). `/free` only sets flags the
+that ComfyUI has forgotten it (it restarted) or deleted it from its queue.
+`/interrupt` only sets a flag seen between nodes, and is skipped for a prompt
+that is not running, so its 200 says nothing: a stopped prompt is followed
+until `/queue` no longer lists it. `/free` only sets flags the
 worker honours between renders, so its 200 says nothing about freed memory.
 Every route is also served under `/api/`.
 """
@@ -121,6 +124,18 @@ class ComfyUIDriver(BaseDriver):
 
     def interrupt(self, http: ControlHttp, consumer: ConsumerConfig,
                   render_id: str) -> defer.Deferred[None]:
-        body = json.dumps({"prompt_id": render_id}).encode()
-        d = http.request("POST", consumer.url_for("/interrupt"), body, "application/json")
-        return d.addCallback(lambda _: None)
+        return defer.ensureDeferred(self._interrupt(http, consumer, render_id))
+
+    async def _interrupt(self, http: ControlHttp, consumer: ConsumerConfig,
+                         render_id: str) -> None:
+        """Delete it from the queue (pending prompts only), then interrupt it
+        (the running prompt only; ComfyUI skips it otherwise). In this order
+        a prompt that starts between the two calls is still caught. Neither
+        answer is evidence: the caller polls until /queue no longer lists it."""
+        for path, body in (("/queue", {"delete": [render_id]}),
+                           ("/interrupt", {"prompt_id": render_id})):
+            reply = await http.request("POST", consumer.url_for(path),
+                                       json.dumps(body).encode(), "application/json")
+            if not reply.ok:
+                raise ControlCallFailed(f"POST {path} answered HTTP {reply.code}: "
+                                        f"{reply.snippet()}")

@@ -57,8 +57,14 @@ class Behaviour:
     embedding_dim: int = 16
     #: ComfyUI: progress events per render.
     render_steps: int = 4
-    #: ComfyUI: renders never finish (history never fills) until interrupted.
+    #: ComfyUI: the time of one node of a render; None: `job_s` spread over the nodes.
+    render_node_s: float | None = None
+    #: ComfyUI: the sampler never finishes (history never fills) until interrupted;
+    #: it sees the interrupt at its next step (one node time).
     render_hangs: bool = False
+    #: ComfyUI: the sampler never finishes and never looks at the interrupt flag
+    #: (a hung node): only the process dying ends the render.
+    render_stuck: bool = False
     #: ComfyUI: renders end in execution_error with this exception message.
     render_error: str | None = None
     #: Tests only: a render ends once `job_s` passed AND render_gate(prompt_id) fired.
@@ -71,6 +77,9 @@ class Behaviour:
     #: a KV cache grown for the request), freed when the job ends. It shows in
     #: the process's nvidia-smi row.
     working_mib: int = 0
+    #: Tests only: a ComfyUI node ends once its time passed AND
+    #: node_gate(prompt_id, node_id) fired (not a hanging sampler's steps).
+    node_gate: Callable[[str, str], defer.Deferred] | None = None
 
 
 @attrs.define

@@ -6,13 +6,23 @@ What it copies from the real server (shared CONSUMERS-NOTES, and ComfyUI's
 - ``POST /prompt`` validates, queues and answers AT ONCE with
   ``{prompt_id, number, node_errors}`` (the client's ``prompt_id`` if it sent
   one); a missing or malformed workflow gets 400 ``{error, node_errors}``.
-- One worker renders in submission order, each render `Behaviour.job_s`
-  seconds on the simulated GPU (counted by `world.job_started/job_ended`). The
-  model loads at the first render; one that does not fit ends that render in
-  ``execution_error`` (CUDA out of memory).
+- One worker renders in submission order (prompts from gpumgr and from other
+  clients alike, FIFO), one at a time, each render a chain of nodes run one
+  after the other on the simulated GPU (counted by
+  `world.job_started/job_ended`). A node takes `Behaviour.render_node_s`
+  (None: `job_s` spread over the nodes). The model loads at the first render;
+  one that does not fit ends that render in ``execution_error`` (CUDA out of
+  memory).
+- ``POST /interrupt`` only sets a flag, checked before each node (and at each
+  step of a hanging sampler, as KSampler checks it): the render, its memory
+  and its ``/queue`` entry go on until the node that runs now ends; then
+  ``execution_interrupted``. An interrupt naming a prompt that is not running
+  (pending, or unknown) is skipped, logged as the real one does; a bare one
+  interrupts whatever runs now. A flag left over is cleared when the next
+  prompt starts (``execute_async``).
 - ``GET /history/<id>`` is ``{}`` until the prompt finished; ``/queue``,
-  ``GET /prompt``, ``POST /interrupt`` (ends the running render at once),
-  ``POST /queue`` and ``POST /history`` (clear, delete).
+  ``GET /prompt``, ``POST /queue`` (``delete`` and ``clear`` remove pending
+  prompts only, never the running one) and ``POST /history`` (clear, delete).
 - ``POST /free`` only sets flags; the worker acts on them between renders,
   never during one (at once when idle).
 - ``GET /view`` serves the PNGs renders produced and images uploaded with
@@ -25,13 +35,16 @@ What it copies from the real server (shared CONSUMERS-NOTES, and ComfyUI's
   order (history is filled before that last message).
 - Every route is also served under ``/api/``.
 
-Knobs: `job_s`, `render_steps`, `render_hangs` (until interrupted),
-`render_error`, `render_gate` (tests), `unload_fails`, `unload_settle_s`.
+Knobs: `job_s`, `render_node_s`, `node_gate` (tests), `render_steps`, `render_hangs` (the sampler
+never ends, but honours an interrupt at its next step), `render_stuck` (the
+sampler never ends and never looks at the flag: only the process dying ends
+it), `render_error`, `render_gate` (tests), `unload_fails`, `unload_settle_s`.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import struct
 import uuid
 import zlib
@@ -42,6 +55,8 @@ import attrs
 from gpumgr.testing.base import SimulatedConsumer, json_body, read_json
 from gpumgr.testing.multipart import parse_multipart
 from gpumgr.testing.websocket import WebSocketConnection, accept
+
+log = logging.getLogger("gpumgr.testing.comfyui")
 
 
 def make_png(seed: int = 0, size: int = 8) -> bytes:
@@ -155,6 +170,15 @@ class ComfyUISim(SimulatedConsumer):
         self._free_flags: tuple[bool, bool] | None = None
         #: Renders ended by POST /interrupt.
         self.interrupts = 0
+        #: The interrupt flag (nodes.interrupt_processing): honoured at the next node.
+        self.interrupt_flag = False
+        #: Pending prompts removed by POST /queue (delete or clear): they never run.
+        self.deleted: list[str] = []
+        #: Prompt ids an interrupt named while they were not running (skipped).
+        self.skipped_interrupts: list[str] = []
+        #: (seconds, prompt_id, "started" | "success" | "error" | "interrupted"):
+        #: when each render really started and ended on the simulated GPU.
+        self.timeline: list[tuple[float, str, str]] = []
         #: (clientId, socket) for every open /ws connection.
         self.sockets: list[tuple[str, WebSocketConnection]] = []
         #: (type, subfolder, filename) -> PNG bytes, for /view.
@@ -221,10 +245,13 @@ class ComfyUISim(SimulatedConsumer):
             "queue_pending": [item.entry() for item in self.pending]})
 
     def edit_queue(self, request):
+        """Deletes and clears touch pending prompts only (PromptQueue.delete_queue_item)."""
         body = _json_object(request)
         if body.get("clear"):
+            self.deleted.extend(i.prompt_id for i in self.pending)
             self.pending.clear()
         doomed = set(body.get("delete") or ())
+        self.deleted.extend(i.prompt_id for i in self.pending if i.prompt_id in doomed)
         self.pending[:] = [i for i in self.pending if i.prompt_id not in doomed]
         self._broadcast_status()
         return _empty(request)
@@ -291,16 +318,23 @@ class ComfyUISim(SimulatedConsumer):
                 return _invalid(request, "invalid_prompt",
                                 "Cannot execute because a node is missing the class_type property.",
                                 f"Node ID '#{node_id}'")
-        prompt_id = str(body.get("prompt_id") or uuid.uuid4())
         client_id = body.get("client_id")
+        item = self.submit(workflow, client_id if isinstance(client_id, str) else None,
+                           str(body.get("prompt_id") or "") or None)
+        return json_body(request, {"prompt_id": item.prompt_id, "number": item.number,
+                                   "node_errors": {}})
+
+    def submit(self, workflow: dict, client_id: str | None = None,
+               prompt_id: str | None = None) -> QueueItem:
+        """Queue a valid workflow, as POST /prompt does (tests use it for a
+        prompt another client sends ComfyUI directly)."""
         nodes, sampler, output = _plan(workflow)
-        item = QueueItem(next(self._numbers), prompt_id, workflow,
-                         client_id if isinstance(client_id, str) else None, nodes, sampler, output)
+        item = QueueItem(next(self._numbers), prompt_id or str(uuid.uuid4()), workflow,
+                         client_id, nodes, sampler, output)
         self.pending.append(item)
         self._broadcast_status()
         self._advance()
-        return json_body(request, {"prompt_id": prompt_id, "number": item.number,
-                                   "node_errors": {}})
+        return item
 
     def _advance(self) -> None:
         """The worker's loop body: act on /free flags between renders, then start the next."""
@@ -312,6 +346,7 @@ class ComfyUISim(SimulatedConsumer):
 
     def _start(self, item: QueueItem) -> None:
         self.running_item = item
+        self.interrupt_flag = False  # execute_async: interrupt_processing(False)
         self._messages = []
         self._record(item, "execution_start", {"prompt_id": item.prompt_id,
                                                "timestamp": self._ms()})
@@ -324,19 +359,58 @@ class ComfyUISim(SimulatedConsumer):
             return
         self.jobs_started += 1
         self.world.job_started(self)
-        before = item.nodes[: item.nodes.index(item.sampler_node) + 1]
-        for node in before:
-            self._executing(item, node)
-        b = self.behaviour
-        steps = max(0, b.render_steps)
-        for k in range(1, steps + 1):
-            self._later(b.job_s * k / (steps + 1), self._send_to, item, "progress",
-                        {"value": k, "max": steps, "prompt_id": item.prompt_id,
-                         "node": item.sampler_node})
-        if not b.render_hangs:
-            self._later(b.job_s, self._render_time_over, item)
+        self.timeline.append((self.clock.seconds(), item.prompt_id, "started"))
+        self._run_node(item, 0)
 
-    def _render_time_over(self, item: QueueItem) -> None:
+    def _node_s(self, item: QueueItem) -> float:
+        b = self.behaviour
+        return b.render_node_s if b.render_node_s is not None else b.job_s / len(item.nodes)
+
+    def _run_node(self, item: QueueItem, index: int) -> None:
+        """Node `index` runs for one node time; the flag is looked at only before it."""
+        node = item.nodes[index]
+        self._executing(item, node)
+        if self.interrupt_flag:  # before_node_execution() raises in this node
+            self._interrupt(item)
+            return
+        node_s = self._node_s(item)
+        b = self.behaviour
+        if node == item.sampler_node:
+            steps = max(0, b.render_steps)
+            for k in range(1, steps + 1):
+                self._later(node_s * k / (steps + 1), self._send_to, item, "progress",
+                            {"value": k, "max": steps, "prompt_id": item.prompt_id,
+                             "node": item.sampler_node})
+            if b.render_stuck:
+                return  # never ends, never looks at the flag
+            if b.render_hangs:
+                self._later(max(node_s, 0.005), self._sampler_step, item)
+                return
+        self._later(node_s, self._node_time_over, item, index)
+
+    def _node_time_over(self, item: QueueItem, index: int) -> None:
+        gate = self.behaviour.node_gate
+        if gate is None or self.running_item is not item:
+            self._node_done(item, index)
+        else:
+            gate(item.prompt_id, item.nodes[index]).addCallback(
+                lambda _: self._node_done(item, index))
+
+    def _sampler_step(self, item: QueueItem) -> None:
+        """A hanging sampler: it never ends, but checks the flag at every step."""
+        if self.running_item is not item:
+            return
+        if self.interrupt_flag:
+            self._interrupt(item)
+        else:
+            self._later(max(self._node_s(item), 0.005), self._sampler_step, item)
+
+    def _node_done(self, item: QueueItem, index: int) -> None:
+        if self.running_item is not item:
+            return
+        if index + 1 < len(item.nodes):
+            self._run_node(item, index + 1)
+            return
         gate = self.behaviour.render_gate
         if gate is None:
             self._render_done(item)
@@ -344,13 +418,12 @@ class ComfyUISim(SimulatedConsumer):
             gate(item.prompt_id).addCallback(lambda _: self._render_done(item))
 
     def _render_done(self, item: QueueItem) -> None:
+        """The last node ended: no flag is looked at after it (a late interrupt is moot)."""
         if self.running_item is not item:
-            return  # interrupted, or the process died, while the gate was shut
+            return  # the process died while the gate was shut
         self._timers = []
-        for node in item.nodes[item.nodes.index(item.sampler_node) + 1:]:
-            self._executing(item, node)
         if self.behaviour.render_error is not None:
-            self.world.job_ended(self)
+            self._ended(item, "error")
             self._finish_with_error(item, self.behaviour.render_error, "RuntimeError")
             return
         n = next(self._images_made)
@@ -363,8 +436,12 @@ class ComfyUISim(SimulatedConsumer):
                                          "prompt_id": item.prompt_id})
         self._record(item, "execution_success", {"prompt_id": item.prompt_id,
                                                  "timestamp": self._ms()})
-        self.world.job_ended(self)
+        self._ended(item, "success")
         self._task_done(item, {item.output_node: {"images": images}}, "success")
+
+    def _ended(self, item: QueueItem, how: str) -> None:
+        self.timeline.append((self.clock.seconds(), item.prompt_id, how))
+        self.world.job_ended(self)
 
     def _finish_with_error(self, item: QueueItem, message: str, exception_type: str) -> None:
         node = self._executing_node or item.nodes[0]
@@ -376,20 +453,20 @@ class ComfyUISim(SimulatedConsumer):
             "current_outputs": {}, "timestamp": self._ms()})
         self._task_done(item, {}, "error")
 
-    def _interrupt(self) -> None:
-        item = self.running_item
-        assert item is not None
+    def _interrupt(self, item: QueueItem) -> None:
+        """The flag was seen at a node boundary: the render ends here."""
         for timer in self._timers:
             if timer.active():
                 timer.cancel()
         self._timers = []
         node = self._executing_node or item.nodes[0]
-        self._record(item, "execution_interrupted", {
-            "prompt_id": item.prompt_id, "node_id": node,
-            "node_type": str(item.prompt.get(node, {}).get("class_type", "KSampler")),
-            "executed": [], "timestamp": self._ms()})
+        message = {"prompt_id": item.prompt_id, "node_id": node,
+                   "node_type": str(item.prompt.get(node, {}).get("class_type", "KSampler")),
+                   "executed": [], "timestamp": self._ms()}
+        self._messages.append(["execution_interrupted", message])
+        self._broadcast({"type": "execution_interrupted", "data": message})  # broadcast=True
         self.interrupts += 1
-        self.world.job_ended(self)
+        self._ended(item, "interrupted")
         self._task_done(item, {}, "error")
 
     def _task_done(self, item: QueueItem, outputs: dict, status: str) -> None:
@@ -417,11 +494,21 @@ class ComfyUISim(SimulatedConsumer):
     # -- control routes ----------------------------------------------------------------------
 
     def interrupt(self, request):
-        """Ends the running render at once (only it, when a prompt_id names another)."""
+        """Only sets the flag (server.py post_interrupt): the running render ends
+        at its next node boundary. A prompt_id that is not the running prompt's
+        is skipped, pending or not; no prompt_id interrupts whatever runs."""
         target = _json_object(request).get("prompt_id")
         item = self.running_item
-        if item is not None and (target is None or target == item.prompt_id):
-            self._interrupt()
+        if target:
+            if item is not None and item.prompt_id == target:
+                log.info("Interrupting prompt %s", target)
+                self.interrupt_flag = True
+            else:
+                log.info("Prompt %s is not currently running, skipping interrupt", target)
+                self.skipped_interrupts.append(str(target))
+        else:
+            log.info("Global interrupt (no prompt_id specified)")
+            self.interrupt_flag = True
         return _empty(request)
 
     def free(self, request):
@@ -459,8 +546,10 @@ class ComfyUISim(SimulatedConsumer):
         self.sockets = [(s, c) for s, c in self.sockets if c is not conn]
 
     def _broadcast_status(self) -> None:
-        message = {"type": "status", "data": {
-            "status": {"exec_info": {"queue_remaining": self.queue_remaining}}}}
+        self._broadcast({"type": "status", "data": {
+            "status": {"exec_info": {"queue_remaining": self.queue_remaining}}}})
+
+    def _broadcast(self, message: dict) -> None:
         for _, conn in self.sockets:
             conn.send_json(message)
 
@@ -497,8 +586,9 @@ class ComfyUISim(SimulatedConsumer):
                 timer.cancel()
         self._timers = []
         if self.running_item is not None and self._loaded:
-            self.world.job_ended(self)
+            self._ended(self.running_item, "lost")
         self.running_item = None
+        self.interrupt_flag = False
         self._executing_node = None
         self.pending.clear()
         self.history.clear()

@@ -297,7 +297,10 @@ function drawConsumers(doc, colour, clock) {
       td("Render", renders.length
         ? h("ul", { class: "renders" }, renders.map((r) =>
             h("li", { title: r.prompt_id ?? "" }, h("code", null, String(r.prompt_id ?? "?").slice(0, 12)),
-              ` ${duration(r.held_s)}`)))
+              ` ${duration(r.held_s)}`,
+              r.state && r.state !== "running"
+                ? h("span", { class: r.state === "stuck" ? "error small" : "small" }, ` ${r.state}`)
+                : null)))
         : h("span", { class: "muted" }, "–")));
   });
   const body = document.querySelector("#consumers tbody");
