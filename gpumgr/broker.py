@@ -28,6 +28,7 @@ from gpumgr.config import AUDIO_ROUTE, KINDS, Config, ConfigError, ConsumerConfi
 from gpumgr.drivers import ControlHttp, IDriver, get_driver
 from gpumgr.errors import (
     BadPath,
+    BadRequest,
     ConsumerUnhealthy,
     ControlFailed,
     GpumgrError,
@@ -431,6 +432,11 @@ class Broker:
         c = config.consumer_for(kind)
         if c is None:
             raise UnknownRoute(f"no consumer is routed for {kind!r}")
+        if method != method.upper():
+            # Methods are case-sensitive (RFC 9110), but not to every server:
+            # Werkzeug upper-cases them. `post` would be classified as neither
+            # GPU work nor a control route, and run as POST there.
+            raise BadRequest(f"the method {method!r} must be upper case", consumer=c.name)
         if target is None:
             if method != "POST":
                 raise MethodNotAllowed(method, ("POST",))

@@ -138,3 +138,24 @@ async def test_anthropic_and_responses_requests_wait_for_the_lock(world, start_b
     code, _ = await reply
     assert code == 200
     assert ollama.jobs_started == started + 1
+
+
+# -- a method in lower case -------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("kind,target", [
+    ("mvoice", b"/v1/tts/unload"), ("mvoice", b"/v1/tts/speak"),
+    ("comfyui", b"/v1/image/interrupt"), ("ollama", b"/v1/llm/api/generate"),
+])
+async def test_a_lower_case_method_is_refused_not_relayed(world, start_broker, kind, target):
+    """`post` was classified as no control route and no GPU work (those are
+    `POST`), and relayed as sent, without the token. RFC 9110 makes methods
+    case-sensitive, but servers differ: Werkzeug (Flask) upper-cases the
+    method, so `post /unload` unloads there, and `post /speak` runs beside
+    the job holding the GPU."""
+    service, url = await token_broker(world, start_broker)
+    before = len(world[kind].requests)
+    code, answer = await raw_exchange(url, b"post", target, b"{}")
+    assert code == 400 and json.loads(answer)["error"]["code"] == "bad_request"
+    assert len(world[kind].requests) == before
