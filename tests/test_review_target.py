@@ -159,3 +159,17 @@ async def test_a_lower_case_method_is_refused_not_relayed(world, start_broker, k
     code, answer = await raw_exchange(url, b"post", target, b"{}")
     assert code == 400 and json.loads(answer)["error"]["code"] == "bad_request"
     assert len(world[kind].requests) == before
+
+
+# -- a control route that loads is GPU work --------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/wake_up", "/collective_rpc"])
+def test_waking_vllm_through_pass_through_waits_for_the_lock(path):
+    """`POST /wake_up` puts vLLM's weights back on the GPU (and
+    `/collective_rpc {"method": "reload_weights"}` loads them): through
+    pass-through they were relayed at once, beside whatever job held the
+    GPU. The admin token says who may; the lock says when. (whisper.cpp's
+    `/load` already was GPU work.)"""
+    assert get_driver("vllm").is_gpu_work("POST", path)
+    assert not get_driver("vllm").is_gpu_work("POST", "/sleep")  # it frees; never waits

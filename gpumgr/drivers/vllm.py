@@ -10,8 +10,12 @@ from __future__ import annotations
 from gpumgr.config import HttpCall
 from gpumgr.drivers.base import BaseDriver
 
+#: Inference, and the control routes that put weights back on the GPU
+#: (`/wake_up`; `/collective_rpc` can reload them): admin routes, and GPU
+#: work too, so that they wait for the lock like a load does.
 _GPU_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
-              "/v1/audio/transcriptions", "/v1/score", "/v1/rerank", "/pooling")
+              "/v1/audio/transcriptions", "/v1/score", "/v1/rerank", "/pooling",
+              "/wake_up", "/collective_rpc")
 
 
 class VllmDriver(BaseDriver):
