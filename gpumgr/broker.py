@@ -450,9 +450,12 @@ class Broker:
             if problem is not None:
                 raise BadPath(problem, consumer=c.name)
             sent = target
-            scheduled = self.is_gpu_work(c, method, sent.path)
+            # With or without `;` parameters (servers differ: gpumgr.target).
+            scheduled = any(self.is_gpu_work(c, method, p)
+                            for p in (sent.path, sent.bare_path))
         driver = get_driver(c.driver)
-        control = bool(driver.is_control(c, method, sent.path, body))
+        control = any(driver.is_control(c, method, p, body)
+                      for p in dict.fromkeys((sent.path, sent.bare_path)))
         return Route(c, sent, forward_url(c.url, sent), scheduled, control,
                      passthrough=target is not None)
 

@@ -173,3 +173,42 @@ def test_waking_vllm_through_pass_through_waits_for_the_lock(path):
     `/load` already was GPU work.)"""
     assert get_driver("vllm").is_gpu_work("POST", path)
     assert not get_driver("vllm").is_gpu_work("POST", "/sleep")  # it frees; never waits
+
+
+# -- `;` parameters, for servers that strip them -----------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("target", [b"/v1/tts/unload;v=1", b"/v1/tts/unload;jsessionid=x?y=1",
+                                    b"/v1/image/interrupt;x", b"/v1/image/api;x/free"])
+async def test_a_control_route_with_parameters_needs_the_token(world, start_broker, target):
+    """gin and aiohttp keep `;` in a segment, but Tomcat, Jetty and Undertow
+    strip `;params` before routing: to a TTS service on one of them,
+    `/unload;v=1` is `/unload`. It went through without the token; a
+    control route is one by its name with or without its parameters."""
+    service, url = await token_broker(world, start_broker)
+    kind = "mvoice" if b"/tts/" in target else "comfyui"
+    before = len(world[kind].requests)
+    code, answer = await raw_exchange(url, b"POST", target, b"{}")
+    assert code == 401 and json.loads(answer)["error"]["code"] == "unauthorized"
+    assert len(world[kind].requests) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_gpu_work_with_parameters_waits_for_the_lock(world, start_broker, client):
+    """The same for GPU work: `/api/generate;v=1` is not a route to gin (it
+    answers 404), but is one to a server that strips parameters, so it
+    waits for the lock rather than run beside the job holding it."""
+    service, url = await locked_broker(world, start_broker)
+    ollama = world["ollama"]
+    held = await HeldStream(ollama).start(client, url)
+    before = len(ollama.requests)
+    reply = defer.ensureDeferred(raw_exchange(
+        url, b"POST", b"/v1/llm/api/generate;v=1",
+        b'{"model":"llama3","prompt":"x","stream":false}'))
+    await wait_for(lambda: service.scheduler.stats().queue_depth == 1
+                   or len(ollama.requests) > before)
+    assert service.scheduler.stats().queue_depth == 1
+    held.release()
+    code, _ = await reply
+    assert code == 404 and ollama.requests[-1].raw_target == b"/api/generate;v=1"
