@@ -38,6 +38,7 @@ from gpumgr.config import (
 from gpumgr.drivers import ControlHttp, IDriver, get_driver
 from gpumgr.errors import (
     BadPath,
+    BadRequest,
     ConsumerUnhealthy,
     ControlFailed,
     GpumgrError,
@@ -483,6 +484,11 @@ class Broker:
         c = config.consumer_for(kind)
         if c is None:
             raise UnknownRoute(f"no consumer is routed for {kind!r}")
+        if method != method.upper():
+            # Methods are case-sensitive (RFC 9110), but not to every server:
+            # Werkzeug upper-cases them. `post` would be classified as neither
+            # GPU work nor a control route, and run as POST there.
+            raise BadRequest(f"the method {method!r} must be upper case", consumer=c.name)
         if target is None:
             if method != "POST":
                 raise MethodNotAllowed(method, ("POST",))
@@ -496,9 +502,12 @@ class Broker:
             if problem is not None:
                 raise BadPath(problem, consumer=c.name)
             sent = target
-            scheduled = self.is_gpu_work(c, method, sent.path)
+            # With or without `;` parameters (servers differ: gpumgr.target).
+            scheduled = any(self.is_gpu_work(c, method, p)
+                            for p in (sent.path, sent.bare_path))
         driver = get_driver(c.driver)
-        control = bool(driver.is_control(c, method, sent.path, body))
+        control = any(driver.is_control(c, method, p, body)
+                      for p in dict.fromkeys((sent.path, sent.bare_path)))
         return Route(c, sent, forward_url(c.url, sent), scheduled, control,
                      passthrough=target is not None)
 

@@ -16,8 +16,11 @@ The rules (the README's "Request targets" says the same for users):
   the decisions (the services decode before routing: gin, aiohttp); the
   original encoding is what is forwarded, byte for byte.
 - `;` is an ordinary character of a segment, as ollama's and ComfyUI's
-  routers see it (`/api/generate;` is not `/api/generate` to them, and is
-  not GPU work to gpumgr). A last segment that ends in its first `;` is
+  routers see it (`/api/generate;v=1` is not `/api/generate` to them), and
+  the target is forwarded with it. Servers that strip `;params` (Tomcat,
+  Jetty) would route it as `/api/generate`, so a request is GPU work or a
+  control route when its path says so with or without its parameters
+  (`bare_path`). A last segment that ends in its first `;` is
   refused: Agent would drop that `;`, and the service would receive a path
   that was not the one classified.
 - Case is kept: the services' routers are case-sensitive, and so is gpumgr.
@@ -86,6 +89,13 @@ class Target:
     def path(self) -> str:
         """The decoded path: what is classified and matched against routes."""
         return "/" + "/".join(s.text for s in self.segments)
+
+    @property
+    def bare_path(self) -> str:
+        """The decoded path without each segment's `;` parameters: what a
+        server that strips them (Tomcat, Jetty, Undertow) routes on. A
+        request is GPU work, or a control route, if either path says so."""
+        return "/" + "/".join(s.name for s in self.segments)
 
     @property
     def raw_path(self) -> bytes:

@@ -9,7 +9,6 @@ the memory afterwards; gpumgr's settle wait covers that gap.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Callable
 
 from twisted.internet import defer
@@ -17,9 +16,13 @@ from twisted.internet import defer
 from gpumgr.config import ConsumerConfig
 from gpumgr.drivers.base import BaseDriver, ControlCallFailed, ControlHttp, call
 
+#: Each runs a model (server/routes.go). /v1/responses (0.13.3), /v1/messages
+#: (Anthropic's API, 0.14.0) and /v1/audio/transcriptions (0.20.0) run its
+#: ChatHandler like /v1/chat/completions does.
 _GPU_PATHS = frozenset({
     "/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
     "/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+    "/v1/responses", "/v1/messages", "/v1/audio/transcriptions",
 })
 
 
@@ -43,49 +46,116 @@ def loaded_models(ps_body: bytes) -> list[str]:
 
 #: The unload request: these routes with nothing to do and `keep_alive: 0`.
 _UNLOAD_ROUTES = {"/api/generate": "prompt", "/api/chat": "messages"}
-_GO_DURATION = re.compile(r"[+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|\u00b5s|\u03bcs|ms|s|m|h))+\Z")
+
+#: Go folds keys by Unicode *simple* folding (bytes.EqualFold): besides ASCII
+#: letters, only the Kelvin sign and the long s fold to an ASCII letter.
+#: (Python's casefold is full folding: it made "meßages" "messages".)
+_GO_FOLD = {"\u212a": "k", "\u017f": "s"}
+_GO_UNIT_NS = {"ns": 1, "us": 10**3, "\u00b5s": 10**3, "\u03bcs": 10**3, "ms": 10**6,
+               "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9}
+_INT64_LIMIT = 1 << 63
+_SECOND_NS = 10**9
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
-_UNIT_NS = {"ns": 1.0, "us": 1e3, "\u00b5s": 1e3, "\u03bcs": 1e3, "ms": 1e6, "s": 1e9,
-            "m": 60e9, "h": 3600e9}
+def _go_key(key: str) -> str:
+    return "".join(c.lower() if c.isascii() else _GO_FOLD.get(c, c) for c in key)
 
 
 def _go_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object as Go's encoding/json fills a struct: keys match
-    case-insensitively, and the last one wins."""
+    """A JSON object as Go's encoding/json fills a struct: keys match by
+    Go's case folding, and the last one wins."""
     fields: dict[str, Any] = {}
     for key, value in pairs:
-        fields[key.casefold()] = value
+        fields[_go_key(key)] = value
     return fields
 
 
-def _zero_duration(value: Any) -> bool:
-    """ollama's `api.Duration` of this JSON value is 0 (pure).
+def _digits(s: str) -> int:
+    """How many ASCII digits `s` starts with."""
+    i = 0
+    while i < len(s) and "0" <= s[i] <= "9":
+        i += 1
+    return i
 
-    A number is whole seconds, truncated (0.5 is 0; negative is forever);
-    a string is a Go duration ("0", "0s", "0m"...). Leaning to "zero" where
-    in doubt is safe: it only makes the request an admin one."""
+
+def go_parse_duration(text: str) -> int | None:
+    """Go's `time.ParseDuration` in nanoseconds, step for step (its fraction
+    in float64 included); None where Go answers an error (pure)."""
+    s, negative = text, False
+    if s[:1] in ("-", "+"):
+        negative, s = s[0] == "-", s[1:]
+    if s == "0":
+        return 0
+    if not s:
+        return None
+    total = 0
+    while s:
+        if not (s[0] == "." or "0" <= s[0] <= "9"):
+            return None
+        n = _digits(s)
+        significant = s[:n].lstrip("0")
+        if len(significant) > 19 or int(significant or "0") > _INT64_LIMIT:
+            return None
+        whole = int(significant or "0")
+        s = s[n:]
+        fraction, scale, m = 0, 1.0, 0
+        if s[:1] == ".":
+            s = s[1:]
+            m = _digits(s)
+            for c in s[:m]:  # leadingFraction: digits past int64 are dropped
+                if fraction > (_INT64_LIMIT - 1) // 10 or fraction * 10 + int(c) > _INT64_LIMIT:
+                    break
+                fraction, scale = fraction * 10 + int(c), scale * 10
+            s = s[m:]
+        if not n and not m:
+            return None
+        u = 0
+        while u < len(s) and not (s[u] == "." or "0" <= s[u] <= "9"):
+            u += 1
+        unit = _GO_UNIT_NS.get(s[:u])
+        s = s[u:]
+        if unit is None or whole > _INT64_LIMIT // unit:
+            return None
+        value = whole * unit
+        if fraction:
+            value += int(float(fraction) * (float(unit) / scale))
+        total += value
+        if value > _INT64_LIMIT or total > _INT64_LIMIT:
+            return None
+    if negative:
+        return -total
+    return None if total > _INT64_LIMIT - 1 else total
+
+
+def _zero_duration(value: Any) -> bool:
+    """Would an ollama, old or new, take this JSON `keep_alive` for an
+    unload (pure)? Leaning to "zero" where in doubt is safe: it only makes
+    the request an admin one.
+
+    Go decodes a number as a float64 `t`. Since 0.11.8 it is `t * 1e9` ns
+    and the unload test is `Duration == 0`; before, it was `int(t) * 1e9`
+    in int64, which wraps (2**55 s is 0 ns; on amd64 anything from 2**63
+    is), and the test was `int(Seconds()) == 0`, any duration under 1 s. A
+    negative number or duration is "forever"; -0 is 0."""
     if isinstance(value, bool):
         return False
     if isinstance(value, (int, float)):
-        return 0 <= value < 1
+        t = float(value)
+        return 0 <= t < 1 or t * 1e9 >= _INT64_LIMIT
     if isinstance(value, str):
-        if value in ("0", "+0", "-0"):
-            return True
-        if _GO_DURATION.match(value) is None:
-            return False
-        ns = sum(float(number) * _UNIT_NS[unit]
-                 for number, unit in _DURATION_PART.findall(value))
-        return ns < 1  # Go truncates to whole nanoseconds; -0s is 0, not negative
+        ns = go_parse_duration(value)
+        return ns is not None and 0 <= ns < _SECOND_NS
     return False
 
 
 def is_unload_request(path: str, body: bytes | None) -> bool:
     """`POST /api/generate` or `/api/chat` that unloads its model: no prompt
     (no messages) and `keep_alive` 0 (pure). ollama reads only the first
-    JSON value of the body (gin's ShouldBindJSON). A body too large to read
-    (None) counts as an unload: it could be one."""
+    JSON value of the body (gin's ShouldBindJSON), as Go's encoding/json
+    does: numbers are float64 (Go skips an unknown field's number however
+    long; Python's int() refuses over 4,300 digits), nesting goes 10 times
+    deeper than Python's. A body too large to read (None), or too deep,
+    counts as an unload: it could be one."""
     field = _UNLOAD_ROUTES.get(path)
     if field is None:
         return False
@@ -93,9 +163,12 @@ def is_unload_request(path: str, body: bytes | None) -> bool:
         return True
     text = body.decode("utf-8", "replace").lstrip(" \t\r\n")
     try:
-        doc, _ = json.JSONDecoder(object_pairs_hook=_go_fields).raw_decode(text)
+        doc, _ = json.JSONDecoder(object_pairs_hook=_go_fields,
+                                  parse_int=float).raw_decode(text)
     except ValueError:
         return False  # ollama refuses it too
+    except RecursionError:
+        return True
     if not isinstance(doc, dict) or "keep_alive" not in doc:
         return False
     if doc.get(field) not in (None, "", []):

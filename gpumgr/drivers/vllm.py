@@ -35,8 +35,12 @@ def requests_in_flight(metrics_text: str) -> int | None:
         seen = True
     return int(total) if seen else None
 
+#: Inference, and the control routes that put weights back on the GPU
+#: (`/wake_up`; `/collective_rpc` can reload them): admin routes, and GPU
+#: work too, so that they wait for the lock like a load does.
 _GPU_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
-              "/v1/audio/transcriptions", "/v1/score", "/v1/rerank", "/pooling")
+              "/v1/audio/transcriptions", "/v1/score", "/v1/rerank", "/pooling",
+              "/wake_up", "/collective_rpc")
 
 
 class VllmDriver(BaseDriver):

@@ -19,6 +19,10 @@ What it copies from the real server (shared CONSUMERS-NOTES):
   ``/api/version``, ``/``.
 - ``/v1/chat/completions``, ``/v1/completions`` (SSE when streamed, ending with
   ``data: [DONE]``), ``/v1/embeddings``, ``/v1/models``.
+- ``/v1/responses`` (OpenAI, since 0.13.3), ``/v1/messages`` (Anthropic, since
+  0.14.0) and ``/v1/audio/transcriptions`` (since 0.20.0): the real server
+  runs each as a chat (its ChatHandler), so each is a GPU job here too; the
+  answer keeps the chat-completions shape.
 
 Streamed NDJSON lines also carry ``seq`` and ``sent_at`` (clock seconds at
 the write), which tests use to prove each line travelled on its own.
@@ -224,6 +228,9 @@ class OllamaSim(SimulatedConsumer):
             ("POST", "/v1/chat/completions"): self.openai_chat,
             ("POST", "/v1/completions"): self.openai_completions,
             ("POST", "/v1/embeddings"): self.openai_embeddings,
+            ("POST", "/v1/responses"): self.compat_chat,
+            ("POST", "/v1/messages"): self.compat_chat,
+            ("POST", "/v1/audio/transcriptions"): self.compat_chat,
             ("GET", "/v1/models"): self.openai_models,
         }.get((method, path))
 
@@ -514,6 +521,15 @@ class OllamaSim(SimulatedConsumer):
             return self._error(request, 400, "[] is too short - 'messages'", openai=True)
         return self._openai_text(request, body, info, name, chat=True,
                                  prompt=_message_text(messages))
+
+    def compat_chat(self, request):
+        """/v1/responses, /v1/messages, /v1/audio/transcriptions: a chat job."""
+        body, info, name, error = self._openai_begin(request)
+        if error is not None:
+            return error
+        words = body.get("messages") or body.get("input") or ""
+        prompt = _message_text(words) if isinstance(words, list) else str(words)
+        return self._openai_text(request, body, info, name, chat=True, prompt=prompt)
 
     def openai_completions(self, request):
         body, info, name, error = self._openai_begin(request)
