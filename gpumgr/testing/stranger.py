@@ -94,12 +94,15 @@ class StrangerListener:
 
     def listen(self, reactor: IReactorTCP, port: int, host: str = "127.0.0.1") -> None:
         # Twisted sets SO_REUSEADDR, never SO_REUSEPORT: a whisper-server cannot join it.
-        self._listening = reactor.listenTCP(port, Site(_AnswerEverything(self)), interface=host)
+        site: Any = Site(_AnswerEverything(self))
+        self._listening = reactor.listenTCP(port, site, interface=host)
 
     async def stop(self) -> None:
         if self._listening is not None:
             listening, self._listening = self._listening, None
-            await listening.stopListening()
+            stopped = listening.stopListening()
+            if stopped is not None:
+                await stopped
 
 
 __all__ = ["StrangerListener", "StrangerWhisper", "port_accepts"]
