@@ -268,6 +268,12 @@ class Admission:
             yield self.admit(name)
         try:
             yield self._call(name, "load")
+        except defer.CancelledError:
+            # Everyone who wanted it gone; a process start is stopped (ManagedProcess).
+            self.event("load_cancelled", name, reason, detail="nobody waits for it any more")
+            log.info("loading {name} ({reason}) cancelled: nobody waits for it any more",
+                     name=name, reason=reason)
+            raise
         except Exception as e:
             why = "timed out" if isinstance(e, defer.TimeoutError) else str(e)
             self.event("load_failed", name, reason, detail=why)
