@@ -177,5 +177,17 @@ class HealthMonitor:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
+    """In words: an HTTP client's failure wraps its reasons in a list of Failures."""
+    reasons = getattr(exc, "reasons", None)
+    if isinstance(reasons, list) and reasons:
+        words = []
+        for reason in reasons:
+            value = getattr(reason, "value", reason)
+            if isinstance(value, defer.CancelledError):
+                words.append("no answer in time")
+            elif isinstance(value, BaseException):
+                words.append(str(value) or type(value).__name__)
+        text = "; ".join(dict.fromkeys(words)) or type(exc).__name__
+    else:
+        text = str(exc) or type(exc).__name__
     return text if len(text) < 300 else text[:297] + "..."

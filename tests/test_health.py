@@ -206,3 +206,13 @@ def test_a_consumer_that_answers_the_last_probe_is_not_reported():
     assert heard == [] and registry["a"].health is Health.OK
     clock.advance(10)
     assert heard == []
+
+
+def test_a_probe_failure_is_described_in_words_not_reprs():
+    from twisted.python.failure import Failure
+    from twisted.web._newclient import ResponseNeverReceived
+
+    clock, registry, probes, monitor = make(("a",))
+    monitor.start()
+    probes.answer("http://a/health", ResponseNeverReceived([Failure(defer.CancelledError())]))
+    assert registry["a"].last_error == "no answer in time"
