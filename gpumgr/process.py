@@ -35,7 +35,7 @@ import os
 import shutil
 import signal
 import sys
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 from urllib.parse import urlsplit
 
 import attrs
@@ -214,6 +214,25 @@ def port_answers(reactor: Any, url: str, timeout_s: float) -> defer.Deferred[str
         return None
 
     return connectProtocol(endpoint, TwistedProtocol()).addCallbacks(connected, refused)
+
+
+def spawn_problems(spec: ProcessConfig, environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(key under `process`, problem) for a command or cwd that cannot run here.
+
+    What `_spawn` would find at the first start, found by check-config
+    instead: a bare name is looked up on the PATH the process would get.
+    """
+    problems = []
+    cwd = spec.cwd
+    if cwd is not None and not os.path.isdir(cwd):
+        problems.append(("cwd", f"{cwd!r} does not exist or is not a directory"))
+        if os.sep in spec.command[0] and not os.path.isabs(spec.command[0]):
+            return problems  # relative to a cwd that is not there
+    path = spec.env.get("PATH", environ.get("PATH", os.defpath))
+    if resolve_executable(spec.command[0], cwd, path) is None:
+        where = "" if os.sep in spec.command[0] else " on PATH"
+        problems.append(("command[0]", f"{spec.command[0]!r} not found{where} or not executable"))
+    return problems
 
 
 class ProcessGroups(Protocol):
