@@ -216,3 +216,21 @@ def test_a_probe_failure_is_described_in_words_not_reprs():
     monitor.start()
     probes.answer("http://a/health", ResponseNeverReceived([Failure(defer.CancelledError())]))
     assert registry["a"].last_error == "no answer in time"
+
+
+def test_down_grace_s_is_a_validated_health_key():
+    import pytest
+
+    from gpumgr.config import ConfigError, parse_config
+
+    base = {"consumers": {"a": {"url": "http://127.0.0.1:9", "health": "/h",
+                                "paths": {"llm": "/x"}}}, "routes": {"llm": "a"}}
+    assert parse_config(base, "c.yaml").health.down_grace_s == 10.0
+    assert parse_config({**base, "health": {"down_grace_s": 2.5}},
+                        "c.yaml").health.down_grace_s == 2.5
+    with pytest.raises(ConfigError) as e:
+        parse_config({**base, "health": {"down_grace_s": 0}}, "c.yaml")
+    assert str(e.value) == "c.yaml: health.down_grace_s: must be greater than 0"
+    with pytest.raises(ConfigError) as e:
+        parse_config({**base, "health": {"down_grace_s": "soon"}}, "c.yaml")
+    assert str(e.value) == "c.yaml: health.down_grace_s: must be a number, got a string 'soon'"

@@ -170,3 +170,39 @@ async def test_health_reads_starting_while_the_process_starts(managed_world, sta
     assert service.status()["consumers"]["whisper"]["health"] == "starting"
     assert (await reply).code == 200
     assert service.status()["consumers"]["whisper"]["health"] == "ok"
+
+
+@pytest_twisted.async_yield_fixture
+async def slow_unload_world(tmp_path):
+    """Like managed_world, but ollama's memory comes back 1.5 s after its unload."""
+    from gpumgr.testing import Behaviour, make_world
+
+    w = make_world(reactor, str(tmp_path), total_mib=12000, managed_whisper=True,
+                   behaviours={"ollama": Behaviour(vram_mib=9000, unload_settle_s=1.5)})
+    w.listen(reactor)
+    yield w
+    await w.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_during_an_eviction_lets_it_complete_and_starts_nothing(
+        slow_unload_world, start_broker, client):
+    # ollama 9000 + whisper 3000 + headroom do not fit in 12000 MiB: ollama is evicted first.
+    service, url = await broker_for(slow_unload_world, start_broker, mode="evicting",
+                                    vram_mib=3000)
+    assert (await client.request("POST", url + "/v1/llm", b'{"prompt":"x"}')).code == 200
+    leaving = Client()
+    try:
+        reply = defer.ensureDeferred(transcribe(leaving, url))
+        await wait_for(lambda: any(e["consumer"] == "ollama" for e in events(service, "eviction")))
+        reply.cancel()  # while gpumgr waits for ollama's memory to come back
+        await outcome(reply)
+    finally:
+        await leaving.close()
+    await wait_for(lambda: in_flight(service) == 0)
+    consumers = service.status()["consumers"]
+    assert consumers["ollama"]["loaded"] is False  # the eviction completed
+    status = process_status(service)
+    assert status["state"] == "stopped" and status["pid"] is None  # nobody waits: no start
+    assert [a.used_mib for a in slow_unload_world.gpu.external_allocations()] == []
+    assert all(e["consumer"] != "whisper" for e in events(service, "load"))

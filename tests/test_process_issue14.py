@@ -142,3 +142,50 @@ def test_when_stopped_waits_for_a_start_every_caller_gave_up():
     transport.proto.processEnded(Failure(ProcessTerminated(signal=15)))
     assert outcome(stopped) is None and mp.state is ProcessState.STOPPED
     assert mp.when_stopped().called  # nothing in progress: at once
+
+
+# -- admission: a load nobody waits for any more ----------------------------------------------
+
+
+class _ProcessControl:
+    """Admission's Control over one ManagedProcess, as the broker's `_Control` does it."""
+
+    def __init__(self, process: ManagedProcess) -> None:
+        self.process = process
+
+    def load(self, name):
+        return self.process.start()
+
+    def unload(self, name):
+        return self.process.stop()
+
+    def load_timeout_s(self, name):
+        return 60.0
+
+
+def test_a_cancelled_load_says_so_and_its_process_is_stopped():
+    from gpumgr.admission import Admission
+    from gpumgr.config import parse_config
+    from gpumgr.registry import Registry
+    from tests.test_review_findings import _NoSample
+
+    config = parse_config({
+        "routes": {"stt": "whisper"},
+        "consumers": {"whisper": {
+            "url": "http://127.0.0.1:9", "driver": "whisper.cpp", "paths": {"stt": "/inference"},
+            "vram_resident_mib": 1500, "process": {"command": ["/bin/true"]}}}}, "<issue14>")
+    fake = FakeProcessReactor()
+    mp = ManagedProcess(fake, "whisper", spec(), ScriptedProbe())
+    registry = Registry(config.consumers)
+    admission = Admission(fake, lambda: config, registry, _NoSample(), _ProcessControl(mp),
+                          runner=None)  # type: ignore[arg-type]
+    load = admission.load("whisper", "demand", evicting=False)
+    assert mp.state is ProcessState.STARTING
+    load.cancel()
+    assert outcome(load).check(defer.CancelledError)  # not turned into control_failed
+    assert [(e["event"], e["reason"]) for e in admission.events] == [("load_cancelled", "demand")]
+    assert mp.state is ProcessState.STOPPING and fake.transports[0].signals == ["TERM"]
+    stopped = mp.when_stopped()
+    fake.transports[0].proto.processEnded(Failure(ProcessTerminated(signal=15)))
+    assert outcome(stopped) is None and mp.state is ProcessState.STOPPED
+    assert not registry["whisper"].loaded
