@@ -79,6 +79,9 @@ class _Timing:
     client_gone: bool = False
     #: Set while the job is at a stage that a client leaving cancels (a process start).
     on_client_gone: Callable[[], None] | None = None
+    #: Past admission and the process start: the exchange with the consumer
+    #: (a job aborted before would cancel an eviction half-way).
+    exchanging: bool = False
 
     def client_left(self) -> None:
         self.client_gone = True
@@ -205,7 +208,7 @@ class Broker:
                                    _Control(self), self.scheduler)
         self.proxy = StreamingProxy(reactor, cooperator, self._upstream_error)
         #: The jobs holding the GPU for each consumer (aborted when it stays down).
-        self._jobs: dict[str, set[defer.Deferred[Any]]] = {}
+        self._jobs: dict[str, dict[defer.Deferred[Any], _Timing]] = {}
         self.health = HealthMonitor(
             reactor, lambda: self._config.consumers, self.registry, self._probe,
             config.health.interval_s, config.health.timeout_s,
@@ -439,13 +442,14 @@ class Broker:
             return
         self._abort_jobs(name, why)
 
-    def _watch_job(self, name: str, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+    def _watch_job(self, name: str, d: defer.Deferred[Any],
+                   timing: _Timing) -> defer.Deferred[Any]:
         """Keep a running job findable, so that `_abort_jobs` can end it."""
-        jobs = self._jobs.setdefault(name, set())
-        jobs.add(d)
+        jobs = self._jobs.setdefault(name, {})
+        jobs[d] = timing
 
         def done(result: Any) -> Any:
-            jobs.discard(d)
+            jobs.pop(d, None)
             if not jobs and self._jobs.get(name) is jobs:
                 del self._jobs[name]
             return result
@@ -453,7 +457,9 @@ class Broker:
         return d.addBoth(done)
 
     def _abort_jobs(self, name: str, why: str) -> None:
-        jobs = list(self._jobs.get(name, ()))
+        """Cancel its jobs that are talking to it; one still evicting for it
+        finishes that first (it is looked at again after the next grace)."""
+        jobs = [d for d, timing in self._jobs.get(name, {}).items() if timing.exchanging]
         if not jobs:
             return
         log.warn("{why}; aborting {n} job(s) that hold the GPU for it", why=why, n=len(jobs))
@@ -571,7 +577,7 @@ class Broker:
                 limit_s = current.job_timeout_s + _JOB_TIMEOUT_MARGIN_S
                 return self._watch_job(c.name, d.addTimeout(
                     limit_s, self.reactor,
-                    onTimeoutCancel=lambda r, t: self._job_timed_out(c.name, t)))
+                    onTimeoutCancel=lambda r, t: self._job_timed_out(c.name, t)), timing)
 
             d = self.scheduler.run(c.name, job, kind=kind)
             # A client that leaves while queued leaves the queue at once. Once its
@@ -641,6 +647,7 @@ class Broker:
         process = self.processes.get(name)
         if process is not None and process.state is not ProcessState.RUNNING:
             await self._start_for(name, process, timing)
+        timing.exchanging = True
         wait_ms = int((self.reactor.seconds() - timing.received) * 1000)
         headers = [(b"X-Gpumgr-Consumer", name.encode("utf-8")),
                    (b"X-Gpumgr-Wait-Ms", str(wait_ms).encode("ascii"))]
