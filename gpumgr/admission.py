@@ -184,13 +184,14 @@ class Admission:
         check; an OOM answer is still replayed). Only a refusal before
         anything was sent leaves it as it was, and a job that found it down
         (a reset, a refused connection) leaves it unknown: it may have
-        restarted and lost its memory (`Registry.went_down`)."""
+        restarted and lost its memory (`Registry.went_down`), and one whose
+        process exited meanwhile (crashed, or stopped frozen) stays unloaded."""
         if consumer not in self._registry:
             return
         if isinstance(result, Result) and not result.reached_consumer:
             return
-        if self._registry[consumer].health is Health.DOWN:
-            return
+        if self._registry[consumer].health in (Health.DOWN, Health.STOPPED):
+            return  # down; or a process gpumgr owns that exited meanwhile: memory gone
         self._became_loaded(consumer)
         self.schedule_idle_unload(consumer)
 

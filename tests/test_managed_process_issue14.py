@@ -78,6 +78,7 @@ async def test_a_frozen_process_is_stopped_its_job_ends_and_the_next_request_res
         [stopped] = events(service, "process_unresponsive")
         assert stopped["consumer"] == "whisper" and "health.down_grace_s" in stopped["detail"]
         assert managed_world.gpu.external_allocations() == []
+        assert service.status()["consumers"]["whisper"]["loaded"] is False
         # ...and the next request starts it again.
         again = await transcribe(client, url)
         assert again.code == 200 and process_status(service)["pid"] not in (None, pid)

@@ -189,3 +189,24 @@ def test_a_cancelled_load_says_so_and_its_process_is_stopped():
     fake.transports[0].proto.processEnded(Failure(ProcessTerminated(signal=15)))
     assert outcome(stopped) is None and mp.state is ProcessState.STOPPED
     assert not registry["whisper"].loaded
+
+
+def test_a_job_that_outlived_its_process_does_not_mark_it_loaded():
+    from gpumgr.admission import Admission
+    from gpumgr.config import parse_config
+    from gpumgr.proxy import Outcome, Result
+    from gpumgr.registry import Health, Registry
+    from tests.test_review_findings import _NoSample
+
+    config = parse_config({
+        "routes": {"stt": "whisper"},
+        "consumers": {"whisper": {
+            "url": "http://127.0.0.1:9", "driver": "whisper.cpp", "paths": {"stt": "/inference"},
+            "vram_resident_mib": 1500, "process": {"command": ["/bin/true"]}}}}, "<issue14>")
+    registry = Registry(config.consumers)
+    registry.mark_unloaded("whisper")
+    registry.set_health("whisper", Health.STOPPED)  # stopped frozen while the job ran
+    admission = Admission(FakeProcessReactor(), lambda: config, registry, _NoSample(),
+                          control=None, runner=None)  # type: ignore[arg-type]
+    admission.job_ended("whisper", Result(Outcome.REFUSED, 502, reached_consumer=True))
+    assert registry["whisper"].loaded is False
