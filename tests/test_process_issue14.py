@@ -4,6 +4,7 @@ gives up on a start. Clock-driven fakes, no sleeps."""
 
 from __future__ import annotations
 
+import pytest_twisted
 from twisted.internet import defer
 from twisted.internet.error import ProcessTerminated
 from twisted.python.failure import Failure
@@ -210,3 +211,25 @@ def test_a_job_that_outlived_its_process_does_not_mark_it_loaded():
                           control=None, runner=None)  # type: ignore[arg-type]
     admission.job_ended("whisper", Result(Outcome.REFUSED, 502, reached_consumer=True))
     assert registry["whisper"].loaded is False
+
+
+# -- port_answers, on loopback -------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_port_answers_names_a_listening_port_and_none_for_a_closed_one():
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    from gpumgr.process import port_answers
+    from tests.helpers import free_port
+
+    closed = free_port()
+    assert await port_answers(reactor, f"http://127.0.0.1:{closed}", 2.0) is None
+    listening = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    try:
+        port = listening.getHost().port
+        found = await port_answers(reactor, f"http://127.0.0.1:{port}/base", 2.0)
+        assert found == f"something already answers on 127.0.0.1:{port} (its url's port)"
+    finally:
+        await listening.stopListening()
