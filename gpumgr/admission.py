@@ -184,13 +184,14 @@ class Admission:
         check; an OOM answer is still replayed). Only a refusal before
         anything was sent leaves it as it was, and a job that found it down
         (a reset, a refused connection) leaves it unknown: it may have
-        restarted and lost its memory (`Registry.went_down`)."""
+        restarted and lost its memory (`Registry.went_down`), and one whose
+        process exited meanwhile (crashed, or stopped frozen) stays unloaded."""
         if consumer not in self._registry:
             return
         if isinstance(result, Result) and not result.reached_consumer:
             return
-        if self._registry[consumer].health is Health.DOWN:
-            return
+        if self._registry[consumer].health in (Health.DOWN, Health.STOPPED):
+            return  # down; or a process gpumgr owns that exited meanwhile: memory gone
         self._became_loaded(consumer)
         self.schedule_idle_unload(consumer)
 
@@ -268,6 +269,12 @@ class Admission:
             yield self.admit(name)
         try:
             yield self._call(name, "load")
+        except defer.CancelledError:
+            # Everyone who wanted it gone; a process start is stopped (ManagedProcess).
+            self.event("load_cancelled", name, reason, detail="nobody waits for it any more")
+            log.info("loading {name} ({reason}) cancelled: nobody waits for it any more",
+                     name=name, reason=reason)
+            raise
         except Exception as e:
             why = describe_failure(e)
             self.event("load_failed", name, reason, detail=why)

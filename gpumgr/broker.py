@@ -59,7 +59,7 @@ from gpumgr.errors import (
 from gpumgr.eviction import Residency
 from gpumgr.gpu import GpuSampler
 from gpumgr.health import HealthMonitor
-from gpumgr.process import ManagedProcess, ProcessExit, ProcessState
+from gpumgr.process import ManagedProcess, ProcessExit, ProcessState, port_answers
 from gpumgr.proxy import Outcome, Result, StreamingProxy, Timeouts
 from gpumgr.registry import Health, Registry
 from gpumgr.renders import RenderTracker, TrackedRender
@@ -100,6 +100,18 @@ class _Timing:
     path: str = ""
     #: The job's hard deadline (`_bound_job`); a tracked render disarms it.
     deadline: Any = None
+    #: The client left while its job held the GPU.
+    client_gone: bool = False
+    #: Set while the job is at a stage that a client leaving cancels (a process start).
+    on_client_gone: Callable[[], None] | None = None
+    #: Past admission and the process start: the exchange with the consumer
+    #: (a job aborted before would cancel an eviction half-way).
+    exchanging: bool = False
+
+    def client_left(self) -> None:
+        self.client_gone = True
+        if self.on_client_gone is not None:
+            self.on_client_gone()
 
 
 def _body_size(request: Any) -> int:
@@ -194,7 +206,17 @@ class _Control:
         c = b.config.consumers[name]
         process = b.processes.get(name)
         if process is not None:
-            return process.start().addCallback(b._process_started, name)
+            d = process.start()
+            b._show_process_health(name)  # starting
+
+            def done(result: Any) -> Any:
+                if isinstance(result, Failure):
+                    b._show_process_health(name)
+                else:
+                    b._process_started(None, name)
+                return result
+
+            return d.addBoth(done)
         return get_driver(c.driver).load(b.http, c)
 
     def unload(self, name: str) -> defer.Deferred[None]:
@@ -250,10 +272,13 @@ class Broker:
         self.admission = Admission(reactor, lambda: self._config, self.registry, gpu,
                                    _Control(self), self.scheduler)
         self.proxy = StreamingProxy(reactor, cooperator, self._upstream_error)
+        #: The jobs holding the GPU for each consumer (aborted when it stays down).
+        self._jobs: dict[str, dict[defer.Deferred[Any], _Timing]] = {}
         self.health = HealthMonitor(
             reactor, lambda: self._config.consumers, self.registry, self._probe,
             config.health.interval_s, config.health.timeout_s,
-            is_stopped=self._process_stopped)
+            not_running=self._process_health, down_grace_s=config.health.down_grace_s,
+            on_still_down=self._still_down)
         self.render_tracker = RenderTracker(
             reactor, http, lambda: self._config.consumers, self.registry,
             self.health.probe_now, self.admission.event, self._stop_process_for_render)
@@ -333,7 +358,8 @@ class Broker:
         if isinstance(self.scheduler, Locked):
             self.scheduler.configure(sched.capacity, sched.max_queue, sched.queue_timeout_s,
                                      sched.priority, sched.aging_s, sched.max_overtakes)
-        self.health.configure(new.health.interval_s, new.health.timeout_s)
+        self.health.configure(new.health.interval_s, new.health.timeout_s,
+                              new.health.down_grace_s)
         self.gpu.configure(new.gpu.nvidia_smi, new.gpu.interval_s, new.gpu.timeout_s)
         for listener in self.config_listeners:
             listener(new)
@@ -386,7 +412,8 @@ class Broker:
                 continue
             self.processes[name] = self._process_factory(
                 self.reactor, name, c.process, probe=lambda name=name: self._ready_probe(name),
-                on_exit=lambda exit, name=name: self._process_exited(name, exit))
+                on_exit=lambda exit, name=name: self._process_exited(name, exit),
+                port_check=lambda name=name: self._port_check(name))
             self.registry.mark_unloaded(name)
             self.registry.set_health(name, Health.STOPPED)
 
@@ -437,9 +464,75 @@ class Broker:
 
         return d.addCallback(ready)
 
+    def _port_check(self, name: str) -> defer.Deferred[str | None]:
+        """Before a spawn: does anything answer on the consumer URL's port?"""
+        c = self._config.consumers[name]
+        return port_answers(self.reactor, c.url, c.connect_timeout_s)
+
     def _process_stopped(self, name: str) -> bool:
         process = self.processes.get(name)
         return process is not None and process.state is not ProcessState.RUNNING
+
+    def _process_health(self, name: str) -> Health | None:
+        """A managed process that is not running: `starting` or `stopped`, and not
+        probed. None: probe it (not managed, or running)."""
+        process = self.processes.get(name)
+        if process is None or process.state is ProcessState.RUNNING:
+            return None
+        return Health.STARTING if process.state is ProcessState.STARTING else Health.STOPPED
+
+    def _show_process_health(self, name: str) -> None:
+        health = self._process_health(name)
+        if health is not None and name in self.registry:
+            self.registry.set_health(name, health)
+
+    def _still_down(self, name: str, error: str | None) -> None:
+        """Down for health.down_grace_s, and on one more probe: crashed or frozen.
+
+        Its jobs would hold the GPU until request_timeout_s. A process gpumgr
+        owns is stopped (TERM, then KILL): its exit is the evidence the GPU
+        work stopped, and the next request starts it again. For any other
+        consumer, being down is the evidence, and its jobs are aborted.
+        """
+        why = (f"{name} failed its health checks for {self._config.health.down_grace_s:g}s "
+               "(health.down_grace_s)" + (f": {error}" if error else ""))
+        process = self.processes.get(name)
+        if process is not None and process.state is ProcessState.RUNNING:
+            log.warn("{why}; stopping its process (TERM, then KILL)", why=why)
+            self.admission.event("process_unresponsive", name, "consumer_down", detail=why)
+
+            def stop_failed(f: Failure) -> None:
+                log.error("{name}: stopping its unresponsive process failed: {e}; its jobs "
+                          "keep the GPU", name=name, e=f.getErrorMessage())
+
+            process.stop().addCallbacks(lambda _: self._abort_jobs(name, why), stop_failed)
+            return
+        self._abort_jobs(name, why)
+
+    def _watch_job(self, name: str, d: defer.Deferred[Any],
+                   timing: _Timing) -> defer.Deferred[Any]:
+        """Keep a running job findable, so that `_abort_jobs` can end it."""
+        jobs = self._jobs.setdefault(name, {})
+        jobs[d] = timing
+
+        def done(result: Any) -> Any:
+            jobs.pop(d, None)
+            if not jobs and self._jobs.get(name) is jobs:
+                del self._jobs[name]
+            return result
+
+        return d.addBoth(done)
+
+    def _abort_jobs(self, name: str, why: str) -> None:
+        """Cancel its jobs that are talking to it; one still evicting for it
+        finishes that first (it is looked at again after the next grace)."""
+        jobs = [d for d, timing in self._jobs.get(name, {}).items() if timing.exchanging]
+        if not jobs:
+            return
+        log.warn("{why}; aborting {n} job(s) that hold the GPU for it", why=why, n=len(jobs))
+        self.admission.event("job_aborted", name, "consumer_down", detail=why)
+        for d in jobs:
+            d.cancel()
 
     def _process_started(self, _: Any, name: str) -> None:
         """Its readiness probe passed: it is up."""
@@ -553,14 +646,15 @@ class Broker:
                         consumer=c.name))
                 d = defer.ensureDeferred(
                     self._gpu_job(request, current, driver, method, path, url, timing))
-                return self._bound_job(d, current, timing)
+                return self._watch_job(c.name, self._bound_job(d, current, timing), timing)
 
             d = self.scheduler.run(c.name, job, kind=kind)
             # A client that leaves while queued leaves the queue at once. Once its
-            # job runs, the exchange decides: it cancels the upstream, or, for GPU
-            # work that goes on after the answer, reads the answer to follow it.
+            # job runs, a process start nobody waits for is abandoned (`_start_for`);
+            # then the exchange decides: it cancels the upstream, or, for GPU work
+            # that goes on after the answer, reads the answer to follow it.
             request.notifyFinish().addErrback(
-                lambda _: d.cancel() if timing.started is None else None)
+                lambda _: d.cancel() if timing.started is None else timing.client_left())
         if route.control:
             d.addBoth(self._control_sent, c.name)
         d.addBoth(self._account, request, kind, c.name, timing)
@@ -653,7 +747,8 @@ class Broker:
             self._sync_processes()
         process = self.processes.get(name)
         if process is not None and process.state is not ProcessState.RUNNING:
-            await self.admission.load(name, "demand", evicting=False)
+            await self._start_for(name, process, timing)
+        timing.exchanging = True
         # Two figures, so that neither hides the other: the wait for the GPU
         # (the queue), then what admission took once it had it (evictions,
         # loads, a process start).
@@ -706,6 +801,29 @@ class Broker:
 
         await self.abandoned.settle(name, c.abandoned_grace_s, c.gpu_process,
                                     c.vram_resident_mib, is_down, ask_service)
+
+    async def _start_for(self, name: str, process: ManagedProcess, timing: _Timing) -> None:
+        """Start the consumer's process for a job.
+
+        A client that leaves (before or during the start) abandons it: an
+        eviction before it has completed, the start is given up and the
+        process stopped once no other job waits for it, and the job (and the
+        GPU) ends once that stop has, not when the start would have.
+        """
+        if not timing.client_gone:
+            load = self.admission.load(name, "demand", evicting=False)
+            timing.on_client_gone = load.cancel
+            try:
+                await load
+                return
+            except defer.CancelledError:
+                pass
+            finally:
+                timing.on_client_gone = None
+        log.info("{name}: its process start was given up (the client left, or the job ended)",
+                 name=name)
+        await process.when_stopped()
+        raise defer.CancelledError()
 
     def _tunnel(self, request: Any, c: ConsumerConfig, target: Target) -> defer.Deferred[None]:
         """A WebSocket relayed as a byte tunnel; never scheduled."""

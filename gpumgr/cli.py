@@ -205,6 +205,18 @@ def _check_config(path: str, out: IO[str], err: IO[str]) -> int:
         err.write(f"config error: {path}: could not be checked: {type(e).__name__}: {e}\n")
         return 1
     config = options["parsed_config"]
+    # Startup leaves these to the first start (a server may be installed later);
+    # an operator checking a config wants to hear of them now.
+    from gpumgr.config import ConfigError
+    from gpumgr.process import spawn_problems
+
+    problems = [ConfigError(config.source, f"consumers.{name}.process.{key}", problem)
+                for name, c in config.consumers.items() if c.process is not None
+                for key, problem in spawn_problems(c.process, os.environ)]
+    for problem in problems:
+        err.write(f"config error: {problem}\n")
+    if problems:
+        return 1
     out.write(f"OK: {path} ({len(config.consumers)} consumers, mode {config.scheduler.mode})\n")
     return 0
 

@@ -219,6 +219,9 @@ class ConsumerConfig:
 class HealthConfig:
     interval_s: float = 5.0
     timeout_s: float = 2.0
+    #: A consumer down this long (failed probes; a frozen process) has the jobs
+    #: holding the GPU for it aborted, and a process gpumgr owns stopped.
+    down_grace_s: float = 10.0
 
 
 @attrs.frozen
@@ -642,6 +645,7 @@ def parse_config(raw: Any, source: str, environ: Mapping[str, str] | None = None
     health = HealthConfig(
         interval_s=h.number("interval_s", 5.0, positive=True),
         timeout_s=h.number("timeout_s", 2.0, positive=True),
+        down_grace_s=h.number("down_grace_s", 10.0, positive=True),
     )
     h.finish()
 

@@ -3,8 +3,14 @@
 Probes run concurrently: the loop starts every probe and returns at once, so a
 slow consumer never delays another's probe (or the next tick). A consumer
 whose previous probe is still running is skipped rather than stacked. A
-managed process that is not running is not probed: it is `stopped`, and the
-next request starts it.
+managed process that is not running is not probed: it is `stopped` (the next
+request starts it), or `starting` while a start is under way.
+
+A consumer that stays down (failed probes: a crashed or frozen service) for
+`down_grace_s` is probed once more, and if it is still down `on_still_down`
+hears of it (again every `down_grace_s` while it stays down): the broker then
+stops a process it owns and aborts the jobs that hold the GPU for it, rather
+than letting them wait for request_timeout_s.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,8 +43,10 @@ class HealthMonitor:
         probe: Probe,
         interval_s: float,
         timeout_s: float,
-        is_stopped: Callable[[str], bool] = lambda name: False,
+        not_running: Callable[[str], Health | None] = lambda name: None,
         on_change: Callable[[str, Health, Health, str | None], None] | None = None,
+        down_grace_s: float = 10.0,
+        on_still_down: Callable[[str, str | None], None] | None = None,
     ) -> None:
         self._clock = clock
         self._consumers = consumers
@@ -46,8 +54,13 @@ class HealthMonitor:
         self._probe = probe
         self.interval_s = interval_s
         self.timeout_s = timeout_s
-        self._is_stopped = is_stopped
+        #: A managed process that is not running: its health (STOPPED,
+        #: STARTING), and it is not probed. None: probe it.
+        self._not_running = not_running
         self._on_change = on_change
+        self.down_grace_s = down_grace_s
+        self._on_still_down = on_still_down
+        self._down_timers: dict[str, IDelayedCall] = {}
         self._in_progress: dict[str, defer.Deferred[None]] = {}
         self._loop: LoopingCall | None = None
 
@@ -61,10 +74,15 @@ class HealthMonitor:
             self._loop.stop()
         for d in list(self._in_progress.values()):
             d.cancel()
+        for name in list(self._down_timers):
+            self._disarm(name)
 
-    def configure(self, interval_s: float, timeout_s: float) -> None:
-        """New settings from a reload."""
+    def configure(self, interval_s: float, timeout_s: float,
+                  down_grace_s: float | None = None) -> None:
+        """New settings from a reload (a grace already running keeps its end)."""
         self.timeout_s = timeout_s
+        if down_grace_s is not None:
+            self.down_grace_s = down_grace_s
         if interval_s != self.interval_s:
             self.interval_s = interval_s
             if self._loop is not None and self._loop.running:
@@ -86,8 +104,9 @@ class HealthMonitor:
         consumer = self._consumers().get(name)
         if consumer is None or name not in self._registry:
             return defer.succeed(None)
-        if self._is_stopped(name):
-            self._change(name, Health.STOPPED, None)
+        health = self._not_running(name)
+        if health is not None:
+            self._change(name, health, None)
             return defer.succeed(None)
         d: defer.Deferred[Health] = defer.maybeDeferred(self._probe, consumer)
         d.addTimeout(self.timeout_s, self._clock)
@@ -99,8 +118,9 @@ class HealthMonitor:
         self._in_progress.pop(name, None)
         if name not in self._registry:
             return  # removed by a reload meanwhile
-        if self._is_stopped(name):
-            self._change(name, Health.STOPPED, None)  # it was stopped meanwhile
+        health = self._not_running(name)
+        if health is not None:
+            self._change(name, health, None)  # it was stopped meanwhile
             return
         if isinstance(result, Failure):
             if result.check(defer.TimeoutError):
@@ -120,6 +140,11 @@ class HealthMonitor:
         was = state.health
         if health is Health.DOWN:
             self._registry.went_down(name)
+            if name not in self._down_timers and self._on_still_down is not None:
+                self._down_timers[name] = self._clock.callLater(
+                    self.down_grace_s, self._grace_over, name)
+        else:
+            self._disarm(name)
         state.health = health
         state.last_error = error
         if was is not health:
@@ -127,4 +152,27 @@ class HealthMonitor:
                      now=health.value, why=f" ({error})" if error else "")
             if self._on_change is not None:
                 self._on_change(name, was, health, error)
+
+
+    def _disarm(self, name: str) -> None:
+        timer = self._down_timers.pop(name, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _grace_over(self, name: str) -> None:
+        """Down since down_grace_s ago: one more probe decides."""
+        del self._down_timers[name]
+        self.probe_now(name).addBoth(self._still_down, name)
+
+    def _still_down(self, _: object, name: str) -> None:
+        if name not in self._registry or self._registry[name].health is not Health.DOWN:
+            return
+        if name not in self._down_timers:  # and again while it stays down
+            self._down_timers[name] = self._clock.callLater(
+                self.down_grace_s, self._grace_over, name)
+        assert self._on_still_down is not None
+        try:
+            self._on_still_down(name, self._registry[name].last_error)
+        except Exception:
+            log.failure("handling {name} staying down failed", name=name)
 

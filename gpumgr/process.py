@@ -35,12 +35,15 @@ import os
 import shutil
 import signal
 import sys
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
+from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -186,6 +189,50 @@ def resolve_executable(command: str, cwd: str | None, path: str | None) -> str |
             return os.path.abspath(candidate)
         return None
     return shutil.which(command, path=path)
+
+
+def port_answers(reactor: Any, url: str, timeout_s: float) -> defer.Deferred[str | None]:
+    """'something answers on HOST:PORT' if a TCP connection to the URL's host
+    and port is accepted, else None (refused, or no answer within timeout_s).
+
+    Accepting a connection is enough: a frozen server's port still accepts
+    (the kernel's backlog) though nothing reads the request.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout_s)
+
+    def connected(protocol: TwistedProtocol) -> str:
+        assert protocol.transport is not None
+        protocol.transport.loseConnection()
+        return f"something already answers on {where} (its url's port)"
+
+    def refused(failure: Failure) -> None:
+        failure.trap(error.ConnectError)
+        return None
+
+    return connectProtocol(endpoint, TwistedProtocol()).addCallbacks(connected, refused)
+
+
+def spawn_problems(spec: ProcessConfig, environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(key under `process`, problem) for a command or cwd that cannot run here.
+
+    What `_spawn` would find at the first start, found by check-config
+    instead: a bare name is looked up on the PATH the process would get.
+    """
+    problems = []
+    cwd = spec.cwd
+    if cwd is not None and not os.path.isdir(cwd):
+        problems.append(("cwd", f"{cwd!r} does not exist or is not a directory"))
+        if os.sep in spec.command[0] and not os.path.isabs(spec.command[0]):
+            return problems  # relative to a cwd that is not there
+    path = spec.env.get("PATH", environ.get("PATH", os.defpath))
+    if resolve_executable(spec.command[0], cwd, path) is None:
+        where = "" if os.sep in spec.command[0] else " on PATH"
+        problems.append(("command[0]", f"{spec.command[0]!r} not found{where} or not executable"))
+    return problems
 
 
 class ProcessGroups(Protocol):
@@ -395,6 +442,7 @@ class ManagedProcess:
         pipe_drain_s: float = PIPE_DRAIN_S,
         log_lines_per_s: int = LOG_LINES_PER_S,
         groups: ProcessGroups = OS_PROCESS_GROUPS,
+        port_check: Callable[[], defer.Deferred[str | None]] | None = None,
     ) -> None:
         self._reactor = reactor
         self._clock: IReactorTime = clock if clock is not None else IReactorTime(reactor)
@@ -405,6 +453,9 @@ class ManagedProcess:
         self._kill_grace_s = kill_grace_s
         self._pipe_drain_s = pipe_drain_s
         self._groups = groups
+        self._port_check = port_check
+        #: The look at the service's port before a spawn (see `_begin`).
+        self._checking: defer.Deferred[str | None] | None = None
         self.state = ProcessState.STOPPED
         self.pid: int | None = None
         self.started_at: float | None = None
@@ -449,7 +500,7 @@ class ManagedProcess:
         if refusal is not None:
             return defer.fail(refusal)
         waiter = self._wait(self._start_waiters)
-        self._spawn()
+        self._begin()
         return waiter
 
     def stop(self) -> defer.Deferred[None]:
@@ -460,6 +511,12 @@ class ManagedProcess:
         process outlives KILL (a D-state process): then it is given up on.
         """
         run = self._run
+        if run is None and self._checking is not None:
+            self._abandon_check()
+            self._fire(self._start_waiters, ProcessStartFailed(
+                f"{self.name}: start cancelled: stop() was called while it was starting",
+                consumer=self.name))
+            return defer.succeed(None)
         if run is None or self.state in (ProcessState.STOPPED, ProcessState.FAILED):
             return defer.succeed(None)
         waiter = self._wait(self._stop_waiters)
@@ -472,6 +529,16 @@ class ManagedProcess:
             self.state = ProcessState.STOPPING
             self._terminate(run)
         return waiter
+
+    def when_stopped(self) -> defer.Deferred[None]:
+        """Fires once a stop in progress has ended; at once when none is.
+
+        For a caller that gave up on a start: the start is being stopped
+        (`_withdraw`), and the GPU is not free until it has.
+        """
+        if self.state is ProcessState.STOPPING and self._run is not None:
+            return self._wait(self._stop_waiters)
+        return defer.succeed(None)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -497,6 +564,44 @@ class ManagedProcess:
             f"next try in {math.ceil(remaining_s)}s"
         )
         return ProcessStartFailed(message, consumer=self.name, retry_after_s=remaining_s)
+
+    def _begin(self) -> None:
+        """Spawn, once nothing answers on the service's port.
+
+        A server gpumgr did not start may already listen there: the real
+        whisper-server sets SO_REUSEPORT, so a second one would bind beside it
+        and share its requests (and the stranger's memory would outlive an
+        eviction); any other listener makes ours exit "address in use" while
+        the stranger answers our probes. Either way gpumgr spawns nothing.
+        """
+        if self._port_check is None:
+            self._spawn()
+            return
+        self.state = ProcessState.STARTING
+        d = self._checking = defer.maybeDeferred(self._port_check)
+        d.addBoth(self._port_checked, d)
+
+    def _port_checked(self, result: str | None | Failure,
+                      d: defer.Deferred[str | None]) -> None:
+        if self._checking is not d:
+            return  # abandoned: by a stop, or by every caller
+        self._checking = None
+        if isinstance(result, Failure):
+            self._start_failed_before_spawn(
+                f"{self.name}: cannot start: checking its port failed: "
+                f"{result.getErrorMessage() or type(result.value).__name__}")
+        elif result is not None:
+            self._start_failed_before_spawn(
+                f"{self.name}: refusing to start: {result}, and gpumgr did not start it; "
+                "stop that server or give this one another port")
+        else:
+            self._spawn()
+
+    def _abandon_check(self) -> None:
+        d, self._checking = self._checking, None
+        self.state = ProcessState.STOPPED
+        if d is not None:
+            d.cancel()
 
     def _spawn(self) -> None:
         self._stderr_lines.clear()
@@ -550,6 +655,8 @@ class ManagedProcess:
 
     def _probe_passed(self, run: _Run) -> None:
         run.probe = None
+        if run.exited:
+            return  # whoever answered, it was not our process: its exit ends the start
         if run.probing and run.healthy is not None:
             run.probing = False
             run.healthy.callback(None)
@@ -800,10 +907,11 @@ class ManagedProcess:
         if refusal is not None:
             self._fire(self._start_waiters, refusal)
         else:
-            self._spawn()
+            self._begin()
 
     def _exit_during_start(self, description: str) -> str:
-        last_line = self._stderr_lines[-1] if self._stderr_lines else None
+        # whisper-server ends "couldn't bind to server socket: ..." with a blank line.
+        last_line = next((line for line in reversed(self._stderr_lines) if line.strip()), None)
         message = f"{self.name} {description} during start" + (
             f": {last_line}" if last_line else " (nothing on stderr)")
         log.warn("{message}", message=message)
@@ -837,6 +945,12 @@ class ManagedProcess:
             if d in waiters:
                 waiters.remove(d)
         run = self._run
+        if self.state is ProcessState.STARTING and self._checking is not None \
+                and not self._start_waiters:
+            log.info("{name}: every caller cancelled its start; nothing was spawned",
+                     name=self.name)
+            self._abandon_check()
+            return
         if self.state is ProcessState.STARTING and run is not None and not self._start_waiters:
             log.info("{name}: every caller cancelled its start; stopping it", name=self.name)
             run.start_error = f"{self.name}: start cancelled by every caller"

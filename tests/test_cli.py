@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
@@ -194,12 +195,62 @@ async def test_load_against_an_unreachable_broker():
 # check-config ---------------------------------------------------------------------
 
 
+def shipped_config_here(tmp_path) -> str:
+    """etc/consumers.yaml with whisper's process paths pointed at this machine:
+    the shipped ones (/opt/whisper.cpp) exist only on a real box."""
+    text = open(os.path.join(ROOT, "etc", "consumers.yaml")).read()
+    assert "/opt/whisper.cpp/build/bin/whisper-server" in text and "cwd: /opt/whisper.cpp" in text
+    text = text.replace("/opt/whisper.cpp/build/bin/whisper-server", sys.executable)
+    text = text.replace("cwd: /opt/whisper.cpp", f"cwd: {tmp_path}")
+    path = tmp_path / "consumers.yaml"
+    path.write_text(text)
+    return str(path)
+
+
 @pytest_twisted.ensureDeferred
-async def test_check_config_accepts_the_shipped_config():
-    path = os.path.join(ROOT, "etc", "consumers.yaml")
+async def test_check_config_accepts_the_shipped_config(tmp_path):
+    path = shipped_config_here(tmp_path)
     run = await gpumgr("check-config", path)
     assert run.code == 0, run.err
     assert run.out == f"OK: {path} (4 consumers, mode evicting)\n"
+
+
+@pytest.mark.skipif(os.path.exists("/opt/whisper.cpp"), reason="a real whisper.cpp box")
+@pytest_twisted.ensureDeferred
+async def test_check_config_fails_for_a_process_command_or_cwd_that_does_not_exist():
+    path = os.path.join(ROOT, "etc", "consumers.yaml")
+    run = await gpumgr("check-config", path)
+    assert run.code == 1 and run.out == ""
+    # The command is relative to nothing: it is an absolute path that is not there either.
+    assert run.err == (
+        f"config error: {path}: consumers.whisper.process.cwd: '/opt/whisper.cpp' does not "
+        "exist or is not a directory\n"
+        f"config error: {path}: consumers.whisper.process.command[0]: "
+        "'/opt/whisper.cpp/build/bin/whisper-server' not found or not executable\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_config_looks_a_bare_command_up_on_the_path_the_process_gets(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "consumers:\n  w:\n    url: http://127.0.0.1:8178\n    health: /health\n"
+        "    paths: {stt: /inference}\n"
+        "    process:\n      command: [no-such-whisper-server, -m, x]\n"
+        "routes: {stt: w}\n")
+    run = await gpumgr("check-config", str(path))
+    assert run.code == 1
+    assert run.err == (f"config error: {path}: consumers.w.process.command[0]: "
+                       "'no-such-whisper-server' not found on PATH or not executable\n")
+    tool = tmp_path / "bin" / "no-such-whisper-server"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    path.write_text(path.read_text().replace(
+        "command: [no-such-whisper-server, -m, x]\n",
+        f"command: [no-such-whisper-server, -m, x]\n      env: {{PATH: '{tool.parent}'}}\n"
+        f"      cwd: {tmp_path}\n"))
+    run = await gpumgr("check-config", str(path))
+    assert run.code == 0, run.err
 
 
 @pytest_twisted.ensureDeferred
@@ -238,7 +289,7 @@ async def test_usage_errors_exit_2_with_usage():
 def test_python_dash_m_runs_the_cli(tmp_path):
     """The installed entry point, as an operator types it."""
     result = subprocess.run([sys.executable, "-m", "gpumgr", "check-config",
-                             os.path.join(ROOT, "etc", "consumers.yaml")],
+                             shipped_config_here(tmp_path)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("OK: ")

@@ -119,7 +119,7 @@ def test_a_stopped_managed_process_is_not_probed():
     probes = FakeProbes()
     stopped = {"a"}
     monitor = HealthMonitor(clock, lambda: consumers, registry, probes, 5, 2,
-                            is_stopped=lambda n: n in stopped)
+                            not_running=lambda n: Health.STOPPED if n in stopped else None)
     monitor.start()
     assert probes.pending == {} and registry["a"].health is Health.STOPPED
     stopped.clear()
@@ -134,3 +134,103 @@ def test_a_consumer_removed_by_a_reload_is_dropped_quietly():
     registry.sync(["b"])
     probes.answer("http://a/health", RuntimeError("gone"))
     assert "a" not in registry and registry["b"].health is Health.UNKNOWN
+
+
+# -- issue 14: a process that starts reads `starting`; a consumer that stays down --
+
+
+def test_a_managed_process_that_is_starting_reads_starting_and_is_not_probed():
+    clock = Clock()
+    consumers = {"a": consumer("a")}
+    registry = Registry(consumers)
+    probes = FakeProbes()
+    state = {"a": Health.STARTING}
+    monitor = HealthMonitor(clock, lambda: consumers, registry, probes, 5, 2,
+                            not_running=state.get)
+    monitor.start()
+    assert probes.pending == {} and registry["a"].health is Health.STARTING
+    state["a"] = Health.STOPPED
+    clock.advance(5)
+    assert registry["a"].health is Health.STOPPED
+
+
+def make_watched(grace=10.0, interval=5, timeout=2):
+    clock = Clock()
+    consumers = {"a": consumer("a")}
+    registry = Registry(consumers)
+    probes = FakeProbes()
+    heard: list[tuple[float, str, str | None]] = []
+    monitor = HealthMonitor(clock, lambda: consumers, registry, probes, interval, timeout,
+                            down_grace_s=grace,
+                            on_still_down=lambda n, why: heard.append((clock.seconds(), n, why)))
+    return clock, registry, probes, monitor, heard
+
+
+def test_a_consumer_down_for_the_grace_is_probed_once_more_then_reported():
+    clock, registry, probes, monitor, heard = make_watched(grace=3, interval=100)
+    monitor.start()
+    probes.answer("http://a/health", RuntimeError("connection refused"))
+    assert registry["a"].health is Health.DOWN and heard == []
+    clock.advance(2.9)
+    assert heard == [] and probes.pending["http://a/health"] == []
+    clock.advance(0.1)  # the grace is over: one more probe decides
+    assert len(probes.pending["http://a/health"]) == 1 and heard == []
+    clock.advance(2)  # it times out: a frozen service
+    assert heard == [(5.0, "a", "probe timed out after 2s")]
+    clock.advance(3)  # still down: said again every grace
+    clock.advance(2)
+    assert [h[0] for h in heard] == [5.0, 10.0]
+    monitor.stop()
+    clock.advance(100)
+    assert len(heard) == 2 and clock.getDelayedCalls() == []
+
+
+def test_a_consumer_that_answers_within_the_grace_is_not_reported():
+    clock, registry, probes, monitor, heard = make_watched(grace=3, interval=100)
+    monitor.start()
+    probes.answer("http://a/health", RuntimeError("connection refused"))
+    clock.advance(1)
+    monitor.probe_now("a")
+    probes.answer("http://a/health")
+    assert registry["a"].health is Health.OK
+    clock.advance(10)
+    assert heard == [] and probes.pending["http://a/health"] == []
+
+
+def test_a_consumer_that_answers_the_last_probe_is_not_reported():
+    clock, registry, probes, monitor, heard = make_watched(grace=3, interval=100)
+    monitor.start()
+    probes.answer("http://a/health", RuntimeError("connection refused"))
+    clock.advance(3)
+    probes.answer("http://a/health")
+    assert heard == [] and registry["a"].health is Health.OK
+    clock.advance(10)
+    assert heard == []
+
+
+def test_a_probe_failure_is_described_in_words_not_reprs():
+    from twisted.python.failure import Failure
+    from twisted.web._newclient import ResponseNeverReceived
+
+    clock, registry, probes, monitor = make(("a",))
+    monitor.start()
+    probes.answer("http://a/health", ResponseNeverReceived([Failure(defer.CancelledError())]))
+    assert registry["a"].last_error == "no answer in time"
+
+
+def test_down_grace_s_is_a_validated_health_key():
+    import pytest
+
+    from gpumgr.config import ConfigError, parse_config
+
+    base = {"consumers": {"a": {"url": "http://127.0.0.1:9", "health": "/h",
+                                "paths": {"llm": "/x"}}}, "routes": {"llm": "a"}}
+    assert parse_config(base, "c.yaml").health.down_grace_s == 10.0
+    assert parse_config({**base, "health": {"down_grace_s": 2.5}},
+                        "c.yaml").health.down_grace_s == 2.5
+    with pytest.raises(ConfigError) as e:
+        parse_config({**base, "health": {"down_grace_s": 0}}, "c.yaml")
+    assert str(e.value) == "c.yaml: health.down_grace_s: must be greater than 0"
+    with pytest.raises(ConfigError) as e:
+        parse_config({**base, "health": {"down_grace_s": "soon"}}, "c.yaml")
+    assert str(e.value) == "c.yaml: health.down_grace_s: must be a number, got a string 'soon'"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import pytest
 import pytest_twisted
@@ -206,3 +207,90 @@ def test_whisper_server_argv_is_a_python_module_command(tmp_path):
     assert argv[1:3] == ["-m", "gpumgr.testing.whisper_server"]
     assert argv[argv.index("--port") + 1] == "8178" and argv[-2:] == ["--fail-load", "boom"]
     assert json.dumps(argv)  # plain strings, ready for a config file
+
+
+# -- the real server's socket and signals (issue 14: SO_REUSEPORT, freezing) -------------------
+
+def spawn_on(tmp_path, port: int, **options) -> ServerProcess:
+    proto = ServerProcess(port)
+    argv = whisper_server_argv(port, str(tmp_path), **options)
+    reactor.spawnProcess(proto, argv[0], argv, env=os.environ)
+    return proto
+
+
+async def stopped(*servers: ServerProcess) -> None:
+    for server in servers:
+        server.kill("KILL")
+        await server.ended.addTimeout(15, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_servers_share_a_port_like_cpp_httplib(gpu, tmp_path):
+    port = free_port()
+    first = spawn_on(tmp_path, port, job_s=0)
+    second = spawn_on(tmp_path, port, job_s=0)
+    try:
+        for server in (first, second):
+            c = Client()
+            try:
+                await healthy(c, server)
+            finally:
+                await c.close()
+        assert not first.ended.called and not second.ended.called  # both bound the port
+        assert len(gpu.external_allocations()) == 2  # both hold their memory
+        ctype, body = encode_multipart({"file": ("a.wav", b"RIFF", "audio/wav")})
+        for _ in range(40):  # a new connection each time: the kernel spreads them
+            c = Client()
+            try:
+                reply = await c.request("POST", first.url + "/inference", body,
+                                        {"Content-Type": ctype})
+            finally:
+                await c.close()
+            assert reply.code == 200
+        for server in (first, second):
+            assert b"[REQUEST] New inference request received" in server.stderr
+    finally:
+        await stopped(first, second)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_port_held_without_reuseport_prints_the_real_bind_error_and_exits_1(gpu, tmp_path):
+    from gpumgr.testing.stranger import StrangerListener
+
+    stranger = StrangerListener()
+    port = free_port()
+    stranger.listen(reactor, port)
+    try:
+        server = spawn_on(tmp_path, port)
+        await server.ended.addTimeout(15, reactor)
+    finally:
+        await stranger.stop()
+    assert server.exit_code == 1
+    # The real whisper-server's last line is blank; the one before says why.
+    assert server.stderr.endswith(
+        f"couldn't bind to server socket: hostname=127.0.0.1 port={port}\n\n".encode())
+    assert gpu.external_allocations() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigstop_freezes_it_with_the_port_accepting_and_sigcont_thaws_it(spawn, client):
+    from twisted.web._newclient import ResponseNeverReceived
+
+    from gpumgr.testing.stranger import port_accepts
+
+    server = spawn(job_s=0)
+    await healthy(client, server)
+    server.kill("STOP")
+    try:
+        assert port_accepts(server.port)  # the kernel's backlog still accepts
+        prober = Client()
+        probe = defer.ensureDeferred(prober.request("GET", server.url + "/health"))
+        probe.addTimeout(1.0, reactor)
+        try:
+            with pytest.raises(ResponseNeverReceived):
+                await probe  # ...but nobody answers
+        finally:
+            await prober.close()
+    finally:
+        server.kill(signal.SIGCONT)
+    await healthy(client, server)

@@ -20,6 +20,13 @@ to a supervisor:
   no unload route: stopping the process is the unload.
 - SIGTERM or SIGINT: it frees its memory and exits 0 at once. After SIGKILL its
   memory record names a dead pid, which the simulated GPU no longer counts.
+- Its socket has ``SO_REUSEPORT`` (cpp-httplib sets it): a second server on
+  the same port starts fine and the kernel shares connections between the
+  two. Where it cannot bind (a listener without ``SO_REUSEPORT`` holds the
+  port) it prints ``couldn't bind to server socket: hostname=H port=P`` and a
+  blank line to stderr, and exits 1.
+- SIGSTOP freezes it like any process: the kernel's backlog still accepts
+  connections, so probes time out rather than being refused; SIGCONT thaws it.
 
 Its memory lives in ``<state-dir>/gpu-procs/<pid>.json`` (see
 `gpumgr.testing.nvidia_smi`); ``<state-dir>/gpu-state.json`` (the simulated
@@ -33,6 +40,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -77,6 +85,11 @@ def _free_mib(gpu_state: str, procs_dir: str) -> int | None:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+
+    def server_bind(self) -> None:
+        # cpp-httplib's default socket options: SO_REUSEADDR and SO_REUSEPORT.
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def __init__(self, address: tuple[str, int], options: argparse.Namespace) -> None:
         self.options = options
@@ -232,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     record.append(write_external(procs_dir, os.getpid(), options.process_name, options.vram_mib))
     try:
         httpd = _Server((options.host, options.port), options)
-    except OSError as e:
-        _log(f"couldn't bind to server socket: hostname={options.host} port={options.port}: {e}")
+    except OSError:
+        # The real server's words, and its blank line after them.
+        _log(f"couldn't bind to server socket: hostname={options.host} port={options.port}\n")
         forget_memory()
         return 1
     print(f"\nwhisper server listening at http://{options.host}:{options.port}\n", flush=True)
