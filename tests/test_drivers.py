@@ -441,7 +441,7 @@ def test_comfyui_stops_a_prompt_by_deleting_it_from_the_queue_then_interrupting_
 class _OwnedProcess:
     """What the broker needs of a ManagedProcess, for the render tracker's stop."""
 
-    def __init__(self, reactor, name, spec, probe, on_exit):
+    def __init__(self, reactor, name, spec, probe, on_exit, port_check=None):
         self.name, self.on_exit = name, on_exit
         self.stops: list[defer.Deferred] = []
         self.state = ProcessState.RUNNING

@@ -215,7 +215,8 @@ def test_a_probe_failure_is_described_in_words_not_reprs():
     clock, registry, probes, monitor = make(("a",))
     monitor.start()
     probes.answer("http://a/health", ResponseNeverReceived([Failure(defer.CancelledError())]))
-    assert registry["a"].last_error == "no answer in time"
+    # One describer for every failure (gpumgr.errors.describe_failure).
+    assert registry["a"].last_error == "no response: gave up waiting (cancelled)"
 
 
 def test_down_grace_s_is_a_validated_health_key():
