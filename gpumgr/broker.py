@@ -792,8 +792,12 @@ class Broker:
         name = c.name
 
         def is_down() -> bool:
-            return (name in self.registry and self.registry[name].health is Health.DOWN) \
-                or self._process_stopped(name)
+            # Gone, not merely unhealthy: a service that answers its health
+            # route 503 (busy, flapping) may still compute.
+            if self._process_stopped(name):
+                return True
+            state = self.registry[name] if name in self.registry else None
+            return state is not None and state.health is Health.DOWN and state.refused
 
         def ask_service() -> defer.Deferred[bool | None]:
             return driver.work_stopped(self.http, c).addTimeout(

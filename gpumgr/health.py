@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -122,6 +123,8 @@ class HealthMonitor:
         if health is not None:
             self._change(name, health, None)  # it was stopped meanwhile
             return
+        self._registry[name].refused = isinstance(result, Failure) and bool(
+            result.check(ConnectionRefusedError))
         if isinstance(result, Failure):
             if result.check(defer.TimeoutError):
                 error: str | None = f"probe timed out after {self.timeout_s:g}s"
@@ -152,7 +155,6 @@ class HealthMonitor:
                      now=health.value, why=f" ({error})" if error else "")
             if self._on_change is not None:
                 self._on_change(name, was, health, error)
-
 
     def _disarm(self, name: str) -> None:
         timer = self._down_timers.pop(name, None)

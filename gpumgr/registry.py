@@ -26,6 +26,9 @@ class ConsumerState:
     health: Health = Health.UNKNOWN
     last_probe: float | None = None
     last_error: str | None = None
+    #: The last probe found nothing listening (connection refused): the
+    #: service is gone, not merely unhealthy. Evidence that its work stopped.
+    refused: bool = False
     residency: Residency = Residency.UNKNOWN
     gpu_resident_mib: int = 0
     active: int = 0

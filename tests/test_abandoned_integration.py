@@ -185,3 +185,50 @@ async def test_without_utilisation_the_processes_memory_coming_back_is_the_evide
     await wait_for(lambda: world.active_jobs == 0)
     assert world.gpu.overlaps == []
     assert service.status()["scheduler"]["drains"] == {"memory_back": 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_health_check_is_not_evidence_that_abandoned_work_stopped(
+        world, start_broker, client):
+    """A service that answers its health route 503 (busy, flapping) may still
+    compute: only a service that is gone (its port refuses, its process
+    exited) is evidence. Found by the fault suite: mvoice flapped while it
+    synthesised for a client that had left, and the next job overlapped."""
+    mvoice = world["mvoice"]
+    mvoice.behaviour.job_s = 2.0
+    service, url = await locked_broker(world, start_broker)
+    pending = post(url + "/v1/tts", b'{"text":"long"}')
+    pending.addErrback(lambda f: f.trap(defer.CancelledError, ResponseNeverReceived))
+    await wait_for(lambda: world.active_jobs == 1)
+    pending.cancel()  # the client leaves while mvoice synthesises
+    await wait_for(lambda: service.status()["scheduler"]["draining"])
+    mvoice.behaviour.healthy = False  # its health route fails meanwhile
+    await service.health.probe_now("mvoice")
+    assert service.registry["mvoice"].health.value == "down"
+    after = defer.ensureDeferred(client.request(
+        "POST", url + "/v1/llm", json.dumps({"prompt": "next", "stream": False}).encode(),
+        {"Content-Type": "application/json"}))
+    await wait_for(lambda: world.active_jobs == 0, timeout_s=10)
+    mvoice.behaviour.healthy = True
+    assert (await after).code == 200
+    assert world.gpu.overlaps == []
+    assert service.status()["scheduler"]["drains"].get("service_down") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_service_that_is_gone_ends_the_drain(world, start_broker, client):
+    """Its port refuses connections: the work is over, whatever was running."""
+    mvoice = world["mvoice"]
+    mvoice.behaviour.job_s = 30.0
+    service, url = await locked_broker(world, start_broker)
+    pending = post(url + "/v1/tts", b'{"text":"long"}')
+    pending.addErrback(lambda f: f.trap(defer.CancelledError, ResponseNeverReceived))
+    await wait_for(lambda: world.active_jobs == 1)
+    pending.cancel()
+    await wait_for(lambda: service.status()["scheduler"]["draining"])
+    await world.stop_consumer("mvoice")
+    await service.health.probe_now("mvoice")
+    assert service.registry["mvoice"].refused is True
+    await wait_for(lambda: not service.status()["scheduler"]["draining"])
+    assert service.status()["scheduler"]["drains"] == {"service_down": 1}
+    assert service.scheduler.stats().in_flight == 0

@@ -235,3 +235,20 @@ def test_down_grace_s_is_a_validated_health_key():
     with pytest.raises(ConfigError) as e:
         parse_config({**base, "health": {"down_grace_s": "soon"}}, "c.yaml")
     assert str(e.value) == "c.yaml: health.down_grace_s: must be a number, got a string 'soon'"
+
+
+def test_only_a_refused_connection_marks_the_consumer_gone():
+    """`refused` is evidence that the service is gone (gpumgr.abandoned);
+    a failing or slow health route is not."""
+    from twisted.internet.error import ConnectionRefusedError
+
+    clock, registry, probes, monitor = make(("a",))
+    monitor.start()
+    probes.answer("http://a/health", RuntimeError("503 busy"))
+    assert registry["a"].health is Health.DOWN and registry["a"].refused is False
+    clock.advance(monitor.interval_s)
+    probes.answer("http://a/health", ConnectionRefusedError())
+    assert registry["a"].health is Health.DOWN and registry["a"].refused is True
+    clock.advance(monitor.interval_s)
+    probes.answer("http://a/health")
+    assert registry["a"].health is Health.OK and registry["a"].refused is False
