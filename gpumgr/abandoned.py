@@ -10,7 +10,7 @@ to the next job then would put two jobs on the card.
 So the job keeps its slot ("draining after the client left") until there is
 evidence the service stopped, whichever comes first:
 
-- the service is down (its health, or its owned process exited);
+- the service is gone (its port refuses connections, or its owned process exited);
 - the driver asked the service, and it said it ran the request and now runs
   nothing (`IDriver.work_stopped`);
 - the consumer's own nvidia-smi memory (`gpu_process`) rose above its
