@@ -199,8 +199,8 @@ def test_the_new_key_and_error_are_documented():
     import os
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "README.md")) as f:
-        readme = f.read()
+    readme = "".join(open(os.path.join(root, name)).read() for name in
+                     ("README.md", "docs/config.md", "docs/http-api.md", "docs/configure.md"))
     with open(os.path.join(root, "etc", "consumers.yaml")) as f:
         shipped = f.read()
     assert "| `allowed_hosts` |" in readme and "# allowed_hosts:" in shipped

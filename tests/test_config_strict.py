@@ -539,8 +539,8 @@ def test_twistd_refuses_a_port_out_of_range_and_a_self_referencing_listen(tmp_pa
 
 def test_every_limit_and_admin_key_is_documented():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "README.md")) as f:
-        readme = f.read()
+    readme = "".join(open(os.path.join(root, name)).read() for name in
+                     ("docs/config.md", "docs/http-api.md"))
     with open(os.path.join(root, "etc", "consumers.yaml")) as f:
         shipped = f.read()
     for field in attrs.fields(LimitsConfig):
