@@ -1,6 +1,6 @@
 """What to evict before a job for `target` runs: a pure function of values.
 
-Rules (the README explains them with a worked example):
+Rules (docs/scheduling.md explains them with a worked example):
 
 - Exclusivity: X and Y may be loaded together unless one of them has a
   `can_coexist_with` list that does not name the other. Every loaded or

@@ -8,7 +8,7 @@ GPU lock. So the target is parsed here into one value, every decision reads
 that value, and the forwarded URL is built from it and checked against what
 Agent will really send (`forward_url`).
 
-The rules (the README's "Request targets" says the same for users):
+The rules (docs/http-api.md, "Request targets", says the same for users):
 
 - Only origin-form (`/path[?query]`) of visible ASCII; a `#` anywhere is
   refused: a fragment has no business in a request target (RFC 9112 3.2).

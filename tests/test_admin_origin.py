@@ -160,7 +160,7 @@ async def test_control_routes_refuse_pages_too(world, start_broker):
 
 @pytest_twisted.ensureDeferred
 async def test_ordinary_routes_keep_answering_any_host(world, start_broker):
-    """Only admin and control routes check Host and Origin (README)."""
+    """Only admin and control routes check Host and Origin (docs/configure.md)."""
     service, url = await admin_broker(world, start_broker)
     code, _ = await raw_exchange(url, b"GET", b"/v1/llm/api/tags", headers=b"Origin: http://x\r\n")
     assert code == 200
