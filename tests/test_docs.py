@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,7 +42,7 @@ def anchors(path: Path) -> set[str]:
 
 def links(path: Path) -> list[str]:
     fenced = False
-    out = []
+    out: list[str] = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if _FENCE.match(line):
             fenced = not fenced
@@ -50,7 +51,7 @@ def links(path: Path) -> list[str]:
     return out
 
 
-def test_anchor_rules_match_githubs():
+def test_anchor_rules_match_githubs() -> None:
     assert github_anchor("Metrics: `GET /metrics`") == "metrics-get-metrics"
     assert github_anchor("Scheduling (`scheduler.mode: locked`)") == "scheduling-schedulermode-locked"
     assert github_anchor("Exposing gpumgr beyond loopback, safely") == \
@@ -58,7 +59,7 @@ def test_anchor_rules_match_githubs():
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_link_resolves(doc):
+def test_every_link_resolves(doc: Path) -> None:
     broken = []
     for target in links(doc):
         if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
@@ -74,7 +75,7 @@ def test_every_link_resolves(doc):
 
 # -- every page is reachable from the README ----------------------------------
 
-def test_every_page_in_docs_is_reachable_from_the_readme():
+def test_every_page_in_docs_is_reachable_from_the_readme() -> None:
     seen: set[Path] = set()
     todo = [ROOT / "README.md"]
     while todo:
@@ -90,7 +91,7 @@ def test_every_page_in_docs_is_reachable_from_the_readme():
     assert not unreachable, f"no link leads from README.md to {unreachable}"
 
 
-def test_the_readme_is_a_door():
+def test_the_readme_is_a_door() -> None:
     """The README leads to the docs; the details live behind it."""
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
     assert len(lines) < 250, f"README.md has {len(lines)} lines; move details to docs/"
@@ -136,7 +137,7 @@ NAMED = {"consumers": "<name>", "scheduler.priority": "<kind>", "routes": "<kind
          "consumers.<name>.paths": "<kind>", "consumers.<name>.process.env": "<VAR>"}
 
 
-def full_config() -> dict:
+def full_config() -> dict[str, Any]:
     """A config that sets every optional section, so that the parser reads
     every key it knows. A key the parser reads only when present (`has`)
     must be set here, or it is reported as undocumented-in-the-parser."""
@@ -173,7 +174,7 @@ def full_config() -> dict:
     }
 
 
-def _section_at(config: dict, path: tuple[str, ...]) -> dict:
+def _section_at(config: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
     for key in path:
         config = config[key]
     return config
@@ -231,7 +232,7 @@ def documented_keys() -> set[str]:
     return keys
 
 
-def test_the_walk_finds_the_keys_it_should():
+def test_the_walk_finds_the_keys_it_should() -> None:
     leaves, sections = parser_keys()
     assert {"listen", "limits.max_upload_s", "consumers.<name>.process.stop_timeout_s",
             "consumers.<name>.unload.content_type", "routes.<kind>",
@@ -240,7 +241,7 @@ def test_the_walk_finds_the_keys_it_should():
     assert {"consumers", "consumers.<name>.process", "limits"} <= sections
 
 
-def test_every_config_key_is_documented_and_every_documented_key_exists():
+def test_every_config_key_is_documented_and_every_documented_key_exists() -> None:
     leaves, sections = parser_keys()
     documented = documented_keys()
     assert not leaves - documented, f"keys the parser reads that docs/config.md lacks: " \
@@ -249,12 +250,12 @@ def test_every_config_key_is_documented_and_every_documented_key_exists():
     assert not unknown, f"docs/config.md documents keys the parser refuses: {sorted(unknown)}"
 
 
-def test_every_key_the_shipped_config_sets_is_documented():
+def test_every_key_the_shipped_config_sets_is_documented() -> None:
     from gpumgr import yaml_strict
 
     shipped = yaml_strict.load((ROOT / "etc" / "consumers.yaml").read_text(encoding="utf-8"))
     documented = documented_keys()
-    missing = []
+    missing: list[str] = []
 
     def walk(value: object, path: str) -> None:
         if not isinstance(value, dict):
@@ -262,7 +263,7 @@ def test_every_key_the_shipped_config_sets_is_documented():
                 missing.append(path)
             return
         for key, child in value.items():
-            name = NAMED.get(path, key)
+            name = NAMED.get(path, str(key))
             walk(child, f"{path}.{name}" if path else name)
 
     walk(shipped, "")
@@ -292,7 +293,7 @@ def documented_errors() -> dict[str, set[int]]:
     return table
 
 
-def test_every_error_code_gpumgr_defines_is_in_the_table_with_its_status():
+def test_every_error_code_gpumgr_defines_is_in_the_table_with_its_status() -> None:
     defined, table = error_classes(), documented_errors()
     assert not set(defined) - set(table), \
         f"error codes missing from docs/http-api.md: {sorted(set(defined) - set(table))}"
@@ -301,14 +302,14 @@ def test_every_error_code_gpumgr_defines_is_in_the_table_with_its_status():
     assert not wrong, f"documented status differs from the code's (table, code): {wrong}"
 
 
-def test_every_code_in_the_table_can_be_produced():
+def test_every_code_in_the_table_can_be_produced() -> None:
     unknown = set(documented_errors()) - set(error_classes())
     assert not unknown, f"docs/http-api.md lists codes no GpumgrError has: {sorted(unknown)}"
 
 
 # -- the module map matches the package ------------------------------------------
 
-def test_the_module_map_names_every_module_and_only_modules():
+def test_the_module_map_names_every_module_and_only_modules() -> None:
     rows = table_rows(ROOT / "docs" / "architecture.md", "## Module map")
     mapped = {m.group(1) for cells in rows for m in [re.fullmatch(r"`([^`]+)`", cells[0])] if m}
     assert len(mapped) == len(rows), "every row's first cell is one module path in backticks"
