@@ -5,7 +5,8 @@ gives it back only on evidence that the work no longer uses the GPU:
 
 - the driver says it is over (ComfyUI: the prompt left `/queue`, running and
   pending, and `/history` has it), or that the service no longer knows it;
-- its service went down, or a reload removed the consumer;
+- its service is gone (its port refuses connections), or a reload removed
+  the consumer;
 - gpumgr stopped the process it owns (the process exited).
 
 Past `job_timeout_s` the work is stopped (`driver.interrupt`: ComfyUI deletes
@@ -122,9 +123,12 @@ class RenderTracker:
                 if current is None or name not in self._registry:
                     self._lost(render, "its consumer was removed by a reload")
                     return
-                health = self._registry[name].health
-                if health is Health.DOWN:
-                    self._lost(render, "its service went down")
+                state_now = self._registry[name]
+                health = state_now.health
+                # Gone, not merely unhealthy: a health route that fails or is
+                # slow says nothing of a render (its prompt may be in /queue).
+                if health is Health.DOWN and state_now.refused:
+                    self._lost(render, "its service is gone (connection refused)")
                     return
                 if health is Health.STOPPED:
                     self._lost(render, "the process gpumgr owns for it exited")

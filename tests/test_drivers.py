@@ -360,7 +360,7 @@ def test_an_admin_release_does_not_touch_a_render_that_is_not_stuck():
     assert d.called
 
 
-def test_a_render_is_released_once_its_service_is_down():
+def test_a_render_is_released_once_its_service_is_gone():
     clock, broker = make_broker()
     driver = Renders()
     driver.fail_polls = True
@@ -368,7 +368,10 @@ def test_a_render_is_released_once_its_service_is_down():
                                                   "p1", clock.seconds()))
     clock.advance(1.0)
     assert not d.called  # a failing poll alone does not release it...
-    broker.registry.set_health("comfy", Health.DOWN)  # ...its health probe failing does
+    broker.registry.set_health("comfy", Health.DOWN)  # ...nor a failing health route...
+    clock.advance(1.0)
+    assert not d.called
+    broker.registry["comfy"].refused = True  # ...but nothing listening on its port does
     clock.advance(0.5)
     assert d.called and broker.renders == {} and broker.render_counts["lost"] == 1
 

@@ -102,6 +102,26 @@ async def test_a_render_is_released_when_comfyui_goes_away(world, start_broker, 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_failing_health_check_does_not_release_a_render(world, start_broker, client):
+    """ComfyUI's health route failing (slow under a heavy render, flapping) is
+    no evidence that the render stopped: its prompt is still in /queue."""
+    service, url = await comfy_broker(world, start_broker)
+    gate = Gate(world["comfyui"])
+    prompt = await client.request("POST", url + "/v1/image", b'{"prompt":{}}')
+    assert prompt.code == 200
+    world["comfyui"].behaviour.healthy = False
+    await service.health.probe_now("comfyui")
+    assert service.status()["consumers"]["comfyui"]["health"] == "down"
+    await sleep(0.5)  # several polls of the render
+    assert service.scheduler.stats().in_flight == 1 and len(service.broker.renders) == 1
+    world["comfyui"].behaviour.healthy = True
+    await wait_for(lambda: prompt.json()["prompt_id"] in gate.gates)
+    gate.release()
+    await wait_for(lambda: service.scheduler.stats().in_flight == 0)
+    assert service.broker.render_counts["completed"] == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_renders_are_tracked_in_passthrough_mode_too(world, start_broker, client):
     """Even with no lock, the slot counts in in_flight until the render ends."""
     service, url = await comfy_broker(world, start_broker, mode="passthrough")

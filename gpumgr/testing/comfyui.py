@@ -228,6 +228,10 @@ class ComfyUISim(SimulatedConsumer):
     # -- small routes --------------------------------------------------------------------
 
     def system_stats(self, request):
+        if not self.behaviour.healthy:
+            # Behaviour.healthy=False stands for a health route that fails
+            # (gpumgr probes /system_stats): an error, not a closed port.
+            return json_body(request, {"error": "simulated unhealthy"}, 500)
         gpu = self.world.gpu
         return json_body(request, {
             "system": {"os": "posix", "python_version": "3.12.3", "embedded_python": False,
