@@ -26,7 +26,8 @@ from twisted.python.failure import Failure
 
 from gpumgr.config import ConsumerConfig
 from gpumgr.errors import describe_failure
-from gpumgr.registry import Health, Registry
+from gpumgr.registry import Registry
+from gpumgr.states import Health
 
 log = Logger()
 

@@ -26,7 +26,7 @@ from twisted.web.server import NOT_DONE_YET
 from gpumgr.errors import MethodNotAllowed, UnknownRoute, write_error
 from gpumgr.eviction import Residency
 from gpumgr.process import ProcessState
-from gpumgr.registry import Health
+from gpumgr.states import Health
 from gpumgr.snapshot import RENDER_OUTCOMES, Histogram, RenderPhase, Snapshot
 
 _MIB = 1024 * 1024
@@ -42,7 +42,7 @@ def _histogram(name: str, doc: str, by_consumer: dict[str, Histogram]) -> Metric
 def metric_families(s: Snapshot) -> Iterator[Metric]:
     """Every gpumgr metric, from one snapshot (pure)."""
     yield InfoMetricFamily("gpumgr_build", "gpumgr's version and scheduler mode.",
-                           value={"version": s.version, "mode": s.mode})
+                           value={"version": s.version, "mode": s.mode.value})
     yield GaugeMetricFamily("gpumgr_uptime_seconds", "Seconds since the broker started.",
                             value=s.now - s.started_at)
     reloads = CounterMetricFamily("gpumgr_config_reloads", "Config reloads attempted.",

@@ -24,7 +24,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from gpumgr.errors import GpumgrError, QueueFull, QueueTimeout
+from gpumgr.events import Event
 from gpumgr.registry import Registry
+from gpumgr.states import SchedulerMode
 
 Job = Callable[[], "defer.Deferred[Any]"]
 
@@ -60,7 +62,7 @@ class Holder:
 
 @attrs.frozen
 class SchedulerStats:
-    mode: str
+    mode: SchedulerMode
     capacity: int | None
     queue_depth: int
     in_flight: int
@@ -73,12 +75,12 @@ class SchedulerStats:
     queued_by_kind: dict[str, int] = attrs.field(factory=dict)
     eviction_failures: int = 0
     oom_retries: int = 0
-    recent_events: tuple[dict[str, Any], ...] = ()
+    recent_events: tuple[Event, ...] = ()
     holders: tuple[Holder, ...] = ()
 
 
 class Scheduler(Protocol):
-    mode: str
+    mode: SchedulerMode
 
     def run(self, consumer: str, job: Job, kind: str | None = None,
             control: bool = False) -> defer.Deferred[Any]:
@@ -108,7 +110,7 @@ class Scheduler(Protocol):
 class Passthrough:
     """No lock, no queue: every job starts immediately."""
 
-    mode = "passthrough"
+    mode = SchedulerMode.PASSTHROUGH
 
     def __init__(self, clock: IReactorTime, registry: Registry) -> None:
         self._clock = clock
@@ -274,7 +276,7 @@ class Locked:
     from the job, and cancellation.
     """
 
-    mode = "locked"
+    mode = SchedulerMode.LOCKED  # the broker reports EVICTING when it evicts around it
 
     def __init__(
         self,
