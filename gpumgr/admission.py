@@ -2,10 +2,10 @@
 
 `eviction.plan_eviction` decides; this module does the I/O. It runs inside
 scheduler jobs: in locked and evicting modes those hold the GPU lock, so an
-unload or a load never races a request; in pass-through mode there is no
-lock, and a load or an unload asked by an operator runs beside requests. How
-a consumer is really loaded or unloaded (a driver's route, or starting and
-stopping its process) is the `Control` given to it.
+unload or a load never races a request. In pass-through mode there is no
+lock: a load or an unload (an operator's, a preload, an idle unload) may run
+beside requests. How a consumer is really loaded or unloaded (a driver's
+route, or starting and stopping its process) is the `Control` given to it.
 """
 
 from __future__ import annotations
@@ -327,8 +327,9 @@ class Admission:
 
     @defer.inlineCallbacks
     def _idle_unload(self, name: str) -> Any:
-        # Re-checked under the lock: a request may have run since the timer fired,
-        # or a reload may have changed or removed the consumer.
+        # Re-checked once the job runs (under the lock, unless pass-through): a
+        # request may have run since the timer fired, or a reload may have
+        # changed or removed the consumer.
         c = self._config.consumers.get(name)
         if c is None or c.idle_unload_s is None or name not in self._registry:
             return False
