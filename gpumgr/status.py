@@ -6,6 +6,7 @@ import datetime
 from typing import Any
 
 from gpumgr.events import Event
+from gpumgr.scheduler import Holder
 from gpumgr.snapshot import ConsumerSnapshot, Snapshot
 
 
@@ -47,7 +48,7 @@ def _event(e: Event) -> dict[str, Any]:
             "reason": e.reason, "mib": e.mib, "detail": e.detail}
 
 
-def _holder(s: Snapshot, h: Any) -> dict[str, Any]:
+def _holder(s: Snapshot, h: Holder) -> dict[str, Any]:
     render = next((r.render_id for c in s.consumers if c.name == h.consumer
                    for r in c.renders), None)
     draining = not h.control and any(d.consumer == h.consumer for d in s.draining)
