@@ -35,6 +35,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from gpumgr.config import ProcessNameMatcher
+from gpumgr.events import EventKind, EventLog
 from gpumgr.gpu import GpuSample
 from gpumgr.snapshot import Histogram
 
@@ -159,10 +160,6 @@ class Draining:
     grace_s: float
 
 
-#: event(kind, consumer, reason=None, mib=None, detail=None): the recent-events log.
-EventLog = Callable[..., None]
-
-
 def _detached(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
     """`d`'s result, in a Deferred whose cancellation leaves `d` alone (a
     sample shared with the regular sampler is never cancelled under it)."""
@@ -251,11 +248,11 @@ class AbandonedWork:
     def _ended(self, name: str, evidence: Evidence, held_s: float, grace_s: float) -> None:
         detail = f"{evidence.value} after {held_s:.2f}s"
         if evidence is Evidence.GRACE_EXPIRED:
-            self._event("abandoned_grace_expired", name, "client_gone", detail=detail)
+            self._event(EventKind.ABANDONED_GRACE_EXPIRED, name, "client_gone", detail=detail)
             log.warn("{name}: no evidence that the service stopped the work its client left "
                      "within {grace:g}s (abandoned_grace_s); giving the GPU back anyway",
                      name=name, grace=grace_s)
         else:
-            self._event("abandoned_settled", name, "client_gone", detail=detail)
+            self._event(EventKind.ABANDONED_SETTLED, name, "client_gone", detail=detail)
             log.info("{name}: the work its client left is over ({detail}); the GPU is free",
                      name=name, detail=detail)

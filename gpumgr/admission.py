@@ -1,10 +1,11 @@
 """Carrying out eviction decisions: unloads, the settle wait, loads, OOM replay.
 
-`eviction.plan_eviction` decides; this module does the I/O. Everything here
-runs inside a scheduler job, i.e. while holding the GPU lock, so an unload
-or a load never races a request. How a consumer is really loaded or unloaded
-(a driver's route, or starting and stopping its process) is the `Control`
-given to it.
+`eviction.plan_eviction` decides; this module does the I/O. It runs inside
+scheduler jobs: in locked and evicting modes those hold the GPU lock, so an
+unload or a load never races a request. In pass-through mode there is no
+lock: a load or an unload (an operator's, a preload, an idle unload) may run
+beside requests. How a consumer is really loaded or unloaded (a driver's
+route, or starting and stopping its process) is the `Control` given to it.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from twisted.logger import Logger
 
 from gpumgr.config import Config
 from gpumgr.errors import ControlFailed, InsufficientVram, describe_failure
+from gpumgr.events import Event, EventKind
 from gpumgr.eviction import ConsumerView, Residency, plan_eviction, settled
 from gpumgr.gpu import GpuSampler
 from gpumgr.proxy import Result
-from gpumgr.registry import Health, Registry
-from gpumgr.status import iso
+from gpumgr.registry import Registry
+from gpumgr.states import Health
 
 log = Logger()
 
@@ -75,7 +77,7 @@ class Admission:
         self.evictions = 0
         self.eviction_failures = 0
         self.oom_retries = 0
-        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_EVENTS)
+        self.events: collections.deque[Event] = collections.deque(maxlen=RECENT_EVENTS)
         self.evictions_by_reason: collections.Counter[str] = collections.Counter()
         self._no_sample_logged = False
         self._idle_timers: dict[str, Any] = {}
@@ -88,12 +90,10 @@ class Admission:
 
     # -- bookkeeping ---------------------------------------------------------
 
-    def event(self, kind: str, consumer: str, reason: str | None = None,
+    def event(self, kind: EventKind, consumer: str, reason: str | None = None,
               mib: int | None = None, detail: str | None = None) -> None:
-        self.events.append({
-            "at": iso(self._clock.seconds()), "event": kind, "consumer": consumer,
-            "reason": reason, "mib": mib, "detail": detail,
-        })
+        """Record an event now (the last RECENT_EVENTS are kept)."""
+        self.events.append(Event(kind, consumer, reason, mib, detail, self._clock.seconds()))
 
     def views(self, target: str | None = None) -> dict[str, ConsumerView]:
         """What the planner sees. A consumer with a job running (capacity > 1)
@@ -165,7 +165,7 @@ class Admission:
     def _refuse(self, target: str, message: str, failed: list[str]) -> None:
         if failed:
             message += f"; unload failed for {', '.join(failed)}"
-        self.event("refusal", target, "insufficient_vram", detail=message)
+        self.event(EventKind.REFUSAL, target, "insufficient_vram", detail=message)
         log.warn("refusing a job for {target}: {message}", target=target, message=message)
         raise InsufficientVram(message, consumer=target, retry_after_s=5)
 
@@ -173,7 +173,7 @@ class Admission:
     def evict_for_oom(self, consumer: str) -> Any:
         """The consumer answered out of memory: evict every other evictable one."""
         self.oom_retries += 1
-        self.event("oom_retry", consumer, "oom")
+        self.event(EventKind.OOM_RETRY, consumer, "oom")
         for name, view in self.views().items():
             if name != consumer and not view.pinned and view.residency is not Residency.UNLOADED:
                 yield self.unload(name, "oom")
@@ -226,13 +226,13 @@ class Admission:
             why = describe_failure(e)
             self.eviction_failures += 1
             self._registry.mark_unknown(name)
-            self.event("eviction_failed", name, reason, view.resident_mib, why)
+            self.event(EventKind.EVICTION_FAILED, name, reason, view.resident_mib, why)
             log.warn("unloading {name} ({reason}) failed: {why}", name=name, reason=reason, why=why)
             return False
         self.evictions += 1
         self.evictions_by_reason[reason] += 1
         self._registry.mark_unloaded(name)
-        self.event("eviction" if reason != "admin" else "unload", name, reason, view.resident_mib)
+        self.event(EventKind.EVICTION if reason != "admin" else EventKind.UNLOAD, name, reason, view.resident_mib)
         log.info("evicted {name} ({reason}, {mib} MiB)", name=name, reason=reason,
                  mib=view.resident_mib)
         if known:
@@ -271,20 +271,20 @@ class Admission:
             yield self._call(name, "load")
         except defer.CancelledError:
             # Everyone who wanted it gone; a process start is stopped (ManagedProcess).
-            self.event("load_cancelled", name, reason, detail="nobody waits for it any more")
+            self.event(EventKind.LOAD_CANCELLED, name, reason, detail="nobody waits for it any more")
             log.info("loading {name} ({reason}) cancelled: nobody waits for it any more",
                      name=name, reason=reason)
             raise
         except Exception as e:
             why = describe_failure(e)
-            self.event("load_failed", name, reason, detail=why)
+            self.event(EventKind.LOAD_FAILED, name, reason, detail=why)
             log.warn("loading {name} ({reason}) failed: {why}", name=name, reason=reason, why=why)
             if isinstance(e, ControlFailed) or hasattr(e, "status"):
                 raise
             raise ControlFailed(f"loading {name} failed: {why}", consumer=name) from None
         self._became_loaded(name)
         mib = self._config.consumers[name].vram_resident_mib
-        self.event("load", name, reason, mib)
+        self.event(EventKind.LOAD, name, reason, mib)
         log.info("loaded {name} ({reason}, {mib} MiB)", name=name, reason=reason, mib=mib)
         self.schedule_idle_unload(name)
         return True
@@ -327,8 +327,9 @@ class Admission:
 
     @defer.inlineCallbacks
     def _idle_unload(self, name: str) -> Any:
-        # Re-checked under the lock: a request may have run since the timer fired,
-        # or a reload may have changed or removed the consumer.
+        # Re-checked once the job runs (under the lock, unless pass-through): a
+        # request may have run since the timer fired, or a reload may have
+        # changed or removed the consumer.
         c = self._config.consumers.get(name)
         if c is None or c.idle_unload_s is None or name not in self._registry:
             return False

@@ -56,6 +56,7 @@ from gpumgr.errors import (
     UnknownRoute,
     describe_failure,
 )
+from gpumgr.events import EventKind
 from gpumgr.eviction import Residency
 from gpumgr.gpu import GpuSampler
 from gpumgr.health import HealthMonitor
@@ -72,6 +73,7 @@ from gpumgr.snapshot import (
     RequestStats,
     Snapshot,
 )
+from gpumgr.states import SchedulerMode
 from gpumgr.status import status_document
 from gpumgr.target import Segment, Target, forward_url, routed_target
 from gpumgr.tunnel import Tunnel, check_upgrade, is_upgrade
@@ -296,14 +298,14 @@ class Broker:
         return self._config
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> SchedulerMode:
         return self._config.scheduler.mode
 
     def _make_scheduler(self, config: Config) -> Scheduler:
         sched = config.scheduler
-        if sched.mode == "passthrough":
+        if sched.mode is SchedulerMode.PASSTHROUGH:
             return Passthrough(self.reactor, self.registry)
-        evicting = sched.mode == "evicting"
+        evicting = sched.mode is SchedulerMode.EVICTING
         return Locked(
             self.reactor, self.registry, capacity=sched.capacity, max_queue=sched.max_queue,
             queue_timeout_s=sched.queue_timeout_s, priority=sched.priority,
@@ -428,7 +430,7 @@ class Broker:
                 self._preload(name)
 
     def _preload(self, name: str) -> None:
-        evicting = self.mode == "evicting"
+        evicting = self.mode is SchedulerMode.EVICTING
         d = self.scheduler.run(name, lambda: self.admission.load(name, "preload", evicting),
                                control=True)
 
@@ -499,7 +501,7 @@ class Broker:
         process = self.processes.get(name)
         if process is not None and process.state is ProcessState.RUNNING:
             log.warn("{why}; stopping its process (TERM, then KILL)", why=why)
-            self.admission.event("process_unresponsive", name, "consumer_down", detail=why)
+            self.admission.event(EventKind.PROCESS_UNRESPONSIVE, name, "consumer_down", detail=why)
 
             def stop_failed(f: Failure) -> None:
                 log.error("{name}: stopping its unresponsive process failed: {e}; its jobs "
@@ -530,7 +532,7 @@ class Broker:
         if not jobs:
             return
         log.warn("{why}; aborting {n} job(s) that hold the GPU for it", why=why, n=len(jobs))
-        self.admission.event("job_aborted", name, "consumer_down", detail=why)
+        self.admission.event(EventKind.JOB_ABORTED, name, "consumer_down", detail=why)
         for d in jobs:
             d.cancel()
 
@@ -545,7 +547,7 @@ class Broker:
         self.registry.mark_unloaded(name)
         self.registry.set_health(name, Health.STOPPED)
         if not exit.expected:
-            kind = "process_start_failed" if exit.during_start else "process_crash"
+            kind = EventKind.PROCESS_START_FAILED if exit.during_start else EventKind.PROCESS_CRASH
             self.admission.event(kind, name, detail=exit.description)
 
     def _upstream_error(self, consumer: str, reachable: bool, reason: str) -> None:
@@ -698,7 +700,7 @@ class Broker:
         return d.addBoth(settle)
 
     def _job_timed_out(self, name: str, seconds: float) -> Failure:
-        self.admission.event("job_timeout", name, "job_timeout")
+        self.admission.event(EventKind.JOB_TIMEOUT, name, "job_timeout")
         log.warn("{name}: a job held the GPU past job_timeout_s; it was aborted", name=name)
         return Failure(JobTimeout(f"{name}: the job ran past job_timeout_s and was aborted",
                                   consumer=name))
@@ -734,7 +736,7 @@ class Broker:
     async def _gpu_work(self, request: Any, c: ConsumerConfig, driver: IDriver, method: str,
                         path: str, url: bytes, timing: _Timing) -> Result:
         name = c.name
-        evicting = self.mode == "evicting"
+        evicting = self.mode is SchedulerMode.EVICTING
         if evicting:
             await self.admission.admit(name)
         retiring = self._retiring.get(name)
@@ -787,7 +789,7 @@ class Broker:
     async def _settle_abandoned(self, c: ConsumerConfig, driver: IDriver) -> None:
         """The client left while the service had its request: keep the slot
         until the service stopped that work (see gpumgr.abandoned)."""
-        if self.mode == "passthrough" or c.abandoned_grace_s <= 0:
+        if self.mode is SchedulerMode.PASSTHROUGH or c.abandoned_grace_s <= 0:
             return
         name = c.name
 
@@ -903,7 +905,7 @@ class Broker:
         if action == "unload" and not c.can_unload:
             return defer.fail(NotSupported(f"{name} has no way to unload (no unload route, "
                                            "native unload or process)", consumer=name))
-        evicting = self.mode == "evicting"
+        evicting = self.mode is SchedulerMode.EVICTING
         if action == "load":
             job: Callable[[], Any] = lambda: self.admission.load(name, "admin", evicting)
         else:

@@ -217,7 +217,7 @@ def _check_config(path: str, out: IO[str], err: IO[str]) -> int:
         err.write(f"config error: {problem}\n")
     if problems:
         return 1
-    out.write(f"OK: {path} ({len(config.consumers)} consumers, mode {config.scheduler.mode})\n")
+    out.write(f"OK: {path} ({len(config.consumers)} consumers, mode {config.scheduler.mode.value})\n")
     return 0
 
 

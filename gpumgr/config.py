@@ -22,12 +22,13 @@ import attrs
 
 from gpumgr import yaml_strict
 from gpumgr.errors import BadPath
+from gpumgr.states import SchedulerMode
 from gpumgr.target import parse_target
 
 KINDS = ("tts", "stt", "llm", "image")
 AUDIO_ROUTE = "audio_proxy"
 ROUTE_KEYS = KINDS + (AUDIO_ROUTE,)
-SCHEDULER_MODES = ("passthrough", "locked", "evicting")
+SCHEDULER_MODES = tuple(m.value for m in SchedulerMode)
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -237,7 +238,7 @@ class GpuConfig:
 
 @attrs.frozen
 class SchedulerConfig:
-    mode: str = "passthrough"
+    mode: SchedulerMode = SchedulerMode.PASSTHROUGH
     capacity: int = 1
     max_queue: int = 64
     queue_timeout_s: float = 600.0
@@ -663,7 +664,7 @@ def parse_config(raw: Any, source: str, environ: Mapping[str, str] | None = None
 
     s = top.section("scheduler")
     scheduler = SchedulerConfig(
-        mode=s.string("mode", "passthrough", choices=SCHEDULER_MODES),
+        mode=SchedulerMode(s.string("mode", "passthrough", choices=SCHEDULER_MODES)),
         capacity=s.number("capacity", 1, integer=True, positive=True),
         max_queue=s.number("max_queue", 64, integer=True),
         queue_timeout_s=s.number("queue_timeout_s", 600.0, positive=True),

@@ -11,6 +11,7 @@ import math
 from typing import ClassVar, Sequence
 
 from twisted.internet import defer
+from twisted.web.iweb import IRequest
 
 
 class GpumgrError(Exception):
@@ -222,7 +223,7 @@ class SpoolFull(GpumgrError):
     code = "spool_full"
 
 
-def write_error(request, error: GpumgrError) -> None:
+def write_error(request: IRequest, error: GpumgrError) -> None:
     """Send `error` as the complete response to a twisted.web request."""
     body = error.body()
     request.setResponseCode(error.status)

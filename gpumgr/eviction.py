@@ -60,10 +60,6 @@ class EvictionPlan:
             return 0
         return max(0, self.needed_mib - self.projected_free_mib)
 
-    @property
-    def runnable(self) -> bool:
-        return not self.blocked_by and self.shortfall_mib == 0
-
     def victim_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.victims)
 

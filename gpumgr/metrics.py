@@ -26,8 +26,8 @@ from twisted.web.server import NOT_DONE_YET
 from gpumgr.errors import MethodNotAllowed, UnknownRoute, write_error
 from gpumgr.eviction import Residency
 from gpumgr.process import ProcessState
-from gpumgr.registry import Health
 from gpumgr.snapshot import RENDER_OUTCOMES, Histogram, RenderPhase, Snapshot
+from gpumgr.states import Health
 
 _MIB = 1024 * 1024
 
@@ -42,7 +42,7 @@ def _histogram(name: str, doc: str, by_consumer: dict[str, Histogram]) -> Metric
 def metric_families(s: Snapshot) -> Iterator[Metric]:
     """Every gpumgr metric, from one snapshot (pure)."""
     yield InfoMetricFamily("gpumgr_build", "gpumgr's version and scheduler mode.",
-                           value={"version": s.version, "mode": s.mode})
+                           value={"version": s.version, "mode": s.mode.value})
     yield GaugeMetricFamily("gpumgr_uptime_seconds", "Seconds since the broker started.",
                             value=s.now - s.started_at)
     reloads = CounterMetricFamily("gpumgr_config_reloads", "Config reloads attempted.",
@@ -209,7 +209,7 @@ class MetricsResource(Resource):
     isLeaf = True
 
     def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
-        super().__init__()
+        Resource.__init__(self)  # super() would hide it from untyped_calls_exclude
         self._registry = make_registry(snapshot)
 
     def render(self, request: Any) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 from typing import Iterable, Iterator, Mapping
 
 import attrs
@@ -10,14 +9,7 @@ import attrs
 from gpumgr.config import ConsumerConfig
 from gpumgr.eviction import ConsumerView, Residency
 from gpumgr.gpu import GpuSample
-
-
-class Health(enum.StrEnum):
-    UNKNOWN = "unknown"  # not probed yet
-    OK = "ok"
-    STARTING = "starting"  # up, but loading its model (whisper.cpp's 503 "loading model")
-    DOWN = "down"  # the last probe failed: requests are refused
-    STOPPED = "stopped"  # a managed process that is not running: started on demand
+from gpumgr.states import Health
 
 
 @attrs.define
@@ -152,3 +144,6 @@ class Registry:
         state.last_error = reason
         if not reachable and state.health is not Health.STOPPED:
             self.went_down(name)
+
+
+__all__ = ["ConsumerState", "Health", "Registry"]  # Health: its old home, kept for imports

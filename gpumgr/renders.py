@@ -33,8 +33,10 @@ from twisted.logger import Logger
 from gpumgr.config import ConsumerConfig
 from gpumgr.drivers import ControlHttp, IDriver, RenderState
 from gpumgr.errors import describe_failure
-from gpumgr.registry import Health, Registry
+from gpumgr.events import EventKind, EventLog
+from gpumgr.registry import Registry
 from gpumgr.snapshot import RenderPhase, RenderSnapshot
+from gpumgr.states import Health
 
 log = Logger()
 
@@ -59,8 +61,6 @@ class TrackedRender:
                               self.phase_since)
 
 
-#: event(kind, consumer, reason=None, mib=None, detail=None): the recent-events log.
-EventLog = Callable[..., None]
 #: stop_process(name): stops the process gpumgr owns for `name` (fires once it
 #: exited), or None when gpumgr owns none.
 StopProcess = Callable[[str], "defer.Deferred[Any] | None"]
@@ -157,7 +157,7 @@ class RenderTracker:
                     stop_by = now + current.render_stop_grace_s
                     self._enter(render, RenderPhase.INTERRUPTING)
                     self.counts["interrupted"] += 1
-                    self._event("render_interrupted", name, "job_timeout", detail=render_id)
+                    self._event(EventKind.RENDER_INTERRUPTED, name, "job_timeout", detail=render_id)
                     log.warn("{name}: render {id} ran past job_timeout_s ({s:g}s); stopping "
                              "it, and holding the GPU until {name} shows it ended",
                              name=name, id=render_id, s=current.job_timeout_s)
@@ -197,7 +197,7 @@ class RenderTracker:
         stopping = self._stop_process(name)
         if stopping is not None:
             self._enter(render, RenderPhase.STOPPING)
-            self._event("render_stuck", name, "job_timeout",
+            self._event(EventKind.RENDER_STUCK, name, "job_timeout",
                         detail=f"{waited}; stopping the process")
             log.error("{name}: {waited}; stopping its process", name=name, waited=waited)
             try:
@@ -213,7 +213,7 @@ class RenderTracker:
                 return True
         self._enter(render, RenderPhase.STUCK)
         self.counts["stuck"] += 1
-        self._event("render_stuck", name, "job_timeout",
+        self._event(EventKind.RENDER_STUCK, name, "job_timeout",
                     detail=f"{waited}; holding the GPU until it leaves the queue "
                            "or an admin unload")
         log.error("{name}: {waited}; the GPU stays held until {name} shows it ended, or "
@@ -239,7 +239,7 @@ class RenderTracker:
 
     def _released(self, render: TrackedRender) -> None:
         self.counts["released"] += 1
-        self._event("render_released", render.consumer, "admin",
+        self._event(EventKind.RENDER_RELEASED, render.consumer, "admin",
                     detail=f"{render.render_id}: released by an admin unload with no "
                            "evidence that it stopped")
         log.error("{name}: render {id} released by an admin unload, with no evidence that "
@@ -247,6 +247,6 @@ class RenderTracker:
 
     def _lost(self, render: TrackedRender, why: str) -> None:
         self.counts["lost"] += 1
-        self._event("render_lost", render.consumer, detail=f"{render.render_id}: {why}")
+        self._event(EventKind.RENDER_LOST, render.consumer, detail=f"{render.render_id}: {why}")
         log.warn("{name}: render {id} lost ({why}); releasing the GPU", name=render.consumer,
                  id=render.render_id, why=why)

@@ -7,8 +7,8 @@ Deferred returned by `run` removes a queued job, or cancels a running one.
 
 `Passthrough` runs everything at once; it only counts. `Locked` lets at
 most `capacity` jobs run and queues the rest: bounded, prioritised with aging,
-with a wait deadline, and cancellable. Who runs next is a pure function
-(`pick_next`) of the waiting jobs and the time.
+with a wait deadline, and cancellable. Who runs next is a pure function of
+the waiting jobs and the time (gpumgr.queue_policy).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import itertools
 import math
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol
 
 import attrs
 from twisted.internet import defer
@@ -24,7 +24,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from gpumgr.errors import GpumgrError, QueueFull, QueueTimeout
+from gpumgr.events import Event
+from gpumgr.queue_policy import Waiting, pick_next, pick_next_avoiding_swaps
 from gpumgr.registry import Registry
+from gpumgr.states import SchedulerMode
 
 Job = Callable[[], "defer.Deferred[Any]"]
 
@@ -60,7 +63,7 @@ class Holder:
 
 @attrs.frozen
 class SchedulerStats:
-    mode: str
+    mode: SchedulerMode
     capacity: int | None
     queue_depth: int
     in_flight: int
@@ -73,12 +76,12 @@ class SchedulerStats:
     queued_by_kind: dict[str, int] = attrs.field(factory=dict)
     eviction_failures: int = 0
     oom_retries: int = 0
-    recent_events: tuple[dict[str, Any], ...] = ()
+    recent_events: tuple[Event, ...] = ()
     holders: tuple[Holder, ...] = ()
 
 
 class Scheduler(Protocol):
-    mode: str
+    mode: SchedulerMode
 
     def run(self, consumer: str, job: Job, kind: str | None = None,
             control: bool = False) -> defer.Deferred[Any]:
@@ -108,7 +111,7 @@ class Scheduler(Protocol):
 class Passthrough:
     """No lock, no queue: every job starts immediately."""
 
-    mode = "passthrough"
+    mode = SchedulerMode.PASSTHROUGH
 
     def __init__(self, clock: IReactorTime, registry: Registry) -> None:
         self._clock = clock
@@ -177,64 +180,6 @@ class Passthrough:
         )
 
 
-@attrs.frozen
-class Waiting:
-    """What `pick_next` needs to know about a queued job."""
-
-    seq: int
-    priority: int
-    enqueued_at: float
-    #: Its consumer is already loaded: running it needs no eviction.
-    cheap: bool = False
-    #: How often a cheaper job went ahead of it.
-    overtaken: int = 0
-
-
-def effective_priority(w: Waiting, now: float, aging_s: float) -> int:
-    """Base priority plus one level per `aging_s` seconds spent waiting."""
-    return w.priority + int((now - w.enqueued_at) // aging_s)
-
-
-def pick_next(waiting: Sequence[Waiting], now: float, aging_s: float) -> int:
-    """Index of the job to run next: highest effective priority, then FIFO."""
-    best = 0
-    best_key = None
-    for i, w in enumerate(waiting):
-        key = (effective_priority(w, now, aging_s), -w.seq)
-        if best_key is None or key > best_key:
-            best, best_key = i, key
-    return best
-
-
-def pick_next_avoiding_swaps(
-    waiting: Sequence[Waiting], now: float, aging_s: float, max_overtakes: int
-) -> tuple[int, tuple[int, ...]]:
-    """Like `pick_next`, but a job whose consumer is loaded may go first.
-
-    Returns (index to run, indexes of the jobs it overtook). A cheap job may
-    overtake only jobs of no higher effective priority, and no job is ever
-    overtaken more than `max_overtakes` times, so starvation stays bounded:
-    queued A B A B (A loaded, A and B exclusive) runs as A A B B.
-    """
-    base = pick_next(waiting, now, aging_s)
-    head = waiting[base]
-    if head.cheap or head.overtaken >= max_overtakes:
-        return base, ()
-
-    def key(w: Waiting) -> tuple[int, int]:
-        return (effective_priority(w, now, aging_s), -w.seq)
-
-    floor = effective_priority(head, now, aging_s)
-    cheap = [i for i, w in enumerate(waiting) if w.cheap and key(w)[0] >= floor]
-    if not cheap:
-        return base, ()
-    best = max(cheap, key=lambda i: key(waiting[i]))
-    passed = tuple(i for i, w in enumerate(waiting) if not w.cheap and key(w) > key(waiting[best]))
-    if any(waiting[i].overtaken >= max_overtakes for i in passed):
-        return base, ()
-    return best, passed
-
-
 class TicketState(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -274,7 +219,7 @@ class Locked:
     from the job, and cancellation.
     """
 
-    mode = "locked"
+    mode = SchedulerMode.LOCKED  # the broker reports EVICTING when it evicts around it
 
     def __init__(
         self,
@@ -488,3 +433,8 @@ class Locked:
             # outer errbacks with CancelledError once we return.
         elif ticket.state is TicketState.RUNNING and ticket.inner is not None:
             ticket.inner.cancel()
+
+
+# Waiting and the pick_next functions: their old home, kept for imports.
+__all__ = ["Holder", "Job", "Locked", "Passthrough", "Scheduler", "SchedulerStats", "TicketState",
+           "Waiting", "pick_next", "pick_next_avoiding_swaps"]

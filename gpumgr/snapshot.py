@@ -16,8 +16,8 @@ import attrs
 
 from gpumgr.eviction import Residency
 from gpumgr.gpu import GpuSample
-from gpumgr.registry import Health
 from gpumgr.scheduler import SchedulerStats
+from gpumgr.states import Health, SchedulerMode
 
 #: Seconds: from a few milliseconds (a queue hop) to an hour-long render.
 TIME_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -133,7 +133,7 @@ class Snapshot:
     now: float
     started_at: float
     version: str
-    mode: str
+    mode: SchedulerMode
     config_source: str
     config_loaded_at: float
     config_hash: str | None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from gpumgr.events import Event
+from gpumgr.scheduler import Holder
 from gpumgr.snapshot import ConsumerSnapshot, Snapshot
 
 
@@ -41,7 +43,12 @@ def _consumer(s: Snapshot, c: ConsumerSnapshot) -> dict[str, Any]:
     }
 
 
-def _holder(s: Snapshot, h: Any) -> dict[str, Any]:
+def _event(e: Event) -> dict[str, Any]:
+    return {"at": iso(e.at), "event": e.kind.value, "consumer": e.consumer,
+            "reason": e.reason, "mib": e.mib, "detail": e.detail}
+
+
+def _holder(s: Snapshot, h: Holder) -> dict[str, Any]:
     render = next((r.render_id for c in s.consumers if c.name == h.consumer
                    for r in c.renders), None)
     draining = not h.control and any(d.consumer == h.consumer for d in s.draining)
@@ -58,7 +65,7 @@ def status_document(s: Snapshot) -> dict[str, Any]:
         "broker": {
             "version": s.version,
             "uptime_s": round(s.now - s.started_at, 3),
-            "mode": s.mode,
+            "mode": s.mode.value,
             "config": s.config_source,
             "config_loaded_at": iso(s.config_loaded_at),
             "config_hash": s.config_hash,
@@ -94,7 +101,7 @@ def status_document(s: Snapshot) -> dict[str, Any]:
         },
         "consumers": {c.name: _consumer(s, c) for c in s.consumers},
         "scheduler": {
-            "mode": s.mode,
+            "mode": s.mode.value,
             "capacity": sched.capacity,
             "queue_depth": sched.queue_depth,
             "in_flight": sched.in_flight,
@@ -115,6 +122,6 @@ def status_document(s: Snapshot) -> dict[str, Any]:
                 for d in s.draining
             ],
             "drains": dict(s.drain_outcomes),
-            "recent_events": list(sched.recent_events),
+            "recent_events": [_event(e) for e in sched.recent_events],
         },
     }

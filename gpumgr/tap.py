@@ -22,6 +22,7 @@ from gpumgr.config import (
 )
 from gpumgr.logs import LOG_FORMATS, Redactor, twistd_logging_problem, with_twistd_logging
 from gpumgr.service import GpumgrService
+from gpumgr.states import SchedulerMode
 from gpumgr.testing.demo import make_demo_service
 
 
@@ -79,7 +80,7 @@ def with_mode(config: Config, mode: str | None) -> Config:
         return config
     if mode not in SCHEDULER_MODES:
         raise usage.UsageError(f"--mode: must be one of {', '.join(SCHEDULER_MODES)}; got {mode!r}")
-    return attrs.evolve(config, scheduler=attrs.evolve(config.scheduler, mode=mode))
+    return attrs.evolve(config, scheduler=attrs.evolve(config.scheduler, mode=SchedulerMode(mode)))
 
 
 def _twistd_options(options: usage.Options) -> dict:

@@ -232,8 +232,8 @@ def test_a_render_its_service_forgot_is_lost_and_released():
     driver.state = RenderState.GONE
     clock.advance(0.5)
     assert d.called and broker.render_counts["lost"] == 1
-    (event,) = [e for e in broker.admission.events if e["event"] == "render_lost"]
-    assert event["detail"].startswith("p1: ")
+    (event,) = [e for e in broker.admission.events if e.kind == "render_lost"]
+    assert event.detail.startswith("p1: ")
 
 
 def test_a_render_past_job_timeout_is_interrupted_and_held_until_it_ended():
@@ -251,8 +251,8 @@ def test_a_render_past_job_timeout_is_interrupted_and_held_until_it_ended():
     assert not d.called and driver.interrupted == ["p1"]
     (render,) = broker.status()["consumers"]["comfy"]["renders"]
     assert render["state"] == "interrupting"
-    (event,) = [e for e in broker.admission.events if e["event"] == "render_interrupted"]
-    assert event["consumer"] == "comfy" and event["detail"] == "p1"
+    (event,) = [e for e in broker.admission.events if e.kind == "render_interrupted"]
+    assert event.consumer == "comfy" and event.detail == "p1"
     clock.advance(0.5)
     assert not d.called and driver.interrupted == ["p1", "p1"]
     driver.state = RenderState.DONE  # /history shows execution_interrupted
@@ -493,5 +493,5 @@ def test_a_render_is_released_once_the_process_gpumgr_owns_for_it_exited():
     broker.registry.set_health("comfy", Health.STOPPED)  # as _process_exited marks it
     clock.advance(0.5)
     assert d.called and broker.render_counts["lost"] == 1
-    (event,) = [e for e in broker.admission.events if e["event"] == "render_lost"]
-    assert "exited" in event["detail"]
+    (event,) = [e for e in broker.admission.events if e.kind == "render_lost"]
+    assert "exited" in event.detail

@@ -92,5 +92,5 @@ def test_a_failed_load_and_unload_say_what_happened():
     results: list[bool] = []
     admission.unload("ollama", "admin").addBoth(results.append)
     assert results == [False]
-    (event,) = [e for e in admission.events if e["event"] == "eviction_failed"]
-    assert event["detail"] == "no response: gave up waiting (cancelled)"
+    (event,) = [e for e in admission.events if e.kind == "eviction_failed"]
+    assert event.detail == "no response: gave up waiting (cancelled)"

@@ -89,7 +89,7 @@ async def test_exclusivity_evicts_even_when_memory_fits(abc, start_broker, clien
     assert (await client.request("POST", url + "/v1/llm", b"c")).code == 200
     assert abc["B"].unloads == 1 and abc.gpu.oom_count == 0
     events = list(service.admission.events)[before:]
-    assert [(e["consumer"], e["reason"]) for e in events if e["event"] == "eviction"] == [
+    assert [(e.consumer, e.reason) for e in events if e.kind == "eviction"] == [
         ("B", "exclusivity")]
 
 
@@ -159,7 +159,7 @@ async def test_idle_unload_fires_but_never_interrupts_a_job(tmp_path, start_brok
         assert (await held.reply).code == 200
         await wait_for(lambda: service.registry["A"].loaded is False)
         assert world["A"].unloads == 1
-        assert [e["reason"] for e in service.admission.events if e["event"] == "eviction"] == ["idle"]
+        assert [e.reason for e in service.admission.events if e.kind == "eviction"] == ["idle"]
         assert service.registry["A"].total_requests == 2  # the unload is no request
     finally:
         await world.stop()
@@ -213,7 +213,7 @@ async def test_admin_endpoints_with_token(abc, start_broker, client):
     assert missing.code == 404 and missing.json()["error"]["code"] == "unknown_consumer"
     get = await client.request("GET", url + "/v1/consumers/A/load", headers=auth)
     assert get.code == 405
-    events = [(e["event"], e["consumer"], e["reason"]) for e in service.admission.events]
+    events = [(e.kind, e.consumer, e.reason) for e in service.admission.events]
     assert ("load", "A", "admin") in events and ("unload", "B", "admin") in events
 
 
@@ -235,7 +235,7 @@ async def test_preload_loads_at_start_through_the_scheduler(abc, start_broker, c
                                   consumers={"B": {"preload": True}})
     await wait_for(lambda: service.registry["B"].loaded is True)
     assert abc["B"].loaded and abc["B"].loads == 1 and abc["B"].work_requests() == []
-    assert [(e["event"], e["reason"]) for e in service.admission.events] == [("load", "preload")]
+    assert [(e.kind, e.reason) for e in service.admission.events] == [("load", "preload")]
 
 
 @pytest_twisted.ensureDeferred

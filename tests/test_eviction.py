@@ -17,6 +17,11 @@ def view(name, loaded=True, mib=4000, coexist=None, pinned=False, last_used=None
         vram_resident_mib=mib, can_coexist_with=coexist, pinned=pinned, last_used=last_used)
 
 
+def fits(plan):
+    """The plan leaves nothing in the way: no blocker, no shortfall."""
+    return not plan.blocked_by and plan.shortfall_mib == 0
+
+
 def views(*vs):
     return {v.name: v for v in vs}
 
@@ -35,7 +40,7 @@ def test_exclusivity_evicts_even_when_memory_would_fit():
                                     view("a", last_used=5), view("b", last_used=1)),
                          free_mib=20000, headroom_mib=512)
     assert plan.victims == (("b", "exclusivity"),)
-    assert plan.runnable
+    assert fits(plan)
 
 
 def test_exclusivity_from_the_other_side():
@@ -56,7 +61,7 @@ def test_pressure_evicts_least_recently_used_first():
     plan = plan_eviction("t", vs, free_mib=1000, headroom_mib=500)
     # needs 6500; 1000 + 3000 (old) + 3000 (mid) = 7000
     assert plan.victims == (("old", "pressure"), ("mid", "pressure"))
-    assert plan.needed_mib == 6500 and plan.projected_free_mib == 7000 and plan.runnable
+    assert plan.needed_mib == 6500 and plan.projected_free_mib == 7000 and fits(plan)
 
 
 def test_unknown_state_is_evicted_after_loaded_ones_under_pressure():
@@ -77,26 +82,26 @@ def test_pinned_is_never_evicted_and_can_leave_a_shortfall():
                view("a", last_used=1, mib=2000))
     plan = plan_eviction("t", vs, free_mib=3000, headroom_mib=500)
     assert plan.victim_names() == ("a",)
-    assert plan.shortfall_mib == 8500 - 5000 and not plan.runnable
+    assert plan.shortfall_mib == 8500 - 5000 and not fits(plan)
 
 
 def test_loaded_pinned_consumer_that_may_not_coexist_blocks():
     vs = views(view("t", loaded=False, coexist=["a"]), view("whisper", pinned=True))
     plan = plan_eviction("t", vs, free_mib=50000, headroom_mib=0)
-    assert plan.blocked_by == ("whisper",) and not plan.runnable
+    assert plan.blocked_by == ("whisper",) and not fits(plan)
 
 
 def test_loaded_target_needs_no_memory_and_is_never_a_victim():
     vs = views(view("t", loaded=True), view("a", loaded=True))
     plan = plan_eviction("t", vs, free_mib=0, headroom_mib=512)
-    assert plan.victims == () and plan.runnable
+    assert plan.victims == () and fits(plan)
 
 
 def test_no_sample_skips_pressure_but_keeps_exclusivity():
     vs = views(view("t", loaded=False, mib=90000, coexist=[]), view("a"))
     plan = plan_eviction("t", vs, free_mib=None, headroom_mib=512)
     assert plan.victims == (("a", "exclusivity"),)
-    assert plan.needed_mib is None and plan.runnable
+    assert plan.needed_mib is None and fits(plan)
 
 
 def test_insufficient_total():
@@ -181,13 +186,13 @@ def test_an_unknown_target_that_does_not_fit_is_unloaded_to_learn_where_it_stand
     vs = views(view("t", loaded=None, mib=9000), view("p", loaded=True, mib=6000, pinned=True))
     plan = plan_eviction("t", vs, free_mib=1000, headroom_mib=512)
     assert plan.victims == (("t", "unknown_state"),)
-    assert plan.runnable
+    assert fits(plan)
 
 
 def test_an_unknown_target_that_fits_is_left_alone():
     plan = plan_eviction("t", views(view("t", loaded=None, mib=2000)), free_mib=9000,
                          headroom_mib=512)
-    assert plan.victims == () and plan.runnable
+    assert plan.victims == () and fits(plan)
 
 
 def test_an_unknown_pinned_target_is_assumed_to_hold_its_share():

@@ -184,7 +184,7 @@ def test_a_cancelled_load_says_so_and_its_process_is_stopped():
     assert mp.state is ProcessState.STARTING
     load.cancel()
     assert outcome(load).check(defer.CancelledError)  # not turned into control_failed
-    assert [(e["event"], e["reason"]) for e in admission.events] == [("load_cancelled", "demand")]
+    assert [(e.kind, e.reason) for e in admission.events] == [("load_cancelled", "demand")]
     assert mp.state is ProcessState.STOPPING and fake.transports[0].signals == ["TERM"]
     stopped = mp.when_stopped()
     fake.transports[0].proto.processEnded(Failure(ProcessTerminated(signal=15)))

@@ -10,7 +10,7 @@ from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
 from gpumgr.config import ConsumerConfig, HttpCall
-from gpumgr.registry import Health
+from gpumgr.states import Health
 from gpumgr.target import parse_target
 
 

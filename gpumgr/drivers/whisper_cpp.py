@@ -10,7 +10,7 @@ pinned. `/health` answers 503 `{"status": "loading model"}` while a
 from __future__ import annotations
 
 from gpumgr.drivers.base import BaseDriver, HttpReply
-from gpumgr.registry import Health
+from gpumgr.states import Health
 
 
 class WhisperCppDriver(BaseDriver):
