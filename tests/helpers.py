@@ -20,6 +20,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.scripts.twistd import ServerOptions
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -514,3 +515,10 @@ class ScriptedProbe:
 
 def spec(command=(sys.executable, "-c", "pass"), **kw) -> ProcessConfig:
     return ProcessConfig(command=tuple(command), **kw)
+
+
+def parse_twistd_options(argv: list[str]) -> ServerOptions:
+    """twistd's command line parsed as twistd does, without running anything."""
+    options = ServerOptions()
+    options.parseOptions(argv)
+    return options

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ from twisted.internet.threads import deferToThread
 
 from gpumgr.cli import main
 from gpumgr.testing import world_config
+from tests.helpers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,12 +30,6 @@ async def gpumgr(*argv: str, env: dict | None = None) -> Run:
     out, err = io.StringIO(), io.StringIO()
     code = await deferToThread(main, list(argv), env=env or {}, stdout=out, stderr=err)
     return Run(code, out.getvalue(), err.getvalue())
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # status -------------------------------------------------------------------------
@@ -73,7 +67,7 @@ async def test_status_json_prints_the_raw_document(broker):
 
 @pytest_twisted.ensureDeferred
 async def test_status_against_an_unreachable_broker_is_one_line_and_exit_1():
-    url = f"http://127.0.0.1:{_closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     run = await gpumgr("status", "--url", url)
     assert run.code == 1 and run.out == ""
     assert run.err.startswith(f"gpumgr: cannot reach the broker at {url}/v1/status: ")
@@ -140,7 +134,7 @@ async def test_consumer_names_are_quoted_into_the_path(broker):
 
 @pytest_twisted.ensureDeferred
 async def test_load_against_an_unreachable_broker():
-    run = await gpumgr("load", "mvoice", "--url", f"http://127.0.0.1:{_closed_port()}")
+    run = await gpumgr("load", "mvoice", "--url", f"http://127.0.0.1:{free_port()}")
     assert run.code == 1 and run.err.startswith("gpumgr: cannot reach the broker at ")
 
 
@@ -167,7 +161,7 @@ def test_python_dash_m_runs_the_cli(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("OK: ")
     result = subprocess.run([sys.executable, "-m", "gpumgr", "status", "--url",
-                             f"http://127.0.0.1:{_closed_port()}"],
+                             f"http://127.0.0.1:{free_port()}"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and result.stderr.startswith("gpumgr: cannot reach")
     assert "Traceback" not in result.stderr

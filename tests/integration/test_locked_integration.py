@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest_twisted
-from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet import defer
 
 from gpumgr.testing import world_config
-from tests.helpers import HeldStream, wait_for
+from tests.helpers import HeldStream, RawClient, raw_open, url_port, wait_for
 
 
 async def locked_broker(world, start_broker, **scheduler):
@@ -64,28 +62,10 @@ async def test_streamed_response_holds_the_lock_until_its_last_byte(world, start
     assert world.max_active_jobs == 1
 
 
-class _RawClient(Protocol):
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.data = b""
-        self.closed = defer.Deferred()
-
-    def connectionMade(self):
-        self.transport.write(self.request)
-
-    def dataReceived(self, data):
-        self.data += data
-
-    def connectionLost(self, reason):
-        self.closed.callback(self.data)
-
-
-async def raw_post(url: str, path: str, body: bytes = b"{}") -> _RawClient:
-    port = int(url.rsplit(":", 1)[1])
+async def raw_post(url: str, path: str, body: bytes = b"{}") -> RawClient:
     request = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
                f"Connection: close\r\n\r\n").encode() + body
-    return await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
-        Factory.forProtocol(lambda: _RawClient(request)))
+    return await raw_open(url_port(url), request, timeout_s=None)
 
 
 @pytest_twisted.ensureDeferred

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 
-from twisted.scripts.twistd import ServerOptions
 
 from gpumgr import tap
-from tests.helpers import free_port
+from tests.helpers import free_port, parse_twistd_options
 from gpumgr.logs import REDACTED, TwistdLogging, twistd_logging_problem
 
 TOKEN = "tok-4b1f9e07c2d8a653"
@@ -35,14 +34,8 @@ def _write_config(tmp_path, port: int, token: str | None = TOKEN, name: str = "m
     return str(path)
 
 
-def _parse_twistd(argv: list[str]) -> ServerOptions:
-    options = ServerOptions()
-    options.parseOptions(argv)
-    return options
-
-
 def test_twistd_options_give_the_config_token_to_the_redactor(tmp_path):
-    options = _parse_twistd(["-n", "gpumgr", "--config", _write_config(tmp_path, 0),
+    options = parse_twistd_options(["-n", "gpumgr", "--config", _write_config(tmp_path, 0),
                              "--log-format", "json"])
     assert options.subOptions["redactor"].text(f"x {TOKEN}") == f"x {REDACTED}"
     made = tap.makeService(options.subOptions)
@@ -50,7 +43,7 @@ def test_twistd_options_give_the_config_token_to_the_redactor(tmp_path):
 
 
 def test_twistds_own_choice_stands_with_syslog_or_a_logger_and_text():
-    options = _parse_twistd(["--syslog", "gpumgr", "--demo"])
+    options = parse_twistd_options(["--syslog", "gpumgr", "--demo"])
     assert not isinstance(tap.makeService(options.subOptions), TwistdLogging)
     assert twistd_logging_problem({"logger": "x"}, "text") is None
 

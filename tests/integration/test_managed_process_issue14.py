@@ -14,7 +14,15 @@ from twisted.internet import defer, reactor
 
 from gpumgr.testing import managed_whisper_entry, world_config
 from gpumgr.testing.stranger import StrangerListener, StrangerWhisper
-from tests.helpers import Client, free_port, pid_alive, process_status, transcribe, wait_for
+from tests.helpers import (
+    Client,
+    free_port,
+    pid_alive,
+    process_status,
+    settled,
+    transcribe,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -36,14 +44,6 @@ def in_flight(service) -> int:
     return service.scheduler.stats().in_flight
 
 
-async def outcome(d: defer.Deferred):
-    """The reply, or the exception, of a request (a job aborted may drop the connection)."""
-    try:
-        return await d
-    except Exception as e:  # noqa: BLE001 - the test looks at what it was
-        return e
-
-
 # -- 4. a frozen service ------------------------------------------------------------------------
 
 
@@ -62,7 +62,7 @@ async def test_a_frozen_process_is_stopped_its_job_ends_and_the_next_request_res
         pid = process_status(service)["pid"]
         os.kill(pid, signal.SIGSTOP)  # frozen in the middle of the inference
         # Not request_timeout_s (600 s): the job ends once the process is gone.
-        got = await outcome(reply.addTimeout(25, reactor))
+        got = await settled(reply.addTimeout(25, reactor))
         assert not isinstance(got, defer.TimeoutError), "the job held the GPU on"
         assert in_flight(service) == 0
         # TERM waits in a frozen process: KILL ended it (its connection closed at once;
@@ -141,7 +141,7 @@ async def test_a_client_that_leaves_during_a_start_frees_the_gpu_once_the_proces
                        and process_status(service)["pid"] is not None)
         pid = process_status(service)["pid"]
         reply.cancel()  # the client hangs up while the model loads
-        await outcome(reply)
+        await settled(reply)
     finally:
         await leaving.close()
     await wait_for(lambda: in_flight(service) == 0)
@@ -191,7 +191,7 @@ async def test_a_client_that_leaves_during_an_eviction_lets_it_complete_and_star
         reply = defer.ensureDeferred(transcribe(leaving, url))
         await wait_for(lambda: any(e["consumer"] == "ollama" for e in events(service, "eviction")))
         reply.cancel()  # while gpumgr waits for ollama's memory to come back
-        await outcome(reply)
+        await settled(reply)
     finally:
         await leaving.close()
     await wait_for(lambda: in_flight(service) == 0)

@@ -4,11 +4,19 @@ scheduled and what is not, and WebSockets relayed as byte tunnels."""
 from __future__ import annotations
 
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from gpumgr.testing import world_config
-from tests.helpers import FakeWebSocketServer, HeldStream, PASS, UPGRADE, locked_broker, wait_for
+from tests.helpers import (
+    FakeWebSocketServer,
+    HeldStream,
+    PASS,
+    RawClient,
+    UPGRADE,
+    locked_broker,
+    wait_for,
+)
 
 
 @pytest_twisted.ensureDeferred
@@ -84,18 +92,6 @@ async def test_http_driver_schedules_writes_and_extra_scheduled_routes(world, st
 
 
 # -- WebSockets -----------------------------------------------------------------
-
-
-class RawClient(protocol.Protocol):
-    def connectionMade(self):
-        self.data = b""
-        self.closed = defer.Deferred()
-
-    def dataReceived(self, data):
-        self.data += data
-
-    def connectionLost(self, reason=None):
-        self.closed.callback(None)
 
 
 async def tunnel_broker(world, start_broker, ws_url):

@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 
 from gpumgr.testing import world_config
-from tests.helpers import wait_for
+from tests.helpers import free_port, raw_open, url_port, wait_for
 
 
 @pytest_twisted.ensureDeferred
@@ -171,17 +170,9 @@ def config_with(world, name: str, url: str | None = None, sections=None, **chang
     return attrs.evolve(config, consumers=consumers)
 
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest_twisted.ensureDeferred
 async def test_refused_connection_gives_502_and_marks_down(world, start_broker, client):
-    config = config_with(world, "ollama", f"http://127.0.0.1:{_closed_port()}",
+    config = config_with(world, "ollama", f"http://127.0.0.1:{free_port()}",
                          sections={"health": {"interval_s": 30}})
     service, url = await start_broker(config)
     await service.health.probe_all_now()
@@ -249,27 +240,10 @@ async def test_status_shape(broker, world, client):
 async def test_declared_oversized_body_gets_413_before_upload(world, start_broker):
     config = world_config(world, limits={"max_body_mib": 1})
     service, url = await start_broker(config)
-    port = int(url.rsplit(":", 1)[1])
-    got = defer.Deferred()
-
-    class Raw(Protocol):
-        def connectionMade(self):
-            self.buf = b""
-            self.transport.write(
-                b"POST /v1/tts HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n"
-                b"Expect: 100-continue\r\n\r\n"
-            )
-
-        def dataReceived(self, data):
-            self.buf += data
-
-        def connectionLost(self, reason):
-            got.callback(self.buf)
-
-    from twisted.internet.endpoints import TCP4ClientEndpoint
-
-    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(Raw))
-    raw = await got
+    upload = await raw_open(url_port(url), b"POST /v1/tts HTTP/1.1\r\nHost: x\r\n"
+                            b"Content-Length: 5000000\r\nExpect: 100-continue\r\n\r\n",
+                            timeout_s=None)
+    raw = await upload.closed
     assert raw.startswith(b"HTTP/1.1 413 ")
     assert b"100 Continue" not in raw
     assert json.loads(raw.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "body_too_large"

@@ -1,9 +1,6 @@
-import os
-import subprocess
-import sys
 
 import pytest
-
+from tests.helpers import run_twistd
 
 
 MINIMAL = """
@@ -17,16 +14,6 @@ routes:
 """
 
 
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-
-
-def _twistd(*args, cwd=None):
-    return subprocess.run(
-        [TWISTD, "--nodaemon", "--pidfile=", "gpumgr", *args],
-        capture_output=True, text=True, timeout=60, cwd=cwd,
-    )
-
-
 @pytest.mark.parametrize("snippet,key_path", [
     ("scheduler: {mode: yolo}\n", "scheduler.mode"),
     ("bogus: 1\n", "bogus"),
@@ -34,7 +21,7 @@ def _twistd(*args, cwd=None):
 def test_twistd_refuses_bad_config_without_traceback(tmp_path, snippet, key_path):
     path = tmp_path / "bad.yaml"
     path.write_text(MINIMAL + snippet)
-    result = _twistd("--config", str(path))
+    result = run_twistd("--config", str(path))
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert f"{path}: {key_path}" in output
@@ -44,13 +31,13 @@ def test_twistd_refuses_bad_config_without_traceback(tmp_path, snippet, key_path
 def test_twistd_mode_override_is_validated(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text(MINIMAL)
-    result = _twistd("--config", str(path), "--mode", "chaotic")
+    result = run_twistd("--config", str(path), "--mode", "chaotic")
     assert result.returncode != 0
     assert "--mode: must be one of passthrough, locked, evicting" in result.stdout + result.stderr
 
 
 def test_twistd_requires_a_config_or_demo():
-    result = _twistd()
+    result = run_twistd()
     assert result.returncode != 0
     assert "--config PATH is required" in result.stdout + result.stderr
 
@@ -58,7 +45,7 @@ def test_twistd_requires_a_config_or_demo():
 def test_twistd_rejects_a_bad_listen_endpoint(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text(MINIMAL)
-    result = _twistd("--config", str(path), "--listen", "carrier-pigeon:7")
+    result = run_twistd("--config", str(path), "--listen", "carrier-pigeon:7")
     assert result.returncode != 0
     assert "--listen: invalid endpoint" in result.stdout + result.stderr
 

@@ -6,13 +6,11 @@ walked the YAML node graph itself.
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from tests.helpers import run_twistd
 
 
 MINIMAL = textwrap.dedent("""\
@@ -56,13 +54,6 @@ def _alias_bomb(levels: int, fan_out: int = 9) -> str:
 
 # -- twistd itself ----------------------------------------------------------------------
 
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-
-
-def _twistd(*args):
-    return subprocess.run([TWISTD, "--nodaemon", "--pidfile=", "gpumgr", *args],
-                          capture_output=True, text=True, timeout=60)
-
 
 @pytest.mark.parametrize("text,where", [
     (MINIMAL + "x: &a [*a]\n", "x[0]: an alias refers to a node that contains it"),
@@ -73,7 +64,7 @@ def _twistd(*args):
 def test_twistd_refuses_hostile_config_in_one_line(tmp_path, text, where):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    result = _twistd("--config", str(path))
+    result = run_twistd("--config", str(path))
     output = result.stdout + result.stderr
     assert result.returncode == 1
     assert f"{path}: " in output and where in output
@@ -88,7 +79,7 @@ def test_twistd_exits_1_in_one_line_when_the_port_is_busy(tmp_path):
         port = busy.getsockname()[1]
         path = tmp_path / "ok.yaml"
         path.write_text(MINIMAL + f"listen: tcp:{port}:interface=127.0.0.1\n")
-        result = _twistd("--config", str(path))
+        result = run_twistd("--config", str(path))
     finally:
         busy.close()
     output = result.stdout + result.stderr
@@ -101,11 +92,11 @@ def test_twistd_exits_1_in_one_line_when_the_port_is_busy(tmp_path):
 def test_twistd_refuses_a_port_out_of_range_and_a_self_referencing_listen(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text(MINIMAL)
-    result = _twistd("--config", str(path), "--listen", "tcp:70000")
+    result = run_twistd("--config", str(path), "--listen", "tcp:70000")
     assert result.returncode == 1
     assert "--listen: invalid endpoint 'tcp:70000': port must be a number from 0 to 65535" \
         in result.stdout + result.stderr
-    result = _twistd("--config", str(path), "--listen", "tcp:11434")
+    result = run_twistd("--config", str(path), "--listen", "tcp:11434")
     assert result.returncode == 1
     assert "consumers.ollama.url points at this listen address" in result.stdout + result.stderr
 

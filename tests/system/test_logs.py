@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import re
@@ -10,7 +9,7 @@ import time
 
 import pytest
 
-from tests.helpers import free_port, start_twistd, stop_twistd
+from tests.helpers import free_port, running_twistd
 from gpumgr.logs import REDACTED
 
 TOKEN = "tok-4b1f9e07c2d8a653"
@@ -42,16 +41,6 @@ def _write_config(tmp_path, port: int, token: str | None = TOKEN, name: str = "m
 # A real twistd ---------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _twistd(tmp_path, port: int, *args: str):
-    """`twistd -n gpumgr ARGS`; yields a function returning its output so far."""
-    proc, output = start_twistd(tmp_path, port, *args, log_name="twistd.out")
-    try:
-        yield output
-    finally:
-        stop_twistd(proc)
-
-
 def _request(port: int, method: str, path: str, body: bytes | None = None,
              headers: dict | None = None) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
@@ -71,7 +60,7 @@ def _wait_for_output(output, needle: str) -> str:
 @pytest.mark.slow
 def test_twistd_demo_logs_json_lines_only(tmp_path):
     port = free_port()
-    with _twistd(tmp_path, port, "--demo", "--listen", f"tcp:{port}:interface=127.0.0.1",
+    with running_twistd(tmp_path, port, "--demo", "--listen", f"tcp:{port}:interface=127.0.0.1",
                  "--log-format", "json") as output:
         assert _request(port, "POST", "/v1/tts", b'{"text":"Hallo"}')[0] == 200
         assert _request(port, "POST", "/v1/llm", b'{"prompt":"hi"}')[0] == 200
@@ -104,7 +93,7 @@ def test_twistd_text_log_redacts_the_configured_token(tmp_path):
     """
     port = free_port()
     config = _write_config(tmp_path, port, token=TOKEN, name=TOKEN)
-    with _twistd(tmp_path, port, "--config", config) as output:
+    with running_twistd(tmp_path, port, "--config", config) as output:
         for token in (TOKEN, "wrong"):
             _request(port, "POST", f"/v1/consumers/{TOKEN}/unload",
                      headers={"Authorization": f"Bearer {token}"})

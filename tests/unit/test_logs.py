@@ -13,7 +13,6 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.python.log import textFromEventDict
 from twisted.logger._legacy import publishToNewObserver
-from twisted.scripts.twistd import ServerOptions
 
 from gpumgr.logs import (
     REDACTED,
@@ -23,6 +22,7 @@ from gpumgr.logs import (
     json_record,
     text_file_observer,
 )
+from tests.helpers import parse_twistd_options
 
 TOKEN = "tok-4b1f9e07c2d8a653"
 
@@ -187,12 +187,6 @@ def test_an_observer_already_chosen_for_the_application_stays():
     assert application.getComponent(ILogObserver) is chosen
 
 
-def _parse_twistd(argv: list[str]) -> ServerOptions:
-    options = ServerOptions()
-    options.parseOptions(argv)
-    return options
-
-
 @pytest.mark.parametrize("argv, problem", [
     (["--syslog", "gpumgr", "--demo", "--log-format", "json"], "not to --syslog"),
     (["--logger", "twisted.logger.jsonFileLogObserver", "gpumgr", "--demo", "--log-format", "json"],
@@ -202,7 +196,7 @@ def _parse_twistd(argv: list[str]) -> ServerOptions:
 ])
 def test_log_format_refuses_what_cannot_work(argv, problem):
     with pytest.raises(usage.UsageError, match=re.escape(problem)):
-        _parse_twistd(argv)
+        parse_twistd_options(argv)
 
 
 # A real twistd ---------------------------------------------------------------------

@@ -7,6 +7,7 @@ from twisted.internet.task import Clock
 from gpumgr.errors import QueueFull, QueueTimeout
 from gpumgr.registry import Registry
 from gpumgr.scheduler import Locked, Passthrough, Waiting, pick_next
+from tests.helpers import outcome
 
 
 class Jobs:
@@ -34,12 +35,6 @@ def make(capacity=1, **kw):
     clock = Clock()
     registry = Registry(["a", "b", "c"])
     return clock, registry, Locked(clock, registry, capacity=capacity, **kw), Jobs()
-
-
-def outcome(d):
-    box = []
-    d.addBoth(box.append)
-    return box
 
 
 def test_fifo_within_a_priority():
@@ -110,9 +105,9 @@ def test_queue_full_is_refused_at_once_with_retry_after():
     s.run("a", jobs.job("run"))
     s.run("a", jobs.job("q1"))
     s.run("a", jobs.job("q2"))
-    box = outcome(s.run("b", jobs.job("q3")))
-    assert isinstance(box[0].value, QueueFull)
-    assert box[0].value.retry_after_s >= 1 and box[0].value.consumer == "b"
+    failure = outcome(s.run("b", jobs.job("q3")))
+    assert isinstance(failure.value, QueueFull)
+    assert failure.value.retry_after_s >= 1 and failure.value.consumer == "b"
     assert "q3" not in jobs.started
     assert s.stats().rejected == 1 and s.stats().queue_depth == 2
 
@@ -120,11 +115,12 @@ def test_queue_full_is_refused_at_once_with_retry_after():
 def test_queue_timeout_rejects_and_never_runs():
     clock, _, s, jobs = make(queue_timeout_s=10)
     s.run("a", jobs.job("run"))
-    box = outcome(s.run("b", jobs.job("late"), kind="llm"))
+    late = s.run("b", jobs.job("late"), kind="llm")
     clock.advance(9.9)
-    assert box == []
+    assert not late.called
     clock.advance(0.1)
-    assert isinstance(box[0].value, QueueTimeout) and box[0].value.consumer == "b"
+    failure = outcome(late)
+    assert isinstance(failure.value, QueueTimeout) and failure.value.consumer == "b"
     jobs.finish("run")
     assert jobs.started == ["run"]
     st = s.stats()
@@ -137,9 +133,8 @@ def test_cancel_while_queued_leaves_the_waiting_list_at_once():
     d = s.run("b", jobs.job("leaver"), kind="tts")
     s.run("c", jobs.job("stayer"), kind="tts")
     assert s.stats().queue_depth == 2
-    box = outcome(d)
     d.cancel()
-    assert isinstance(box[0].value, defer.CancelledError)
+    assert isinstance(outcome(d).value, defer.CancelledError)
     assert s.stats().queue_depth == 1 and s.stats().queued_by_kind == {"tts": 1}
     assert clock.getDelayedCalls().__len__() == 1  # its queue timer is gone too
     jobs.finish("run")
@@ -163,12 +158,11 @@ def test_job_failure_and_synchronous_exception_release_the_slot():
         raise RuntimeError("broken job")
 
     failed = outcome(s.run("a", boom))
-    assert isinstance(failed[0].value, RuntimeError)
+    assert isinstance(failed.value, RuntimeError)
     d = s.run("a", jobs.job("errs"))
     s.run("b", jobs.job("after"))
-    err_box = outcome(d)
     jobs.pending.pop("errs").errback(ValueError("upstream"))
-    assert isinstance(err_box[0].value, ValueError)
+    assert isinstance(outcome(d).value, ValueError)
     assert jobs.started == ["errs", "after"]
     assert registry["a"].active == 0
 
@@ -185,9 +179,8 @@ def test_job_ignoring_cancel_still_releases_when_it_ends():
         return d
 
     d = s.run("a", run)
-    box = outcome(d)
     d.cancel()  # the job's Deferred has no canceller: it errbacks CancelledError
-    assert isinstance(box[0].value, defer.CancelledError)
+    assert isinstance(outcome(d).value, defer.CancelledError)
     assert s.stats().in_flight == 0
 
 
@@ -291,13 +284,13 @@ def test_close_refuses_queued_and_new_jobs_and_when_idle_waits_for_the_running_o
     running = sched.run("a", jobs.job("a1"))
     queued = sched.run("b", jobs.job("b1"))
     sched.close(ShuttingDown("draining"))
-    assert isinstance(outcome(queued)[0].value, ShuttingDown)
-    assert isinstance(outcome(sched.run("c", jobs.job("c1")))[0].value, ShuttingDown)
+    assert isinstance(outcome(queued).value, ShuttingDown)
+    assert isinstance(outcome(sched.run("c", jobs.job("c1"))).value, ShuttingDown)
     assert jobs.started == ["a1"]
     idle = sched.when_idle()
     assert not idle.called
     jobs.finish("a1")
-    assert idle.called and outcome(running) == ["ok"]
+    assert idle.called and outcome(running) == "ok"
     assert sched.stats().queue_depth == 0 and sched.stats().in_flight == 0
     assert clock.getDelayedCalls() == []  # the queue timer went with the queued job
 
@@ -321,10 +314,10 @@ def test_passthrough_close_and_when_idle():
     d = sched.run("a", jobs.job("a1"))
     idle = sched.when_idle()
     sched.close(ShuttingDown("draining"))
-    assert isinstance(outcome(sched.run("a", jobs.job("a2")))[0].value, ShuttingDown)
+    assert isinstance(outcome(sched.run("a", jobs.job("a2"))).value, ShuttingDown)
     assert not idle.called
     jobs.finish("a1")
-    assert idle.called and outcome(d) == ["ok"]
+    assert idle.called and outcome(d) == "ok"
 
 
 def test_configure_applies_new_limits_and_starts_waiting_jobs():
