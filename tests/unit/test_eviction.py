@@ -196,3 +196,44 @@ def test_an_unknown_pinned_target_is_assumed_to_hold_its_share():
     assert plan.victims == () and plan.projected_free_mib == 2100
 
 
+@st.composite
+def truths(draw):
+    """What each consumer really holds, and what gpumgr may believe of it:
+    it may not know (unknown), but it never believes a holder unloaded."""
+    out = {}
+    for name in ["a", "b", "c", "d"]:
+        mib = draw(st.integers(1, 8000))
+        holds = draw(st.booleans())
+        known = draw(st.booleans())
+        belief = (True if holds else False) if known else None
+        out[name] = (mib, holds, belief, draw(st.booleans()))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(world=truths(), target=st.sampled_from(["a", "b", "c", "d"]),
+       total=st.integers(4000, 30000), headroom=st.integers(0, 1024))
+def test_no_beliefs_leave_a_consumer_neither_admissible_nor_evictable(world, target, total,
+                                                                     headroom):
+    """Carry out plans as admission does (unload, measure again, plan again):
+    whenever the target could fit once everything evictable is gone, it is
+    admitted. No mix of known and unknown residencies wedges a consumer."""
+    holds = {n: h for n, (_, h, _, _) in world.items()}
+    belief = {n: b for n, (_, _, b, _) in world.items()}
+    pinned = {n: p for n, (_, _, _, p) in world.items()}
+    mib = {n: m for n, (m, _, _, _) in world.items()}
+    tried: set[str] = set()
+    for _ in range(10):
+        vs = views(*(view(n, loaded=belief[n], mib=mib[n], pinned=pinned[n]) for n in world))
+        free = total - sum(mib[n] for n in world if holds[n])
+        plan = plan_eviction(target, vs, free, headroom, exclude=tried)
+        if not plan.victims:
+            break
+        for victim, _ in plan.victims:
+            tried.add(victim)
+            holds[victim], belief[victim] = False, False
+    stuck_by = sum(mib[n] for n in world if n != target and pinned[n] and holds[n])
+    own = mib[target] if pinned[target] and holds[target] else 0
+    could_fit = total - stuck_by - own >= mib[target] + headroom
+    if could_fit and not (pinned[target] and holds[target] and belief[target] is None):
+        assert plan.shortfall_mib == 0, (plan, holds, belief)
