@@ -9,8 +9,9 @@
 #                      or starts a process
 #   tests/integration  the real broker and the simulated services on loopback
 #   tests/system       real twistd processes, the fault suite, the browser, packaging, bench smoke
-# The directory sets the markers: `-m integration` and `-m slow` (or `-m system`) pick those
-# directories, and `-m "not integration and not slow"` is the same as tests/unit.
+# The directory sets the markers (tests/conftest.py): `integration` on tests/integration,
+# `system` and `slow` on tests/system (a few long integration runs are marked `slow` too), so
+# `-m "not integration and not slow"` selects exactly tests/unit.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
