@@ -28,6 +28,7 @@ from twisted.web.http_headers import Headers
 from gpumgr.config import ProcessConfig
 from gpumgr.gpu import NOT_SAMPLED
 from gpumgr.testing import world_config, write_world_config
+from gpumgr.testing.stranger import free_port, port_accepts  # free_port: tests import it here
 
 
 class Collector(Protocol):
@@ -207,15 +208,6 @@ class HeldStream:
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on right now (a connection to it is refused)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_twistd(*args: str, cwd=None):
     """`twistd -n gpumgr ARGS` run to its end (a config it refuses, say): CompletedProcess."""
     import subprocess
@@ -229,9 +221,7 @@ def start_twistd(cwd, port: int, *args: str, env=None, log_name: str = "twistd.l
 
     Returns (process, output) where output() reads what it logged so far;
     the caller stops the process (`stop_twistd`)."""
-    import socket
     import subprocess
-    import time
 
     import pytest
 
@@ -243,15 +233,13 @@ def start_twistd(cwd, port: int, *args: str, env=None, log_name: str = "twistd.l
     output = log_path.read_text
     deadline = time.monotonic() + 30
     while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return proc, output
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                proc.wait(timeout=10)
-                pytest.fail(f"twistd did not start:\n{output()}")
-            time.sleep(0.1)
+        if port_accepts(port):
+            return proc, output
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(timeout=10)
+            pytest.fail(f"twistd did not start:\n{output()}")
+        time.sleep(0.1)
 
 
 def stop_twistd(proc, timeout_s: float = 20) -> int:

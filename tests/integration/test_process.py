@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,7 +20,7 @@ from twisted.python.failure import Failure
 from gpumgr.config import ProcessConfig
 from gpumgr.errors import ProcessStartFailed
 from gpumgr.process import ManagedProcess, ProcessExit, ProcessState, launch
-from tests.helpers import outcome, wait_for
+from tests.helpers import free_port, outcome, wait_for
 
 # -- the pure parts --
 
@@ -165,9 +164,7 @@ server.serve_forever()
 
 @pytest_twisted.ensureDeferred
 async def test_start_waits_for_a_real_http_health_check(tmp_path, procs, client):
-    with socket.socket() as s:  # a free port; the server binds it after "loading"
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # the server binds it after "loading"
     script = tmp_path / "server.py"
     script.write_text(_HTTP_SERVER)
     probe_errors: list[str] = []
