@@ -93,9 +93,6 @@ def label_problems(expr: str, labels: dict[str, set[str]]) -> list[str]:
     return problems
 
 
-# -- structure (no broker) -----------------------------------------------------
-
-
 # -- against a live broker -----------------------------------------------------
 
 @pytest_twisted.async_yield_fixture

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 
-
 from gpumgr import tap
 from tests.helpers import free_port, parse_twistd_options
 from gpumgr.logs import REDACTED, TwistdLogging, twistd_logging_problem
 
 TOKEN = "tok-4b1f9e07c2d8a653"
-
-
-# The JSON record ----------------------------------------------------------------
-
-
-# Redaction ----------------------------------------------------------------------
 
 
 # Wiring into twistd ---------------------------------------------------------------
@@ -52,8 +45,3 @@ def test_outside_twistd_the_service_is_not_wrapped():
     options = tap.Options()
     options.parseOptions(["--demo", "--log-format", "json"])
     assert not isinstance(tap.makeService(options), TwistdLogging)
-
-
-# A real twistd ---------------------------------------------------------------------
-
-

@@ -19,18 +19,6 @@ from gpumgr.testing import managed_whisper_entry, world_config, world_config_raw
 from tests.helpers import transcribe, wait_for
 
 
-# -- WebSocket tunnels ------------------------------------------------------------------
-
-
-# -- pass-through -------------------------------------------------------------------------
-
-
-# -- render tracking -----------------------------------------------------------------------
-
-
-# -- reload --------------------------------------------------------------------------------
-
-
 # -- managed processes ---------------------------------------------------------------------
 
 
@@ -87,8 +75,3 @@ async def test_reloading_a_busy_process_block_never_runs_two_servers(managed_wor
         assert serving == [service.broker.processes["whisper"].pid]
     finally:
         _kill_simulated_servers(managed_world)
-
-
-# -- signals on a real twistd ------------------------------------------------------------
-
-

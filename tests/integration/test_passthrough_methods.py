@@ -11,9 +11,6 @@ from gpumgr.target import parse_target
 from tests.helpers import locked_broker
 
 
-# -- WebSocket tunnels ------------------------------------------------------------------
-
-
 # -- pass-through -------------------------------------------------------------------------
 
 
@@ -39,17 +36,3 @@ async def test_metrics_refuses_wrong_methods_in_json(broker, client):
     for method in ("POST", "DELETE"):
         reply = await client.request(method, url + "/metrics")
         assert reply.code == 405 and reply.header("Content-Type") == b"application/json"
-
-
-# -- render tracking -----------------------------------------------------------------------
-
-
-# -- reload --------------------------------------------------------------------------------
-
-
-# -- managed processes ---------------------------------------------------------------------
-
-
-# -- signals on a real twistd ------------------------------------------------------------
-
-

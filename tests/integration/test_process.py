@@ -48,9 +48,6 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="process groups come from the Linux launcher")
 
 
-# -- process groups, with fake groups --
-
-
 # -- real subprocesses on the real reactor --
 
 _PRELUDE = """\

@@ -39,9 +39,6 @@ def test_a_free_port_lets_the_spawn_go_on():
     assert outcome(d) is None and mp.state is ProcessState.RUNNING
 
 
-# -- admission: a load nobody waits for any more ----------------------------------------------
-
-
 # -- port_answers, on loopback -------------------------------------------------------------------
 
 

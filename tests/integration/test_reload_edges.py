@@ -14,15 +14,6 @@ from gpumgr.testing import world_config_raw
 from tests.helpers import Gate, HeldStream, file_broker, wait_for
 
 
-# -- WebSocket tunnels ------------------------------------------------------------------
-
-
-# -- pass-through -------------------------------------------------------------------------
-
-
-# -- render tracking -----------------------------------------------------------------------
-
-
 # -- reload --------------------------------------------------------------------------------
 
 
@@ -67,11 +58,3 @@ async def test_removing_a_consumer_with_a_tracked_render_logs_no_traceback(world
     finally:
         globalLogPublisher.removeObserver(observe)
     assert [f.getErrorMessage() for f in failures] == []
-
-
-# -- managed processes ---------------------------------------------------------------------
-
-
-# -- signals on a real twistd ------------------------------------------------------------
-
-

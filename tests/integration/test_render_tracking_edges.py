@@ -12,12 +12,6 @@ from gpumgr.testing import world_config, world_config_raw
 from tests.helpers import Gate, HeldStream, comfy_broker, file_broker, wait_for
 
 
-# -- WebSocket tunnels ------------------------------------------------------------------
-
-
-# -- pass-through -------------------------------------------------------------------------
-
-
 # -- render tracking -----------------------------------------------------------------------
 
 
@@ -83,14 +77,3 @@ async def test_job_timeout_bounds_a_stream_too(world, start_broker, client):
         await wait_for(lambda: service.scheduler.stats().in_flight == 0, timeout_s=5)
     finally:
         held.release()
-
-
-# -- reload --------------------------------------------------------------------------------
-
-
-# -- managed processes ---------------------------------------------------------------------
-
-
-# -- signals on a real twistd ------------------------------------------------------------
-
-

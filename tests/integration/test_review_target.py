@@ -90,9 +90,6 @@ async def test_a_lower_case_method_is_refused_not_relayed(world, start_broker, k
     assert len(world[kind].requests) == before
 
 
-# -- a control route that loads is GPU work --------------------------------------------------
-
-
 # -- `;` parameters, for servers that strip them -----------------------------------------------
 
 

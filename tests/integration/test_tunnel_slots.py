@@ -97,20 +97,3 @@ async def test_an_h2c_upgrade_offer_is_ignored_on_a_work_route(broker, client):
         b"Upgrade": b"h2c", b"Connection": b"Upgrade, HTTP2-Settings",
         b"HTTP2-Settings": b"AAMAAABkAAQCAAAAAAIAAAAA"})
     assert reply.code == 200  # today: 501 upgrade_not_supported
-
-
-# -- pass-through -------------------------------------------------------------------------
-
-
-# -- render tracking -----------------------------------------------------------------------
-
-
-# -- reload --------------------------------------------------------------------------------
-
-
-# -- managed processes ---------------------------------------------------------------------
-
-
-# -- signals on a real twistd ------------------------------------------------------------
-
-

@@ -22,12 +22,6 @@ from gpumgr.testing.websocket import (
 from tests.helpers import Client, wait_for
 
 
-# -- frames -------------------------------------------------------------------------
-
-
-# -- the protocol in memory --------------------------------------------------------------
-
-
 # -- real sockets: a twisted.web Site with an echo resource ------------------------------------
 
 

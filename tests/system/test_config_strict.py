@@ -32,21 +32,6 @@ def _alias_bomb(levels: int, fan_out: int = 9) -> str:
     return "\n".join(lines) + "\n"
 
 
-# -- the YAML layer ------------------------------------------------------------
-
-
-# -- values the loader used to let through to a traceback at start-up ---------------
-
-
-# -- admin token ----------------------------------------------------------------------
-
-
-# -- a consumer that is gpumgr itself -----------------------------------------------
-
-
-# -- limits ---------------------------------------------------------------------------
-
-
 # -- fuzzing ----------------------------------------------------------------------------
 
 #: GPUMGR_FUZZ_EXAMPLES=5000 for a longer hunt; the default suits the shared small box.
@@ -99,5 +84,3 @@ def test_twistd_refuses_a_port_out_of_range_and_a_self_referencing_listen(tmp_pa
     result = run_twistd("--config", str(path), "--listen", "tcp:11434")
     assert result.returncode == 1
     assert "consumers.ollama.url points at this listen address" in result.stdout + result.stderr
-
-

@@ -33,9 +33,6 @@ SCREENSHOT = os.path.join(ROOT, "build", "ui-status.png")
 WAIT_S = 30.0
 
 
-# The resource, in memory -----------------------------------------------------
-
-
 # A real browser ----------------------------------------------------------------
 
 

@@ -79,9 +79,6 @@ def test_format_status_shows_the_fields_the_broker_is_gaining():
     assert "07:19:02  process_crash  comfy" in text and "exit 137" in text
 
 
-# load / unload --------------------------------------------------------------------
-
-
 # check-config ---------------------------------------------------------------------
 
 

@@ -11,12 +11,6 @@ import json
 from gpumgr.drivers.comfyui import ComfyUIDriver
 
 
-# -- WebSocket tunnels ------------------------------------------------------------------
-
-
-# -- pass-through -------------------------------------------------------------------------
-
-
 # -- render tracking -----------------------------------------------------------------------
 
 
@@ -25,14 +19,3 @@ def test_a_prompt_answer_over_64_kib_still_names_its_render():
     body = json.dumps({"prompt_id": "abc", "number": 1, "node_errors": errors}).encode()
     head = body[:64 * 1024]  # what the broker hands the driver
     assert ComfyUIDriver().render_id("POST", "/prompt", 200, head) == "abc"
-
-
-# -- reload --------------------------------------------------------------------------------
-
-
-# -- managed processes ---------------------------------------------------------------------
-
-
-# -- signals on a real twistd ------------------------------------------------------------
-
-

@@ -10,7 +10,6 @@ import re
 from typing import Any, Iterator
 
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DASHBOARD = os.path.join(ROOT, "etc", "grafana-dashboard.json")
 DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
@@ -132,8 +131,3 @@ def test_the_checks_catch_a_renamed_metric_or_label():
     assert label_problems('gpumgr_jobs_total{consumr="x"}', labels)
     assert label_problems("sum by (kind) (gpumgr_jobs_total)", labels)
     assert not label_problems('sum by (consumer) (gpumgr_jobs_total{instance="a"})', labels)
-
-
-# -- against a live broker -----------------------------------------------------
-
-

@@ -765,8 +765,3 @@ def test_a_tunnel_is_closed_only_after_idle_timeout_without_a_byte():
 # and never reaches the code behind it.
 #: Bytes for a request target: mostly printable ASCII, a third anything but space,
 #: CR and LF (which would change the framing rather than the path).
-
-
-# pytest-twisted runs each hypothesis example of an async test inside the reactor.
-
-

@@ -197,8 +197,3 @@ def test_an_observer_already_chosen_for_the_application_stays():
 def test_log_format_refuses_what_cannot_work(argv, problem):
     with pytest.raises(usage.UsageError, match=re.escape(problem)):
         parse_twistd_options(argv)
-
-
-# A real twistd ---------------------------------------------------------------------
-
-

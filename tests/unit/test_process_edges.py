@@ -19,18 +19,6 @@ from gpumgr.registry import Registry
 from tests.helpers import FakeProcessReactor, NoSample, ScriptedProbe, spec
 
 
-# -- WebSocket tunnels ------------------------------------------------------------------
-
-
-# -- pass-through -------------------------------------------------------------------------
-
-
-# -- render tracking -----------------------------------------------------------------------
-
-
-# -- reload --------------------------------------------------------------------------------
-
-
 # -- managed processes ---------------------------------------------------------------------
 
 
@@ -83,8 +71,3 @@ def test_an_unload_waits_as_long_as_the_process_may_take_to_stop():
     admission.unload("whisper", "admin").addBoth(results.append)
     clock.advance(45.0)
     assert results == [True] and admission.eviction_failures == 0
-
-
-# -- signals on a real twistd ------------------------------------------------------------
-
-

@@ -196,8 +196,3 @@ def test_a_job_that_outlived_its_process_does_not_mark_it_loaded():
                           control=None, runner=None)  # type: ignore[arg-type]
     admission.job_ended("whisper", Result(Outcome.REFUSED, 502, reached_consumer=True))
     assert registry["whisper"].loaded is False
-
-
-# -- port_answers, on loopback -------------------------------------------------------------------
-
-

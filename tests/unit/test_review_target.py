@@ -91,9 +91,6 @@ def test_ollamas_newer_inference_routes_are_gpu_work(path):
     assert get_driver("ollama").is_gpu_work("POST", path)
 
 
-# -- a method in lower case -------------------------------------------------------------------
-
-
 # -- a control route that loads is GPU work --------------------------------------------------
 
 
@@ -106,8 +103,3 @@ def test_waking_vllm_through_pass_through_waits_for_the_lock(path):
     `/load` already was GPU work.)"""
     assert get_driver("vllm").is_gpu_work("POST", path)
     assert not get_driver("vllm").is_gpu_work("POST", "/sleep")  # it frees; never waits
-
-
-# -- `;` parameters, for servers that strip them -----------------------------------------------
-
-

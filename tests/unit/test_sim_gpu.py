@@ -36,8 +36,3 @@ def test_unreadable_records_are_ignored(gpu):
     with open(os.path.join(gpu.procs_dir, "123.json"), "w") as f:
         f.write("{half a record")
     assert gpu.external_allocations() == [] and gpu.free_mib == 10000 - 300
-
-
-# -- nvidia-smi's hang_child mode ------------------------------------------------------------------
-
-

@@ -114,8 +114,3 @@ def test_agent_sends_exactly_the_classified_target(text, base):
                for s in sent_path[1:].split(b"/")]
     assert decoded == [s.text for s in target.segments]
     assert parse_target(target.origin_form()).segments == target.segments
-
-
-# -- through the real broker, raw request lines ------------------------------------------
-
-

@@ -89,11 +89,3 @@ async def test_ui_answers_304_to_a_matching_etag():
     assert response.code == 304 and body == b""
     response, body = await _get(stub, "/ui/app.js", headers={"If-None-Match": '"other"'})
     assert response.code == 200 and body
-
-
-# A real browser ----------------------------------------------------------------
-
-
-# Fields the broker is gaining, and hostile strings --------------------------------
-
-

@@ -154,8 +154,3 @@ async def test_waiting_for_a_message_fails_when_the_connection_ends():
         await waiting
     with pytest.raises(ConnectionClosed):
         await conn.next_message()
-
-
-# -- real sockets: a twisted.web Site with an echo resource ------------------------------------
-
-
