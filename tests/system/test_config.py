@@ -1,7 +1,10 @@
+"""A real `twistd gpumgr` refuses a bad config or command line in one line, without a traceback."""
+
+from __future__ import annotations
 
 import pytest
-from tests.helpers import run_twistd
 
+from tests.helpers import run_twistd
 
 MINIMAL = """
 consumers:

@@ -1,8 +1,5 @@
-"""Config loading against hostile and broken files: a ConfigError naming the place, fast.
-
-Every case here used to end in a traceback (or a hang) before the loader
-walked the YAML node graph itself.
-"""
+"""A real `twistd gpumgr` refuses hostile configs, a busy port and bad listen endpoints in one
+line (the loader itself is tested in tests/unit/test_config_strict.py)."""
 
 from __future__ import annotations
 

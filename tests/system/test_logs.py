@@ -1,4 +1,4 @@
-"""Log lines: JSON for journald and Loki, twistd's text by default, secrets redacted."""
+"""A real `twistd gpumgr`: JSON log lines only with --log-format json, the token redacted in text."""
 
 from __future__ import annotations
 

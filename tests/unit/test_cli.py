@@ -1,6 +1,5 @@
-"""`gpumgr` / `python -m gpumgr` against a real broker on loopback.
-
-`main()` is blocking (urllib), so it runs in a thread while the reactor serves.
+"""`gpumgr` / `python -m gpumgr`: argument handling and output, without a broker (the runs
+against a real broker on loopback are in tests/integration/test_cli.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""ManagedProcess: real subprocesses on the real reactor, plus Clock-driven fakes
-for what real processes cannot do on demand (ignore SIGKILL, hold pipes)."""
+"""ManagedProcess on Clock-driven fakes, for what real processes cannot do on demand
+(ignore SIGKILL, hold pipes); the real subprocesses are in tests/integration/test_process.py."""
 
 from __future__ import annotations
 

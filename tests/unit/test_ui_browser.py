@@ -1,8 +1,5 @@
-"""GET /ui: the resource in memory, then the page in a real headless Chromium.
-
-The browser is driven over the Chrome DevTools Protocol (websocket-client, a
-blocking client, run in a thread so that the reactor keeps serving the page).
-Without Chromium those tests skip and say why.
+"""GET /ui: the resource in memory (the page in a real headless Chromium is in
+tests/system/test_ui_browser.py).
 """
 
 from __future__ import annotations
