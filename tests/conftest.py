@@ -1,4 +1,8 @@
+"""Fixtures shared by tests/integration and tests/system: the simulated world and a broker."""
+
 from __future__ import annotations
+
+import pathlib
 
 import pytest
 import pytest_twisted
@@ -7,6 +11,8 @@ from twisted.internet import reactor
 from gpumgr.service import GpumgrService
 from gpumgr.testing import make_world, world_config
 from tests.helpers import Client
+
+_TESTS = pathlib.Path(__file__).parent
 
 
 @pytest_twisted.async_yield_fixture
@@ -50,7 +56,16 @@ async def broker(world, start_broker):
     return service, url
 
 
+# Tests live by speed: tests/unit (no sockets, no processes, no sleeps; guarded in
+# tests/unit/conftest.py), tests/integration (the real broker and the simulated services on
+# loopback), tests/system (real twistd processes, the fault suite, the browser, packaging,
+# the bench smoke). The directory sets the markers, so `-m "not integration and not slow"`
+# selects exactly tests/unit.
+_MARKS = {"integration": ("integration",), "system": ("system", "slow")}
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
-        if "world" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.integration)
+        kind = item.path.relative_to(_TESTS).parts[0] if item.path.is_relative_to(_TESTS) else ""
+        for mark in _MARKS.get(kind, ()):
+            item.add_marker(getattr(pytest.mark, mark))

@@ -29,6 +29,7 @@ from gpumgr.testing.consumers import (
 )
 from gpumgr.testing.comfyui import make_png
 from gpumgr.testing.gpu import SimulatedGpu
+from gpumgr.testing.stranger import free_port
 
 __all__ = [
     "Behaviour",
@@ -125,11 +126,7 @@ def managed_whisper_entry(world: SimulatedWorld, port: int | None = None, vram_m
     """A config entry for the simulated whisper.cpp server as a process gpumgr
     owns (`server` goes to `whisper_server_argv`: load_s, fail_load, job_s)."""
     if port is None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
     state_dir = os.path.dirname(os.path.abspath(world.gpu.state_path))
     return {
         "url": f"http://127.0.0.1:{port}",

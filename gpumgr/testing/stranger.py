@@ -26,6 +26,14 @@ from twisted.web.server import Site
 
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on right now (a connection to it is refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def port_accepts(port: int, host: str = "127.0.0.1", timeout_s: float = 1.0) -> bool:
     """Whether a TCP connection to host:port is accepted now (blocking; tests only)."""
     try:
@@ -105,4 +113,4 @@ class StrangerListener:
                 await stopped
 
 
-__all__ = ["StrangerListener", "StrangerWhisper", "port_accepts"]
+__all__ = ["StrangerListener", "StrangerWhisper", "free_port", "port_accepts"]
