@@ -316,3 +316,30 @@ def test_the_module_map_names_every_module_and_only_modules() -> None:
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "gpumgr").rglob("*.py")}
     assert not modules - mapped, f"modules missing from the map: {sorted(modules - mapped)}"
     assert not mapped - modules, f"the map names modules that do not exist: {sorted(mapped - modules)}"
+
+
+_TEST_REF = re.compile(r"(tests/[\w/]+\.py)((?:::\w+)?)|(?<![\w/])::(test_\w+)")
+
+
+def test_every_test_the_docs_name_exists():
+    """A guarantee is only as good as the test named beside it: each
+    `tests/...py[::test]` and each `::test` after it on the same line must exist."""
+    missing = []
+    for doc in DOCS:
+        for line in doc.read_text(encoding="utf-8").splitlines():
+            current: Path | None = None
+            for m in _TEST_REF.finditer(line):
+                if m.group(1):
+                    current = ROOT / m.group(1)
+                    name = m.group(2)[2:] if m.group(2) else None
+                    if not current.exists():
+                        missing.append(f"{doc.name}: {m.group(1)}")
+                        current = None
+                        continue
+                else:
+                    name = m.group(3)
+                    if current is None:
+                        continue
+                if name and not re.search(rf"def {name}\b", current.read_text(encoding="utf-8")):
+                    missing.append(f"{doc.name}: {current.relative_to(ROOT)}::{name}")
+    assert not missing, missing
