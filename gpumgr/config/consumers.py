@@ -22,6 +22,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def parse_consumers(sec: Section) -> dict[str, ConsumerConfig]:
+    """Each consumer on its own, then what they say of each other (`can_coexist_with`)."""
     if not sec.raw:
         sec.fail("", "at least one consumer is required")
     consumers = {}

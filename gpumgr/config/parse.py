@@ -17,7 +17,12 @@ import attrs
 
 from gpumgr import yaml_strict
 from gpumgr.config.consumers import parse_consumers
-from gpumgr.config.endpoints import DEFAULT_LISTEN, find_self_reference, listen_problem, literal_address
+from gpumgr.config.endpoints import (
+    DEFAULT_LISTEN,
+    find_self_reference,
+    listen_problem,
+    literal_address,
+)
 from gpumgr.config.files import read_config_file
 from gpumgr.config.schema import (
     AUDIO_ROUTE,

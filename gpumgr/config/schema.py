@@ -1,8 +1,10 @@
 """The config's values: frozen, typed, built once by the parser and shared.
 
 Everything that reads the config (the broker, the drivers, the HTTP layer)
-imports these; none of them sees raw YAML. The parser (`gpumgr.config.parse`)
-is the only builder outside tests.
+imports these; none of them sees raw YAML. Only the parser
+(`gpumgr.config.parse`) builds them (`attrs.evolve` derives variants, such as
+`--mode`'s); the defaults here are the parser's, for code and tests that build
+a value directly.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import attrs
 
 from gpumgr.config.process_names import ProcessNameMatcher
 
+#: The /v1/<kind> routes, and the keys of a consumer's `paths`.
 KINDS = ("tts", "stt", "llm", "image")
+#: `routes.audio_proxy`: the consumer behind GET /audio/<rest>, proxied unscheduled.
 AUDIO_ROUTE = "audio_proxy"
 ROUTE_KEYS = KINDS + (AUDIO_ROUTE,)
 SCHEDULER_MODES = ("passthrough", "locked", "evicting")
+#: Methods a control call or a `scheduled` route may name.
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
 
 
@@ -59,6 +64,8 @@ class ScheduledRoute:
 
 @attrs.frozen
 class ConsumerConfig:
+    """One GPU service behind gpumgr (`consumers.<name>`), its driver's defaults filled in."""
+
     name: str
     url: str
     health_path: str
