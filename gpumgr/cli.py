@@ -18,7 +18,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from typing import IO, Any, Mapping, NoReturn, Sequence
+from typing import IO, Any, Callable, Mapping, NoReturn, Sequence
 from urllib.parse import quote, urlsplit
 
 DEFAULT_URL = "http://127.0.0.1:8770"
@@ -191,13 +191,17 @@ def _status(base_url: str, raw: bool, out: IO[str]) -> int:
 
 def _check_config(path: str, out: IO[str], err: IO[str]) -> int:
     # Exactly what `twistd gpumgr --config FILE` checks, with its messages.
+    # Imported here, not above: the other commands stay standard-library only.
     from twisted.python.usage import UsageError
 
     from gpumgr.tap import Options
 
-    options = Options()
+    # usage.Options is untyped: these typed handles keep the calls checked.
+    new_options: Callable[[], Options] = Options
+    options = new_options()
+    parse_options: Callable[[list[str]], None] = options.parseOptions
     try:
-        options.parseOptions(["--config", path])
+        parse_options(["--config", path])
     except UsageError as e:
         err.write(f"{e}\n")
         return 1

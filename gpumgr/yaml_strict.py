@@ -10,7 +10,7 @@ size the aliases expand to are bounded before anything is constructed.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 import yaml
@@ -41,13 +41,15 @@ class _BoundedLoader(yaml.SafeLoader):
 
     _depth = 0
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                mark = self.peek_event().start_mark
-                raise YamlProblem("", f"nested more than {MAX_DEPTH} levels deep "
-                                      f"(line {mark.line + 1})")
+                # PyYAML's stubs leave peek_event untyped; it returns the next event.
+                peek_event: Callable[[], yaml.Event] = self.peek_event
+                mark = peek_event().start_mark
+                where = f" (line {mark.line + 1})" if mark is not None else ""
+                raise YamlProblem("", f"nested more than {MAX_DEPTH} levels deep{where}")
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1

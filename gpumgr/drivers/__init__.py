@@ -1,8 +1,10 @@
 """Drivers: what gpumgr knows about one kind of GPU service.
 
-A consumer's `driver` key names one. A driver supplies the defaults of its
-`health`, `load` and `unload` (keys set in the config override them), and the
-behaviour no config key can express:
+A consumer's `driver` key names one. Its config defaults (`health`, `load`,
+`unload`, `abandoned_grace_s`; keys set in the config override them) are in
+`gpumgr.config.driver_defaults`, so that the config parser needs nothing from
+here: the drivers import the config, never the other way round. A driver
+supplies the behaviour no config key can express:
 
 - `probe`: is it up, starting, or down?
 - `load` / `unload`: how to get its memory back, and to warm it again
@@ -21,8 +23,10 @@ Services whose process gpumgr owns (`process:`) are started and stopped by
 gpumgr itself, whatever their driver.
 
 Adding a driver: write a module here with a class implementing `IDriver`
-(subclass `BaseDriver` for the common parts), add it to `_DRIVERS` below,
-and give it tests against a simulated service in `gpumgr.testing`.
+(subclass `BaseDriver` for the common parts), add it to `_DRIVERS` below and
+its defaults to `gpumgr.config.driver_defaults.DRIVER_DEFAULTS` (a test checks
+that both list the same names), and give it tests against a simulated service
+in `gpumgr.testing`.
 """
 
 from __future__ import annotations

@@ -47,15 +47,9 @@ class ControlHttp(Protocol):
 
 
 class IDriver(Interface):
-    name = Attribute("The value of `consumers.<name>.driver` that selects it.")
-    default_health = Attribute("Health path when the config sets none, or None (then required).")
-    default_load = Attribute("HttpCall used when the config sets no `load`, or None.")
-    default_unload = Attribute("HttpCall used when the config sets no `unload`, or None.")
-    native_unload = Attribute("True if it can unload with no unload call configured.")
+    name = Attribute("The value of `consumers.<name>.driver` that selects it; its config "
+                     "defaults are gpumgr.config.DRIVER_DEFAULTS[name].")
     tracks_renders = Attribute("True if answers may start GPU work that goes on (render_id).")
-    abandoned_grace_s = Attribute(
-        "Default of consumers.<name>.abandoned_grace_s: how long a job whose client left "
-        "holds the GPU at most, waiting for evidence that the service stopped its work.")
 
     def probe(http: ControlHttp, consumer: ConsumerConfig) -> defer.Deferred[Health]:
         """OK or STARTING; fails (ControlCallFailed or a connection error) when down."""
@@ -110,13 +104,7 @@ class BaseDriver:
     """A service with a health route and, optionally, load and unload routes."""
 
     name = "base"
-    default_health: str | None = None
-    default_load: HttpCall | None = None
-    default_unload: HttpCall | None = None
-    native_unload = False
     tracks_renders = False
-    #: Nothing is known of how such a service treats a client that leaves.
-    abandoned_grace_s = 30.0
     #: Methods of the native API that are GPU work (the `http` driver's rule).
     gpu_methods = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 

@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 from twisted.internet import defer
 
-from gpumgr.config import ConsumerConfig, HttpCall
+from gpumgr.config import ConsumerConfig
 from gpumgr.drivers.base import BaseDriver, ControlCallFailed, ControlHttp, RenderState
 
 _PROMPT_PATHS = ("/prompt", "/api/prompt")
@@ -72,14 +72,7 @@ def history_done(body: bytes, prompt_id: str) -> bool:
 
 class ComfyUIDriver(BaseDriver):
     name = "comfyui"
-    default_health = "/system_stats"
-    default_unload = HttpCall(method="POST", path="/free",
-                              body=b'{"unload_models": true, "free_memory": true}',
-                              content_type="application/json")
     tracks_renders = True
-    #: A prompt it took is followed as a render whether or not its client
-    #: stays; this bounds other GPU work whose client left.
-    abandoned_grace_s = 30.0
     #: Interrupting, freeing memory, and clearing or deleting from the queue
     #: (`POST /queue {"clear"|"delete"}`), each also under /api/.
     control_routes = frozenset(

@@ -178,11 +178,6 @@ def is_unload_request(path: str, body: bytes | None) -> bool:
 
 class OllamaDriver(BaseDriver):
     name = "ollama"
-    default_health = "/api/version"
-    native_unload = True
-    #: It stops at its next token write, but not while it evaluates a prompt
-    #: (ollama#11889); nothing in its API says whether a request still runs.
-    abandoned_grace_s = 15.0
 
     def unload(self, http: ControlHttp, consumer: ConsumerConfig) -> defer.Deferred[None]:
         if consumer.unload is not None:

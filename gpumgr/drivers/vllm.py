@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from twisted.internet import defer
 
-from gpumgr.config import ConsumerConfig, HttpCall
+from gpumgr.config import ConsumerConfig
 from gpumgr.drivers.base import BaseDriver, ControlHttp
 
 _IN_FLIGHT_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
@@ -45,14 +45,9 @@ _GPU_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/
 
 class VllmDriver(BaseDriver):
     name = "vllm"
-    default_health = "/health"
-    default_unload = HttpCall(method="POST", path="/sleep?level=1", body=b"", content_type=None)
-    default_load = HttpCall(method="POST", path="/wake_up", body=b"", content_type=None)
     #: Sleeping and waking whatever the config's load and unload say;
     #: `/collective_rpc` can reload the weights.
     control_routes = frozenset(("POST", p) for p in ("/sleep", "/wake_up", "/collective_rpc"))
-
-    abandoned_grace_s = 5.0
 
     def is_gpu_work(self, method: str, path: str) -> bool:
         return method == "POST" and path in _GPU_PATHS

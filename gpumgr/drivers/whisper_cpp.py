@@ -15,12 +15,8 @@ from gpumgr.states import Health
 
 class WhisperCppDriver(BaseDriver):
     name = "whisper.cpp"
-    default_health = "/health"
     #: Swaps the model (and exits if the new one cannot be loaded).
     control_routes = frozenset({("POST", "/load")})
-    #: It aborts an inference whose client disconnected (and answers 499);
-    #: nothing in its API says whether an inference still runs.
-    abandoned_grace_s = 5.0
 
     def health_of_failed_probe(self, reply: HttpReply) -> Health:
         if reply.code == 503 and b"loading" in reply.body.lower():
