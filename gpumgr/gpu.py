@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gpumgr.errors import describe_failure
+from gpumgr.terminate import TermThenKill
 
 GPU_QUERY = (
     "--query-gpu=index,name,memory.total,memory.used,memory.free,"
@@ -228,6 +229,9 @@ class _CaptureProtocol(ProcessProtocol):
         self._size = 0
         self._timer: IDelayedCall | None = None
         self._drain_timer: IDelayedCall | None = None
+        self._ending = TermThenKill(
+            clock, kill_after_s=kill_grace_s, give_up_after_s=kill_grace_s,
+            send_term=lambda: self._signal("TERM"), send_kill=self._kill, give_up=self._give_up)
         self._timed_out = False
         self._exited = False
 
@@ -250,16 +254,15 @@ class _CaptureProtocol(ProcessProtocol):
             pass
 
     def _expire(self) -> None:
+        self._timer = None
         self._timed_out = True
-        self._signal("TERM")
-        self._timer = self._clock.callLater(self._kill_grace_s, self._kill)
+        self._ending.start()
 
-    def _kill(self) -> None:
+    def _kill(self) -> bool:
         self._signal("KILL")
-        self._timer = self._clock.callLater(self._kill_grace_s, self._give_up)
+        return True
 
     def _give_up(self) -> None:
-        self._timer = None
         if self._exited:
             why = "it exited, but a child of it kept its output open"
         else:
@@ -290,6 +293,7 @@ class _CaptureProtocol(ProcessProtocol):
             if timer is not None and timer.active():
                 timer.cancel()
         self._timer = self._drain_timer = None
+        self._ending.cancel()
 
     def _finish(self, result: bytes | Exception) -> None:
         self._cancel_timers()
