@@ -16,6 +16,7 @@ import attrs
 
 from gpumgr.eviction import Residency
 from gpumgr.gpu import GpuSample
+from gpumgr.process import ProcessStatus
 from gpumgr.registry import Health
 from gpumgr.scheduler import SchedulerStats
 
@@ -124,7 +125,7 @@ class ConsumerSnapshot:
     errors: int
     last_used: float | None
     #: ManagedProcess.status(), or None when gpumgr does not own the process.
-    process: dict[str, Any] | None
+    process: ProcessStatus | None
     renders: tuple[RenderSnapshot, ...] = ()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from gpumgr.process import ProcessStatus
 from gpumgr.snapshot import ConsumerSnapshot, Snapshot
 
 
@@ -34,10 +35,21 @@ def _consumer(s: Snapshot, c: ConsumerSnapshot) -> dict[str, Any]:
         "total_requests": c.total_requests,
         "errors": c.errors,
         "last_used": iso(c.last_used),
-        "process": c.process,
+        "process": None if c.process is None else _process(c.process),
         "renders": [{"prompt_id": r.render_id, "since": iso(r.since),
                      "held_s": round(s.now - r.since, 3), "state": r.phase.value,
                      "state_since": iso(r.phase_since)} for r in c.renders],
+    }
+
+
+def _process(p: ProcessStatus) -> dict[str, Any]:
+    return {
+        "state": p.state.value,
+        "pid": p.pid,
+        "started_at": p.started_at,
+        "exit_code": p.exit_code,
+        "restarts": p.restarts,
+        "last_stderr": list(p.last_stderr),
     }
 
 

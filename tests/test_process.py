@@ -22,11 +22,11 @@ from gpumgr.config import ProcessConfig
 from gpumgr.errors import ProcessStartFailed, ProcessStopFailed
 from gpumgr.process import (
     OS_PROCESS_GROUPS,
+    LineSplitter,
     LogBudget,
     ManagedProcess,
     ProcessExit,
     ProcessState,
-    _LineSplitter,
     describe_exit,
     launch,
     resolve_executable,
@@ -78,7 +78,7 @@ def test_log_budget_admits_per_second_then_reports_what_it_suppressed():
 
 def test_line_splitter_buffers_partial_lines_and_cuts_long_ones():
     lines: list[str] = []
-    split = _LineSplitter(lines.append, max_chars=10)
+    split = LineSplitter(lines.append, max_chars=10)
     split.feed(b"hel")
     assert lines == []
     split.feed(b"lo\r\nwor")
@@ -91,7 +91,7 @@ def test_line_splitter_buffers_partial_lines_and_cuts_long_ones():
 
 def test_line_splitter_memory_is_bounded_for_a_line_that_never_ends():
     lines: list[str] = []
-    split = _LineSplitter(lines.append, max_chars=10)
+    split = LineSplitter(lines.append, max_chars=10)
     for _ in range(1000):
         split.feed(b"y" * 7)
         assert len(split._buffer) <= 40 + 7
@@ -664,10 +664,10 @@ async def test_start_waits_for_a_real_http_health_check(tmp_path, procs, client)
     assert mp.state is ProcessState.RUNNING
     assert probe_errors and set(probe_errors) == {"ConnectionRefusedError"}
     status = mp.status()
-    assert status["state"] == "running" and status["pid"] == mp.pid
-    assert isinstance(status["started_at"], float) and status["exit_code"] is None
+    assert status.state is ProcessState.RUNNING and status.pid == mp.pid
+    assert isinstance(status.started_at, float) and status.exit_code is None
     await mp.stop().addTimeout(30, reactor)
-    assert mp.status()["state"] == "stopped" and mp.exit_code == -signal.SIGTERM
+    assert mp.status().state is ProcessState.STOPPED and mp.exit_code == -signal.SIGTERM
     assert mp.pid is None
 
 
@@ -699,7 +699,7 @@ async def test_an_exit_during_start_fails_it_with_the_last_stderr_line(procs):
     assert failure.value.consumer == "whisper" and failure.value.retry_after_s is None
     assert mp.state is ProcessState.FAILED and mp.exit_code == 1
     assert mp.last_stderr == ("whisper_init: loading model", "failed to load model")
-    assert mp.status()["last_stderr"] == ["whisper_init: loading model", "failed to load model"]
+    assert mp.status().last_stderr == ("whisper_init: loading model", "failed to load model")
     assert [(e.expected, e.during_start, e.exit_code) for e in exits] == [(False, True, 1)]
 
 
@@ -996,7 +996,7 @@ def test_long_output_lines_are_cut():
     fake, probe = FakeProcessReactor(), ScriptedProbe()
     mp = ManagedProcess(fake, "ollama", spec(), probe)
     mp.start()
-    mp._stderr.feed(b"E" * 5000 + b"\n")
+    mp._output.stderr.feed(b"E" * 5000 + b"\n")
     (line,) = mp.last_stderr
     assert line == "E" * 2000 + " [cut 3000 chars]"
 
