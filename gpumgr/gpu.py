@@ -12,7 +12,7 @@ import os
 import re
 import shlex
 import shutil
-from typing import Any, Callable, Generator, Sequence
+from typing import Any, Callable, Generator, NoReturn, Sequence
 
 import attrs
 from twisted.internet import defer, error
@@ -310,7 +310,7 @@ class _CaptureProtocol(ProcessProtocol):
             self._finish(GpuCommandError(msg))
         elif self._size > _OUTPUT_LIMIT_BYTES:
             self._finish(GpuCommandError(f"{self._label} printed over 1 MiB"))
-        elif reason.check(error.ProcessDone):
+        elif isinstance(reason.value, error.ProcessDone):
             self._finish(b"".join(self._out))
         else:
             stderr = b"".join(self._err).decode("utf-8", "replace").strip()
@@ -460,6 +460,6 @@ class GpuSampler:
         return GpuSample(sampled_at=self._reactor.seconds(), error=message)
 
 
-def _no_answer(result: object, timeout_s: float) -> Failure:
+def _no_answer(result: object, timeout_s: float) -> NoReturn:
     """Whatever cancelling left behind (a FirstError of CancelledErrors), say why plainly."""
-    return Failure(GpuCommandError(f"nvidia-smi gave no answer within {timeout_s:g}s"))
+    raise GpuCommandError(f"nvidia-smi gave no answer within {timeout_s:g}s")

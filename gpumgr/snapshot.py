@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 import collections
 import enum
-from typing import Any
 
 import attrs
 

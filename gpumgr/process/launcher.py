@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.python.failure import Failure
 
@@ -112,11 +113,11 @@ def port_answers(reactor: Any, url: str, timeout_s: float) -> defer.Deferred[str
         protocol.transport.loseConnection()
         return f"something already answers on {where} (its url's port)"
 
-    def refused(failure: Failure) -> None:
-        failure.trap(error.ConnectError)
-        return None
+    def refused(failure: Failure) -> Failure | None:
+        return None if isinstance(failure.value, error.ConnectError) else failure
 
-    return connectProtocol(endpoint, TwistedProtocol()).addCallbacks(connected, refused)
+    connecting = endpoint.connect(Factory.forProtocol(TwistedProtocol))
+    return connecting.addCallbacks(connected, refused)
 
 
 def spawn_problems(spec: ProcessConfig, environ: Mapping[str, str]) -> list[tuple[str, str]]:
