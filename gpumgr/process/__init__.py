@@ -64,11 +64,10 @@ from gpumgr.process.values import (
     describe_exit,
     start_backoff_s,
 )
-from gpumgr.terminate import PROCESS_KILL_GRACE_S as KILL_GRACE_S
 
 __all__ = [
     "BACKOFF_AFTER_FAILURES", "BACKOFF_FIRST_S", "BACKOFF_MAX_S", "GROUP_POLL_S",
-    "KILL_GRACE_S", "LINE_MAX_CHARS", "LOG_LINES_PER_S", "OS_PROCESS_GROUPS",
+    "LINE_MAX_CHARS", "LOG_LINES_PER_S", "OS_PROCESS_GROUPS",
     "PIPE_DRAIN_S", "PROBE_INTERVAL_S", "STDERR_KEPT_LINES", "Launch", "LineSplitter",
     "LogBudget", "ManagedProcess", "ProcessExit", "ProcessGroups", "ProcessState",
     "ProcessStatus", "ServiceOutput", "describe_exit", "launch", "port_answers",

@@ -5,7 +5,7 @@ start (probed until healthy, or ended by a timeout, an exit or a stop), the
 signals gpumgr sent to end it, and its existence (the direct child, the rest
 of its process group, and our pipes, which end in any order). `RunState`
 holds one phase of each; `advance` is the only way it changes, so every
-sequence of events can be checked without a process (tests/test_process_phases.py).
+phase with every event, and any order of events, is tested without a process.
 """
 
 from __future__ import annotations
