@@ -35,14 +35,15 @@ def _consumer(s: Snapshot, c: ConsumerSnapshot) -> dict[str, Any]:
         "total_requests": c.total_requests,
         "errors": c.errors,
         "last_used": iso(c.last_used),
-        "process": None if c.process is None else _process(c.process),
+        "process": None if c.process is None else process_document(c.process),
         "renders": [{"prompt_id": r.render_id, "since": iso(r.since),
                      "held_s": round(s.now - r.since, 3), "state": r.phase.value,
                      "state_since": iso(r.phase_since)} for r in c.renders],
     }
 
 
-def _process(p: ProcessStatus) -> dict[str, Any]:
+def process_document(p: ProcessStatus) -> dict[str, Any]:
+    """A consumer's "process" in /v1/status (the same keys since before it was typed)."""
     return {
         "state": p.state.value,
         "pid": p.pid,
