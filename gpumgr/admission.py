@@ -20,6 +20,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from gpumgr.config import Config
+from gpumgr.deadlines import CONTROL_TIMEOUT_S as CONTROL_TIMEOUT_S  # its old home
+from gpumgr.deadlines import unload_deadline_s
 from gpumgr.errors import ControlFailed, InsufficientVram, describe_failure
 from gpumgr.events import Event, EventKind
 from gpumgr.eviction import ConsumerView, Residency, plan_eviction, settled
@@ -30,10 +32,6 @@ from gpumgr.states import Health
 
 log = Logger()
 
-#: Deadline of a load or unload call (a process start has its own).
-CONTROL_TIMEOUT_S = 30.0
-#: What ManagedProcess allows a process after SIGKILL before giving up on it.
-PROCESS_KILL_GRACE_S = 5.0
 #: How often nvidia-smi is re-read while waiting for memory to come back.
 SETTLE_POLL_S = 0.25
 RECENT_EVENTS = 50
@@ -204,11 +202,8 @@ class Admission:
         return self._control.unload(name).addTimeout(self._unload_timeout_s(name), self._clock)
 
     def _unload_timeout_s(self, name: str) -> float:
-        """Stopping a process may take its stop_timeout_s, then SIGKILL's grace."""
         c = self._config.consumers.get(name)
-        if c is not None and c.process is not None:
-            return max(CONTROL_TIMEOUT_S, c.process.stop_timeout_s + PROCESS_KILL_GRACE_S + 5.0)
-        return CONTROL_TIMEOUT_S
+        return unload_deadline_s(None if c is None else c.process)
 
     @defer.inlineCallbacks
     def unload(self, name: str, reason: str, needed_mib: int | None = None) -> Any:

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
 from gpumgr.abandoned import DRAIN_SAMPLE_S, AbandonedWork
-from gpumgr.admission import CONTROL_TIMEOUT_S, Admission
+from gpumgr.admission import Admission
 from gpumgr.config import (
     AUDIO_ROUTE,
     KINDS,
@@ -35,6 +35,7 @@ from gpumgr.config import (
     parse_config_text,
     read_config_file,
 )
+from gpumgr.deadlines import load_deadline_s
 from gpumgr.drivers import ControlHttp, IDriver, get_driver
 from gpumgr.errors import (
     BadPath,
@@ -230,10 +231,7 @@ class _Control:
         return get_driver(c.driver).unload(b.http, c)
 
     def load_timeout_s(self, name: str) -> float:
-        c = self._broker.config.consumers[name]
-        if c.process is not None:
-            return c.process.start_timeout_s + c.process.stop_timeout_s + 5.0
-        return CONTROL_TIMEOUT_S
+        return load_deadline_s(self._broker.config.consumers[name].process)
 
 
 class Broker:

@@ -12,7 +12,7 @@ import os
 import re
 import shlex
 import shutil
-from typing import Any, Callable, Generator, Sequence
+from typing import Any, Callable, Generator, NoReturn, Sequence
 
 import attrs
 from twisted.internet import defer, error
@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gpumgr.errors import describe_failure
+from gpumgr.terminate import TermThenKill
 
 GPU_QUERY = (
     "--query-gpu=index,name,memory.total,memory.used,memory.free,"
@@ -228,6 +229,9 @@ class _CaptureProtocol(ProcessProtocol):
         self._size = 0
         self._timer: IDelayedCall | None = None
         self._drain_timer: IDelayedCall | None = None
+        self._ending = TermThenKill(
+            clock, kill_after_s=kill_grace_s, give_up_after_s=kill_grace_s,
+            send_term=lambda: self._signal("TERM"), send_kill=self._kill, give_up=self._give_up)
         self._timed_out = False
         self._exited = False
 
@@ -250,16 +254,15 @@ class _CaptureProtocol(ProcessProtocol):
             pass
 
     def _expire(self) -> None:
+        self._timer = None
         self._timed_out = True
-        self._signal("TERM")
-        self._timer = self._clock.callLater(self._kill_grace_s, self._kill)
+        self._ending.start()
 
-    def _kill(self) -> None:
+    def _kill(self) -> bool:
         self._signal("KILL")
-        self._timer = self._clock.callLater(self._kill_grace_s, self._give_up)
+        return True
 
     def _give_up(self) -> None:
-        self._timer = None
         if self._exited:
             why = "it exited, but a child of it kept its output open"
         else:
@@ -290,6 +293,7 @@ class _CaptureProtocol(ProcessProtocol):
             if timer is not None and timer.active():
                 timer.cancel()
         self._timer = self._drain_timer = None
+        self._ending.cancel()
 
     def _finish(self, result: bytes | Exception) -> None:
         self._cancel_timers()
@@ -306,7 +310,7 @@ class _CaptureProtocol(ProcessProtocol):
             self._finish(GpuCommandError(msg))
         elif self._size > _OUTPUT_LIMIT_BYTES:
             self._finish(GpuCommandError(f"{self._label} printed over 1 MiB"))
-        elif reason.check(error.ProcessDone):
+        elif isinstance(reason.value, error.ProcessDone):
             self._finish(b"".join(self._out))
         else:
             stderr = b"".join(self._err).decode("utf-8", "replace").strip()
@@ -456,6 +460,6 @@ class GpuSampler:
         return GpuSample(sampled_at=self._reactor.seconds(), error=message)
 
 
-def _no_answer(result: object, timeout_s: float) -> Failure:
+def _no_answer(result: object, timeout_s: float) -> NoReturn:
     """Whatever cancelling left behind (a FirstError of CancelledErrors), say why plainly."""
-    return Failure(GpuCommandError(f"nvidia-smi gave no answer within {timeout_s:g}s"))
+    raise GpuCommandError(f"nvidia-smi gave no answer within {timeout_s:g}s")

@@ -147,8 +147,8 @@ def metric_families(s: Snapshot) -> Iterator[Metric]:
         if c.process is not None:
             for p in ProcessState:
                 process_state.add_metric([c.name, p.value],
-                                         1 if c.process.get("state") == p.value else 0)
-            restarts.add_metric([c.name], c.process.get("restarts") or 0)
+                                         1 if c.process.state is p else 0)
+            restarts.add_metric([c.name], c.process.restarts)
     yield from (up, health, residency, resident, active, process_state, restarts)
 
     # -- GPU -----------------------------------------------------------------

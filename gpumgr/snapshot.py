@@ -10,12 +10,12 @@ from __future__ import annotations
 import bisect
 import collections
 import enum
-from typing import Any
 
 import attrs
 
 from gpumgr.eviction import Residency
 from gpumgr.gpu import GpuSample
+from gpumgr.process import ProcessStatus
 from gpumgr.scheduler import SchedulerStats
 from gpumgr.states import Health, SchedulerMode
 
@@ -124,7 +124,7 @@ class ConsumerSnapshot:
     errors: int
     last_used: float | None
     #: ManagedProcess.status(), or None when gpumgr does not own the process.
-    process: dict[str, Any] | None
+    process: ProcessStatus | None
     renders: tuple[RenderSnapshot, ...] = ()
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from gpumgr.events import Event
 from gpumgr.scheduler import Holder
+from gpumgr.process import ProcessStatus
 from gpumgr.snapshot import ConsumerSnapshot, Snapshot
 
 
@@ -36,7 +37,7 @@ def _consumer(s: Snapshot, c: ConsumerSnapshot) -> dict[str, Any]:
         "total_requests": c.total_requests,
         "errors": c.errors,
         "last_used": iso(c.last_used),
-        "process": c.process,
+        "process": None if c.process is None else process_document(c.process),
         "renders": [{"prompt_id": r.render_id, "since": iso(r.since),
                      "held_s": round(s.now - r.since, 3), "state": r.phase.value,
                      "state_since": iso(r.phase_since)} for r in c.renders],
@@ -46,6 +47,18 @@ def _consumer(s: Snapshot, c: ConsumerSnapshot) -> dict[str, Any]:
 def _event(e: Event) -> dict[str, Any]:
     return {"at": iso(e.at), "event": e.kind.value, "consumer": e.consumer,
             "reason": e.reason, "mib": e.mib, "detail": e.detail}
+
+
+def process_document(p: ProcessStatus) -> dict[str, Any]:
+    """A consumer's "process" in /v1/status (the same keys since before it was typed)."""
+    return {
+        "state": p.state.value,
+        "pid": p.pid,
+        "started_at": p.started_at,
+        "exit_code": p.exit_code,
+        "restarts": p.restarts,
+        "last_stderr": list(p.last_stderr),
+    }
 
 
 def _holder(s: Snapshot, h: Holder) -> dict[str, Any]:

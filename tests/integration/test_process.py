@@ -183,10 +183,10 @@ async def test_start_waits_for_a_real_http_health_check(tmp_path, procs, client)
     assert mp.state is ProcessState.RUNNING
     assert probe_errors and set(probe_errors) == {"ConnectionRefusedError"}
     status = mp.status()
-    assert status["state"] == "running" and status["pid"] == mp.pid
-    assert isinstance(status["started_at"], float) and status["exit_code"] is None
+    assert status.state is ProcessState.RUNNING and status.pid == mp.pid
+    assert isinstance(status.started_at, float) and status.exit_code is None
     await mp.stop().addTimeout(30, reactor)
-    assert mp.status()["state"] == "stopped" and mp.exit_code == -signal.SIGTERM
+    assert mp.status().state is ProcessState.STOPPED and mp.exit_code == -signal.SIGTERM
     assert mp.pid is None
 
 
@@ -218,7 +218,7 @@ async def test_an_exit_during_start_fails_it_with_the_last_stderr_line(procs):
     assert failure.value.consumer == "whisper" and failure.value.retry_after_s is None
     assert mp.state is ProcessState.FAILED and mp.exit_code == 1
     assert mp.last_stderr == ("whisper_init: loading model", "failed to load model")
-    assert mp.status()["last_stderr"] == ["whisper_init: loading model", "failed to load model"]
+    assert mp.status().last_stderr == ("whisper_init: loading model", "failed to load model")
     assert [(e.expected, e.during_start, e.exit_code) for e in exits] == [(False, True, 1)]
 
 

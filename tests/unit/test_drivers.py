@@ -16,7 +16,7 @@ from gpumgr.drivers.base import ControlCallFailed, HttpReply, IDriver, RenderSta
 from gpumgr.drivers.comfyui import history_done, prompt_id_of, queued_ids
 from gpumgr.drivers.ollama import loaded_models
 from gpumgr.gpu import GpuSampler
-from gpumgr.process import ProcessState
+from gpumgr.process import ProcessState, ProcessStatus
 from gpumgr.registry import Health, Registry
 from gpumgr.renders import RenderTracker
 from gpumgr.snapshot import RenderPhase
@@ -454,7 +454,8 @@ class _OwnedProcess:
         return self.stops[-1]
 
     def status(self):
-        return {"state": self.state.value}
+        return ProcessStatus(self.state, pid=None, started_at=None, exit_code=None, restarts=0,
+                             last_stderr=())
 
 
 def test_the_broker_stops_the_process_it_owns_when_a_render_gives_no_evidence():

@@ -20,7 +20,7 @@ from gpumgr.process import (
     ManagedProcess,
     ProcessExit,
     ProcessState,
-    _LineSplitter,
+    LineSplitter,
     describe_exit,
     resolve_executable,
     start_backoff_s,
@@ -78,7 +78,7 @@ def test_log_budget_admits_per_second_then_reports_what_it_suppressed():
 
 def test_line_splitter_buffers_partial_lines_and_cuts_long_ones():
     lines: list[str] = []
-    split = _LineSplitter(lines.append, max_chars=10)
+    split = LineSplitter(lines.append, max_chars=10)
     split.feed(b"hel")
     assert lines == []
     split.feed(b"lo\r\nwor")
@@ -91,7 +91,7 @@ def test_line_splitter_buffers_partial_lines_and_cuts_long_ones():
 
 def test_line_splitter_memory_is_bounded_for_a_line_that_never_ends():
     lines: list[str] = []
-    split = _LineSplitter(lines.append, max_chars=10)
+    split = LineSplitter(lines.append, max_chars=10)
     for _ in range(1000):
         split.feed(b"y" * 7)
         assert len(split._buffer) <= 40 + 7
@@ -479,7 +479,7 @@ def test_long_output_lines_are_cut():
     fake, probe = FakeProcessReactor(), ScriptedProbe()
     mp = ManagedProcess(fake, "ollama", spec(), probe)
     mp.start()
-    mp._stderr.feed(b"E" * 5000 + b"\n")
+    mp._output.stderr.feed(b"E" * 5000 + b"\n")
     (line,) = mp.last_stderr
     assert line == "E" * 2000 + " [cut 3000 chars]"
 
