@@ -8,6 +8,7 @@ import sys
 
 import attrs
 from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -76,6 +77,86 @@ class Client:
 
     async def close(self) -> None:
         await self.pool.closeCachedConnections()
+
+
+class RawClient(Protocol):
+    """Everything a raw connection receives, until it closes."""
+
+    def connectionMade(self):
+        self.data = b""
+        self.closed = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason=None):
+        self.closed.callback(None)
+
+
+@attrs.frozen
+class RawReply:
+    """One raw HTTP/1.1 exchange's answer: status, headers (lower-case names), body.
+    `complete`: the body as its Content-Length or chunked framing said."""
+
+    code: int
+    headers: dict[bytes, bytes]
+    body: bytes
+    complete: bool
+
+    def header(self, name: bytes) -> bytes | None:
+        return self.headers.get(name.lower())
+
+
+def _dechunk(data: bytes) -> tuple[bytes, bool]:
+    body = b""
+    while True:
+        size_line, sep, rest = data.partition(b"\r\n")
+        if not sep:
+            return body, False
+        size = int(size_line.split(b";")[0] or b"x", 16)
+        if size == 0:
+            return body, True
+        if len(rest) < size + 2:
+            return body + rest[:size], False
+        body, data = body + rest[:size], rest[size + 2:]
+
+
+async def raw_request(url: str, method: bytes, target: bytes, body: bytes = b"",
+                      headers: bytes = b"") -> RawReply:
+    """One raw HTTP/1.1 exchange, the request target sent exactly as given
+    (an HTTP client library would rewrite `;`, `#` and escapes)."""
+    port = int(url.rsplit(":", 1)[1])
+    client = RawClient()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    client.transport.write(
+        method + b" " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        + b"Content-Type: application/json\r\n" + headers
+        + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    try:
+        await client.closed
+    except defer.CancelledError:
+        client.transport.abortConnection()
+        raise
+    head, _, rest = client.data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    fields = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        fields[name.strip().lower()] = value.strip()
+    if fields.get(b"transfer-encoding", b"").lower() == b"chunked":
+        rest, complete = _dechunk(rest)
+    elif b"content-length" in fields:
+        complete = len(rest) == int(fields[b"content-length"])
+    else:
+        complete = True  # delimited by the close
+    return RawReply(int(lines[0].split(b" ", 2)[1]), fields, rest, complete)
+
+
+async def raw_exchange(url: str, method: bytes, target: bytes, body: bytes = b"",
+                       headers: bytes = b"") -> tuple[int, bytes]:
+    """(status, body) of one raw HTTP/1.1 exchange, the target sent as is."""
+    reply = await raw_request(url, method, target, body, headers)
+    return reply.code, reply.body
 
 
 def sleep(seconds: float) -> defer.Deferred:

@@ -8,7 +8,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from gpumgr.testing import world_config
-from tests.helpers import HeldStream, wait_for
+from tests.helpers import HeldStream, RawClient, wait_for
 
 PASS = {"ollama": {"passthrough": True}, "comfyui": {"passthrough": True},
         "mvoice": {"passthrough": True}}
@@ -135,18 +135,6 @@ class FakeWebSocketServer(protocol.Protocol):
             self.upgraded = True
             self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                                  b"Connection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\nhello")
-
-    def connectionLost(self, reason=None):
-        self.closed.callback(None)
-
-
-class RawClient(protocol.Protocol):
-    def connectionMade(self):
-        self.data = b""
-        self.closed = defer.Deferred()
-
-    def dataReceived(self, data):
-        self.data += data
 
     def connectionLost(self, reason=None):
         self.closed.callback(None)

@@ -16,14 +16,13 @@ import pytest
 import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet import defer
 from twisted.web.client import URI
 
 from gpumgr.errors import BadPath
 from gpumgr.target import Segment, Target, forward_url, parse_target, routed_target
-from tests.helpers import HeldStream, wait_for
-from tests.test_passthrough import RawClient, locked_broker
+from tests.helpers import HeldStream, raw_exchange, wait_for
+from tests.test_passthrough import locked_broker
 
 # -- the parser (pure) ---------------------------------------------------------------------
 
@@ -134,21 +133,6 @@ def test_agent_sends_exactly_the_classified_target(text, base):
 
 
 # -- through the real broker, raw request lines ------------------------------------------
-
-
-async def raw_exchange(url: str, method: bytes, target: bytes, body: bytes = b"",
-                       headers: bytes = b"") -> tuple[int, bytes]:
-    """(status, body) of one raw HTTP/1.1 exchange, the target sent as is."""
-    port = int(url.rsplit(":", 1)[1])
-    client = RawClient()
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-    client.transport.write(
-        method + b" " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-        + b"Content-Type: application/json\r\n" + headers
-        + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    await client.closed
-    head, _, rest = client.data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), rest
 
 
 GENERATE = b'{"model":"llama3","prompt":"x","stream":false}'
