@@ -90,7 +90,8 @@ class RawClient(Protocol):
         self.data += data
 
     def connectionLost(self, reason=None):
-        self.closed.callback(None)
+        if not self.closed.called:  # cancelled by a caller that gave up
+            self.closed.callback(None)
 
 
 @attrs.frozen

@@ -61,6 +61,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import struct
 import uuid
@@ -85,7 +86,8 @@ from gpumgr.testing import (
     world_config_raw,
     write_world_config,
 )
-from tests.helpers import Collector, sleep, wait_for
+from gpumgr.testing.stranger import STRANGER_TRANSCRIPT, StrangerListener, StrangerWhisper
+from tests.helpers import Collector, RawReply, raw_request, sleep, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -137,6 +139,20 @@ EXPECTED_WARNINGS = {
     ("gpumgr.proxy", "{consumer} broke mid-body ({why}); aborting the client"),
     ("gpumgr.proxy", "{consumer} {reason}; aborting the exchange"),
     ("gpumgr.process", "{name} {description} unexpectedly; last stderr: {stderr}"),
+    # A frozen whisper (whisper_freeze) past health.down_grace_s: stopped, and
+    # TERM waits in a stopped process, so KILL ends it.
+    ("gpumgr.broker", "{why}; stopping its process (TERM, then KILL)"),
+    ("gpumgr.broker", "{why}; aborting {n} job(s) that hold the GPU for it"),
+    ("gpumgr.process", "{name}: no exit {t:g}s after SIGTERM; sending SIGKILL"),
+}
+#: Warnings logged with a bare "{message}" format, allowed only by their text:
+#: a start refused because a stranger holds whisper's port, or (when the
+#: stranger came between gpumgr's look at the port and the spawn) the
+#: server's own "couldn't bind".
+EXPECTED_MESSAGES = {
+    ("gpumgr.process", "{message}"): re.compile(
+        r"whisper: refusing to start: something already answers on 127\.0\.0\.1:\d+ "
+        r"|whisper exited with status 1 during start: couldn't bind to server socket"),
 }
 
 
@@ -156,6 +172,9 @@ class Spec:
     cut_at_s: float | None = None
     #: The client disconnects after this many body chunks.
     cut_after_chunks: int | None = None
+    #: Sent by a raw socket, the target exactly as `path` (a variant): what
+    #: gpumgr must make of it (see VARIANTS).
+    expect: str | None = None
 
 
 _META = [("ollama", "/v1/llm/api/tags"), ("ollama", "/v1/llm/api/ps"),
@@ -163,14 +182,41 @@ _META = [("ollama", "/v1/llm/api/tags"), ("ollama", "/v1/llm/api/ps"),
          ("comfyui", "/v1/image/queue"), ("comfyui", "/v1/image/history?max_items=1"),
          ("comfyui", "/v1/image/object_info/KSampler")]
 _MIX = [("llm", 24), ("llm_once", 4), ("llm_chat", 5), ("tts", 18), ("stt", 14),
-        ("image", 2), ("meta", 17), ("audio", 6), ("status", 4)]
+        ("image", 2), ("meta", 17), ("audio", 6), ("status", 4), ("variant", 4)]
+#: Scheduled routes spelt otherwise, sent raw (twisted's Agent would itself
+#: rewrite `;` and `#`), and what gpumgr must make of each (the README's
+#: "Request targets"):
+#: - bad_path: `400 bad_path`, always: the service would receive a target
+#:   other than the one classified;
+#: - scheduled: GPU work (`%67` is `g` to the service's router): it waits
+#:   for the lock (X-Gpumgr-Wait-Ms) and is answered 200;
+#: - scheduled_404: GPU work to a server that strips `;` parameters, so it
+#:   waits for the lock; ollama's router (gin) has no such route: relayed 404;
+#: - unscheduled_404: no GPU work to a case-sensitive router: relayed at once,
+#:   unscheduled, and ollama answers 404 (no GPU job: it never reaches one);
+#: - unknown_route: `/v1/LLM` is no kind of gpumgr's: its own 404.
+#: Under faults, any variant but bad_path may also get a gpumgr error with a
+#: known code (a consumer stopped, a queue timeout).
+VARIANTS = [
+    (b"/v1/llm/api/generate;", "bad_path"),
+    (b"/v1/llm/api/generate#x", "bad_path"),
+    (b"/v1/llm/api/generate;#x", "bad_path"),
+    (b"/v1/llm/api/chat;", "bad_path"),
+    (b"/v1/image/prompt;", "bad_path"),
+    (b"/v1/llm/v1/chat/completions;", "bad_path"),
+    (b"/v1/llm/api/%67enerate", "scheduled"),
+    (b"/v1/llm/api/generate;v=1", "scheduled_404"),
+    (b"/v1/llm/API/generate", "unscheduled_404"),
+    (b"/v1/LLM/api/generate", "unknown_route"),
+]
 _STREAMS = ("llm", "llm_chat")
 _JSON = b"application/json"
 
 
 def make_specs(rng: random.Random, count: int, first: int, faults: bool) -> list[Spec]:
-    labels = [label for label, _ in _MIX]
-    weights = [w for _, w in _MIX]
+    mix = _MIX if faults else [m for m in _MIX if m[0] != "variant"]  # the warm-up: all 200
+    labels = [label for label, _ in mix]
+    weights = [w for _, w in mix]
     specs = []
     for n in range(first, first + count):
         label = rng.choices(labels, weights)[0]
@@ -195,13 +241,25 @@ def make_specs(rng: random.Random, count: int, first: int, faults: bool) -> list
         elif label == "meta":
             consumer, path = rng.choice(_META)
             spec = Spec(n, label, consumer, "GET", path)
+        elif label == "variant":
+            target, expect = rng.choice(VARIANTS)
+            if b"/image/" in target:
+                body = b'{"prompt": {}}'
+            elif b"/chat" in target:
+                body = json.dumps({"model": "llama3", "stream": False,
+                                   "messages": [{"role": "user", "content": f"m{n}"}]}).encode()
+            else:
+                body = json.dumps({"model": "llama3", "prompt": f"p{n}",
+                                   "stream": False}).encode()
+            spec = Spec(n, label, "ollama" if b"/llm/" in target else "comfyui", "POST",
+                        target.decode("ascii"), body, _JSON, expect=expect)
         elif label == "audio":
             spec = Spec(n, label, "mvoice", "GET", f"/audio/sample-{n}.wav")
         else:
             spec = Spec(n, label, None, "GET", rng.choice(["/v1/status", "/healthz"]))
         # Image prompts are cut too: a client that leaves once ComfyUI took its
         # prompt must not free the GPU under the render it started.
-        if faults and label != "status":
+        if faults and label not in ("status", "variant"):
             if rng.random() < 0.05:
                 spec = attrs.evolve(spec, cut_at_s=rng.uniform(0.0, 0.06))
             elif label in _STREAMS and rng.random() < 0.07:
@@ -226,6 +284,8 @@ class Record:
     #: Not None for a non-2xx answer gpumgr relayed from a consumer.
     consumer_error: str | None = None
     error: str | None = None
+    #: For a variant: how its answer differs from what gpumgr must make of it.
+    variant_problem: str | None = None
 
 
 def body_problem(label: str, body: bytes) -> str | None:
@@ -240,9 +300,40 @@ def body_problem(label: str, body: bytes) -> str | None:
         doc = json.loads(body)
     except (ValueError, struct.error) as e:
         return f"unreadable body: {e}"
-    expected = {"llm_once": "done", "stt": "text", "image": "prompt_id"}.get(label)
+    expected = {"llm_once": "done", "variant": "done", "stt": "text",
+                "image": "prompt_id"}.get(label)
     if expected is not None and expected not in doc:
         return f"no {expected!r} in {body[:120]!r}"
+    if label == "stt" and any(mark in str(doc.get("text"))
+                              for mark in (STRANGER_TRANSCRIPT, StrangerListener.ANSWER)):
+        return f"answered by a stranger on whisper's port: {body[:120]!r}"
+    return None
+
+
+def variant_problem(expect: str, reply: RawReply) -> str | None:
+    """How a variant's answer differs from what gpumgr must make of it (VARIANTS)."""
+    relayed = reply.header(b"x-gpumgr-consumer")
+    scheduled = reply.header(b"x-gpumgr-wait-ms") is not None
+    code = None
+    if not 200 <= reply.code < 300 and relayed is None:
+        try:
+            code = json.loads(reply.body)["error"]["code"]
+        except (ValueError, KeyError, TypeError):
+            return f"{reply.code}, not gpumgr's JSON: {reply.body[:120]!r}"
+        if code not in KNOWN_CODES or code == "internal_error":
+            return f"{reply.code} with the code {code!r}"
+    if expect == "bad_path":
+        return None if (reply.code, code) == (400, "bad_path") else \
+            f"{reply.code} {code or relayed!r}, not 400 bad_path"
+    if code is not None:  # a gpumgr error under faults (a consumer down, a queue timeout)
+        return None if code != "bad_path" else "400 bad_path for a target gpumgr accepts"
+    if expect == "unknown_route":
+        return f"{reply.code} relayed by {relayed!r}, not gpumgr's 404 unknown_route"
+    want = {"scheduled": 200, "scheduled_404": 404, "unscheduled_404": 404}[expect]
+    if reply.code != want or relayed != b"ollama":
+        return f"{reply.code} relayed by {relayed!r}, not {want} from ollama"
+    if scheduled != (expect != "unscheduled_404"):
+        return f"{'scheduled' if scheduled else 'unscheduled'}, for {expect}"
     return None
 
 
@@ -274,6 +365,9 @@ class Clients:
         await defer.gatherResults([defer.ensureDeferred(loop()) for _ in range(CLIENTS)])
 
     async def _send(self, spec: Spec, record: Record) -> None:
+        if spec.expect is not None:
+            await self._send_raw(spec, record)
+            return
         headers = Headers({b"X-Fault-Req": [str(spec.n).encode()]})
         if spec.content_type is not None:
             headers.setRawHeaders(b"Content-Type", [spec.content_type])
@@ -333,6 +427,24 @@ class Clients:
                     record.code = json.loads(body)["error"]["code"]
                 except (ValueError, KeyError, TypeError):
                     record.code = f"<not gpumgr's JSON: {body[:120]!r}>"
+
+    async def _send_raw(self, spec: Spec, record: Record) -> None:
+        assert spec.expect is not None
+        try:
+            reply = await raw_request(self.url, spec.method.encode(), spec.path.encode("ascii"),
+                                      spec.body or b"", b"X-Fault-Req: %d\r\n" % spec.n)
+        except Exception as e:
+            record.outcome, record.error = "no_answer", repr(e)
+            return
+        record.outcome, record.status, record.complete = "completed", reply.code, reply.complete
+        record.variant_problem = variant_problem(spec.expect, reply)
+        if reply.code == 200 and reply.complete:
+            record.body_problem = body_problem(spec.label, reply.body)
+        elif reply.header(b"x-gpumgr-consumer") is None and reply.code >= 300:
+            try:
+                record.code = json.loads(reply.body)["error"]["code"]
+            except (ValueError, KeyError, TypeError):
+                record.code = f"<not gpumgr's JSON: {reply.body[:120]!r}>"
 
     async def close(self) -> None:
         await self.pool.closeCachedConnections()
@@ -485,12 +597,14 @@ class LogWatch:
         if level < LogLevel.warn and failure is None:
             return
         key = (event.get("log_namespace", "?"), event.get("log_format") or "")
-        if failure is None and level is LogLevel.warn and key in EXPECTED_WARNINGS:
-            self.warnings[key] += 1
-            return
         from twisted.logger import formatEvent
 
         text = formatEvent(event)
+        if failure is None and level is LogLevel.warn and (
+                key in EXPECTED_WARNINGS
+                or key in EXPECTED_MESSAGES and EXPECTED_MESSAGES[key].match(text)):
+            self.warnings[key] += 1
+            return
         if failure is not None:
             text += "\n" + failure.getTraceback()
         if len(self.unexpected) < 20:
@@ -500,6 +614,27 @@ class LogWatch:
 
 
 # -- the process: memory and descriptors --------------------------------------------------
+
+
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on this TCP port (on this host's loopback)."""
+    return sum(1 for local, _, state in _tcp_sockets().values() if local == port and state == "0A")
+
+
+def whisper_processes(port: int) -> list[int]:
+    """Pids of simulated whisper servers for this port, whoever started them."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"gpumgr.testing.whisper_server" in argv and str(port).encode() in argv:
+            found.append(int(pid))
+    return found
 
 
 def rss_mib() -> float:
@@ -598,8 +733,12 @@ class Window:
     end: float
 
 
-#: Faults that may cut a response of their consumer short.
-DISRUPTIVE = frozenset({"stop_restart", "stall_stream", "whisper_crash"})
+#: Faults that may cut a response of their consumer short. A health flap
+#: (down for up to ~3 s) may outlast health.down_grace_s, and gpumgr then
+#: aborts mvoice's jobs, as it promises for a consumer that is down; a
+#: stranger is put on whisper's port after its process was killed.
+DISRUPTIVE = frozenset({"stop_restart", "stall_stream", "whisper_crash", "whisper_freeze",
+                        "stranger", "health_flap"})
 
 
 class Injector:
@@ -610,7 +749,8 @@ class Injector:
     FAULTS = {"stop_restart": 3, "stall_stream": 1, "stall_headers": 1, "health_flap": 1,
               "smi_hang": 1, "smi_hang_child": 1, "smi_driver": 1, "smi_garbage": 1,
               "unload_fails": 1, "whisper_crash": 1, "render_hang": 1, "slow_render": 1,
-              "render_timeout_running": 1, "direct_prompt": 2}
+              "render_timeout_running": 1, "direct_prompt": 2, "whisper_freeze": 2,
+              "stranger": 2}
 
     def __init__(self, rng: random.Random, world: Any, service: GpumgrService,
                  rewrite_config: Any, url: str) -> None:
@@ -624,6 +764,15 @@ class Injector:
         self.reload_result: dict[str, Any] | None = None
         self._gates: list[defer.Deferred[None]] = []
         self._stopped: set[str] = set()
+        #: The whisper process frozen now (SIGSTOP), to thaw.
+        self._frozen: int | None = None
+        #: Strangers on whisper's port now, to send away.
+        self._listeners: list[StrangerListener] = []
+        self._stranger_whispers: list[StrangerWhisper] = []
+        #: What reached the strangers (gpumgr must send them nothing).
+        self.stranger_requests: list[tuple[bytes, bytes]] = []
+        #: The first stt request after each stranger left: (status, body).
+        self.after_stranger: list[tuple[int | None, bytes]] = []
 
     def disrupted(self, consumer: str | None, start: float, end: float) -> bool:
         return any(w.consumer == consumer and w.fault in DISRUPTIVE
@@ -731,6 +880,103 @@ class Injector:
         await sleep(0.2)
         return "whisper", 0.0
 
+    def _whisper(self) -> Any:
+        return self.service.broker.processes["whisper"]
+
+    async def whisper_freeze(self):
+        """SIGSTOP the running whisper, SIGCONT it a moment later; a third of
+        the time long enough that health.down_grace_s passes and gpumgr
+        stops it (TERM waits in a stopped process: KILL) and aborts its job."""
+        process = self._whisper()
+        if process.state.value != "running" or not process.pid:
+            return False, 0.0
+        self._frozen = process.pid
+        os.kill(process.pid, signal.SIGSTOP)
+        long = self.rng.random() < 1 / 3
+        await sleep(self.rng.uniform(4.0, 5.0) if long else self.rng.uniform(0.3, 3.0))
+        self._thaw()
+        self.counts["whisper_freeze (long)" if long else "whisper_freeze (short)"] += 1
+        return "whisper", 0.0
+
+    def _thaw(self) -> None:
+        pid, self._frozen = self._frozen, None
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass  # gpumgr stopped it (KILL) meanwhile
+
+    async def stranger(self):
+        """Something gpumgr did not start takes whisper's port while gpumgr's
+        whisper is stopped (killed here if it runs): a plain listener, or
+        another whisper-server (SO_REUSEPORT; it joins a listener that holds
+        the port meanwhile, so the port is never free while it starts).
+        gpumgr must refuse to start its own (process_start_failed), spawn
+        nothing and send the stranger nothing; once the stranger left, the
+        next transcription is gpumgr's whisper's."""
+        process = self._whisper()
+        if process.state.value == "running" and process.pid:
+            os.kill(process.pid, signal.SIGKILL)
+        try:
+            # Listening in the same turn as the look: no start can slip in between.
+            await wait_for(lambda: process.state.value in ("stopped", "failed"), timeout_s=5)
+        except AssertionError:
+            self.counts["stranger (port never free)"] += 1
+            return "whisper", 0.0
+        port = int(self.service.config.consumers["whisper"].url.rsplit(":", 1)[1])
+        with_whisper = self.rng.random() < 0.5
+        listener = StrangerListener(reuse_port=with_whisper)
+        listener.listen(reactor, port)
+        self._listeners.append(listener)
+        if with_whisper:
+            state_dir = os.path.dirname(os.path.abspath(self.world.gpu.state_path))
+            other = StrangerWhisper(port, state_dir, vram_mib=64, job_s=0.003)
+            self._stranger_whispers.append(other)
+            try:
+                await wait_for(lambda: listening_sockets(port) >= 2
+                               or other.process.poll() is not None, timeout_s=20, step_s=0.05)
+            except AssertionError:
+                pass
+            await self._send_away(listeners_only=True)
+        await sleep(self.rng.uniform(0.5, 2.0))
+        await self._send_away()
+        # After the stranger left, whisper starts again normally.
+        self.after_stranger.append(await self._post(
+            self.url + "/v1/stt", AUDIO, b"multipart/form-data; boundary=b"))
+        self.counts["stranger (a whisper-server)" if with_whisper else
+                    "stranger (a listener)"] += 1
+        return "whisper", 0.0
+
+    async def _send_away(self, listeners_only: bool = False) -> None:
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            self.stranger_requests.extend(listener.requests)
+            await listener.stop()
+        if listeners_only:
+            return
+        others, self._stranger_whispers = self._stranger_whispers, []
+        for other in others:
+            if other.process.poll() is None:
+                other.process.terminate()
+            try:
+                await wait_for(lambda: other.process.poll() is not None, timeout_s=10)
+            except AssertionError:
+                other.process.kill()
+                await wait_for(lambda: other.process.poll() is not None, timeout_s=10)
+
+    async def _post(self, url: str, body: bytes, content_type: bytes) -> tuple[int | None, bytes]:
+        """The injector's own request: (status, body); (None, why) if it got no answer."""
+        try:
+            response = await Agent(reactor).request(
+                b"POST", url.encode(), Headers({b"Content-Type": [content_type]}),
+                FileBodyProducer(io.BytesIO(body))).addTimeout(CALL_BOUND_S, reactor)
+            collector = Collector()
+            response.deliverBody(collector)
+            await collector.done
+        except Exception as e:
+            return None, repr(e).encode()
+        return response.code, collector.body
+
     async def render_hang(self):
         """Renders started now never finish: gpumgr interrupts them at job_timeout_s."""
         self.world["comfyui"].behaviour.render_hangs = True
@@ -818,6 +1064,8 @@ class Injector:
     async def mend_everything(self) -> None:
         """After the run: every knob back, every consumer up, leftovers ended."""
         self._release_gates()
+        self._thaw()
+        await self._send_away()
         for name in SIM_CONSUMERS:
             b = self.world[name].behaviour
             b.healthy, b.unload_fails = True, False
@@ -862,7 +1110,9 @@ def config_sections(whisper: dict[str, Any], priority: dict[str, int]) -> dict[s
         },
         scheduler={"mode": "evicting", "capacity": 1, "max_queue": 64, "queue_timeout_s": 15,
                    "priority": priority, "aging_s": 1},
-        health={"interval_s": 0.25, "timeout_s": 1},
+        # A frozen whisper is down once a probe times out (1 s), then probed
+        # again after down_grace_s: a freeze of ~3.5 s or more gets it stopped.
+        health={"interval_s": 0.25, "timeout_s": 1, "down_grace_s": 1.5},
         gpu={"interval_s": 0.5, "timeout_s": 0.3, "total_mib": GPU_MIB, "unload_settle_s": 2},
         shutdown_grace_s=2,
     )
@@ -896,6 +1146,13 @@ async def idle_fds_and_rss(service: GpumgrService, url: str, ports: set[int],
     return await quiet_census(ports, service), rss_mib()
 
 
+def variant_outcomes(records: list[Record]) -> dict[str, int]:
+    counts: collections.Counter[str] = collections.Counter(
+        f"{r.spec.expect}: {r.status} {r.code or ''}".strip()
+        for r in records if r.spec.expect is not None)
+    return dict(counts.most_common())
+
+
 def summarise(records: list[Record], injector: Injector, service: GpumgrService, world: Any,
               jobs: SimJobs, watch: LogWatch, seed: int, elapsed_s: float,
               rss: tuple[float, float], fds: tuple[Census, Census]) -> str:
@@ -918,6 +1175,8 @@ def summarise(records: list[Record], injector: Injector, service: GpumgrService,
         f"{dict(injector.counts.most_common())}; evictions {sched['evictions']} "
         f"(failed {sched['eviction_failures']}, by reason "
         f"{dict(service.admission.evictions_by_reason)}); "
+        f"request-target variants {variant_outcomes(records)}; "
+        f"stranger: first stt after it left {[c for c, _ in injector.after_stranger]}; "
         f"renders {sched.get('renders')} (prompts deleted from ComfyUI's queue "
         f"{len(world['comfyui'].deleted)}, renders ended by an interrupt "
         f"{world['comfyui'].interrupts}); whisper restarts {process['restarts']}; "
@@ -995,6 +1254,8 @@ async def _fault_run(tmp_path: Any, seed: int, capsys: Any) -> None:
         await injector.mend_everything()
         await settle(service, world)
         stats = service.scheduler.stats()
+        whisper_port = int(service.config.consumers["whisper"].url.rsplit(":", 1)[1])
+        whisper_at_end = whisper_processes(whisper_port)
         records = clients.records
         fds_after, rss_after = await idle_fds_and_rss(service, url, ports, clients)
         if fds_after.other > fds_before.other:
@@ -1028,6 +1289,25 @@ async def _fault_run(tmp_path: Any, seed: int, capsys: Any) -> None:
         assert not internal, f"{len(internal)} internal errors: {internal[:3]}"
         relayed = [r for r in records if r.consumer_error is not None]
         assert not relayed, f"{len(relayed)} consumer errors reached clients: {relayed[:3]}"
+        # Scheduled routes spelt otherwise: each answered as the README says.
+        variants = [r for r in records if r.spec.expect is not None]
+        assert variants, "no request-target variants were sent"
+        wrong = [r for r in variants if r.variant_problem is not None]
+        assert not wrong, (f"{len(wrong)} request-target variants answered otherwise than "
+                           f"gpumgr must: {[(r.spec.path, r.variant_problem) for r in wrong[:5]]}")
+
+        # Strangers on whisper's port: gpumgr sent them nothing (no probe, no
+        # upload: a stt 200 from one is a body_problem above), and whisper
+        # started again once each left.
+        assert not injector.stranger_requests, \
+            f"requests reached a stranger on whisper's port: {injector.stranger_requests[:5]}"
+        after = [(code, body[:200]) for code, body in injector.after_stranger
+                 if code != 200 or b"simulated transcript" not in body]
+        assert not after, f"whisper did not start again after a stranger left: {after}"
+        assert len(whisper_at_end) <= 1, f"whisper processes on its port at the end: " \
+            f"{whisper_at_end}"
+        assert whisper_processes(whisper_port) == [], \
+            f"whisper processes left after its unload: {whisper_processes(whisper_port)}"
 
         # The lock: free, and never more than capacity.
         assert stats.in_flight == 0, f"{stats.in_flight} jobs still hold the GPU: {stats.holders}"
