@@ -10,12 +10,19 @@ reload can run half-way.
 Twenty clients send 2,000 requests (after a fault-free warm-up) in a seeded
 random mix of kinds and pass-through metadata GETs; some of them disconnect
 at a random moment (while queued, before the answer, mid-body) or after a
-few stream chunks. Meanwhile a seeded injector, at random moments, stops and
-restarts consumers (resets before and after headers), stalls them (tokens
-stop: body_idle_timeout_s; the answer is late: request_timeout_s), flaps
-mvoice's health, makes nvidia-smi hang (with and without a child holding its
-pipe), fail and print garbage, makes unloads fail, SIGKILLs the whisper
-process, hangs and slows ComfyUI renders, times out renders that run (their
+few stream chunks. Some are scheduled routes spelt otherwise (VARIANTS: `;`,
+`#`, `;#`, `;v=1`, percent-encoded, mixed case), sent as raw request lines
+(twisted's Agent would itself rewrite `;` and `#`), each with the answer the
+README's request-target rules give it. Meanwhile a seeded injector, at
+random moments, stops and restarts consumers (resets before and after
+headers), stalls them (tokens stop: body_idle_timeout_s; the answer is late:
+request_timeout_s), flaps mvoice's health, makes nvidia-smi hang (with and
+without a child holding its pipe), fail and print garbage, makes unloads
+fail, SIGKILLs the whisper process, freezes it (SIGSTOP, SIGCONT 0.3-5 s
+later; past health.down_grace_s gpumgr stops it and aborts its job), puts a
+stranger on its port while it is stopped (a plain listener, or another
+whisper-server that shares the port with SO_REUSEPORT) and then sends it
+away, hangs and slows ComfyUI renders, times out renders that run (their
 sampler sees the interrupt only at its next step) and gpumgr's prompts still
 pending behind one another client sent to ComfyUI directly, and reloads the
 config with new priorities half-way.
@@ -24,7 +31,15 @@ At the end, each invariant is its own assertion:
 - every client call finished (none hung past CALL_BOUND_S); every 200 was
   complete unless the client cut it or an injected fault hit its consumer
   while it ran; every error gpumgr made itself is JSON with a known code (and
-  never `internal_error`); no consumer error reached a client;
+  never `internal_error`); no consumer error reached a client (but the 404
+  ollama gives a variant that is no route to it); every variant got its
+  expected answer (`400 bad_path`; scheduled and 200; scheduled, or relayed
+  unscheduled, and ollama's 404; gpumgr's own 404), or under faults a known
+  gpumgr error, and none skipped the lock (the overlap invariants below);
+- no request reached a stranger on whisper's port (no stt 200 carries a
+  stranger's words), the first transcription after each stranger left was
+  gpumgr's whisper's, and at the end there is at most one whisper process
+  on its port (none after its unload);
 - the scheduler is idle (in_flight and queue_depth 0) and never ran more
   than `capacity` jobs (`max_running_seen`);
 - the simulated GPU saw 0 OOMs (external processes and renders included);
@@ -145,14 +160,18 @@ EXPECTED_WARNINGS = {
     ("gpumgr.broker", "{why}; aborting {n} job(s) that hold the GPU for it"),
     ("gpumgr.process", "{name}: no exit {t:g}s after SIGTERM; sending SIGKILL"),
 }
-#: Warnings logged with a bare "{message}" format, allowed only by their text:
+#: Warnings allowed only by their text (a bare "{message}" format, or a format
+#: that any failed load shares):
 #: a start refused because a stranger holds whisper's port, or (when the
 #: stranger came between gpumgr's look at the port and the spawn) the
 #: server's own "couldn't bind".
+_STRANGER_REFUSAL = (r"whisper: refusing to start: something already answers on "
+                     r"127\.0\.0\.1:\d+ "
+                     r"|whisper exited with status 1 during start: couldn't bind to server socket")
 EXPECTED_MESSAGES = {
-    ("gpumgr.process", "{message}"): re.compile(
-        r"whisper: refusing to start: something already answers on 127\.0\.0\.1:\d+ "
-        r"|whisper exited with status 1 during start: couldn't bind to server socket"),
+    ("gpumgr.process", "{message}"): re.compile(_STRANGER_REFUSAL),
+    ("gpumgr.admission", "loading {name} ({reason}) failed: {why}"): re.compile(
+        r"loading whisper \(demand\) failed: (" + _STRANGER_REFUSAL + ")"),
 }
 
 
@@ -589,10 +608,21 @@ class LogWatch:
         self.by_level: collections.Counter[str] = collections.Counter()
         self.warnings: collections.Counter[tuple[str, str]] = collections.Counter()
         self.unexpected: list[str] = []
+        #: The latest events (time, text), to show what gpumgr did around a failure.
+        self.timeline: collections.deque[tuple[float, str]] = collections.deque(maxlen=4000)
+
+    def around(self, start: float, end: float) -> str:
+        return "\n".join(f"  {t:.3f} {text}" for t, text in self.timeline
+                         if start - 0.5 <= t <= end + 0.5)
 
     def __call__(self, event: dict[str, Any]) -> None:
+        from twisted.logger import formatEvent
+
         level = event.get("log_level", LogLevel.info)
         self.by_level[level.name] += 1
+        if str(event.get("log_namespace", "")).startswith("gpumgr"):
+            self.timeline.append((event.get("log_time", 0.0), f"[{level.name}] "
+                                  f"{event.get('log_namespace')}: {formatEvent(event)[:300]}"))
         failure = event.get("log_failure")
         if level < LogLevel.warn and failure is None:
             return
@@ -1323,11 +1353,16 @@ async def _fault_run(tmp_path: Any, seed: int, capsys: Any) -> None:
                                           f"{world.gpu.oom_count}x:\n" + "\n".join(ooms.events))
         overlaps = jobs.unexplained_overlaps()
         assert not overlaps, (f"{len(overlaps)} times two simulated GPU jobs ran at once, "
-                              f"neither dropped by gpumgr: {overlaps[:3]}")
+                              f"neither dropped by gpumgr: {overlaps[:3]}; gpumgr's log then:\n"
+                              + watch.around(overlaps[0][0].started, overlaps[0][1].started))
         cut = {r.spec.n for r in records if r.outcome == "cut"}
         after_cuts = jobs.overlaps_after_client_cuts(cut, injector.disrupted)
         assert not after_cuts, (f"{len(after_cuts)} times a job ran beside work whose client "
-                                f"had left: {after_cuts[:3]}")
+                                f"had left: {after_cuts[:3]}; gpumgr's log then:\n"
+                                + watch.around(min(after_cuts[0][0].started,
+                                                   after_cuts[0][1].started),
+                                               max(after_cuts[0][0].ended or 0,
+                                                   after_cuts[0][1].ended or 0)))
         assert jobs.renders_without_slot == 0, \
             f"{jobs.renders_without_slot} ComfyUI renders started without gpumgr's slot"
         assert world.active_jobs == 0, f"{world.active_jobs} simulated GPU jobs still running"
