@@ -479,6 +479,8 @@ class SimJob:
     ended: float | None = None
     #: Its HTTP exchange was dropped before the answer was done (gpumgr gave it up).
     abandoned: bool = False
+    #: When that exchange was dropped.
+    dropped_at: float | None = None
     #: The client request it serves (X-Fault-Req), when it serves one.
     request_n: int | None = None
     #: A ComfyUI prompt another client sent to ComfyUI directly: gpumgr never saw it.
@@ -510,7 +512,10 @@ class SimJobs:
                 slot["job"] = job
                 n = request.getHeader(b"x-fault-req")
                 job.request_n = None if n is None else int(n)
-                request.notifyFinish().addErrback(lambda _: setattr(job, "abandoned", True))
+                def dropped(_: Any) -> None:
+                    job.abandoned, job.dropped_at = True, reactor.seconds()
+
+                request.notifyFinish().addErrback(dropped)
             else:
                 self._render = job
                 item = getattr(consumer, "running_item", None)
@@ -566,12 +571,24 @@ class SimJobs:
     def overlaps_after_client_cuts(self, cut: set[int],
                                    disrupted: Any) -> list[tuple[SimJob, SimJob]]:
         """Overlaps with a job whose client left (and no fault hit its consumer
-        meanwhile): gpumgr must hold the GPU until such work stopped."""
+        meanwhile): gpumgr must hold the GPU until such work stopped.
+
+        In a pair (a, b), b started while a ran. If a's client left, b must
+        not have started. If b's client left, the overlap is gpumgr's doing
+        only when a was still an exchange gpumgr relayed: b starting once
+        gpumgr had dropped a (its request_timeout_s passed) is the overlap
+        with dropped work that `unexplained_overlaps` allows, whatever b's
+        client did afterwards.
+        """
         def left(job: SimJob) -> bool:
             return (job.abandoned and job.request_n in cut
                     and not disrupted(job.consumer, job.started, job.ended or reactor.seconds()))
 
-        return [(a, b) for a, b in self.overlaps if left(a) or left(b)]
+        def dropped_before(job: SimJob, at: float) -> bool:
+            return job.foreign or (job.dropped_at is not None and job.dropped_at <= at)
+
+        return [(a, b) for a, b in self.overlaps
+                if left(a) or (left(b) and not dropped_before(a, b.started))]
 
 
 class OomWatch:
