@@ -818,6 +818,9 @@ class Injector:
         self._stranger_whispers: list[StrangerWhisper] = []
         #: What reached the strangers (gpumgr must send them nothing).
         self.stranger_requests: list[tuple[bytes, bytes]] = []
+        #: A stt request while each stranger was there: (port, status, body,
+        #: gpumgr's whisper pid then).
+        self.during_stranger: list[tuple[int, int | None, bytes, int | None]] = []
         #: The first stt request after each stranger left: (status, body).
         self.after_stranger: list[tuple[int | None, bytes]] = []
 
@@ -984,8 +987,15 @@ class Injector:
                                or other.process.poll() is not None, timeout_s=20, step_s=0.05)
             except AssertionError:
                 pass
-            await self._send_away(listeners_only=True)
+            if other.process.poll() is None and listening_sockets(port) >= 2:
+                await self._send_away(listeners_only=True)  # the stranger whisper stays alone
+            # else it could not start (no room on the card): the listener stays
         await sleep(self.rng.uniform(0.5, 2.0))
+        # While it is there: a transcription is refused, naming the port, and
+        # gpumgr spawned nothing.
+        code, body = await self._post(self.url + "/v1/stt", AUDIO,
+                                      b"multipart/form-data; boundary=b")
+        self.during_stranger.append((port, code, body, process.pid))
         await self._send_away()
         # After the stranger left, whisper starts again normally.
         self.after_stranger.append(await self._post(
@@ -1223,7 +1233,8 @@ def summarise(records: list[Record], injector: Injector, service: GpumgrService,
         f"(failed {sched['eviction_failures']}, by reason "
         f"{dict(service.admission.evictions_by_reason)}); "
         f"request-target variants {variant_outcomes(records)}; "
-        f"stranger: first stt after it left {[c for c, _ in injector.after_stranger]}; "
+        f"stranger: stt while there {[c for _, c, _, _ in injector.during_stranger]}, "
+        f"first stt after it left {[c for c, _ in injector.after_stranger]}; "
         f"renders {sched.get('renders')} (prompts deleted from ComfyUI's queue "
         f"{len(world['comfyui'].deleted)}, renders ended by an interrupt "
         f"{world['comfyui'].interrupts}); whisper restarts {process['restarts']}; "
@@ -1348,6 +1359,11 @@ async def _fault_run(tmp_path: Any, seed: int, capsys: Any) -> None:
         # started again once each left.
         assert not injector.stranger_requests, \
             f"requests reached a stranger on whisper's port: {injector.stranger_requests[:5]}"
+        refused = [(code, body[:300], pid) for port, code, body, pid in injector.during_stranger
+                   if code != 503 or b'"process_start_failed"' not in body
+                   or f"127.0.0.1:{port}".encode() not in body or pid is not None]
+        assert not refused, ("while a stranger held whisper's port, a transcription was not "
+                             f"refused with process_start_failed naming it: {refused}")
         after = [(code, body[:200]) for code, body in injector.after_stranger
                  if code != 200 or b"simulated transcript" not in body]
         assert not after, f"whisper did not start again after a stranger left: {after}"
