@@ -37,7 +37,9 @@ At the end, each invariant is its own assertion:
   unscheduled, and ollama's 404; gpumgr's own 404), or under faults a known
   gpumgr error, and none skipped the lock (the overlap invariants below);
 - no request reached a stranger on whisper's port (no stt 200 carries a
-  stranger's words), the first transcription after each stranger left was
+  stranger's words, no probe reached the listener); while it was there a
+  transcription was refused with `503 process_start_failed` naming the port
+  and gpumgr spawned nothing; the first transcription after each stranger left was
   gpumgr's whisper's, and at the end there is at most one whisper process
   on its port (none after its unload);
 - the scheduler is idle (in_flight and queue_depth 0) and never ran more
