@@ -124,7 +124,8 @@ class RawClient(Protocol):
     def connectionLost(self, reason=None) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        self.closed.callback(self.data)
+        if not self.closed.called:  # cancelled by a caller that gave up
+            self.closed.callback(self.data)
 
 
 def url_port(url: str) -> int:
@@ -155,6 +156,72 @@ async def settled(d: defer.Deferred):
         return await d
     except Exception as e:  # noqa: BLE001 - the test looks at what it was
         return e
+
+
+@attrs.frozen
+class RawReply:
+    """One raw HTTP/1.1 exchange's answer: status, headers (lower-case names), body.
+    `complete`: the body as its Content-Length or chunked framing said."""
+
+    code: int
+    headers: dict[bytes, bytes]
+    body: bytes
+    complete: bool
+
+    def header(self, name: bytes) -> bytes | None:
+        return self.headers.get(name.lower())
+
+
+def _dechunk(data: bytes) -> tuple[bytes, bool]:
+    body = b""
+    while True:
+        size_line, sep, rest = data.partition(b"\r\n")
+        if not sep:
+            return body, False
+        size = int(size_line.split(b";")[0] or b"x", 16)
+        if size == 0:
+            return body, True
+        if len(rest) < size + 2:
+            return body + rest[:size], False
+        body, data = body + rest[:size], rest[size + 2:]
+
+
+async def raw_request(url: str, method: bytes, target: bytes, body: bytes = b"",
+                      headers: bytes = b"") -> RawReply:
+    """One raw HTTP/1.1 exchange, the request target sent exactly as given
+    (an HTTP client library would rewrite `;`, `#` and escapes)."""
+    port = int(url.rsplit(":", 1)[1])
+    client = RawClient()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    client.transport.write(
+        method + b" " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        + b"Content-Type: application/json\r\n" + headers
+        + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    try:
+        await client.closed
+    except defer.CancelledError:
+        client.transport.abortConnection()
+        raise
+    head, _, rest = client.data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    fields = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        fields[name.strip().lower()] = value.strip()
+    if fields.get(b"transfer-encoding", b"").lower() == b"chunked":
+        rest, complete = _dechunk(rest)
+    elif b"content-length" in fields:
+        complete = len(rest) == int(fields[b"content-length"])
+    else:
+        complete = True  # delimited by the close
+    return RawReply(int(lines[0].split(b" ", 2)[1]), fields, rest, complete)
+
+
+async def raw_exchange(url: str, method: bytes, target: bytes, body: bytes = b"",
+                       headers: bytes = b"") -> tuple[int, bytes]:
+    """(status, body) of one raw HTTP/1.1 exchange, the target sent as is."""
+    reply = await raw_request(url, method, target, body, headers)
+    return reply.code, reply.body
 
 
 def sleep(seconds: float) -> defer.Deferred:
@@ -334,21 +401,6 @@ async def file_broker(world, start_broker, path, **sections):
     service, url = await start_broker(config)
     await service.health.probe_all_now()
     return service, url
-
-
-async def raw_exchange(url: str, method: bytes, target: bytes, body: bytes = b"",
-                       headers: bytes = b"") -> tuple[int, bytes]:
-    """(status, body) of one raw HTTP/1.1 exchange, the target sent as is."""
-    port = int(url.rsplit(":", 1)[1])
-    client = RawClient()
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-    client.transport.write(
-        method + b" " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-        + b"Content-Type: application/json\r\n" + headers
-        + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    await client.closed
-    head, _, rest = client.data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), rest
 
 
 TOKEN = "s3cret-admin-token"

@@ -192,9 +192,12 @@ class ManagedProcess:
                 f"{self.name}: cannot start: checking its port failed: "
                 f"{result.getErrorMessage() or type(result.value).__name__}")
         elif result is not None:
+            # Not counted toward the start back-off: nothing was spawned, the
+            # look is cheap, and the next start after the stranger left must
+            # spawn at once rather than wait out a crash loop's back-off.
             self._start_failed_before_spawn(
                 f"{self.name}: refusing to start: {result}, and gpumgr did not start it; "
-                "stop that server or give this one another port")
+                "stop that server or give this one another port", backoff=False)
         else:
             self._spawn()
 
@@ -308,10 +311,11 @@ class ManagedProcess:
         run.terminate()
         return None
 
-    def _start_failed_before_spawn(self, message: str) -> None:
+    def _start_failed_before_spawn(self, message: str, backoff: bool = True) -> None:
         log.warn("{message}", message=message)
         self.state = ProcessState.FAILED
-        self._count_failure(message)
+        if backoff:
+            self._count_failure(message)
         self._fire(self._start_waiters, ProcessStartFailed(message, consumer=self.name))
 
     def _count_failure(self, message: str) -> None:

@@ -8,7 +8,12 @@ Two kinds, as found on real boxes:
   between the two; stopping gpumgr's leaves the stranger's memory held.
 - `StrangerListener`: a plain listener without ``SO_REUSEPORT`` (any other
   program) that answers 200 to everything. A whisper-server started on its
-  port cannot bind and exits 1.
+  port cannot bind and exits 1. With ``reuse_port=True`` it sets
+  ``SO_REUSEPORT`` itself, so that a `StrangerWhisper` can join it on the
+  port: the port is never free while the stranger whisper starts.
+
+Both answer in words a test can recognise (`STRANGER_TRANSCRIPT`,
+`StrangerListener.ANSWER`): a user's upload that reached a stranger shows.
 """
 
 from __future__ import annotations
@@ -43,6 +48,10 @@ def port_accepts(port: int, host: str = "127.0.0.1", timeout_s: float = 1.0) -> 
         return False
 
 
+#: What a `StrangerWhisper` says in every transcript.
+STRANGER_TRANSCRIPT = "a stranger's transcript"
+
+
 class StrangerWhisper:
     """The simulated whisper.cpp server, started by someone other than gpumgr."""
 
@@ -50,6 +59,7 @@ class StrangerWhisper:
         self.port = port
         from gpumgr.testing import whisper_server_argv
 
+        options.setdefault("transcript", STRANGER_TRANSCRIPT)
         argv = whisper_server_argv(port, state_dir, **options)
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, env=dict(os.environ))
@@ -90,20 +100,38 @@ class _AnswerEverything(Resource):
         request.setHeader(b"Content-Type", b"application/json")
         if request.method == b"GET":
             return json.dumps({"status": "ok"}).encode()
-        return json.dumps({"text": "answered by a stranger"}).encode()
+        return json.dumps({"text": StrangerListener.ANSWER}).encode()
 
 
 class StrangerListener:
-    """Any other program on the port: no SO_REUSEPORT, and 200 to everything."""
+    """Any other program on the port: no SO_REUSEPORT (unless `reuse_port`), and
+    200 to everything."""
 
-    def __init__(self) -> None:
+    #: What it answers a POST.
+    ANSWER = "answered by a stranger"
+
+    def __init__(self, reuse_port: bool = False) -> None:
         self.requests: list[tuple[bytes, bytes]] = []
+        self.reuse_port = reuse_port
         self._listening: IListeningPort | None = None
 
     def listen(self, reactor: IReactorTCP, port: int, host: str = "127.0.0.1") -> None:
-        # Twisted sets SO_REUSEADDR, never SO_REUSEPORT: a whisper-server cannot join it.
         site: Any = Site(_AnswerEverything(self))
-        self._listening = reactor.listenTCP(port, site, interface=host)
+        if not self.reuse_port:
+            # Twisted sets SO_REUSEADDR, never SO_REUSEPORT: a whisper-server cannot join it.
+            self._listening = reactor.listenTCP(port, site, interface=host)
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(50)
+            sock.setblocking(False)
+            adopt: Any = reactor
+            self._listening = adopt.adoptStreamPort(sock.fileno(), socket.AF_INET, site)
+        finally:
+            sock.close()  # the reactor holds its own duplicate
 
     async def stop(self) -> None:
         if self._listening is not None:
@@ -113,4 +141,4 @@ class StrangerListener:
                 await stopped
 
 
-__all__ = ["StrangerListener", "StrangerWhisper", "free_port", "port_accepts"]
+__all__ = ["STRANGER_TRANSCRIPT", "StrangerListener", "StrangerWhisper", "free_port", "port_accepts"]

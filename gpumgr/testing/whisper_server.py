@@ -56,13 +56,15 @@ PROCESS_NAME = "/opt/whisper.cpp/build/bin/whisper-server"
 
 def whisper_server_argv(port: int, state_dir: str, *, vram_mib: int = 1500, load_s: float = 0.0,
                         fail_load: str | None = None, host: str = "127.0.0.1",
-                        job_s: float = 0.05) -> list[str]:
+                        job_s: float = 0.05, transcript: str | None = None) -> list[str]:
     """The command line that starts this simulated server (for spawnProcess or config)."""
     argv = [sys.executable, "-m", "gpumgr.testing.whisper_server", "--port", str(port),
             "--state-dir", state_dir, "--vram-mib", str(vram_mib), "--load-s", str(load_s),
             "--host", host, "--job-s", str(job_s)]
     if fail_load is not None:
         argv += ["--fail-load", fail_load]
+    if transcript is not None:
+        argv += ["--transcript", transcript]
     return argv
 
 
@@ -164,7 +166,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.inferences += 1
             _log("[REQUEST] inference done")
         audio = fields["file"].data
-        text = f" simulated transcript of {len(audio)} bytes of audio."
+        text = f" {self.server.options.transcript} of {len(audio)} bytes of audio."
         fmt = fields["response_format"].data.decode() if "response_format" in fields else "json"
         if fmt == "text":
             self._send(200, (text + "\n").encode(), "text/plain; charset=utf-8")
@@ -206,6 +208,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--load-s", type=float, default=0.0, help="how long loading the model takes")
     p.add_argument("--fail-load", metavar="MSG", help="print MSG to stderr and exit 1 while loading")
     p.add_argument("--job-s", type=float, default=0.05, help="how long one inference takes")
+    p.add_argument("--transcript", default="simulated transcript",
+                   help="what every transcript says (a stranger's is told apart by it)")
     p.add_argument("--model", default="models/ggml-base.en.bin")
     p.add_argument("--process-name", default=PROCESS_NAME, help="the name nvidia-smi shows")
     return p.parse_args(argv)

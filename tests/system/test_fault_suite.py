@@ -10,12 +10,19 @@ reload can run half-way.
 Twenty clients send 2,000 requests (after a fault-free warm-up) in a seeded
 random mix of kinds and pass-through metadata GETs; some of them disconnect
 at a random moment (while queued, before the answer, mid-body) or after a
-few stream chunks. Meanwhile a seeded injector, at random moments, stops and
-restarts consumers (resets before and after headers), stalls them (tokens
-stop: body_idle_timeout_s; the answer is late: request_timeout_s), flaps
-mvoice's health, makes nvidia-smi hang (with and without a child holding its
-pipe), fail and print garbage, makes unloads fail, SIGKILLs the whisper
-process, hangs and slows ComfyUI renders, times out renders that run (their
+few stream chunks. Some are scheduled routes spelt otherwise (VARIANTS: `;`,
+`#`, `;#`, `;v=1`, percent-encoded, mixed case), sent as raw request lines
+(twisted's Agent would itself rewrite `;` and `#`), each with the answer the
+README's request-target rules give it. Meanwhile a seeded injector, at
+random moments, stops and restarts consumers (resets before and after
+headers), stalls them (tokens stop: body_idle_timeout_s; the answer is late:
+request_timeout_s), flaps mvoice's health, makes nvidia-smi hang (with and
+without a child holding its pipe), fail and print garbage, makes unloads
+fail, SIGKILLs the whisper process, freezes it (SIGSTOP, SIGCONT 0.3-5 s
+later; past health.down_grace_s gpumgr stops it and aborts its job), puts a
+stranger on its port while it is stopped (a plain listener, or another
+whisper-server that shares the port with SO_REUSEPORT) and then sends it
+away, hangs and slows ComfyUI renders, times out renders that run (their
 sampler sees the interrupt only at its next step) and gpumgr's prompts still
 pending behind one another client sent to ComfyUI directly, and reloads the
 config with new priorities half-way.
@@ -24,7 +31,17 @@ At the end, each invariant is its own assertion:
 - every client call finished (none hung past CALL_BOUND_S); every 200 was
   complete unless the client cut it or an injected fault hit its consumer
   while it ran; every error gpumgr made itself is JSON with a known code (and
-  never `internal_error`); no consumer error reached a client;
+  never `internal_error`); no consumer error reached a client (but the 404
+  ollama gives a variant that is no route to it); every variant got its
+  expected answer (`400 bad_path`; scheduled and 200; scheduled, or relayed
+  unscheduled, and ollama's 404; gpumgr's own 404), or under faults a known
+  gpumgr error, and none skipped the lock (the overlap invariants below);
+- no request reached a stranger on whisper's port (no stt 200 carries a
+  stranger's words, no probe reached the listener); while it was there a
+  transcription was refused with `503 process_start_failed` naming the port
+  and gpumgr spawned nothing; the first transcription after each stranger left was
+  gpumgr's whisper's, and at the end there is at most one whisper process
+  on its port (none after its unload);
 - the scheduler is idle (in_flight and queue_depth 0) and never ran more
   than `capacity` jobs (`max_running_seen`);
 - the simulated GPU saw 0 OOMs (external processes and renders included);
@@ -61,6 +78,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import struct
 import uuid
@@ -85,7 +103,8 @@ from gpumgr.testing import (
     world_config_raw,
     write_world_config,
 )
-from tests.helpers import Collector, sleep, wait_for
+from gpumgr.testing.stranger import STRANGER_TRANSCRIPT, StrangerListener, StrangerWhisper
+from tests.helpers import Collector, RawReply, raw_request, sleep, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -137,6 +156,24 @@ EXPECTED_WARNINGS = {
     ("gpumgr.proxy", "{consumer} broke mid-body ({why}); aborting the client"),
     ("gpumgr.proxy", "{consumer} {reason}; aborting the exchange"),
     ("gpumgr.process", "{name} {description} unexpectedly; last stderr: {stderr}"),
+    # A frozen whisper (whisper_freeze) past health.down_grace_s: stopped, and
+    # TERM waits in a stopped process, so KILL ends it.
+    ("gpumgr.broker", "{why}; stopping its process (TERM, then KILL)"),
+    ("gpumgr.broker", "{why}; aborting {n} job(s) that hold the GPU for it"),
+    ("gpumgr.process", "{name}: no exit {t:g}s after SIGTERM; sending SIGKILL"),
+}
+#: Warnings allowed only by their text (a bare "{message}" format, or a format
+#: that any failed load shares):
+#: a start refused because a stranger holds whisper's port, or (when the
+#: stranger came between gpumgr's look at the port and the spawn) the
+#: server's own "couldn't bind".
+_STRANGER_REFUSAL = (r"whisper: refusing to start: something already answers on "
+                     r"127\.0\.0\.1:\d+ "
+                     r"|whisper exited with status 1 during start: couldn't bind to server socket")
+EXPECTED_MESSAGES = {
+    ("gpumgr.process", "{message}"): re.compile(_STRANGER_REFUSAL),
+    ("gpumgr.admission", "loading {name} ({reason}) failed: {why}"): re.compile(
+        r"loading whisper \(demand\) failed: (" + _STRANGER_REFUSAL + ")"),
 }
 
 
@@ -156,6 +193,9 @@ class Spec:
     cut_at_s: float | None = None
     #: The client disconnects after this many body chunks.
     cut_after_chunks: int | None = None
+    #: Sent by a raw socket, the target exactly as `path` (a variant): what
+    #: gpumgr must make of it (see VARIANTS).
+    expect: str | None = None
 
 
 _META = [("ollama", "/v1/llm/api/tags"), ("ollama", "/v1/llm/api/ps"),
@@ -163,14 +203,41 @@ _META = [("ollama", "/v1/llm/api/tags"), ("ollama", "/v1/llm/api/ps"),
          ("comfyui", "/v1/image/queue"), ("comfyui", "/v1/image/history?max_items=1"),
          ("comfyui", "/v1/image/object_info/KSampler")]
 _MIX = [("llm", 24), ("llm_once", 4), ("llm_chat", 5), ("tts", 18), ("stt", 14),
-        ("image", 2), ("meta", 17), ("audio", 6), ("status", 4)]
+        ("image", 2), ("meta", 17), ("audio", 6), ("status", 4), ("variant", 4)]
+#: Scheduled routes spelt otherwise, sent raw (twisted's Agent would itself
+#: rewrite `;` and `#`), and what gpumgr must make of each (the README's
+#: "Request targets"):
+#: - bad_path: `400 bad_path`, always: the service would receive a target
+#:   other than the one classified;
+#: - scheduled: GPU work (`%67` is `g` to the service's router): it waits
+#:   for the lock (X-Gpumgr-Wait-Ms) and is answered 200;
+#: - scheduled_404: GPU work to a server that strips `;` parameters, so it
+#:   waits for the lock; ollama's router (gin) has no such route: relayed 404;
+#: - unscheduled_404: no GPU work to a case-sensitive router: relayed at once,
+#:   unscheduled, and ollama answers 404 (no GPU job: it never reaches one);
+#: - unknown_route: `/v1/LLM` is no kind of gpumgr's: its own 404.
+#: Under faults, any variant but bad_path may also get a gpumgr error with a
+#: known code (a consumer stopped, a queue timeout).
+VARIANTS = [
+    (b"/v1/llm/api/generate;", "bad_path"),
+    (b"/v1/llm/api/generate#x", "bad_path"),
+    (b"/v1/llm/api/generate;#x", "bad_path"),
+    (b"/v1/llm/api/chat;", "bad_path"),
+    (b"/v1/image/prompt;", "bad_path"),
+    (b"/v1/llm/v1/chat/completions;", "bad_path"),
+    (b"/v1/llm/api/%67enerate", "scheduled"),
+    (b"/v1/llm/api/generate;v=1", "scheduled_404"),
+    (b"/v1/llm/API/generate", "unscheduled_404"),
+    (b"/v1/LLM/api/generate", "unknown_route"),
+]
 _STREAMS = ("llm", "llm_chat")
 _JSON = b"application/json"
 
 
 def make_specs(rng: random.Random, count: int, first: int, faults: bool) -> list[Spec]:
-    labels = [label for label, _ in _MIX]
-    weights = [w for _, w in _MIX]
+    mix = _MIX if faults else [m for m in _MIX if m[0] != "variant"]  # the warm-up: all 200
+    labels = [label for label, _ in mix]
+    weights = [w for _, w in mix]
     specs = []
     for n in range(first, first + count):
         label = rng.choices(labels, weights)[0]
@@ -195,13 +262,25 @@ def make_specs(rng: random.Random, count: int, first: int, faults: bool) -> list
         elif label == "meta":
             consumer, path = rng.choice(_META)
             spec = Spec(n, label, consumer, "GET", path)
+        elif label == "variant":
+            target, expect = rng.choice(VARIANTS)
+            if b"/image/" in target:
+                body = b'{"prompt": {}}'
+            elif b"/chat" in target:
+                body = json.dumps({"model": "llama3", "stream": False,
+                                   "messages": [{"role": "user", "content": f"m{n}"}]}).encode()
+            else:
+                body = json.dumps({"model": "llama3", "prompt": f"p{n}",
+                                   "stream": False}).encode()
+            spec = Spec(n, label, "ollama" if b"/llm/" in target else "comfyui", "POST",
+                        target.decode("ascii"), body, _JSON, expect=expect)
         elif label == "audio":
             spec = Spec(n, label, "mvoice", "GET", f"/audio/sample-{n}.wav")
         else:
             spec = Spec(n, label, None, "GET", rng.choice(["/v1/status", "/healthz"]))
         # Image prompts are cut too: a client that leaves once ComfyUI took its
         # prompt must not free the GPU under the render it started.
-        if faults and label != "status":
+        if faults and label not in ("status", "variant"):
             if rng.random() < 0.05:
                 spec = attrs.evolve(spec, cut_at_s=rng.uniform(0.0, 0.06))
             elif label in _STREAMS and rng.random() < 0.07:
@@ -226,6 +305,8 @@ class Record:
     #: Not None for a non-2xx answer gpumgr relayed from a consumer.
     consumer_error: str | None = None
     error: str | None = None
+    #: For a variant: how its answer differs from what gpumgr must make of it.
+    variant_problem: str | None = None
 
 
 def body_problem(label: str, body: bytes) -> str | None:
@@ -240,9 +321,40 @@ def body_problem(label: str, body: bytes) -> str | None:
         doc = json.loads(body)
     except (ValueError, struct.error) as e:
         return f"unreadable body: {e}"
-    expected = {"llm_once": "done", "stt": "text", "image": "prompt_id"}.get(label)
+    expected = {"llm_once": "done", "variant": "done", "stt": "text",
+                "image": "prompt_id"}.get(label)
     if expected is not None and expected not in doc:
         return f"no {expected!r} in {body[:120]!r}"
+    if label == "stt" and any(mark in str(doc.get("text"))
+                              for mark in (STRANGER_TRANSCRIPT, StrangerListener.ANSWER)):
+        return f"answered by a stranger on whisper's port: {body[:120]!r}"
+    return None
+
+
+def variant_problem(expect: str, reply: RawReply) -> str | None:
+    """How a variant's answer differs from what gpumgr must make of it (VARIANTS)."""
+    relayed = reply.header(b"x-gpumgr-consumer")
+    scheduled = reply.header(b"x-gpumgr-wait-ms") is not None
+    code = None
+    if not 200 <= reply.code < 300 and relayed is None:
+        try:
+            code = json.loads(reply.body)["error"]["code"]
+        except (ValueError, KeyError, TypeError):
+            return f"{reply.code}, not gpumgr's JSON: {reply.body[:120]!r}"
+        if code not in KNOWN_CODES or code == "internal_error":
+            return f"{reply.code} with the code {code!r}"
+    if expect == "bad_path":
+        return None if (reply.code, code) == (400, "bad_path") else \
+            f"{reply.code} {code or relayed!r}, not 400 bad_path"
+    if code is not None:  # a gpumgr error under faults (a consumer down, a queue timeout)
+        return None if code != "bad_path" else "400 bad_path for a target gpumgr accepts"
+    if expect == "unknown_route":
+        return f"{reply.code} relayed by {relayed!r}, not gpumgr's 404 unknown_route"
+    want = {"scheduled": 200, "scheduled_404": 404, "unscheduled_404": 404}[expect]
+    if reply.code != want or relayed != b"ollama":
+        return f"{reply.code} relayed by {relayed!r}, not {want} from ollama"
+    if scheduled != (expect != "unscheduled_404"):
+        return f"{'scheduled' if scheduled else 'unscheduled'}, for {expect}"
     return None
 
 
@@ -274,6 +386,9 @@ class Clients:
         await defer.gatherResults([defer.ensureDeferred(loop()) for _ in range(CLIENTS)])
 
     async def _send(self, spec: Spec, record: Record) -> None:
+        if spec.expect is not None:
+            await self._send_raw(spec, record)
+            return
         headers = Headers({b"X-Fault-Req": [str(spec.n).encode()]})
         if spec.content_type is not None:
             headers.setRawHeaders(b"Content-Type", [spec.content_type])
@@ -334,6 +449,24 @@ class Clients:
                 except (ValueError, KeyError, TypeError):
                     record.code = f"<not gpumgr's JSON: {body[:120]!r}>"
 
+    async def _send_raw(self, spec: Spec, record: Record) -> None:
+        assert spec.expect is not None
+        try:
+            reply = await raw_request(self.url, spec.method.encode(), spec.path.encode("ascii"),
+                                      spec.body or b"", b"X-Fault-Req: %d\r\n" % spec.n)
+        except Exception as e:
+            record.outcome, record.error = "no_answer", repr(e)
+            return
+        record.outcome, record.status, record.complete = "completed", reply.code, reply.complete
+        record.variant_problem = variant_problem(spec.expect, reply)
+        if reply.code == 200 and reply.complete:
+            record.body_problem = body_problem(spec.label, reply.body)
+        elif reply.header(b"x-gpumgr-consumer") is None and reply.code >= 300:
+            try:
+                record.code = json.loads(reply.body)["error"]["code"]
+            except (ValueError, KeyError, TypeError):
+                record.code = f"<not gpumgr's JSON: {reply.body[:120]!r}>"
+
     async def close(self) -> None:
         await self.pool.closeCachedConnections()
 
@@ -348,6 +481,8 @@ class SimJob:
     ended: float | None = None
     #: Its HTTP exchange was dropped before the answer was done (gpumgr gave it up).
     abandoned: bool = False
+    #: When that exchange was dropped.
+    dropped_at: float | None = None
     #: The client request it serves (X-Fault-Req), when it serves one.
     request_n: int | None = None
     #: A ComfyUI prompt another client sent to ComfyUI directly: gpumgr never saw it.
@@ -379,7 +514,10 @@ class SimJobs:
                 slot["job"] = job
                 n = request.getHeader(b"x-fault-req")
                 job.request_n = None if n is None else int(n)
-                request.notifyFinish().addErrback(lambda _: setattr(job, "abandoned", True))
+                def dropped(_: Any) -> None:
+                    job.abandoned, job.dropped_at = True, reactor.seconds()
+
+                request.notifyFinish().addErrback(dropped)
             else:
                 self._render = job
                 item = getattr(consumer, "running_item", None)
@@ -435,12 +573,24 @@ class SimJobs:
     def overlaps_after_client_cuts(self, cut: set[int],
                                    disrupted: Any) -> list[tuple[SimJob, SimJob]]:
         """Overlaps with a job whose client left (and no fault hit its consumer
-        meanwhile): gpumgr must hold the GPU until such work stopped."""
+        meanwhile): gpumgr must hold the GPU until such work stopped.
+
+        In a pair (a, b), b started while a ran. If a's client left, b must
+        not have started. If b's client left, the overlap is gpumgr's doing
+        only when a was still an exchange gpumgr relayed: b starting once
+        gpumgr had dropped a (its request_timeout_s passed) is the overlap
+        with dropped work that `unexplained_overlaps` allows, whatever b's
+        client did afterwards.
+        """
         def left(job: SimJob) -> bool:
             return (job.abandoned and job.request_n in cut
                     and not disrupted(job.consumer, job.started, job.ended or reactor.seconds()))
 
-        return [(a, b) for a, b in self.overlaps if left(a) or left(b)]
+        def dropped_before(job: SimJob, at: float) -> bool:
+            return job.foreign or (job.dropped_at is not None and job.dropped_at <= at)
+
+        return [(a, b) for a, b in self.overlaps
+                if left(a) or (left(b) and not dropped_before(a, b.started))]
 
 
 class OomWatch:
@@ -477,20 +627,33 @@ class LogWatch:
         self.by_level: collections.Counter[str] = collections.Counter()
         self.warnings: collections.Counter[tuple[str, str]] = collections.Counter()
         self.unexpected: list[str] = []
+        #: The latest events (time, text), to show what gpumgr did around a failure.
+        self.timeline: collections.deque[tuple[float, str]] = collections.deque(maxlen=4000)
+
+    def around(self, start: float, end: float) -> str:
+        return "\n".join(f"  {t:.3f} {text}" for t, text in self.timeline
+                         if start - 0.5 <= t <= end + 0.5)
 
     def __call__(self, event: dict[str, Any]) -> None:
+        from twisted.logger import formatEvent
+
         level = event.get("log_level", LogLevel.info)
         self.by_level[level.name] += 1
+        if str(event.get("log_namespace", "")).startswith("gpumgr"):
+            self.timeline.append((event.get("log_time", 0.0), f"[{level.name}] "
+                                  f"{event.get('log_namespace')}: {formatEvent(event)[:300]}"))
         failure = event.get("log_failure")
         if level < LogLevel.warn and failure is None:
             return
         key = (event.get("log_namespace", "?"), event.get("log_format") or "")
-        if failure is None and level is LogLevel.warn and key in EXPECTED_WARNINGS:
-            self.warnings[key] += 1
-            return
         from twisted.logger import formatEvent
 
         text = formatEvent(event)
+        if failure is None and level is LogLevel.warn and (
+                key in EXPECTED_WARNINGS
+                or key in EXPECTED_MESSAGES and EXPECTED_MESSAGES[key].match(text)):
+            self.warnings[key] += 1
+            return
         if failure is not None:
             text += "\n" + failure.getTraceback()
         if len(self.unexpected) < 20:
@@ -500,6 +663,27 @@ class LogWatch:
 
 
 # -- the process: memory and descriptors --------------------------------------------------
+
+
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on this TCP port (on this host's loopback)."""
+    return sum(1 for local, _, state in _tcp_sockets().values() if local == port and state == "0A")
+
+
+def whisper_processes(port: int) -> list[int]:
+    """Pids of simulated whisper servers for this port, whoever started them."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"gpumgr.testing.whisper_server" in argv and str(port).encode() in argv:
+            found.append(int(pid))
+    return found
 
 
 def rss_mib() -> float:
@@ -598,8 +782,12 @@ class Window:
     end: float
 
 
-#: Faults that may cut a response of their consumer short.
-DISRUPTIVE = frozenset({"stop_restart", "stall_stream", "whisper_crash"})
+#: Faults that may cut a response of their consumer short. A health flap
+#: (down for up to ~3 s) may outlast health.down_grace_s, and gpumgr then
+#: aborts mvoice's jobs, as it promises for a consumer that is down; a
+#: stranger is put on whisper's port after its process was killed.
+DISRUPTIVE = frozenset({"stop_restart", "stall_stream", "whisper_crash", "whisper_freeze",
+                        "stranger", "health_flap"})
 
 
 class Injector:
@@ -610,7 +798,8 @@ class Injector:
     FAULTS = {"stop_restart": 3, "stall_stream": 1, "stall_headers": 1, "health_flap": 1,
               "smi_hang": 1, "smi_hang_child": 1, "smi_driver": 1, "smi_garbage": 1,
               "unload_fails": 1, "whisper_crash": 1, "render_hang": 1, "slow_render": 1,
-              "render_timeout_running": 1, "direct_prompt": 2}
+              "render_timeout_running": 1, "direct_prompt": 2, "whisper_freeze": 2,
+              "stranger": 2}
 
     def __init__(self, rng: random.Random, world: Any, service: GpumgrService,
                  rewrite_config: Any, url: str) -> None:
@@ -624,6 +813,18 @@ class Injector:
         self.reload_result: dict[str, Any] | None = None
         self._gates: list[defer.Deferred[None]] = []
         self._stopped: set[str] = set()
+        #: The whisper process frozen now (SIGSTOP), to thaw.
+        self._frozen: int | None = None
+        #: Strangers on whisper's port now, to send away.
+        self._listeners: list[StrangerListener] = []
+        self._stranger_whispers: list[StrangerWhisper] = []
+        #: What reached the strangers (gpumgr must send them nothing).
+        self.stranger_requests: list[tuple[bytes, bytes]] = []
+        #: A stt request while each stranger was there: (port, status, body,
+        #: gpumgr's whisper pid then).
+        self.during_stranger: list[tuple[int, int | None, bytes, int | None]] = []
+        #: The first stt request after each stranger left: (status, body).
+        self.after_stranger: list[tuple[int | None, bytes]] = []
 
     def disrupted(self, consumer: str | None, start: float, end: float) -> bool:
         return any(w.consumer == consumer and w.fault in DISRUPTIVE
@@ -731,6 +932,110 @@ class Injector:
         await sleep(0.2)
         return "whisper", 0.0
 
+    def _whisper(self) -> Any:
+        return self.service.broker.processes["whisper"]
+
+    async def whisper_freeze(self):
+        """SIGSTOP the running whisper, SIGCONT it a moment later; a third of
+        the time long enough that health.down_grace_s passes and gpumgr
+        stops it (TERM waits in a stopped process: KILL) and aborts its job."""
+        process = self._whisper()
+        if process.state.value != "running" or not process.pid:
+            return False, 0.0
+        self._frozen = process.pid
+        os.kill(process.pid, signal.SIGSTOP)
+        long = self.rng.random() < 1 / 3
+        await sleep(self.rng.uniform(4.0, 5.0) if long else self.rng.uniform(0.3, 3.0))
+        self._thaw()
+        self.counts["whisper_freeze (long)" if long else "whisper_freeze (short)"] += 1
+        return "whisper", 0.0
+
+    def _thaw(self) -> None:
+        pid, self._frozen = self._frozen, None
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass  # gpumgr stopped it (KILL) meanwhile
+
+    async def stranger(self):
+        """Something gpumgr did not start takes whisper's port while gpumgr's
+        whisper is stopped (killed here if it runs): a plain listener, or
+        another whisper-server (SO_REUSEPORT; it joins a listener that holds
+        the port meanwhile, so the port is never free while it starts).
+        gpumgr must refuse to start its own (process_start_failed), spawn
+        nothing and send the stranger nothing; once the stranger left, the
+        next transcription is gpumgr's whisper's."""
+        process = self._whisper()
+        if process.state.value == "running" and process.pid:
+            os.kill(process.pid, signal.SIGKILL)
+        try:
+            # Listening in the same turn as the look: no start can slip in between.
+            await wait_for(lambda: process.state.value in ("stopped", "failed"), timeout_s=5)
+        except AssertionError:
+            self.counts["stranger (port never free)"] += 1
+            return "whisper", 0.0
+        port = int(self.service.config.consumers["whisper"].url.rsplit(":", 1)[1])
+        with_whisper = self.rng.random() < 0.5
+        listener = StrangerListener(reuse_port=with_whisper)
+        listener.listen(reactor, port)
+        self._listeners.append(listener)
+        if with_whisper:
+            state_dir = os.path.dirname(os.path.abspath(self.world.gpu.state_path))
+            other = StrangerWhisper(port, state_dir, vram_mib=64, job_s=0.003)
+            self._stranger_whispers.append(other)
+            try:
+                await wait_for(lambda: listening_sockets(port) >= 2
+                               or other.process.poll() is not None, timeout_s=20, step_s=0.05)
+            except AssertionError:
+                pass
+            if other.process.poll() is None and listening_sockets(port) >= 2:
+                await self._send_away(listeners_only=True)  # the stranger whisper stays alone
+            # else it could not start (no room on the card): the listener stays
+        await sleep(self.rng.uniform(0.5, 2.0))
+        # While it is there: a transcription is refused, naming the port, and
+        # gpumgr spawned nothing.
+        code, body = await self._post(self.url + "/v1/stt", AUDIO,
+                                      b"multipart/form-data; boundary=b")
+        self.during_stranger.append((port, code, body, process.pid))
+        await self._send_away()
+        # After the stranger left, whisper starts again normally.
+        self.after_stranger.append(await self._post(
+            self.url + "/v1/stt", AUDIO, b"multipart/form-data; boundary=b"))
+        self.counts["stranger (a whisper-server)" if with_whisper else
+                    "stranger (a listener)"] += 1
+        return "whisper", 0.0
+
+    async def _send_away(self, listeners_only: bool = False) -> None:
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            self.stranger_requests.extend(listener.requests)
+            await listener.stop()
+        if listeners_only:
+            return
+        others, self._stranger_whispers = self._stranger_whispers, []
+        for other in others:
+            if other.process.poll() is None:
+                other.process.terminate()
+            try:
+                await wait_for(lambda: other.process.poll() is not None, timeout_s=10)
+            except AssertionError:
+                other.process.kill()
+                await wait_for(lambda: other.process.poll() is not None, timeout_s=10)
+
+    async def _post(self, url: str, body: bytes, content_type: bytes) -> tuple[int | None, bytes]:
+        """The injector's own request: (status, body); (None, why) if it got no answer."""
+        try:
+            response = await Agent(reactor).request(
+                b"POST", url.encode(), Headers({b"Content-Type": [content_type]}),
+                FileBodyProducer(io.BytesIO(body))).addTimeout(CALL_BOUND_S, reactor)
+            collector = Collector()
+            response.deliverBody(collector)
+            await collector.done
+        except Exception as e:
+            return None, repr(e).encode()
+        return response.code, collector.body
+
     async def render_hang(self):
         """Renders started now never finish: gpumgr interrupts them at job_timeout_s."""
         self.world["comfyui"].behaviour.render_hangs = True
@@ -818,6 +1123,8 @@ class Injector:
     async def mend_everything(self) -> None:
         """After the run: every knob back, every consumer up, leftovers ended."""
         self._release_gates()
+        self._thaw()
+        await self._send_away()
         for name in SIM_CONSUMERS:
             b = self.world[name].behaviour
             b.healthy, b.unload_fails = True, False
@@ -862,7 +1169,9 @@ def config_sections(whisper: dict[str, Any], priority: dict[str, int]) -> dict[s
         },
         scheduler={"mode": "evicting", "capacity": 1, "max_queue": 64, "queue_timeout_s": 15,
                    "priority": priority, "aging_s": 1},
-        health={"interval_s": 0.25, "timeout_s": 1},
+        # A frozen whisper is down once a probe times out (1 s), then probed
+        # again after down_grace_s: a freeze of ~3.5 s or more gets it stopped.
+        health={"interval_s": 0.25, "timeout_s": 1, "down_grace_s": 1.5},
         gpu={"interval_s": 0.5, "timeout_s": 0.3, "total_mib": GPU_MIB, "unload_settle_s": 2},
         shutdown_grace_s=2,
     )
@@ -896,6 +1205,13 @@ async def idle_fds_and_rss(service: GpumgrService, url: str, ports: set[int],
     return await quiet_census(ports, service), rss_mib()
 
 
+def variant_outcomes(records: list[Record]) -> dict[str, int]:
+    counts: collections.Counter[str] = collections.Counter(
+        f"{r.spec.expect}: {r.status} {r.code or ''}".strip()
+        for r in records if r.spec.expect is not None)
+    return dict(counts.most_common())
+
+
 def summarise(records: list[Record], injector: Injector, service: GpumgrService, world: Any,
               jobs: SimJobs, watch: LogWatch, seed: int, elapsed_s: float,
               rss: tuple[float, float], fds: tuple[Census, Census]) -> str:
@@ -918,6 +1234,12 @@ def summarise(records: list[Record], injector: Injector, service: GpumgrService,
         f"{dict(injector.counts.most_common())}; evictions {sched['evictions']} "
         f"(failed {sched['eviction_failures']}, by reason "
         f"{dict(service.admission.evictions_by_reason)}); "
+        f"request-target variants {variant_outcomes(records)}; "
+        f"stranger: stt while there {[c for _, c, _, _ in injector.during_stranger]}, "
+        f"first stt after it left {[c for c, _ in injector.after_stranger]}; "
+        f"frozen whisper stopped by gpumgr "
+        f"{watch.warnings[('gpumgr.broker', '{why}; stopping its process (TERM, then KILL)')]}"
+        f"x; "
         f"renders {sched.get('renders')} (prompts deleted from ComfyUI's queue "
         f"{len(world['comfyui'].deleted)}, renders ended by an interrupt "
         f"{world['comfyui'].interrupts}); whisper restarts {process['restarts']}; "
@@ -995,6 +1317,8 @@ async def _fault_run(tmp_path: Any, seed: int, capsys: Any) -> None:
         await injector.mend_everything()
         await settle(service, world)
         stats = service.scheduler.stats()
+        whisper_port = int(service.config.consumers["whisper"].url.rsplit(":", 1)[1])
+        whisper_at_end = whisper_processes(whisper_port)
         records = clients.records
         fds_after, rss_after = await idle_fds_and_rss(service, url, ports, clients)
         if fds_after.other > fds_before.other:
@@ -1028,6 +1352,30 @@ async def _fault_run(tmp_path: Any, seed: int, capsys: Any) -> None:
         assert not internal, f"{len(internal)} internal errors: {internal[:3]}"
         relayed = [r for r in records if r.consumer_error is not None]
         assert not relayed, f"{len(relayed)} consumer errors reached clients: {relayed[:3]}"
+        # Scheduled routes spelt otherwise: each answered as the README says.
+        variants = [r for r in records if r.spec.expect is not None]
+        assert variants, "no request-target variants were sent"
+        wrong = [r for r in variants if r.variant_problem is not None]
+        assert not wrong, (f"{len(wrong)} request-target variants answered otherwise than "
+                           f"gpumgr must: {[(r.spec.path, r.variant_problem) for r in wrong[:5]]}")
+
+        # Strangers on whisper's port: gpumgr sent them nothing (no probe, no
+        # upload: a stt 200 from one is a body_problem above), and whisper
+        # started again once each left.
+        assert not injector.stranger_requests, \
+            f"requests reached a stranger on whisper's port: {injector.stranger_requests[:5]}"
+        refused = [(code, body[:300], pid) for port, code, body, pid in injector.during_stranger
+                   if code != 503 or b'"process_start_failed"' not in body
+                   or f"127.0.0.1:{port}".encode() not in body or pid is not None]
+        assert not refused, ("while a stranger held whisper's port, a transcription was not "
+                             f"refused with process_start_failed naming it: {refused}")
+        after = [(code, body[:200]) for code, body in injector.after_stranger
+                 if code != 200 or b"simulated transcript" not in body]
+        assert not after, f"whisper did not start again after a stranger left: {after}"
+        assert len(whisper_at_end) <= 1, f"whisper processes on its port at the end: " \
+            f"{whisper_at_end}"
+        assert whisper_processes(whisper_port) == [], \
+            f"whisper processes left after its unload: {whisper_processes(whisper_port)}"
 
         # The lock: free, and never more than capacity.
         assert stats.in_flight == 0, f"{stats.in_flight} jobs still hold the GPU: {stats.holders}"
@@ -1043,11 +1391,16 @@ async def _fault_run(tmp_path: Any, seed: int, capsys: Any) -> None:
                                           f"{world.gpu.oom_count}x:\n" + "\n".join(ooms.events))
         overlaps = jobs.unexplained_overlaps()
         assert not overlaps, (f"{len(overlaps)} times two simulated GPU jobs ran at once, "
-                              f"neither dropped by gpumgr: {overlaps[:3]}")
+                              f"neither dropped by gpumgr: {overlaps[:3]}; gpumgr's log then:\n"
+                              + watch.around(overlaps[0][0].started, overlaps[0][1].started))
         cut = {r.spec.n for r in records if r.outcome == "cut"}
         after_cuts = jobs.overlaps_after_client_cuts(cut, injector.disrupted)
         assert not after_cuts, (f"{len(after_cuts)} times a job ran beside work whose client "
-                                f"had left: {after_cuts[:3]}")
+                                f"had left: {after_cuts[:3]}; gpumgr's log then:\n"
+                                + watch.around(min(after_cuts[0][0].started,
+                                                   after_cuts[0][1].started),
+                                               max(after_cuts[0][0].ended or 0,
+                                                   after_cuts[0][1].ended or 0)))
         assert jobs.renders_without_slot == 0, \
             f"{jobs.renders_without_slot} ComfyUI renders started without gpumgr's slot"
         assert world.active_jobs == 0, f"{world.active_jobs} simulated GPU jobs still running"

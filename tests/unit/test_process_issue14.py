@@ -69,6 +69,24 @@ def test_a_port_that_answers_refuses_the_start_and_spawns_nothing():
     assert fake.spawned == [] and mp.state is ProcessState.FAILED and mp.pid is None
 
 
+def test_a_stranger_on_the_port_does_not_back_the_start_off():
+    """A start refused because something else answers on the port spawned
+    nothing: it is no crash loop, and once the stranger left the next start
+    spawns at once (found by the fault suite: three refusals while a stranger
+    held whisper's port kept gpumgr's whisper down for 30 s after it left)."""
+    fake, check = FakeProcessReactor(), PortCheck()
+    mp = ManagedProcess(fake, "whisper", spec(), ScriptedProbe(), port_check=check)
+    for n in range(5):
+        d = mp.start()
+        assert len(check.pending) == n + 1  # looked at the port again, not refused unseen
+        check.pending[-1].callback("something already answers on 127.0.0.1:8178 (its url's port)")
+        assert outcome(d).check(ProcessStartFailed)
+        fake.advance(1)
+    mp.start()
+    check.pending[-1].callback(None)  # the stranger left
+    assert len(fake.spawned) == 1 and mp.state is ProcessState.STARTING
+
+
 def test_a_port_check_that_fails_is_a_clean_failed_start():
     fake = FakeProcessReactor()
     mp = ManagedProcess(fake, "whisper", spec(), ScriptedProbe(),
