@@ -28,13 +28,16 @@ from twisted.web.http_headers import Headers
 
 from gpumgr.errors import (
     GpumgrError,
+    TooManyConnections,
     UpgradeNotSupported,
     UpstreamTimeout,
     UpstreamUnreachable,
     describe_failure,
     write_error,
 )
+from gpumgr.config import ConsumerConfig, LimitsConfig
 from gpumgr.proxy import forward_request_headers
+from gpumgr.target import Target
 
 log = Logger()
 
@@ -353,3 +356,33 @@ class Tunnel:
                 transport.loseConnection()
         self._on_close(self)
         self.done.callback(None)
+
+
+class Tunnels:
+    """The WebSockets relayed now, capped by `limits.max_tunnels`."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self.open_now: set[Tunnel] = set()
+        #: Opened since gpumgr started.
+        self.total = 0
+
+    def open(self, request: Any, c: ConsumerConfig, target: Target,
+             limits: LimitsConfig) -> defer.Deferred[None]:
+        """A WebSocket relayed as a byte tunnel; never scheduled."""
+        if len(self.open_now) >= limits.max_tunnels:
+            raise TooManyConnections(
+                f"gpumgr is relaying its limit of {limits.max_tunnels} WebSocket tunnels "
+                "(limits.max_tunnels)", retry_after_s=5)
+        tunnel = Tunnel(self._reactor, request, c.name, self.open_now.discard,
+                        idle_timeout_s=limits.tunnel_idle_timeout_s)
+        self.open_now.add(tunnel)
+        self.total += 1
+        peer = request.getClientAddress()
+        tunnel.start(self._reactor, c.url, target.origin_form(), c.connect_timeout_s,
+                     c.request_timeout_s, getattr(peer, "host", None))
+        return tunnel.done
+
+    def close_all(self) -> None:
+        for tunnel in list(self.open_now):
+            tunnel.close()

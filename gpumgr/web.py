@@ -36,6 +36,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from gpumgr import __version__
+from gpumgr.admin import AdminAction
 from gpumgr.broker import Broker
 from gpumgr.config import KINDS, Config
 from gpumgr.metrics import MetricsResource
@@ -88,7 +89,8 @@ class JsonResource(Resource):
     def render(self, request: Any) -> Any:
         method = request.method.decode("ascii", "replace")
         allowed = self.allowed_methods
-        if allowed and method not in allowed and not (method == "HEAD" and "GET" in allowed):
+        # HEAD arrives here as GET (gpumgr.site), so GET routes answer it.
+        if allowed and method not in allowed:
             write_error(request, MethodNotAllowed(method, allowed))
             return server.NOT_DONE_YET
         return _respond(request, lambda: self.respond(request))
@@ -189,7 +191,7 @@ class KindResource(JsonResource):
         method = request.method.decode("ascii", "replace")
         route = self._broker.route(self._kind, method, target.after(2), target.query,
                                    body=lambda: _read_body(request))
-        if route.control:
+        if route.service_control:
             refusal = admin_guard(request, self._broker.config, check_media_type=False)
             if refusal is not None:
                 raise refusal
@@ -428,10 +430,11 @@ class ConsumerAdminResource(_AdminResource):
     def respond_admin(self, request: Any) -> Any:
         rest = request_target(request).after(2)
         parts = () if rest is None else tuple(s.text for s in rest.segments)
-        if len(parts) != 2 or parts[1] not in ("load", "unload"):
+        actions = {a.value: a for a in AdminAction}
+        if len(parts) != 2 or parts[1] not in actions:
             raise UnknownRoute("use /v1/consumers/<name>/load or .../unload")
         name, action = parts
-        d = self._broker.admin(name, action)
+        d = self._broker.admin(name, actions[action])
         request.notifyFinish().addErrback(lambda _: d.cancel())
         return d
 
@@ -444,9 +447,9 @@ class ReloadResource(_AdminResource):
         if rest is None or [s.text for s in rest.segments] != ["reload"]:
             raise UnknownRoute("use POST /v1/admin/reload")
         outcome = self._broker.reload()
-        if not outcome["reloaded"]:
-            raise ConfigRejected(outcome["error"])
-        return outcome
+        if not outcome.reloaded:
+            raise ConfigRejected(outcome.error or "the config was not reloaded")
+        return outcome.as_json()
 
 
 class V1Resource(JsonResource):
