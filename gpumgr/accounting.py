@@ -79,7 +79,7 @@ def access_status(result: object, client_left: bool) -> int:
         if result.status is not None:
             return result.status
         return 502 if result.outcome is Outcome.UPSTREAM_BROKE else 500
-    if client_left or (isinstance(result, Failure) and result.check(defer.CancelledError)):
+    if client_left or (isinstance(result, Failure) and isinstance(result.value, defer.CancelledError)):
         return CLIENT_CLOSED_REQUEST
     if isinstance(result, Failure) and isinstance(result.value, GpumgrError):
         return result.value.status

@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 from typing import Any, Callable
 
-import attrs
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,7 +23,7 @@ from twisted.web.iweb import IAgent
 
 from gpumgr.abandoned import DRAIN_SAMPLE_S, AbandonedWork
 from gpumgr.accounting import Accounting, Timing, access_status, body_size
-from gpumgr.admin import AdminAction
+from gpumgr.admin import AdminAction, run_admin
 from gpumgr.admission import Admission
 from gpumgr.config import AUDIO_ROUTE, Config, ConsumerConfig
 from gpumgr.drivers import ControlHttp, IDriver, get_driver
@@ -33,11 +32,9 @@ from gpumgr.errors import (
     ConsumerRemoved,
     ConsumerStopped,
     ConsumerUnhealthy,
-    NotSupported,
     QueueFull,
     QueueTimeout,
     ShuttingDown,
-    UnknownConsumer,
     UnknownRoute,
     UpgradeNotSupported,
     describe_failure,
@@ -46,7 +43,7 @@ from gpumgr.eviction import Residency
 from gpumgr.fleet import Fleet
 from gpumgr.gpu import GpuSampler
 from gpumgr.health import HealthMonitor
-from gpumgr.jobs import GpuJob, Jobs, timeouts_for
+from gpumgr.jobs import GpuJob, Jobs, drain, timeouts_for
 from gpumgr.process import ManagedProcess
 from gpumgr.proxy import StreamingProxy
 from gpumgr.registry import Registry
@@ -216,20 +213,8 @@ class Broker:
         d.addErrback(failed)
 
     async def drain(self, grace_s: float) -> None:
-        """Shutdown: refuse queued and new GPU jobs with 503 shutting_down, let
-        running ones (tracked renders too) finish for up to `grace_s`, then
-        cancel them."""
-        self.scheduler.close(ShuttingDown("gpumgr is shutting down", retry_after_s=5))
-        running = len(self.scheduler.stats().holders)
-        log.info("draining: queued jobs refused, waiting up to {s:g}s for {n} running job(s)",
-                 s=grace_s, n=running)
-        try:
-            await self.scheduler.when_idle().addTimeout(grace_s, self.reactor)
-        except defer.TimeoutError:
-            running = len(self.scheduler.stats().holders)
-            log.warn("{n} job(s) still running after {s:g}s (shutdown_grace_s): aborting them",
-                     n=running, s=grace_s)
-            self.scheduler.cancel_running()
+        """Shutdown: refuse queued and new GPU jobs, then end running ones (gpumgr.jobs)."""
+        await drain(self.reactor, self.scheduler, grace_s)
 
     def stop(self) -> defer.Deferred[Any]:
         """Stop probing and sampling, close tunnels, stop every process gpumgr owns."""
@@ -303,7 +288,7 @@ class Broker:
         interrupt...): what gpumgr believed of its memory may be wrong now.
         A tracked render is left tracked: its end is taken from the service's
         queue, never from an interrupt's answer."""
-        if isinstance(result, Failure) and result.check(*_REFUSED_BEFORE_SENDING):
+        if isinstance(result, Failure) and isinstance(result.value, _REFUSED_BEFORE_SENDING):
             return result
         if name in self.registry:
             self.registry.mark_unknown(name)
@@ -326,38 +311,9 @@ class Broker:
     # -- admin -------------------------------------------------------------------
 
     def admin(self, name: str, action: AdminAction) -> defer.Deferred[dict[str, Any]]:
-        """Load or unload `name` through the scheduler, like any job."""
-        c = self._config.consumers.get(name)
-        if c is None:
-            return defer.fail(UnknownConsumer(f"no consumer named {name!r}"))
-        if action is AdminAction.LOAD and not c.can_load:
-            return defer.fail(NotSupported(f"{name} has no way to load (no load route or "
-                                           "process)", consumer=name))
-        if action is AdminAction.UNLOAD and not c.can_unload:
-            return defer.fail(NotSupported(f"{name} has no way to unload (no unload route, "
-                                           "native unload or process)", consumer=name))
-        if action is AdminAction.LOAD:
-            evicting = self.evicting
-            d = self.scheduler.run(name, lambda: self.admission.load(name, "admin", evicting),
-                                   control=True)
-        else:
-            # A render of `name` stuck with no evidence that it stopped gives
-            # the GPU back to this unload: the operator's way out.
-            self.render_tracker.request_release(name)
-            d = self.scheduler.run(name, lambda: self.admission.admin_unload(name),
-                                   control=True)
-            d.addBoth(self._unload_done, name)
-
-        def answer(_: object) -> dict[str, Any]:
-            state = self.registry[name]
-            return {"consumer": name, "action": action.value, "loaded": state.loaded,
-                    "gpu_resident_mib": state.gpu_resident_mib}
-
-        return d.addCallback(answer)
-
-    def _unload_done(self, result: object, name: str) -> object:
-        self.render_tracker.release_done(name)
-        return result
+        """Load or unload `name` through the scheduler, like any job (gpumgr.admin)."""
+        return run_admin(self._config, self.scheduler, self.admission, self.render_tracker,
+                         self.registry, self.evicting, name, action)
 
     # -- what the status page and /metrics show ----------------------------------
 

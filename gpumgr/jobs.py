@@ -17,7 +17,6 @@ from typing import Any, Callable
 import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 
 from gpumgr.abandoned import AbandonedWork
@@ -25,7 +24,7 @@ from gpumgr.accounting import Timing
 from gpumgr.admission import Admission
 from gpumgr.config import Config, ConsumerConfig
 from gpumgr.drivers import ControlHttp, IDriver, get_driver
-from gpumgr.errors import ConsumerRemoved, JobTimeout
+from gpumgr.errors import ConsumerRemoved, JobTimeout, ShuttingDown
 from gpumgr.fleet import Fleet
 from gpumgr.process import ManagedProcess, ProcessState
 from gpumgr.proxy import Outcome, Result, StreamingProxy, Timeouts
@@ -262,16 +261,16 @@ class Jobs:
         def settle(result: Any) -> Any:
             timing.disarm_deadline()
             if timed_out:
-                return self._timed_out(c.name)
+                raise self._timed_out(c.name)
             return result
 
         return d.addBoth(settle)
 
-    def _timed_out(self, name: str) -> Failure:
+    def _timed_out(self, name: str) -> JobTimeout:
         self._admission.event("job_timeout", name, "job_timeout")
         log.warn("{name}: a job held the GPU past job_timeout_s; it was aborted", name=name)
-        return Failure(JobTimeout(f"{name}: the job ran past job_timeout_s and was aborted",
-                                  consumer=name))
+        return JobTimeout(f"{name}: the job ran past job_timeout_s and was aborted",
+                          consumer=name)
 
     def _watch(self, name: str, d: defer.Deferred[Any], timing: Timing) -> defer.Deferred[Any]:
         """Keep a running job findable, so that `abort` can end it."""
@@ -296,3 +295,20 @@ class Jobs:
         self._admission.event("job_aborted", name, "consumer_down", detail=why)
         for d in jobs:
             d.cancel()
+
+
+async def drain(reactor: Any, scheduler: Scheduler, grace_s: float) -> None:
+    """Shutdown: refuse queued and new GPU jobs with 503 shutting_down, let
+    running ones (tracked renders too) finish for up to `grace_s`, then
+    cancel them."""
+    scheduler.close(ShuttingDown("gpumgr is shutting down", retry_after_s=5))
+    running = len(scheduler.stats().holders)
+    log.info("draining: queued jobs refused, waiting up to {s:g}s for {n} running job(s)",
+             s=grace_s, n=running)
+    try:
+        await scheduler.when_idle().addTimeout(grace_s, reactor)
+    except defer.TimeoutError:
+        running = len(scheduler.stats().holders)
+        log.warn("{n} job(s) still running after {s:g}s (shutdown_grace_s): aborting them",
+                 n=running, s=grace_s)
+        scheduler.cancel_running()
