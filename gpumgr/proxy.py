@@ -43,7 +43,6 @@ from gpumgr.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
     describe_failure,
-    write_error,
 )
 
 log = Logger()
@@ -98,6 +97,9 @@ class Result:
     #: gpumgr itself ended the exchange (a job timeout, shutdown): the client
     #: did not leave, it was sent away.
     cancelled: bool = False
+    #: REFUSED: the error the client is to get (written by gpumgr.web, where
+    #: every error of a request is written).
+    error: GpumgrError | None = None
 
     @property
     def abandoned(self) -> bool:
@@ -356,6 +358,7 @@ class _Exchange:
         self._timed_out = False
         self._client_gone = False
         self._cancelled = False
+        self._error: GpumgrError | None = None
         self._upstream_transport = None
         self._outcome: Outcome | None = None
         self._idle_timer: Any = None
@@ -420,8 +423,7 @@ class _Exchange:
 
     def _refuse(self, err: GpumgrError) -> None:
         self._status = err.status
-        if not self._client_gone:
-            write_error(self.request, err)
+        self._error = err
         self._end(Outcome.REFUSED)
 
     def _got_response(self, response) -> None:
@@ -597,7 +599,7 @@ class _Exchange:
         if not self.done.called:
             self.done.callback(Result(outcome, self._status, self._reached,
                                       b"".join(self._captured), self._bytes_out,
-                                      self._cancelled))
+                                      self._cancelled, self._error))
 
 
 class _Drain(Protocol):

@@ -33,7 +33,6 @@ from gpumgr.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
     describe_failure,
-    write_error,
 )
 from gpumgr.config import ConsumerConfig, LimitsConfig
 from gpumgr.proxy import forward_request_headers
@@ -316,11 +315,10 @@ class Tunnel:
         self._refuse(UpstreamUnreachable(f"{self.consumer}: {why}", consumer=self.consumer))
 
     def _refuse(self, error: GpumgrError) -> None:
+        """Before the upgrade, `done` fails with `error` (gpumgr.web writes it)."""
         if self._ended:
             return
-        if not self._open and not self.request._disconnected and not self.request.finished:
-            write_error(self.request, error)
-        self._end()
+        self._end(None if self._open else error)
 
     def side_closed(self, side: _Side) -> None:
         """Either side closing closes the other."""
@@ -339,7 +337,7 @@ class Tunnel:
             self._idle_timer.cancel()
         self._idle_timer = None
 
-    def _end(self) -> None:
+    def _end(self, error: GpumgrError | None = None) -> None:
         if self._ended:
             return
         self._ended = True
@@ -355,7 +353,10 @@ class Tunnel:
             if transport is not None:
                 transport.loseConnection()
         self._on_close(self)
-        self.done.callback(None)
+        if error is not None:
+            self.done.errback(error)
+        else:
+            self.done.callback(None)
 
 
 class Tunnels:

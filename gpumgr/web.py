@@ -15,8 +15,11 @@ the services' own control routes reached through pass-through, pass
 `admin_guard` first: Host and Origin (not a web page's), a JSON body (admin
 routes), then the bearer token or a loopback client.
 
-Errors are rendered in one place (`_respond`): a Resource raises a
-GpumgrError, or returns a Deferred that fails with one.
+Every error of a request is written here (`_respond`): a Resource raises a
+GpumgrError, returns a Deferred that fails with one (a tunnel that could
+not open, a job refused), or one that fires with a proxy `Result` whose
+exchange was refused (the consumer unreachable, or silent). The Site
+answers only what never became a request (gpumgr.site).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from gpumgr.admin import AdminAction
 from gpumgr.broker import Broker
 from gpumgr.config import KINDS, Config
 from gpumgr.metrics import MetricsResource
+from gpumgr.proxy import Result
 from gpumgr.errors import (
     BadPath,
     ConfigRejected,
@@ -108,24 +112,32 @@ def _respond(request: Any, produce: Any) -> Any:
     if isinstance(result, dict):
         return write_json(request, result)
     if isinstance(result, defer.Deferred):
-        result.addCallback(_finish_json, request)
+        result.addCallback(_finish, request)
         result.addErrback(_render_failure, request)
         return server.NOT_DONE_YET
     return result
 
 
-def _finish_json(value: Any, request: Any) -> None:
+def _finish(value: object, request: Any) -> None:
+    """A dict is sent as JSON; a refused exchange gets its error; any other
+    answer was relayed by the proxy or the tunnel."""
     if isinstance(value, dict) and not request._disconnected and not request.finished:
         request.write(write_json(request, value))
         request.finish()
+    elif isinstance(value, Result) and value.error is not None and _can_answer(request):
+        write_error(request, value.error)
+
+
+def _can_answer(request: Any) -> bool:
+    return not request._disconnected and not request.finished and not request.startedWriting
 
 
 def _render_failure(failure: Failure, request: Any) -> None:
-    if failure.check(defer.CancelledError):
+    if isinstance(failure.value, defer.CancelledError):
         return
-    if not failure.check(GpumgrError):
+    if not isinstance(failure.value, GpumgrError):
         log.failure("handling {path} failed", failure, path=request.path)
-    if not request._disconnected and not request.finished and not request.startedWriting:
+    if _can_answer(request):
         err = failure.value if isinstance(failure.value, GpumgrError) else GpumgrError(
             "internal error; see the gpumgr log")
         write_error(request, err)
