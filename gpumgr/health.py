@@ -45,7 +45,6 @@ class HealthMonitor:
         interval_s: float,
         timeout_s: float,
         not_running: Callable[[str], Health | None] = lambda name: None,
-        on_change: Callable[[str, Health, Health, str | None], None] | None = None,
         down_grace_s: float = 10.0,
         on_still_down: Callable[[str, str | None], None] | None = None,
     ) -> None:
@@ -58,7 +57,6 @@ class HealthMonitor:
         #: A managed process that is not running: its health (STOPPED,
         #: STARTING), and it is not probed. None: probe it.
         self._not_running = not_running
-        self._on_change = on_change
         self.down_grace_s = down_grace_s
         self._on_still_down = on_still_down
         self._down_timers: dict[str, IDelayedCall] = {}
@@ -153,8 +151,6 @@ class HealthMonitor:
         if was is not health:
             log.info("consumer {name} health {was} -> {now}{why}", name=name, was=was.value,
                      now=health.value, why=f" ({error})" if error else "")
-            if self._on_change is not None:
-                self._on_change(name, was, health, error)
 
     def _disarm(self, name: str) -> None:
         timer = self._down_timers.pop(name, None)

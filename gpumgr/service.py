@@ -19,7 +19,7 @@ from gpumgr import __version__
 from gpumgr.admission import Admission
 from gpumgr.broker import Broker
 from gpumgr.config import Config, ConsumerConfig
-from gpumgr.control import ControlClient
+from gpumgr.service_calls import ServiceCalls
 from gpumgr.errors import describe_failure
 from gpumgr.gpu import GpuSampler
 from gpumgr.health import HealthMonitor
@@ -125,7 +125,7 @@ class GpumgrService(MultiService):
         self._data_pool.maxPersistentPerHost = _IDLE_CONNECTIONS_PER_HOST
         self._agents: dict[tuple[str, float], Agent] = {}
         self._control_pool = _make_pool(reactor)
-        self.control = ControlClient(
+        self.service_calls = ServiceCalls(
             HTTPClient(
                 Agent(reactor, connectTimeout=config.health.timeout_s, pool=self._control_pool)
             )
@@ -134,7 +134,7 @@ class GpumgrService(MultiService):
             reactor, config.gpu.nvidia_smi, config.gpu.interval_s, config.gpu.timeout_s
         )
         self._cooperator = Cooperator(scheduler=lambda f: reactor.callLater(0, f))
-        self.broker = Broker(reactor, config, self.gpu, self.control, self._agent_for,
+        self.broker = Broker(reactor, config, self.gpu, self.service_calls, self._agent_for,
                              self._cooperator, overrides=overrides)
         self.site = GpumgrSite(RootResource(self.broker), reactor, config.limits)
         self.broker.config_listeners.append(self._config_applied)
