@@ -87,6 +87,9 @@ class JsonResource(Resource):
 
     allowed_methods: tuple[str, ...] = ("GET",)
 
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+
     def getChild(self, path: bytes, request: Any) -> Resource:
         return ErrorResource(_no_route(request))
 
@@ -147,7 +150,7 @@ class ErrorResource(Resource):
     isLeaf = True
 
     def __init__(self, error: GpumgrError) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._error = error
 
     def render(self, request: Any) -> Any:
@@ -494,7 +497,8 @@ class RootResource(JsonResource):
             request.gpumgr_target = parse_target(request.uri)
         except BadPath as e:
             return ErrorResource(e)
-        return super().getChildWithDefault(path, request)
+        child: Resource = super().getChildWithDefault(path, request)  # type: ignore[no-untyped-call]
+        return child
 
     def getChild(self, path: bytes, request: Any) -> Resource:
         if path == b"":
