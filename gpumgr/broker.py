@@ -39,11 +39,10 @@ from gpumgr.errors import (
     UpgradeNotSupported,
     describe_failure,
 )
-from gpumgr.eviction import Residency
 from gpumgr.fleet import Fleet
 from gpumgr.gpu import GpuSampler
 from gpumgr.health import HealthMonitor
-from gpumgr.jobs import GpuJob, Jobs, drain, timeouts_for
+from gpumgr.jobs import GpuJob, Jobs, drain, make_scheduler, timeouts_for
 from gpumgr.process import ManagedProcess
 from gpumgr.proxy import StreamingProxy
 from gpumgr.registry import Registry
@@ -57,7 +56,7 @@ from gpumgr.reload import (
 )
 from gpumgr.renders import RenderTracker, TrackedRender
 from gpumgr.routing import Route, is_gpu_work, path_is_safe, route, wants_websocket
-from gpumgr.scheduler import Locked, Passthrough, Scheduler
+from gpumgr.scheduler import Locked, Scheduler
 from gpumgr.snapshot import Snapshot
 from gpumgr.status import status_document
 from gpumgr.target import Target, forward_url
@@ -99,7 +98,8 @@ class Broker:
         self.registry = Registry(config.consumers)
         self.accounting = Accounting(reactor)
         self._tunnels = Tunnels(reactor)
-        self.scheduler: Scheduler = self._make_scheduler(config)
+        self.scheduler: Scheduler = make_scheduler(
+            reactor, self.registry, config.scheduler, self.evicting, self.passing_through)
         self.fleet = Fleet(
             reactor, lambda: self._config, self.registry, http, process_factory,
             event=lambda *a, **kw: self.admission.event(*a, **kw),
@@ -146,20 +146,6 @@ class Broker:
     @property
     def passing_through(self) -> bool:
         return self.mode == "passthrough"
-
-    def _make_scheduler(self, config: Config) -> Scheduler:
-        sched = config.scheduler
-        if self.passing_through:
-            return Passthrough(self.reactor, self.registry)
-        evicting = self.evicting
-        return Locked(
-            self.reactor, self.registry, capacity=sched.capacity, max_queue=sched.max_queue,
-            queue_timeout_s=sched.queue_timeout_s, priority=sched.priority,
-            aging_s=sched.aging_s,
-            is_loaded=(lambda n: n in self.registry
-                       and self.registry[n].residency is Residency.LOADED) if evicting else None,
-            max_overtakes=sched.max_overtakes if evicting else 0,
-        )
 
     def reload(self) -> ReloadOutcome:
         """Re-read the config file; apply it if it is valid and needs no restart.

@@ -22,16 +22,17 @@ from twisted.web.iweb import IAgent
 from gpumgr.abandoned import AbandonedWork
 from gpumgr.accounting import Timing
 from gpumgr.admission import Admission
-from gpumgr.config import Config, ConsumerConfig
+from gpumgr.config import Config, ConsumerConfig, SchedulerConfig
 from gpumgr.drivers import ControlHttp, IDriver, get_driver
 from gpumgr.errors import ConsumerRemoved, JobTimeout, ShuttingDown
+from gpumgr.eviction import Residency
 from gpumgr.fleet import Fleet
 from gpumgr.process import ManagedProcess, ProcessState
 from gpumgr.proxy import Outcome, Result, StreamingProxy, Timeouts
 from gpumgr.registry import Health, Registry
 from gpumgr.renders import RenderTracker
 from gpumgr.routing import Route
-from gpumgr.scheduler import Scheduler
+from gpumgr.scheduler import Locked, Passthrough, Scheduler
 
 log = Logger()
 
@@ -57,6 +58,22 @@ class GpuJob:
     @property
     def name(self) -> str:
         return self.route.consumer.name
+
+
+def make_scheduler(reactor: Any, registry: Registry, sched: SchedulerConfig, evicting: bool,
+                   passthrough: bool) -> Scheduler:
+    """The scheduler the mode asks for: none to wait on (passthrough), or the
+    lock with its queue (when evicting, it lets a loaded consumer's job go first)."""
+    if passthrough:
+        return Passthrough(reactor, registry)
+    return Locked(
+        reactor, registry, capacity=sched.capacity, max_queue=sched.max_queue,
+        queue_timeout_s=sched.queue_timeout_s, priority=sched.priority,
+        aging_s=sched.aging_s,
+        is_loaded=(lambda n: n in registry
+                   and registry[n].residency is Residency.LOADED) if evicting else None,
+        max_overtakes=sched.max_overtakes if evicting else 0,
+    )
 
 
 def timeouts_for(config: Config, c: ConsumerConfig) -> Timeouts:
