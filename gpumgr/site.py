@@ -583,6 +583,6 @@ class GpumgrSite(server.Site):
         self.connections.max_connections = plan.max_connections
 
     def log(self, request: Any) -> None:
-        # Access logging formats a line per request on the hot path; gpumgr
-        # logs what matters (errors, health changes) itself.
+        # twisted.web's access line is off: gpumgr writes its own, one per
+        # proxied request with its consumer, wait and GPU time (gpumgr.accounting).
         pass
