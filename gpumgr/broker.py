@@ -6,6 +6,8 @@ CLI see, wired over modules that each do one job:
   fleet       the processes gpumgr owns, and how a consumer loads and unloads
   reload      reading a new config, and what came of it
   accounting  each request's status, counters and access log line
+  admin       the operator's load and unload
+  observe     the parts read at once into one Snapshot
 
 Every request looks its route, consumer and timeouts up in the current config
 (`self.config`), so a reload is one swap.
