@@ -21,29 +21,41 @@ from __future__ import annotations
 
 import enum
 import io
-from typing import Any, Callable, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
 
 import attrs
 from zope.interface import implementer
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IConsumer,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, ResponseDone
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.web.client import URI, FileBodyProducer, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import (
+    UNKNOWN_LENGTH,
+    IAgent,
+    IAgentEndpointFactory,
+    IBodyProducer,
+    IResponse,
+)
 
 from gpumgr.errors import (
     GpumgrError,
     UpstreamTimeout,
     UpstreamUnreachable,
     describe_failure,
-    write_error,
 )
 
 log = Logger()
@@ -98,6 +110,9 @@ class Result:
     #: gpumgr itself ended the exchange (a job timeout, shutdown): the client
     #: did not leave, it was sent away.
     cancelled: bool = False
+    #: REFUSED: the error the client is to get (written by gpumgr.web, where
+    #: every error of a request is written).
+    error: GpumgrError | None = None
 
     @property
     def abandoned(self) -> bool:
@@ -122,7 +137,7 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
     return tokens
 
 
-def _end_to_end(headers: Headers):
+def _end_to_end(headers: Headers) -> Iterator[tuple[bytes, Sequence[bytes]]]:
     """Yield (name, values) of the headers a proxy may forward."""
     drop = _connection_tokens(headers)
     for name, values in headers.getAllRawHeaders():
@@ -150,7 +165,7 @@ def copy_response_headers(upstream: Headers, response_headers: Headers) -> None:
         response_headers.setRawHeaders(name, list(values))
 
 
-def _client_ip(request) -> str | None:
+def _client_ip(request: Any) -> str | None:
     peer = request.getClientAddress()
     return getattr(peer, "host", None)
 
@@ -171,7 +186,7 @@ class _BytesProducer:
         self._body = body
         self.length = len(body)
 
-    def startProducing(self, consumer):
+    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
         consumer.write(self._body)
         return defer.succeed(None)
 
@@ -185,7 +200,8 @@ class _BytesProducer:
         pass
 
 
-def body_producer(content, method: bytes, cooperator: Cooperator):
+def body_producer(content: Any, method: bytes,
+                  cooperator: Cooperator) -> IBodyProducer | None:
     """The request body as an IBodyProducer; None for a body-less GET/HEAD."""
     if isinstance(content, io.BytesIO) and len(content.getbuffer()) <= _SMALL_BODY_BYTES:
         body = content.getvalue()
@@ -194,7 +210,7 @@ def body_producer(content, method: bytes, cooperator: Cooperator):
         return _BytesProducer(body)
     view = _ReplayableBody(content)
     view.seek(0)
-    return _SpooledBodyProducer(view, cooperator=cooperator, readSize=_READ_SIZE)
+    return _SpooledBodyProducer(view, cooperator=cooperator, readSize=_READ_SIZE)  # type: ignore[no-untyped-call]
 
 
 class _SpooledBodyProducer(FileBodyProducer):
@@ -207,11 +223,11 @@ class _SpooledBodyProducer(FileBodyProducer):
 
     sending = False
 
-    def startProducing(self, consumer):
+    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
         self.sending = True
-        d = super().startProducing(consumer)
+        d: defer.Deferred[None] = super().startProducing(consumer)  # type: ignore[no-untyped-call]
 
-        def done(result):
+        def done(result: object) -> object:
             self.sending = False
             return result
 
@@ -222,7 +238,7 @@ class _ReplayableBody:
     """The spooled request body for FileBodyProducer, which closes its file
     at EOF; the body must survive for an out-of-memory replay."""
 
-    def __init__(self, f) -> None:
+    def __init__(self, f: IO[bytes]) -> None:
         self._f = f
 
     def read(self, size: int = -1) -> bytes:
@@ -246,7 +262,7 @@ class _WatchedProducer:
     the stall timeout, the exchange gives up rather than hold the GPU forever.
     """
 
-    def __init__(self, transport, exchange: _Exchange) -> None:
+    def __init__(self, transport: Any, exchange: _Exchange) -> None:
         self._transport = transport
         self._exchange = exchange
 
@@ -276,7 +292,7 @@ class _Relay(Protocol):
     or if it is not an OOM, what was held goes out and relaying continues.
     """
 
-    def __init__(self, exchange: _Exchange, response, holding: bool) -> None:
+    def __init__(self, exchange: _Exchange, response: IResponse, holding: bool) -> None:
         self._exchange = exchange
         self._response = response
         self._held: list[bytes] | None = [] if holding else None
@@ -310,7 +326,7 @@ class _Relay(Protocol):
             self._held = None  # nobody to release it to
         if self._held is not None:
             body = b"".join(self._held)
-            if reason.check(ResponseDone, PotentialDataLoss) and is_oom(body):
+            if isinstance(reason.value, (ResponseDone, PotentialDataLoss)) and is_oom(body):
                 self._exchange.out_of_memory(body)
                 return
             self._release()
@@ -322,7 +338,7 @@ class _Exchange:
         self,
         clock: IReactorTime,
         cooperator: Cooperator,
-        request,
+        request: Any,
         consumer: str,
         agent: IAgent,
         url: bytes,
@@ -351,17 +367,19 @@ class _Exchange:
         self._extra_headers = extra_headers
         self._on_upstream_error = on_upstream_error
         self.done: defer.Deferred[Result] = defer.Deferred(self._cancel)
-        self._pending: defer.Deferred | None = None
+        self._pending: defer.Deferred[IResponse] | None = None
         self._timer: Any = None
         self._timed_out = False
         self._client_gone = False
         self._cancelled = False
-        self._upstream_transport = None
+        self._error: GpumgrError | None = None
+        #: The upstream's transport, once its body is read (stopped to abort it).
+        self._upstream_transport: Any = None
         self._outcome: Outcome | None = None
         self._idle_timer: Any = None
         self._stall_timer: Any = None
         self._upstream_idle = False
-        self._producer = None
+        self._producer: IBodyProducer | None = None
 
     @property
     def client_gone(self) -> bool:
@@ -410,7 +428,7 @@ class _Exchange:
             self._on_upstream_error(self._consumer, True, reason)
         else:
             reason = _describe_failure(failure)
-            if failure.check(ConnectError, DNSLookupError):
+            if isinstance(failure.value, (ConnectError, DNSLookupError)):
                 self._reached = False  # never connected: the consumer saw nothing
             err = UpstreamUnreachable(
                 f"{self._consumer} could not be reached: {reason}", consumer=self._consumer
@@ -420,11 +438,10 @@ class _Exchange:
 
     def _refuse(self, err: GpumgrError) -> None:
         self._status = err.status
-        if not self._client_gone:
-            write_error(self.request, err)
+        self._error = err
         self._end(Outcome.REFUSED)
 
-    def _got_response(self, response) -> None:
+    def _got_response(self, response: IResponse) -> None:
         self._pending = None
         self._stop_timer()
         self._status = response.code
@@ -441,7 +458,7 @@ class _Exchange:
         self.send_head(response)
         response.deliverBody(_Relay(self, response, holding=False))
 
-    def send_head(self, response) -> None:
+    def send_head(self, response: IResponse) -> None:
         """Status and headers onto the client response (written with the first byte)."""
         request = self.request
         request.setResponseCode(response.code, response.phrase)
@@ -457,7 +474,7 @@ class _Exchange:
 
     # -- during the body ---------------------------------------------------
 
-    def hold_started(self, transport) -> None:
+    def hold_started(self, transport: Any) -> None:
         self._upstream_transport = transport
         self._idle_timer = self._clock.callLater(self._timeouts.body_idle_s, self._upstream_went_idle)
 
@@ -475,7 +492,7 @@ class _Exchange:
                  consumer=self._consumer, body=body[:200].decode("utf-8", "replace"))
         self._end(Outcome.OOM)
 
-    def body_started(self, transport) -> None:
+    def body_started(self, transport: Any) -> None:
         self._upstream_transport = transport
         self.request.registerProducer(_WatchedProducer(transport, self), True)
         self._idle_timer = self._clock.callLater(self._timeouts.body_idle_s, self._upstream_went_idle)
@@ -543,7 +560,7 @@ class _Exchange:
         elif self._upstream_idle:
             _abort_client(self.request)
             self._end(Outcome.UPSTREAM_BROKE)
-        elif reason.check(ResponseDone, PotentialDataLoss):
+        elif isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             # PotentialDataLoss: no length, no chunking, ended by close -- the
             # normal end of an HTTP/1.0-style body.
             self.request.finish()
@@ -572,7 +589,7 @@ class _Exchange:
         elif self._upstream_transport is not None:
             self._upstream_transport.stopProducing()
 
-    def _cancel(self, _d) -> None:
+    def _cancel(self, _d: object) -> None:
         """The job was cancelled (shutdown): drop both sides now."""
         if self._outcome is not None:
             return
@@ -597,7 +614,7 @@ class _Exchange:
         if not self.done.called:
             self.done.callback(Result(outcome, self._status, self._reached,
                                       b"".join(self._captured), self._bytes_out,
-                                      self._cancelled))
+                                      self._cancelled, self._error))
 
 
 class _Drain(Protocol):
@@ -618,7 +635,7 @@ class _Discard(Protocol):
         self.transport.stopProducing()  # type: ignore[union-attr]
 
 
-def _abort_client(request) -> None:
+def _abort_client(request: Any) -> None:
     transport = getattr(request.channel, "transport", None) if request.channel else None
     if transport is not None:
         transport.abortConnection()
@@ -637,18 +654,15 @@ class CachedEndpoints:
     of fixed origins, so the cache is bounded by the config.
     """
 
-    def __init__(self, reactor, connect_timeout_s: float) -> None:
+    def __init__(self, reactor: Any, connect_timeout_s: float) -> None:
         self._reactor = reactor
         self._timeout = connect_timeout_s
-        self._cache: dict[tuple[bytes, bytes, int], object] = {}
+        self._cache: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
-    def endpointForURI(self, uri):
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         key = (uri.scheme, uri.host, uri.port)
         endpoint = self._cache.get(key)
         if endpoint is None:
-            from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-            from twisted.internet.ssl import optionsForClientTLS
-
             host = uri.host.decode("idna") if isinstance(uri.host, bytes) else uri.host
             endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
             if uri.scheme == b"https":
@@ -667,7 +681,7 @@ class StreamingProxy:
 
     def forward(
         self,
-        request,
+        request: Any,
         consumer: str,
         agent: IAgent,
         url: bytes,

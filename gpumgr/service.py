@@ -9,6 +9,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError, ReactorNotRunning
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -19,13 +20,13 @@ from gpumgr import __version__
 from gpumgr.admission import Admission
 from gpumgr.broker import Broker
 from gpumgr.config import Config, ConsumerConfig
-from gpumgr.control import ControlClient
 from gpumgr.errors import describe_failure
 from gpumgr.gpu import GpuSampler
 from gpumgr.health import HealthMonitor
 from gpumgr.proxy import CachedEndpoints
 from gpumgr.registry import Registry
 from gpumgr.scheduler import Scheduler
+from gpumgr.service_calls import ServiceCalls
 from gpumgr.site import GpumgrSite
 from gpumgr.web import RootResource
 
@@ -47,7 +48,7 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
 
 
-def _make_pool(reactor) -> HTTPConnectionPool:
+def _make_pool(reactor: Any) -> HTTPConnectionPool:
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory
     pool.cachedConnectionTimeout = _IDLE_CONNECTION_S
@@ -66,16 +67,16 @@ class ListenFailed(SystemExit):
 class _ListenService(Service):
     """Listens on an endpoint; `listening` fires with the port (tests read it)."""
 
-    def __init__(self, reactor, description: str, factory) -> None:
+    def __init__(self, reactor: Any, description: str, factory: IProtocolFactory) -> None:
         self._reactor = reactor
         self._endpoint = serverFromString(reactor, description)
         self._description = description
         self._factory = factory
         self.listening: defer.Deferred[Any] | None = None
-        self._port = None
+        self._port: IListeningPort | None = None
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self.listening = self._endpoint.listen(self._factory)
         failed: list[Failure] = []
         self.listening.addCallbacks(self._got_port, failed.append)
@@ -96,19 +97,20 @@ class _ListenService(Service):
         log.critical("{message}", message=self._message(failure))
         self._reactor.stop()
 
-    def _got_port(self, port):
+    def _got_port(self, port: IListeningPort) -> IListeningPort:
         self._port = port
-        address = port.getHost()
+        address: Any = port.getHost()  # an IPv4Address or IPv6Address
         log.info(
             "gpumgr {version} listening on http://{host}:{port}/",
             version=__version__, host=address.host, port=address.port,
         )
         return port
 
-    def stopService(self):
-        super().stopService()
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()  # type: ignore[no-untyped-call]
         if self._port is not None:
-            return self._port.stopListening()
+            stopped: defer.Deferred[None] | None = self._port.stopListening()
+            return stopped
         return None
 
 
@@ -118,14 +120,14 @@ class GpumgrService(MultiService):
     def __init__(self, reactor: Any, config: Config, listen: str | None = None,
                  overrides: Callable[[Config], Config] = lambda c: c,
                  install_signals: bool = False) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.reactor = reactor
         self._install_signals = install_signals
         self._data_pool = _make_pool(reactor)
         self._data_pool.maxPersistentPerHost = _IDLE_CONNECTIONS_PER_HOST
         self._agents: dict[tuple[str, float], Agent] = {}
         self._control_pool = _make_pool(reactor)
-        self.control = ControlClient(
+        self.service_calls = ServiceCalls(
             HTTPClient(
                 Agent(reactor, connectTimeout=config.health.timeout_s, pool=self._control_pool)
             )
@@ -134,12 +136,12 @@ class GpumgrService(MultiService):
             reactor, config.gpu.nvidia_smi, config.gpu.interval_s, config.gpu.timeout_s
         )
         self._cooperator = Cooperator(scheduler=lambda f: reactor.callLater(0, f))
-        self.broker = Broker(reactor, config, self.gpu, self.control, self._agent_for,
+        self.broker = Broker(reactor, config, self.gpu, self.service_calls, self._agent_for,
                              self._cooperator, overrides=overrides)
         self.site = GpumgrSite(RootResource(self.broker), reactor, config.limits)
         self.broker.config_listeners.append(self._config_applied)
         self.http = _ListenService(reactor, listen or config.listen, self.site)
-        self.http.setServiceParent(self)
+        self.http.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     # Shortcuts for tests and the demo.
     @property
@@ -186,7 +188,7 @@ class GpumgrService(MultiService):
         return agent
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self.broker.start()
         self._previous_handlers: dict[int, Any] = {}
         self._signal_actions: dict[int, Callable[[], Any]] = {}

@@ -7,6 +7,8 @@ between them, so neither imports the other.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
@@ -83,7 +85,7 @@ def with_mode(config: Config, mode: str | None) -> Config:
     return attrs.evolve(config, scheduler=attrs.evolve(config.scheduler, mode=SchedulerMode(mode)))
 
 
-def _twistd_options(options: usage.Options) -> dict:
+def _twistd_options(options: usage.Options) -> dict[str, Any]:
     """twistd's own options (-n, --logfile, ...) when run as `twistd gpumgr`."""
     parent = getattr(options, "parent", None)
     return dict(parent) if parent is not None else {}

@@ -28,13 +28,15 @@ from twisted.web.http_headers import Headers
 
 from gpumgr.errors import (
     GpumgrError,
+    TooManyConnections,
     UpgradeNotSupported,
     UpstreamTimeout,
     UpstreamUnreachable,
     describe_failure,
-    write_error,
 )
+from gpumgr.config import ConsumerConfig, LimitsConfig
 from gpumgr.proxy import forward_request_headers
+from gpumgr.target import Target
 
 log = Logger()
 
@@ -313,11 +315,10 @@ class Tunnel:
         self._refuse(UpstreamUnreachable(f"{self.consumer}: {why}", consumer=self.consumer))
 
     def _refuse(self, error: GpumgrError) -> None:
+        """Before the upgrade, `done` fails with `error` (gpumgr.web writes it)."""
         if self._ended:
             return
-        if not self._open and not self.request._disconnected and not self.request.finished:
-            write_error(self.request, error)
-        self._end()
+        self._end(None if self._open else error)
 
     def side_closed(self, side: _Side) -> None:
         """Either side closing closes the other."""
@@ -336,7 +337,7 @@ class Tunnel:
             self._idle_timer.cancel()
         self._idle_timer = None
 
-    def _end(self) -> None:
+    def _end(self, error: GpumgrError | None = None) -> None:
         if self._ended:
             return
         self._ended = True
@@ -352,4 +353,37 @@ class Tunnel:
             if transport is not None:
                 transport.loseConnection()
         self._on_close(self)
-        self.done.callback(None)
+        if error is not None:
+            self.done.errback(error)
+        else:
+            self.done.callback(None)
+
+
+class Tunnels:
+    """The WebSockets relayed now, capped by `limits.max_tunnels`."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self.open_now: set[Tunnel] = set()
+        #: Opened since gpumgr started.
+        self.total = 0
+
+    def open(self, request: Any, c: ConsumerConfig, target: Target,
+             limits: LimitsConfig) -> defer.Deferred[None]:
+        """A WebSocket relayed as a byte tunnel; never scheduled."""
+        if len(self.open_now) >= limits.max_tunnels:
+            raise TooManyConnections(
+                f"gpumgr is relaying its limit of {limits.max_tunnels} WebSocket tunnels "
+                "(limits.max_tunnels)", retry_after_s=5)
+        tunnel = Tunnel(self._reactor, request, c.name, self.open_now.discard,
+                        idle_timeout_s=limits.tunnel_idle_timeout_s)
+        self.open_now.add(tunnel)
+        self.total += 1
+        peer = request.getClientAddress()
+        tunnel.start(self._reactor, c.url, target.origin_form(), c.connect_timeout_s,
+                     c.request_timeout_s, getattr(peer, "host", None))
+        return tunnel.done
+
+    def close_all(self) -> None:
+        for tunnel in list(self.open_now):
+            tunnel.close()

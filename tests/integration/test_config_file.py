@@ -45,7 +45,7 @@ async def test_a_reload_from_a_fifo_is_refused_at_once(world, start_broker, tmp_
     finally:
         rescued.set()
         rescuer.join()
-    assert result["reloaded"] is False
-    assert result["error"] == (f"{path}: is not a regular file (a FIFO); gpumgr reads its "
+    assert result.reloaded is False
+    assert result.error == (f"{path}: is not a regular file (a FIFO); gpumgr reads its "
                                "config only from a regular file")
     assert service.status()["broker"]["reload_failures"] == 1

@@ -95,6 +95,7 @@ from twisted.web.http_headers import Headers
 
 from gpumgr import errors
 from gpumgr import service as service_module
+from gpumgr.reload import ReloadOutcome
 from gpumgr.service import GpumgrService
 from gpumgr.testing import (
     Behaviour,
@@ -810,7 +811,7 @@ class Injector:
         self.rewrite_config = rewrite_config
         self.windows: list[Window] = []
         self.counts: collections.Counter[str] = collections.Counter()
-        self.reload_result: dict[str, Any] | None = None
+        self.reload_result: ReloadOutcome | None = None
         self._gates: list[defer.Deferred[None]] = []
         self._stopped: set[str] = set()
         #: The whisper process frozen now (SIGSTOP), to thaw.
@@ -1382,7 +1383,7 @@ async def _fault_run(tmp_path: Any, seed: int, capsys: Any) -> None:
         assert stats.queue_depth == 0, f"{stats.queue_depth} jobs still queued"
         assert service.scheduler.max_running_seen <= service.config.scheduler.capacity
         # The reload half-way was applied.
-        assert injector.reload_result is not None and injector.reload_result["reloaded"], \
+        assert injector.reload_result is not None and injector.reload_result.reloaded, \
             injector.reload_result
         assert dict(service.config.scheduler.priority) == PRIORITY_AFTER_RELOAD
 

@@ -1,4 +1,5 @@
-"""Control calls to consumers (probes, loads, unloads, render polls), over treq.
+"""gpumgr's own small calls to services (probes, loads, unloads, render
+polls), over treq: the drivers' `ControlHttp`.
 
 The data path does not use this: treq adds a cookie jar and gzip decoding,
 which is fine for control calls and wrong for a byte-transparent proxy.
@@ -16,8 +17,8 @@ from twisted.web.http import PotentialDataLoss
 
 from gpumgr.drivers.base import HttpReply
 
-#: Control replies are small; anything bigger is cut off rather than read.
-_CONTROL_BODY_LIMIT = 64 * 1024
+#: Replies to these calls are small; anything bigger is cut off rather than read.
+_REPLY_BODY_LIMIT = 64 * 1024
 
 
 class _BoundedReader(Protocol):
@@ -42,13 +43,13 @@ class _BoundedReader(Protocol):
             self.done.errback(reason)
 
 
-def read_bounded(response: Any, limit: int = _CONTROL_BODY_LIMIT) -> defer.Deferred[bytes]:
+def read_bounded(response: Any, limit: int = _REPLY_BODY_LIMIT) -> defer.Deferred[bytes]:
     reader = _BoundedReader(limit)
     response.deliverBody(reader)
     return reader.done
 
 
-class ControlClient:
+class ServiceCalls:
     """`ControlHttp` over treq: probes, loads, unloads and render polls.
 
     Every reply body is read bounded; callers put their own deadlines on the
