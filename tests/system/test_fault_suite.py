@@ -148,7 +148,7 @@ EXPECTED_WARNINGS = {
     ("gpumgr.admission", "{name}: only {freed} of {mib} MiB came back within {s:g}s"),
     ("gpumgr.broker", "{consumer} unreachable ({reason}); re-probing now"),
     ("gpumgr.renders", "{name}: render {id} lost ({why}); releasing the GPU"),
-    ("gpumgr.broker", "{name}: a job held the GPU past job_timeout_s; it was aborted"),
+    ("gpumgr.jobs", "{name}: a job held the GPU past job_timeout_s; it was aborted"),
     ("gpumgr.renders", "{name}: render {id} ran past job_timeout_s ({s:g}s); stopping "
                       "it, and holding the GPU until {name} shows it ended"),
     ("gpumgr.renders", "{name}: polling render {id} failed: {e}"),
@@ -159,8 +159,8 @@ EXPECTED_WARNINGS = {
     ("gpumgr.process", "{name} {description} unexpectedly; last stderr: {stderr}"),
     # A frozen whisper (whisper_freeze) past health.down_grace_s: stopped, and
     # TERM waits in a stopped process, so KILL ends it.
-    ("gpumgr.broker", "{why}; stopping its process (TERM, then KILL)"),
-    ("gpumgr.broker", "{why}; aborting {n} job(s) that hold the GPU for it"),
+    ("gpumgr.fleet", "{why}; stopping its process (TERM, then KILL)"),
+    ("gpumgr.jobs", "{why}; aborting {n} job(s) that hold the GPU for it"),
     ("gpumgr.process", "{name}: no exit {t:g}s after SIGTERM; sending SIGKILL"),
 }
 #: Warnings allowed only by their text (a bare "{message}" format, or a format
@@ -1239,7 +1239,7 @@ def summarise(records: list[Record], injector: Injector, service: GpumgrService,
         f"stranger: stt while there {[c for _, c, _, _ in injector.during_stranger]}, "
         f"first stt after it left {[c for c, _ in injector.after_stranger]}; "
         f"frozen whisper stopped by gpumgr "
-        f"{watch.warnings[('gpumgr.broker', '{why}; stopping its process (TERM, then KILL)')]}"
+        f"{watch.warnings[('gpumgr.fleet', '{why}; stopping its process (TERM, then KILL)')]}"
         f"x; "
         f"renders {sched.get('renders')} (prompts deleted from ComfyUI's queue "
         f"{len(world['comfyui'].deleted)}, renders ended by an interrupt "
