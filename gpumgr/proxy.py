@@ -1,5 +1,10 @@
 """The streaming hop: one client request relayed to one consumer, both ways.
 
+This module is the exchange's orchestration and its values (`Timeouts`,
+`Outcome`, `Result`); what crosses the proxy is filtered in
+gpumgr.proxy_headers, the request goes out through gpumgr.proxy_request, and
+the response body comes back through gpumgr.proxy_relay.
+
 Invariants:
 - Bodies are never buffered whole. The request body was spooled by
   twisted.web (memory under 100 kB, a temp file above); it is streamed out
@@ -20,36 +25,19 @@ Invariants:
 from __future__ import annotations
 
 import enum
-import io
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import attrs
-from zope.interface import implementer
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import (
-    IConsumer,
-    IPushProducer,
-    IReactorTime,
-    IStreamClientEndpoint,
-)
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.internet.ssl import optionsForClientTLS
-from twisted.web.client import URI, FileBodyProducer, ResponseDone
+from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import (
-    UNKNOWN_LENGTH,
-    IAgent,
-    IAgentEndpointFactory,
-    IBodyProducer,
-    IResponse,
-)
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 
 from gpumgr.errors import (
     GpumgrError,
@@ -57,27 +45,24 @@ from gpumgr.errors import (
     UpstreamUnreachable,
     describe_failure,
 )
+from gpumgr.proxy_headers import client_ip, copy_response_headers, forward_request_headers
+from gpumgr.proxy_relay import Discard, Drain, Relay, WatchedProducer, abort_client, is_oom
+from gpumgr.proxy_request import CachedEndpoints, SpooledBodyProducer, body_producer
+
+__all__ = [
+    "CachedEndpoints",
+    "Outcome",
+    "Result",
+    "StreamingProxy",
+    "Timeouts",
+    "UpstreamErrorHook",
+    "body_producer",
+    "copy_response_headers",
+    "forward_request_headers",
+    "is_oom",
+]
 
 log = Logger()
-
-#: Never forwarded in either direction (RFC 9110 7.6.1 plus proxy-specific ones).
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-        b"host",
-        b"expect",
-        b"content-length",
-    }
-)
-_READ_SIZE = 256 * 1024
-
 
 @attrs.frozen
 class Timeouts:
@@ -122,215 +107,9 @@ class Result:
             and not self.cancelled
 
 
-#: How much of a 5xx body is held back to look for "out of memory".
-_OOM_PEEK_BYTES = 64 * 1024
-
-
-def is_oom(body: bytes) -> bool:
-    return b"out of memory" in body.lower()
-
-
-def _connection_tokens(headers: Headers) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for value in headers.getRawHeaders(b"connection", []):
-        tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return tokens
-
-
-def _end_to_end(headers: Headers) -> Iterator[tuple[bytes, Sequence[bytes]]]:
-    """Yield (name, values) of the headers a proxy may forward."""
-    drop = _connection_tokens(headers)
-    for name, values in headers.getAllRawHeaders():
-        lower = name.lower()
-        if lower in _HOP_BY_HOP or lower in drop or lower.startswith(b"proxy-"):
-            continue
-        yield name, values
-
-
-def forward_request_headers(headers: Headers, client_ip: str | None) -> Headers:
-    """Client request headers as sent upstream: hop-by-hop gone, X-Forwarded-For added."""
-    out = Headers()
-    for name, values in _end_to_end(headers):
-        out.setRawHeaders(name, list(values))
-    if client_ip:
-        prior = list(headers.getRawHeaders(b"x-forwarded-for", []))
-        chain = b", ".join(prior + [client_ip.encode("ascii", "replace")])
-        out.setRawHeaders(b"X-Forwarded-For", [chain])
-    return out
-
-
-def copy_response_headers(upstream: Headers, response_headers: Headers) -> None:
-    """Upstream response headers onto the client response, hop-by-hop removed."""
-    for name, values in _end_to_end(upstream):
-        response_headers.setRawHeaders(name, list(values))
-
-
-def _client_ip(request: Any) -> str | None:
-    peer = request.getClientAddress()
-    return getattr(peer, "host", None)
-
-
 #: on_upstream_error(consumer, reachable, reason): `reachable` is False when
 #: the consumer could not be reached at all (passive health marks it down).
 UpstreamErrorHook = Callable[[str, bool, str], None]
-
-
-#: Bodies twisted.web kept in memory (it does so below 100 kB) are written in
-#: one go rather than through a Cooperator, which costs a reactor turn.
-_SMALL_BODY_BYTES = 1024 * 1024
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
-        consumer.write(self._body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-def body_producer(content: Any, method: bytes,
-                  cooperator: Cooperator) -> IBodyProducer | None:
-    """The request body as an IBodyProducer; None for a body-less GET/HEAD."""
-    if isinstance(content, io.BytesIO) and len(content.getbuffer()) <= _SMALL_BODY_BYTES:
-        body = content.getvalue()
-        if not body and method in (b"GET", b"HEAD"):
-            return None
-        return _BytesProducer(body)
-    view = _ReplayableBody(content)
-    view.seek(0)
-    return _SpooledBodyProducer(view, cooperator=cooperator, readSize=_READ_SIZE)  # type: ignore[no-untyped-call]
-
-
-class _SpooledBodyProducer(FileBodyProducer):
-    """FileBodyProducer that knows whether it is still sending.
-
-    A consumer may answer before it has read the whole body (nginx's `return`
-    does). The exchange then ends, twisted.web closes the spooled file, and
-    Agent would keep this producer reading it; the exchange stops it instead.
-    """
-
-    sending = False
-
-    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
-        self.sending = True
-        d: defer.Deferred[None] = super().startProducing(consumer)  # type: ignore[no-untyped-call]
-
-        def done(result: object) -> object:
-            self.sending = False
-            return result
-
-        return d.addBoth(done)
-
-
-class _ReplayableBody:
-    """The spooled request body for FileBodyProducer, which closes its file
-    at EOF; the body must survive for an out-of-memory replay."""
-
-    def __init__(self, f: IO[bytes]) -> None:
-        self._f = f
-
-    def read(self, size: int = -1) -> bytes:
-        return self._f.read(size)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._f.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._f.tell()
-
-    def close(self) -> None:
-        pass  # twisted.web closes the real file with the request
-
-
-@implementer(IPushProducer)
-class _WatchedProducer:
-    """The upstream transport as the client's producer, with a stall deadline.
-
-    twisted.web pauses it when the client stops reading. Paused longer than
-    the stall timeout, the exchange gives up rather than hold the GPU forever.
-    """
-
-    def __init__(self, transport: Any, exchange: _Exchange) -> None:
-        self._transport = transport
-        self._exchange = exchange
-
-    def pauseProducing(self) -> None:
-        self._exchange.client_paused()
-        self._transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self._exchange.client_resumed()
-        self._transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        if self._exchange.finish_upstream:
-            # The client left, but the consumer's answer is still wanted (it
-            # names GPU work that goes on): keep reading it, to nobody.
-            self._exchange.client_resumed()
-            self._transport.resumeProducing()
-            return
-        self._transport.stopProducing()
-
-
-class _Relay(Protocol):
-    """Writes upstream body chunks straight to the client, with backpressure.
-
-    When `holding`, the body is kept back (up to _OOM_PEEK_BYTES) so that an
-    out-of-memory answer can be replayed instead of relayed; past the limit,
-    or if it is not an OOM, what was held goes out and relaying continues.
-    """
-
-    def __init__(self, exchange: _Exchange, response: IResponse, holding: bool) -> None:
-        self._exchange = exchange
-        self._response = response
-        self._held: list[bytes] | None = [] if holding else None
-        self._held_size = 0
-
-    def connectionMade(self) -> None:
-        if self._held is None:
-            self._exchange.body_started(self.transport)
-        else:
-            self._exchange.hold_started(self.transport)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._held is None:
-            self._exchange.body_data(data)
-            return
-        self._held.append(data)
-        self._held_size += len(data)
-        self._exchange.hold_data()
-        if self._held_size > _OOM_PEEK_BYTES:
-            self._release()
-
-    def _release(self) -> None:
-        held, self._held = self._held, None
-        self._exchange.send_head(self._response)
-        self._exchange.body_started(self.transport)
-        for chunk in held or ():
-            self._exchange.body_data(chunk)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._held is not None and self._exchange.client_gone:
-            self._held = None  # nobody to release it to
-        if self._held is not None:
-            body = b"".join(self._held)
-            if isinstance(reason.value, (ResponseDone, PotentialDataLoss)) and is_oom(body):
-                self._exchange.out_of_memory(body)
-                return
-            self._release()
-        self._exchange.body_ended(reason)
 
 
 class _Exchange:
@@ -394,7 +173,7 @@ class _Exchange:
         # The Site routes HEAD as GET; the consumer gets the HEAD it was sent.
         method = b"HEAD" if getattr(self.request, "answering_head", False) else self.request.method
         producer = body_producer(self.request.content, method, self._cooperator)
-        headers = forward_request_headers(self.request.requestHeaders, _client_ip(self.request))
+        headers = forward_request_headers(self.request.requestHeaders, client_ip(self.request))
         self._producer = producer
         self._reached = True
         self._pending = self._agent.request(method, self._url, headers, producer)
@@ -427,7 +206,7 @@ class _Exchange:
             )
             self._on_upstream_error(self._consumer, True, reason)
         else:
-            reason = _describe_failure(failure)
+            reason = describe_failure(failure)
             if isinstance(failure.value, (ConnectError, DNSLookupError)):
                 self._reached = False  # never connected: the consumer saw nothing
             err = UpstreamUnreachable(
@@ -446,17 +225,17 @@ class _Exchange:
         self._stop_timer()
         self._status = response.code
         if self._client_gone and self.finish_upstream:
-            response.deliverBody(_Drain(self))
+            response.deliverBody(Drain(self))
             return
         if self._client_gone:
-            response.deliverBody(_Discard())
+            response.deliverBody(Discard())
             self._end(Outcome.CLIENT_GONE)
             return
         if self._hold_oom and response.code >= 500:
-            response.deliverBody(_Relay(self, response, holding=True))
+            response.deliverBody(Relay(self, response, holding=True))
             return
         self.send_head(response)
-        response.deliverBody(_Relay(self, response, holding=False))
+        response.deliverBody(Relay(self, response, holding=False))
 
     def send_head(self, response: IResponse) -> None:
         """Status and headers onto the client response (written with the first byte)."""
@@ -494,7 +273,7 @@ class _Exchange:
 
     def body_started(self, transport: Any) -> None:
         self._upstream_transport = transport
-        self.request.registerProducer(_WatchedProducer(transport, self), True)
+        self.request.registerProducer(WatchedProducer(transport, self), True)
         self._idle_timer = self._clock.callLater(self._timeouts.body_idle_s, self._upstream_went_idle)
 
     def body_data(self, data: bytes) -> None:
@@ -532,7 +311,7 @@ class _Exchange:
             consumer=self._consumer, s=self._timeouts.client_stall_s,
         )
         self._client_gone = True
-        _abort_client(self.request)
+        abort_client(self.request)
         if self._upstream_transport is not None:
             self._upstream_transport.stopProducing()
 
@@ -558,7 +337,7 @@ class _Exchange:
         if self._client_gone:
             self._end(Outcome.CLIENT_GONE)
         elif self._upstream_idle:
-            _abort_client(self.request)
+            abort_client(self.request)
             self._end(Outcome.UPSTREAM_BROKE)
         elif isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             # PotentialDataLoss: no length, no chunking, ended by close -- the
@@ -566,14 +345,14 @@ class _Exchange:
             self.request.finish()
             self._end(Outcome.COMPLETED)
         else:
-            why = _describe_failure(reason)
+            why = describe_failure(reason)
             log.warn(
                 "{consumer} broke mid-body ({why}); aborting the client",
                 consumer=self._consumer,
                 why=why,
             )
             self._on_upstream_error(self._consumer, True, f"broke mid-body: {why}")
-            _abort_client(self.request)
+            abort_client(self.request)
             self._end(Outcome.UPSTREAM_BROKE)
 
     # -- either phase ------------------------------------------------------
@@ -595,7 +374,7 @@ class _Exchange:
             return
         self._client_gone = True
         self._cancelled = True
-        _abort_client(self.request)
+        abort_client(self.request)
         if self._pending is not None:
             self._pending.cancel()
         elif self._upstream_transport is not None:
@@ -609,66 +388,12 @@ class _Exchange:
         self._stop_timer()
         self._stop_body_timers()
         producer = self._producer
-        if isinstance(producer, _SpooledBodyProducer) and producer.sending:
+        if isinstance(producer, SpooledBodyProducer) and producer.sending:
             producer.stopProducing()  # silent: its Deferred just never fires
         if not self.done.called:
             self.done.callback(Result(outcome, self._status, self._reached,
                                       b"".join(self._captured), self._bytes_out,
                                       self._cancelled, self._error))
-
-
-class _Drain(Protocol):
-    """Reads an answer nobody will receive, keeping its head (see finish_upstream)."""
-
-    def __init__(self, exchange: _Exchange) -> None:
-        self._exchange = exchange
-
-    def dataReceived(self, data: bytes) -> None:
-        self._exchange.capture(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._exchange.body_ended(reason)
-
-
-class _Discard(Protocol):
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()  # type: ignore[union-attr]
-
-
-def _abort_client(request: Any) -> None:
-    transport = getattr(request.channel, "transport", None) if request.channel else None
-    if transport is not None:
-        transport.abortConnection()
-
-
-def _describe_failure(failure: Failure) -> str:
-    return describe_failure(failure)
-
-
-@implementer(IAgentEndpointFactory)
-class CachedEndpoints:
-    """One endpoint per consumer origin, made once.
-
-    Agent's default factory builds a new HostnameEndpoint for every request,
-    which was 7.5% of gpumgr's CPU on small requests. Consumers are a handful
-    of fixed origins, so the cache is bounded by the config.
-    """
-
-    def __init__(self, reactor: Any, connect_timeout_s: float) -> None:
-        self._reactor = reactor
-        self._timeout = connect_timeout_s
-        self._cache: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._cache.get(key)
-        if endpoint is None:
-            host = uri.host.decode("idna") if isinstance(uri.host, bytes) else uri.host
-            endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
-            if uri.scheme == b"https":
-                endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
-            self._cache[key] = endpoint
-        return endpoint
 
 
 class StreamingProxy:

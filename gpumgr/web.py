@@ -19,7 +19,7 @@ Every error of a request is written here (`_respond`): a Resource raises a
 GpumgrError, returns a Deferred that fails with one (a tunnel that could
 not open, a job refused), or one that fires with a proxy `Result` whose
 exchange was refused (the consumer unreachable, or silent). The Site
-answers only what never became a request (gpumgr.site).
+answers only what never became a request (gpumgr.site_channel).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class JsonResource(Resource):
     def render(self, request: Any) -> Any:
         method = request.method.decode("ascii", "replace")
         allowed = self.allowed_methods
-        # HEAD arrives here as GET (gpumgr.site), so GET routes answer it.
+        # HEAD arrives here as GET (gpumgr.site_request), so GET routes answer it.
         if allowed and method not in allowed:
             write_error(request, MethodNotAllowed(method, allowed))
             return server.NOT_DONE_YET
