@@ -4,49 +4,14 @@ rather than as an empty panel on someone's wall."""
 
 from __future__ import annotations
 
-import json
-import os
-import re
-from typing import Any, Iterator
-
 import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 
 from gpumgr.testing import make_world, managed_whisper_entry, world_config
+from tests.grafana_support import label_problems, load, metric_names, queries
 from tests.helpers import wait_for
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DASHBOARD = os.path.join(ROOT, "etc", "grafana-dashboard.json")
-#: Grafana's own variables; the dashboard defines the rest.
-
-_METRIC_RE = re.compile(r"\bgpumgr_[a-zA-Z0-9_]+")
-_SELECTOR_RE = re.compile(r"\b(gpumgr_[a-zA-Z0-9_]+)\s*\{([^}]*)\}")
-_MATCHER_RE = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)\s*\"")
-_GROUPING_RE = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
-
-
-def load() -> dict[str, Any]:
-    with open(DASHBOARD, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """(where, PromQL) for every panel target and every query variable."""
-    for panel in dashboard["panels"]:
-        for target in panel.get("targets", ()):
-            yield f"panel {panel['id']} {panel['title']!r} {target['refId']}", target["expr"]
-    for variable in dashboard["templating"]["list"]:
-        if variable["type"] == "query":
-            query = variable["query"]
-            if isinstance(query, dict):
-                query = query["query"]
-            yield f"variable {variable['name']}", query
-
-
-def metric_names(expr: str) -> set[str]:
-    return set(_METRIC_RE.findall(expr))
 
 
 def exported(scrape: str) -> tuple[set[str], dict[str, set[str]]]:
@@ -68,29 +33,6 @@ def exported(scrape: str) -> tuple[set[str], dict[str, set[str]]]:
             names.add(sample.name)
             labels.setdefault(sample.name, set()).update(sample.labels)
     return names, labels
-
-
-def label_problems(expr: str, labels: dict[str, set[str]]) -> list[str]:
-    """Label names in selectors and groupings that the metrics do not carry.
-
-    Scrape labels (`instance`, `job`) come from Prometheus, not from gpumgr.
-    """
-    scrape_labels = {"instance", "job"}
-    problems = []
-    used = metric_names(expr)
-    for name, matchers in _SELECTOR_RE.findall(expr):
-        if name not in labels:
-            continue  # no series in this scrape: its name was checked, its labels cannot be
-        for label in _MATCHER_RE.findall(matchers):
-            if label not in labels[name] | scrape_labels:
-                problems.append(f"{name} has no label {label!r}")
-    known = set().union(*(labels.get(name, set()) for name in used)) | scrape_labels
-    if all(name in labels for name in used):
-        for grouping in _GROUPING_RE.findall(expr):
-            for label in filter(None, (part.strip() for part in grouping.split(","))):
-                if label not in known:
-                    problems.append(f"grouping by {label!r}, which none of {sorted(used)} has")
-    return problems
 
 
 # -- against a live broker -----------------------------------------------------
