@@ -5,31 +5,15 @@
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import subprocess
 import sys
 
 import pytest_twisted
-from twisted.internet.threads import deferToThread
 
-from gpumgr.cli import main
 from gpumgr.testing import world_config
+from tests.cli_support import gpumgr, shipped_config_here
 from tests.helpers import free_port
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class Run:
-    def __init__(self, code: int, out: str, err: str) -> None:
-        self.code, self.out, self.err = code, out, err
-
-
-async def gpumgr(*argv: str, env: dict | None = None) -> Run:
-    out, err = io.StringIO(), io.StringIO()
-    code = await deferToThread(main, list(argv), env=env or {}, stdout=out, stderr=err)
-    return Run(code, out.getvalue(), err.getvalue())
 
 
 # status -------------------------------------------------------------------------
@@ -139,18 +123,6 @@ async def test_load_against_an_unreachable_broker():
 
 
 # check-config ---------------------------------------------------------------------
-
-
-def shipped_config_here(tmp_path) -> str:
-    """etc/consumers.yaml with whisper's process paths pointed at this machine:
-    the shipped ones (/opt/whisper.cpp) exist only on a real box."""
-    text = open(os.path.join(ROOT, "etc", "consumers.yaml")).read()
-    assert "/opt/whisper.cpp/build/bin/whisper-server" in text and "cwd: /opt/whisper.cpp" in text
-    text = text.replace("/opt/whisper.cpp/build/bin/whisper-server", sys.executable)
-    text = text.replace("cwd: /opt/whisper.cpp", f"cwd: {tmp_path}")
-    path = tmp_path / "consumers.yaml"
-    path.write_text(text)
-    return str(path)
 
 
 def test_python_dash_m_runs_the_cli(tmp_path):
