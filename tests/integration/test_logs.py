@@ -4,31 +4,16 @@ from __future__ import annotations
 
 
 from gpumgr import tap
-from tests.helpers import free_port, parse_twistd_options
+from tests.helpers import parse_twistd_options
+from tests.logs_support import TOKEN, write_config
 from gpumgr.logs import REDACTED, TwistdLogging, twistd_logging_problem
-
-TOKEN = "tok-4b1f9e07c2d8a653"
 
 
 # Wiring into twistd ---------------------------------------------------------------
 
 
-def _write_config(tmp_path, port: int, token: str | None = TOKEN, name: str = "mvoice") -> str:
-    path = tmp_path / "gpumgr.yaml"
-    lines = [f"listen: tcp:{port}:interface=127.0.0.1",
-             "health: {interval_s: 0.2, timeout_s: 1}",
-             "gpu: {nvidia_smi: /nonexistent/nvidia-smi, interval_s: 30}",
-             f"routes: {{tts: {name}}}",
-             f"consumers: {{{name}: {{url: 'http://127.0.0.1:{free_port()}', health: /health, "
-             "paths: {tts: /tts}}}"]
-    if token:
-        lines.append(f"admin_token: {token}")
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
 def test_twistd_options_give_the_config_token_to_the_redactor(tmp_path):
-    options = parse_twistd_options(["-n", "gpumgr", "--config", _write_config(tmp_path, 0),
+    options = parse_twistd_options(["-n", "gpumgr", "--config", write_config(tmp_path, 0),
                              "--log-format", "json"])
     assert options.subOptions["redactor"].text(f"x {TOKEN}") == f"x {REDACTED}"
     made = tap.makeService(options.subOptions)

@@ -10,26 +10,8 @@ import time
 import pytest
 
 from tests.helpers import free_port, running_twistd
+from tests.logs_support import TOKEN, write_config
 from gpumgr.logs import REDACTED
-
-TOKEN = "tok-4b1f9e07c2d8a653"
-
-
-# Wiring into twistd ---------------------------------------------------------------
-
-
-def _write_config(tmp_path, port: int, token: str | None = TOKEN, name: str = "mvoice") -> str:
-    path = tmp_path / "gpumgr.yaml"
-    lines = [f"listen: tcp:{port}:interface=127.0.0.1",
-             "health: {interval_s: 0.2, timeout_s: 1}",
-             "gpu: {nvidia_smi: /nonexistent/nvidia-smi, interval_s: 30}",
-             f"routes: {{tts: {name}}}",
-             f"consumers: {{{name}: {{url: 'http://127.0.0.1:{free_port()}', health: /health, "
-             "paths: {tts: /tts}}}"]
-    if token:
-        lines.append(f"admin_token: {token}")
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
 
 
 # A real twistd ---------------------------------------------------------------------
@@ -86,7 +68,7 @@ def test_twistd_text_log_redacts_the_configured_token(tmp_path):
     from the config file, in twistd's default text format.
     """
     port = free_port()
-    config = _write_config(tmp_path, port, token=TOKEN, name=TOKEN)
+    config = write_config(tmp_path, port, token=TOKEN, name=TOKEN)
     with running_twistd(tmp_path, port, "--config", config) as output:
         for token in (TOKEN, "wrong"):
             _request(port, "POST", f"/v1/consumers/{TOKEN}/unload",
