@@ -553,6 +553,22 @@ class ScriptedProbe:
         return defer.fail(ConnectionRefusedError("connection refused"))
 
 
+class PortCheck:
+    """What the look at the port finds, decided by the test; pending until answered."""
+
+    def __init__(self) -> None:
+        self.pending: list[defer.Deferred[str | None]] = []
+        self.cancelled = 0
+
+    def __call__(self) -> defer.Deferred[str | None]:
+        def cancelled(_: defer.Deferred[str | None]) -> None:
+            self.cancelled += 1
+
+        d: defer.Deferred[str | None] = defer.Deferred(cancelled)
+        self.pending.append(d)
+        return d
+
+
 def spec(command=(sys.executable, "-c", "pass"), **kw) -> ProcessConfig:
     return ProcessConfig(command=tuple(command), **kw)
 

@@ -5,26 +5,9 @@ gives up on a start. Clock-driven fakes, no sleeps."""
 from __future__ import annotations
 
 import pytest_twisted
-from twisted.internet import defer
 
 from gpumgr.process import ManagedProcess, ProcessState
-from tests.helpers import FakeProcessReactor, ScriptedProbe, outcome, spec
-
-
-class PortCheck:
-    """What the look at the port finds, decided by the test; pending until answered."""
-
-    def __init__(self) -> None:
-        self.pending: list[defer.Deferred[str | None]] = []
-        self.cancelled = 0
-
-    def __call__(self) -> defer.Deferred[str | None]:
-        def cancelled(_: defer.Deferred[str | None]) -> None:
-            self.cancelled += 1
-
-        d: defer.Deferred[str | None] = defer.Deferred(cancelled)
-        self.pending.append(d)
-        return d
+from tests.helpers import FakeProcessReactor, PortCheck, ScriptedProbe, outcome, spec
 
 
 def test_a_free_port_lets_the_spawn_go_on():

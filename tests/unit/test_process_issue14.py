@@ -10,23 +10,7 @@ from twisted.python.failure import Failure
 
 from gpumgr.errors import ProcessStartFailed
 from gpumgr.process import ManagedProcess, ProcessState
-from tests.helpers import FakeProcessReactor, NoSample, ScriptedProbe, outcome, spec
-
-
-class PortCheck:
-    """What the look at the port finds, decided by the test; pending until answered."""
-
-    def __init__(self) -> None:
-        self.pending: list[defer.Deferred[str | None]] = []
-        self.cancelled = 0
-
-    def __call__(self) -> defer.Deferred[str | None]:
-        def cancelled(_: defer.Deferred[str | None]) -> None:
-            self.cancelled += 1
-
-        d: defer.Deferred[str | None] = defer.Deferred(cancelled)
-        self.pending.append(d)
-        return d
+from tests.helpers import FakeProcessReactor, NoSample, PortCheck, ScriptedProbe, outcome, spec
 
 
 def test_an_exit_during_start_names_the_last_non_blank_stderr_line():
