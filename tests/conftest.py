@@ -7,6 +7,7 @@ import pathlib
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.logger import globalLogPublisher
 
 from gpumgr.service import GpumgrService
 from gpumgr.testing import make_world, world_config
@@ -69,3 +70,17 @@ def pytest_collection_modifyitems(items):
         kind = item.path.relative_to(_TESTS).parts[0] if item.path.is_relative_to(_TESTS) else ""
         for mark in _MARKS.get(kind, ()):
             item.add_marker(getattr(pytest.mark, mark))
+
+
+@pytest.fixture
+def log_events():
+    """The events logged under gpumgr.process while the test runs (test_process's two halves)."""
+    events: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace") == "gpumgr.process":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)

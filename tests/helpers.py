@@ -20,6 +20,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent
 from twisted.scripts.twistd import ServerOptions
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -567,6 +568,10 @@ class PortCheck:
         d: defer.Deferred[str | None] = defer.Deferred(cancelled)
         self.pending.append(d)
         return d
+
+
+def texts(events) -> list[str]:
+    return [formatEvent(e) for e in events]
 
 
 def spec(command=(sys.executable, "-c", "pass"), **kw) -> ProcessConfig:

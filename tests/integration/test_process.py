@@ -14,13 +14,13 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 
 from gpumgr.config import ProcessConfig
 from gpumgr.errors import ProcessStartFailed
 from gpumgr.process import ManagedProcess, ProcessExit, ProcessState, launch
-from tests.helpers import free_port, outcome, wait_for
+from tests.helpers import free_port, outcome, texts, wait_for
 
 # -- the pure parts --
 
@@ -116,23 +116,6 @@ async def procs(tmp_path):
         await mp.stop().addTimeout(30, reactor)
     for pid in p.pids:
         await wait_for(lambda: _gone(pid), timeout_s=10)
-
-
-@pytest.fixture
-def log_events():
-    events: list[dict] = []
-
-    def observe(event: dict) -> None:
-        if event.get("log_namespace") == "gpumgr.process":
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
-
-
-def texts(events) -> list[str]:
-    return [formatEvent(e) for e in events]
 
 
 async def failure_of(d: defer.Deferred) -> Failure:

@@ -10,7 +10,7 @@ import sys
 import pytest
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 
 from gpumgr.errors import ProcessStartFailed, ProcessStopFailed
@@ -32,6 +32,7 @@ from tests.helpers import (
     ScriptedProbe,
     outcome,
     spec,
+    texts,
 )
 
 # -- the pure parts --
@@ -456,23 +457,6 @@ def test_a_failing_on_exit_is_logged_not_raised(log_events):
 
 
 # -- real subprocesses on the real reactor --
-
-
-@pytest.fixture
-def log_events():
-    events: list[dict] = []
-
-    def observe(event: dict) -> None:
-        if event.get("log_namespace") == "gpumgr.process":
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
-
-
-def texts(events) -> list[str]:
-    return [formatEvent(e) for e in events]
 
 
 def test_long_output_lines_are_cut():
