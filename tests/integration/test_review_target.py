@@ -1,14 +1,9 @@
-"""A hostile review of issue 14's points 1, 7 and 8: what held, and what did not.
+"""A hostile review of issue 14's points 1, 7 and 8, through a real broker on
+loopback: what held, and what did not.
 
-Each test here failed on the code it was written against. The ollama body
-cases follow what ollama really does: gin's `ShouldBindJSON` is Go's
-encoding/json (keys matched case-insensitively by Unicode *simple* folding,
-unknown fields skipped without converting their numbers, nesting up to
-10,000), and `api.Duration` (api/types.go), whose rule changed in 0.11.8
-(#12041): before, a number was `int(t) * int(time.Second)` (int64 wraps)
-and the unload test was `int(KeepAlive.Seconds()) == 0` (any duration under
-a second); since, a number is `t * float64(time.Second)` and the test is
-`Duration == 0`. gpumgr must call an unload what either version unloads.
+Each test here failed on the code it was written against. How ollama reads an
+unload body (Go's encoding/json, `api.Duration` before and since 0.11.8) is
+told in tests/unit/test_review_target.py, which checks those rules directly.
 """
 
 from __future__ import annotations
