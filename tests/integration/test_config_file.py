@@ -1,9 +1,8 @@
-"""Only a regular file is read as config, and never in a way that blocks (issue 14.10).
+"""A reload from a FIFO is refused at once, through a real broker (issue 14.10).
 
-A FIFO as the config path froze the whole daemon for 30 s on reload: the
-open() waited for a writer on the reactor's thread. Each test that could
-block on today's code has a rescuer thread that plays the writer after a
-while, so a regression fails on its message instead of hanging the suite.
+The reader itself, and why a FIFO froze the daemon, are tested in
+tests/unit/test_config_file.py; the rescuer thread here plays the writer after
+a while, so a regression fails on its message instead of hanging the suite.
 """
 
 from __future__ import annotations
@@ -14,10 +13,8 @@ import time
 
 import pytest_twisted
 
+from tests.config_support import RESCUE_AFTER_S
 from tests.helpers import file_broker
-
-#: How long the rescuer waits before it unblocks a reader that should never have blocked.
-RESCUE_AFTER_S = 3.0
 
 
 @pytest_twisted.ensureDeferred

@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.config_support import MINIMAL
 from tests.helpers import run_twistd
-
-MINIMAL = """
-consumers:
-  ollama:
-    url: http://127.0.0.1:11434
-    health: /api/version
-    paths: {llm: /api/generate}
-routes:
-  llm: ollama
-"""
-
 
 @pytest.mark.parametrize("snippet,key_path", [
     ("scheduler: {mode: yolo}\n", "scheduler.mode"),

@@ -4,34 +4,11 @@ line (the loader itself is tested in tests/unit/test_config_strict.py)."""
 from __future__ import annotations
 
 import socket
-import textwrap
 
 import pytest
+
+from tests.config_support import MINIMAL, alias_bomb
 from tests.helpers import run_twistd
-
-
-MINIMAL = textwrap.dedent("""\
-    consumers:
-      ollama:
-        url: http://127.0.0.1:11434
-        health: /api/version
-        paths: {llm: /api/generate}
-    routes:
-      llm: ollama
-    """)
-
-
-def _alias_bomb(levels: int, fan_out: int = 9) -> str:
-    """`levels` anchors, each a list of `fan_out` aliases of the one before."""
-    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
-    for i in range(1, levels + 1):
-        lines.append(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * fan_out)}]")
-    return "\n".join(lines) + "\n"
-
-
-# -- fuzzing ----------------------------------------------------------------------------
-
-#: GPUMGR_FUZZ_EXAMPLES=5000 for a longer hunt; the default suits the shared small box.
 
 
 # -- twistd itself ----------------------------------------------------------------------
@@ -39,7 +16,7 @@ def _alias_bomb(levels: int, fan_out: int = 9) -> str:
 
 @pytest.mark.parametrize("text,where", [
     (MINIMAL + "x: &a [*a]\n", "x[0]: an alias refers to a node that contains it"),
-    (_alias_bomb(30), "expands to more than"),
+    (alias_bomb(30), "expands to more than"),
     (MINIMAL + "admin_token: ''\n", "admin_token: must not be empty"),
     (MINIMAL.replace("http://127.0.0.1:11434", "http://[::1"), "consumers.ollama.url"),
 ])

@@ -4,18 +4,9 @@ import textwrap
 import pytest
 
 from gpumgr.config import ConfigError, load_config, parse_config_text
+from tests.config_support import MINIMAL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-MINIMAL = """
-consumers:
-  ollama:
-    url: http://127.0.0.1:11434
-    health: /api/version
-    paths: {llm: /api/generate}
-routes:
-  llm: ollama
-"""
 
 
 def test_shipped_config_is_valid_and_describes_the_real_apis():

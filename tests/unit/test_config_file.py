@@ -18,10 +18,7 @@ import pytest
 
 from gpumgr import cli
 from gpumgr.config import ConfigError, load_config, read_config_file
-
-#: How long the rescuer waits before it unblocks a reader that should never have blocked.
-RESCUE_AFTER_S = 3.0
-
+from tests.config_support import RESCUE_AFTER_S
 
 @pytest.fixture
 def fifo(tmp_path):

@@ -30,16 +30,7 @@ from gpumgr.config import (
     parse_process_pattern,
     url_reaches_listener,
 )
-
-MINIMAL = textwrap.dedent("""\
-    consumers:
-      ollama:
-        url: http://127.0.0.1:11434
-        health: /api/version
-        paths: {llm: /api/generate}
-    routes:
-      llm: ollama
-    """)
+from tests.config_support import MINIMAL, alias_bomb
 
 
 def _refused(text: str, environ: dict[str, str] | None = None) -> ConfigError:
@@ -47,14 +38,6 @@ def _refused(text: str, environ: dict[str, str] | None = None) -> ConfigError:
         parse_config_text(text, "/etc/gpumgr/bad.yaml", environ or {})
     assert info.value.file == "/etc/gpumgr/bad.yaml"
     return info.value
-
-
-def _alias_bomb(levels: int, fan_out: int = 9) -> str:
-    """`levels` anchors, each a list of `fan_out` aliases of the one before."""
-    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
-    for i in range(1, levels + 1):
-        lines.append(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * fan_out)}]")
-    return "\n".join(lines) + "\n"
 
 
 # -- the YAML layer ------------------------------------------------------------
@@ -94,7 +77,7 @@ def test_alias_chains_count_towards_depth():
 @pytest.mark.timeout(20)
 def test_alias_bomb_is_refused_fast():
     # 9**30 values when expanded: an unbounded walk would outlast any timeout.
-    text = _alias_bomb(30)
+    text = alias_bomb(30)
     assert len(text) < 4000
     err = _refused(text)
     assert "through aliases (an alias bomb?)" in err.problem
@@ -102,7 +85,7 @@ def test_alias_bomb_is_refused_fast():
 
 
 def test_a_small_fan_out_of_aliases_is_ordinary_data():
-    loaded = yaml_strict.load(_alias_bomb(3))  # 9**4 values when expanded: fine
+    loaded = yaml_strict.load(alias_bomb(3))  # 9**4 values when expanded: fine
     assert len(loaded["l3"]) == 9 and loaded["l3"][0] is loaded["l2"]
 
 
