@@ -20,6 +20,7 @@ from gpumgr import cli
 from gpumgr.config import ConfigError, load_config, read_config_file
 from tests.config_support import RESCUE_AFTER_S
 
+
 @pytest.fixture
 def fifo(tmp_path):
     path = tmp_path / "gpumgr.yaml"
