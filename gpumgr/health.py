@@ -97,6 +97,11 @@ class HealthMonitor:
         """Probe every consumer and fire when all probes have been recorded."""
         return defer.gatherResults([self.probe_now(name) for name in self._consumers()])
 
+    def probing(self, name: str) -> bool:
+        """A probe of `name` is on its way (it may reach whatever listens on
+        the port by the time it connects)."""
+        return name in self._in_progress
+
     def probe_now(self, name: str) -> defer.Deferred[None]:
         """Probe one consumer now, unless a probe of it is already running."""
         if name in self._in_progress:

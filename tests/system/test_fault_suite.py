@@ -971,8 +971,11 @@ class Injector:
         if process.state.value == "running" and process.pid:
             os.kill(process.pid, signal.SIGKILL)
         try:
-            # Listening in the same turn as the look: no start can slip in between.
-            await wait_for(lambda: process.state.value in ("stopped", "failed"), timeout_s=5)
+            # Listening in the same turn as the look: no start can slip in between,
+            # and no health probe sent while whisper still ran is on its way (it
+            # would land on the stranger: a probe gpumgr sent to its own process).
+            await wait_for(lambda: process.state.value in ("stopped", "failed")
+                           and not self.service.broker.health.probing("whisper"), timeout_s=5)
         except AssertionError:
             self.counts["stranger (port never free)"] += 1
             return "whisper", 0.0

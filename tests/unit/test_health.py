@@ -252,3 +252,12 @@ def test_only_a_refused_connection_marks_the_consumer_gone():
     clock.advance(monitor.interval_s)
     probes.answer("http://a/health")
     assert registry["a"].health is Health.OK and registry["a"].refused is False
+
+
+def test_probing_says_whether_a_probe_is_on_its_way():
+    clock, registry, probes, monitor = make(("a",))
+    assert monitor.probing("a") is False
+    monitor.start()
+    assert monitor.probing("a") is True
+    probes.answer("http://a/health")
+    assert monitor.probing("a") is False
