@@ -49,8 +49,9 @@ class DemoService(MultiService):
             scheduler={"mode": mode or "evicting", "max_queue": 256,
                        "priority": {"tts": 10, "stt": 10, "llm": 5, "image": 0}},
         )
-        self.broker = GpumgrService(reactor, config, install_signals=True)
-        self.broker.setServiceParent(self)
+        #: The gpumgr service itself (its broker is `self.gpumgr.broker`).
+        self.gpumgr = GpumgrService(reactor, config, install_signals=True)
+        self.gpumgr.setServiceParent(self)
 
     def startService(self) -> None:
         super().startService()
