@@ -96,6 +96,8 @@ def _parse_consumer(sec: Section, name: str) -> ConsumerConfig:
         health_path=sec.path_value("health", defaults.health),
         paths=MappingProxyType(paths),
         vram_resident_mib=sec.number("vram_resident_mib", 0, integer=True),
+        vram_job_mib=sec.number("vram_job_mib", 0, integer=True),
+        max_concurrency=sec.number("max_concurrency", 1, integer=True, positive=True),
         can_coexist_with=coexist,
         load=load,
         unload=unload,

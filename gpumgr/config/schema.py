@@ -98,6 +98,11 @@ class ConsumerConfig:
     #: After its client left, how long a job holds the GPU at most waiting for
     #: evidence that the service stopped (gpumgr.abandoned); 0: not at all.
     abandoned_grace_s: float = 30.0
+    #: Extra memory one running job may add on top of the resident memory
+    #: (a starting figure; a measured job peak that is larger wins).
+    vram_job_mib: int = 0
+    #: Jobs of this consumer that may run at once (scheduler.capacity: auto).
+    max_concurrency: int = 1
     #: After a render's interrupt, how long gpumgr waits for evidence that it
     #: stopped before it stops the owned process (or, with none, reports it stuck).
     render_stop_grace_s: float = 30.0
