@@ -88,6 +88,8 @@ def parse_config(raw: Any, source: str, environ: Mapping[str, str] | None = None
         unload_settle_s=g.number("unload_settle_s", 10.0),
         total_mib=g.number("total_mib", None, integer=True, positive=True) if g.has("total_mib")
         else None,
+        state_dir=_parse_state_dir(g),
+        loop_ms=g.number("loop_ms", 250, integer=True, positive=True),
     )
     g.finish()
 
@@ -290,3 +292,13 @@ def _parse_routes(sec: Section, consumers: Mapping[str, ConsumerConfig]) -> dict
         routes[kind] = target
     sec.finish()
     return routes
+
+
+def _parse_state_dir(g: Section) -> str | None:
+    """gpu.state_dir: an absolute directory for learned memory profiles, or unset."""
+    value = g.string("state_dir", "")  # "": absent
+    if not g.has("state_dir"):
+        return None
+    if not os.path.isabs(value):
+        g.fail("state_dir", f"must be an absolute directory path, got {value!r}")
+    return value

@@ -134,6 +134,10 @@ class GpuConfig:
     unload_settle_s: float = 10.0
     #: Used for accounting only when no GPU sample is available.
     total_mib: int | None = None
+    #: Where learned memory profiles are kept across restarts (None: not kept).
+    state_dir: str | None = None
+    #: While jobs run, nvidia-smi reports every this many ms (one long-lived process).
+    loop_ms: int = 250
 
 
 @attrs.frozen

@@ -166,3 +166,20 @@ def test_an_unwritable_state_dir_is_logged_not_raised(tmp_path):
     lp.raise_peak("tts", None, 3000)
     clock.advance(0)
     assert lp.writes == 0 and os.path.isfile(target)
+
+
+_ONE = "consumers:\n  t:\n    url: http://127.0.0.1:1\n    paths: {tts: /s}\n    health: /h\n"
+
+
+def test_the_config_keys_state_dir_and_loop_ms():
+    from gpumgr.config import ConfigError, parse_config_text
+
+    gpu = parse_config_text("gpu: {state_dir: /var/lib/gpumgr, loop_ms: 100}\n" + _ONE, "c.yaml").gpu
+    assert (gpu.state_dir, gpu.loop_ms) == ("/var/lib/gpumgr", 100)
+    gpu = parse_config_text(_ONE, "c.yaml").gpu
+    assert (gpu.state_dir, gpu.loop_ms) == (None, 250)
+    for bad, key in (("state_dir: rel", "gpu.state_dir"), ('state_dir: ""', "gpu.state_dir"),
+                     ("loop_ms: 0", "gpu.loop_ms"), ("loop_ms: 1.5", "gpu.loop_ms")):
+        with pytest.raises(ConfigError) as e:
+            parse_config_text(f"gpu: {{{bad}}}\n" + _ONE, "c.yaml")
+        assert str(e.value).startswith(f"c.yaml: {key}:"), str(e.value)
