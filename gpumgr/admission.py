@@ -239,12 +239,13 @@ class Admission:
     @defer.inlineCallbacks
     def _settle(self, name: str, resident_mib: int, before: int | None,
                 needed_mib: int | None) -> Any:
-        """Wait until nvidia-smi shows the memory back, or unload_settle_s passes."""
+        """Wait until nvidia-smi shows the memory back, or unload_settle_s passes.
+        Read from the nvidia-smi stream while it runs: a swap is seen within a loop period."""
         if before is None or resident_mib <= 0:
             return
         deadline = self._clock.seconds() + self._config.gpu.unload_settle_s
         while True:
-            sample = yield self._gpu.sample_now()
+            sample = yield self._gpu.fresh_sample()
             free = sample.memory_free_mib
             if free is None:
                 return
@@ -255,7 +256,8 @@ class Admission:
                          name=name, freed=free - before, mib=resident_mib,
                          s=self._config.gpu.unload_settle_s)
                 return
-            yield task.deferLater(self._clock, SETTLE_POLL_S, lambda: None)
+            if self._gpu.stream is None or not self._gpu.stream.running:
+                yield task.deferLater(self._clock, SETTLE_POLL_S, lambda: None)
 
     @defer.inlineCallbacks
     def load(self, name: str, reason: str, evicting: bool = True) -> Any:

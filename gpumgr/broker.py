@@ -45,6 +45,7 @@ from gpumgr.fleet import Fleet
 from gpumgr.gpu import GpuSampler
 from gpumgr.health import HealthMonitor
 from gpumgr.jobs import GpuJob, Jobs, drain, make_scheduler, timeouts_for
+from gpumgr.measure import Measuring
 from gpumgr.process import ManagedProcess
 from gpumgr.proxy import StreamingProxy
 from gpumgr.registry import Registry
@@ -129,6 +130,10 @@ class Broker:
                          passthrough=self.passing_through)
         gpu.listeners.append(lambda sample: self.registry.apply_sample(
             sample, self._config.consumers))
+        #: Learned memory profiles (`self.measuring.profiles`, a MemoryProfiles) and the
+        #: nvidia-smi stream while jobs run (gpumgr.measure).
+        self.measuring = Measuring(reactor, lambda: self._config, gpu, self.registry,
+                                   lambda: self.scheduler, http)
         self.fleet.sync()
 
     # -- config and mode ---------------------------------------------------------
@@ -187,6 +192,7 @@ class Broker:
         self.started_at = self.reactor.seconds()
         self.health.start()
         self.gpu.start()
+        self.measuring.start()
         for name, c in self._config.consumers.items():
             if c.preload:
                 self._preload(name)
@@ -210,6 +216,7 @@ class Broker:
         self._tunnels.close_all()
         self.health.stop()
         self.gpu.stop()
+        self.measuring.stop()
         self.admission.stop()
         return self.fleet.stop_all()
 
@@ -332,7 +339,7 @@ class Broker:
             self._config, self.mode, self.started_at, self.reloads, self.gpu, self.registry,
             self.scheduler, self.admission, self.fleet.processes, self.render_tracker,
             self.abandoned, len(self._tunnels.open_now), self._tunnels.total,
-            self.accounting.request_stats))
+            self.accounting.request_stats, self.measuring.profiles))
 
     def status(self) -> dict[str, Any]:
         return status_document(self.snapshot())

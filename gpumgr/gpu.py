@@ -10,7 +10,7 @@ import functools
 import os
 import shlex
 import shutil
-from typing import Any, Callable, Generator, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Generator, NoReturn, Sequence
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
@@ -35,6 +35,9 @@ from gpumgr.gpu_sample import (
     parse_gpu_csv,
 )
 from gpumgr.terminate import TermThenKill
+
+if TYPE_CHECKING:
+    from gpumgr.gpu_stream import GpuStream
 
 __all__ = [
     "APPS_QUERY",
@@ -230,6 +233,9 @@ class GpuSampler:
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._run = run or functools.partial(run_command, kill_grace_s=kill_grace_s)
+        #: Samples come from the nvidia-smi command (not an injected runner):
+        #: it can also be streamed (gpumgr.gpu_stream).
+        self.runs_nvidia_smi = run is None
         #: A backstop past run_command's own give-up point, so that a sample
         #: always fires even if a runner never does.
         self.sample_deadline_s = timeout_s + 3 * kill_grace_s
@@ -242,6 +248,9 @@ class GpuSampler:
         self.sampling_s_total = 0.0
         #: Called with every new sample (the registry measures residency).
         self.listeners: list[Callable[[GpuSample], None]] = []
+        self._waiting: list[defer.Deferred[GpuSample]] = []
+        #: The long-lived nvidia-smi stream, where one runs (gpumgr.gpu_stream).
+        self.stream: GpuStream | None = None
 
     def start(self) -> None:
         self._loop = LoopingCall(self._tick)
@@ -302,13 +311,33 @@ class GpuSampler:
                 log.info("GPU sampling recovered")
                 self._last_logged_error = None
         self.sampling_s_total += self._reactor.seconds() - began
+        self.publish(sample)
+        return sample
+
+    def publish(self, sample: GpuSample) -> None:
+        """A new reading (a periodic one, or the stream's): `latest`, and every listener."""
         self.latest = sample
+        waiting, self._waiting = self._waiting, []
         for listener in self.listeners:
             try:
                 listener(sample)
             except Exception:
                 log.failure("a GPU sample listener failed")
-        return sample
+        for d in waiting:
+            d.callback(sample)
+
+    def fresh_sample(self) -> defer.Deferred[GpuSample]:
+        """A reading taken from now on: the stream's next (within a loop period)
+        while it runs, else one taken now. Never fails."""
+        stream = self.stream
+        if stream is None or not stream.running:
+            if stream is not None:
+                stream.start()  # for the next ones; its first reading takes a period or two
+            return self.sample_now()
+        d: defer.Deferred[GpuSample] = defer.Deferred(lambda d: self._waiting.remove(d))
+        self._waiting.append(d)
+        d.addTimeout(2 * stream.period_s + 1.0, self._reactor)
+        return d.addErrback(lambda _: self.sample_now())
 
     def _failed(self, message: str) -> GpuSample:
         self.samples_failed += 1

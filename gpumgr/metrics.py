@@ -136,6 +136,10 @@ def metric_families(s: Snapshot) -> Iterator[Metric]:
                                       "state.", labels=["consumer", "state"])
     restarts = CounterMetricFamily("gpumgr_process_restarts", "Managed process starts after "
                                    "a crash or a failed start.", labels=["consumer"])
+    profile = GaugeMetricFamily("gpumgr_consumer_memory_profile_bytes", "The memory figure "
+                                "admission uses: resident (between jobs) or job_peak (one job's "
+                                "extra), by model (\"\" for the consumer) and source.",
+                                labels=["consumer", "model", "figure", "source"])
     for c in s.consumers:
         up.add_metric([c.name], 0 if c.health is Health.DOWN else 1)
         for h in Health:
@@ -149,7 +153,10 @@ def metric_families(s: Snapshot) -> Iterator[Metric]:
                 process_state.add_metric([c.name, p.value],
                                          1 if c.process.state is p else 0)
             restarts.add_metric([c.name], c.process.restarts)
-    yield from (up, health, residency, resident, active, process_state, restarts)
+        for model, mp in c.memory:
+            for figure, f in (("resident", mp.resident), ("job_peak", mp.job_peak)):
+                profile.add_metric([c.name, model or "", figure, f.source.value], f.mib * _MIB)
+    yield from (up, health, residency, resident, active, process_state, restarts, profile)
 
     # -- GPU -----------------------------------------------------------------
     gauges = {

@@ -14,6 +14,7 @@ from gpumgr.admission import Admission
 from gpumgr.config import KINDS, Config
 from gpumgr.gpu import GpuSampler
 from gpumgr.process import ManagedProcess
+from gpumgr.profile_store import LearnedProfiles
 from gpumgr.registry import Health, Registry
 from gpumgr.reload import ReloadHistory
 from gpumgr.renders import RenderTracker
@@ -45,6 +46,8 @@ class Parts:
     tunnels_open: int
     tunnels_total: int
     requests: RequestStats
+    #: The memory figures admission uses (gpumgr.profile_store), where learned.
+    profiles: LearnedProfiles | None = None
 
 
 def take_snapshot(now: float, p: Parts) -> Snapshot:
@@ -68,7 +71,8 @@ def take_snapshot(now: float, p: Parts) -> Snapshot:
             residency=state.residency, gpu_resident_mib=state.gpu_resident_mib,
             active=state.active, total_requests=state.total_requests, errors=state.errors,
             last_used=state.last_used, process=None if process is None else process.status(),
-            renders=tuple(renders.get(c.name, ()))))
+            renders=tuple(renders.get(c.name, ())),
+            memory=() if p.profiles is None else p.profiles.profiles_of(c)))
     config, reloads, gpu = p.config, p.reloads, p.gpu
     return Snapshot(
         now=now, started_at=p.started_at, version=__version__, mode=p.mode,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import attrs
 from twisted.internet import defer
@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from gpumgr.config import ConsumerConfig
 from gpumgr.errors import describe_failure
 from gpumgr.gpu_sample import GpuSample
-from gpumgr.memory import MemoryFigure, MemoryProfile
+from gpumgr.memory import MemoryProfile
 from gpumgr.profiles import (
     NOTHING_LEARNED,
     Activity,
@@ -200,21 +200,10 @@ class LearnedProfiles:
 
     # -- what status and metrics show -----------------------------------------
 
-    def memory_document(self, c: ConsumerConfig) -> dict[str, Any]:
-        doc = _profile_document(self.profile(c))
+    def profiles_of(self, c: ConsumerConfig) -> tuple[tuple[str | None, MemoryProfile], ...]:
+        """(None, the consumer's figures), then (model, its figures) per learned model."""
         models = sorted(m for (name, m) in self._learned if name == c.name and m is not None)
-        if models:
-            doc["models"] = {m: _profile_document(self.profile(c, m)) for m in models}
-        return doc
-
-    def figures(self) -> Iterator[tuple[str, str | None, str, MemoryFigure]]:
-        """(consumer, model, figure name, figure) for every consumer and learned model."""
-        for name, c in sorted(self._consumers().items()):
-            models = [None] + sorted(m for (n, m) in self._learned if n == name and m is not None)
-            for model in models:
-                p = self.profile(c, model)
-                yield name, model, "resident", p.resident
-                yield name, model, "job_peak", p.job_peak
+        return tuple((m, self.profile(c, m)) for m in [None, *models])
 
     # -- persistence -------------------------------------------------------------
 
@@ -270,10 +259,3 @@ def _ask_failed(name: str, f: Failure) -> None:
     log.info("{name}: could not read its loaded models' sizes: {why}", name=name,
              why=describe_failure(f))
 
-
-def _figure_document(f: MemoryFigure) -> dict[str, Any]:
-    return {"mib": f.mib, "source": f.source.value, "samples": f.samples}
-
-
-def _profile_document(p: MemoryProfile) -> dict[str, Any]:
-    return {"resident": _figure_document(p.resident), "job_peak": _figure_document(p.job_peak)}

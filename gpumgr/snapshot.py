@@ -13,6 +13,8 @@ import enum
 
 import attrs
 
+from gpumgr.memory import MemoryProfile
+
 from gpumgr.eviction import Residency
 from gpumgr.gpu import GpuSample
 from gpumgr.process import ProcessStatus
@@ -126,6 +128,8 @@ class ConsumerSnapshot:
     #: ManagedProcess.status(), or None when gpumgr does not own the process.
     process: ProcessStatus | None
     renders: tuple[RenderSnapshot, ...] = ()
+    #: Memory figures: (None, the consumer's), then (model, its own) per learned model.
+    memory: tuple[tuple[str | None, MemoryProfile], ...] = ()
 
 
 @attrs.frozen

@@ -6,6 +6,7 @@ import datetime
 from typing import Any
 
 from gpumgr.events import Event
+from gpumgr.memory import MemoryFigure, MemoryProfile
 from gpumgr.scheduler import Holder
 from gpumgr.process import ProcessStatus
 from gpumgr.snapshot import ConsumerSnapshot, Snapshot
@@ -41,6 +42,7 @@ def _consumer(s: Snapshot, c: ConsumerSnapshot) -> dict[str, Any]:
         "renders": [{"prompt_id": r.render_id, "since": iso(r.since),
                      "held_s": round(s.now - r.since, 3), "state": r.phase.value,
                      "state_since": iso(r.phase_since)} for r in c.renders],
+        **memory_document(c.memory),
     }
 
 
@@ -138,3 +140,19 @@ def status_document(s: Snapshot) -> dict[str, Any]:
             "recent_events": [_event(e) for e in sched.recent_events],
         },
     }
+
+
+def _figure(f: MemoryFigure) -> dict[str, Any]:
+    return {"mib": f.mib, "source": f.source.value, "samples": f.samples}
+
+
+def memory_document(memory: tuple[tuple[str | None, MemoryProfile], ...]) -> dict[str, Any]:
+    """`memory`: the consumer's figures, and `models` with each learned model's."""
+    docs = {model: {"resident": _figure(p.resident), "job_peak": _figure(p.job_peak)}
+            for model, p in memory}
+    if None not in docs:
+        return {}
+    doc: dict[str, Any] = dict(docs.pop(None))
+    if docs:
+        doc["models"] = {m: docs[m] for m in sorted(m for m in docs if m is not None)}
+    return {"memory": doc}

@@ -44,6 +44,24 @@ def loaded_models(ps_body: bytes) -> list[str]:
     return names
 
 
+def model_sizes_mib(ps_body: bytes) -> dict[str, int]:
+    """Each loaded model's `size_vram` in a `GET /api/ps` answer, in MiB (pure).
+
+    ollama's own figure for the model (weights and context), not a
+    measurement; a model without a whole, non-negative `size_vram` is left out."""
+    loaded_models(ps_body)  # the same checks: JSON with a models list
+    sizes: dict[str, int] = {}
+    for m in json.loads(ps_body)["models"]:
+        if not isinstance(m, dict):
+            continue
+        name = m.get("model") or m.get("name")
+        size = m.get("size_vram")
+        if isinstance(name, str) and name and isinstance(size, int) and not isinstance(
+                size, bool) and size >= 0:
+            sizes[name] = -(-size // (1 << 20))
+    return sizes
+
+
 #: The unload request: these routes with nothing to do and `keep_alive: 0`.
 _UNLOAD_ROUTES = {"/api/generate": "prompt", "/api/chat": "messages"}
 

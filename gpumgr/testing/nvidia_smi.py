@@ -17,6 +17,11 @@ still alive count, and stale ones are removed, the way the driver frees a
 dead process's memory even after SIGKILL. This module must stay standard
 library only: it runs as ``python -I -S nvidia_smi.py`` to start fast.
 
+With ``--loop-ms=N`` it prints a reading every N ms until killed, as the real
+tool does: the header once, and nothing at all in a period with no compute
+process (so a reader cannot tell such a period from a hung tool); ``timestamp``
+is a valid field of both queries.
+
 Run as ``python -m gpumgr.testing.nvidia_smi`` or ``gpumgr-sim-nvidia-smi``.
 """
 
@@ -28,6 +33,7 @@ import sys
 import time
 
 _GPU_FIELDS = {
+    "timestamp": ("timestamp", ""),
     "index": ("index", ""),
     "name": ("name", ""),
     "memory.total": ("memory_total_mib", " MiB"),
@@ -37,6 +43,7 @@ _GPU_FIELDS = {
     "temperature.gpu": ("temperature_c", ""),
 }
 _APP_FIELDS = {
+    "timestamp": ("timestamp", ""),
     "pid": ("pid", ""),
     "process_name": ("name", ""),
     "used_memory": ("used_mib", " MiB"),
@@ -195,57 +202,63 @@ def _render(rows, fields, table, header: bool, units: bool) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    state_path = os.environ.get("GPUMGR_SIM_STATE")
-    query = None
-    fmt = "csv"
+def _options(args: list[str]) -> dict:
+    opts: dict = {"state": os.environ.get("GPUMGR_SIM_STATE"), "query": None, "fmt": "csv",
+                  "loop_s": None}
     i = 0
     while i < len(args):
         arg = args[i]
         if arg == "--state":
-            state_path = args[i + 1]
+            opts["state"] = args[i + 1]
             i += 1
         elif arg.startswith("--state="):
-            state_path = arg.split("=", 1)[1]
+            opts["state"] = arg.split("=", 1)[1]
         elif arg.startswith("--query-gpu=") or arg.startswith("--query-compute-apps="):
-            query = arg
+            opts["query"] = arg  # one selective query per run: the last one given
         elif arg.startswith("--format="):
-            fmt = arg.split("=", 1)[1]
+            opts["fmt"] = arg.split("=", 1)[1]
+        elif arg.startswith("--loop-ms=") or arg in ("-lms", "--loop-ms"):
+            value = arg.split("=", 1)[1] if "=" in arg else args[i + 1]
+            i += 0 if "=" in arg else 1
+            opts["loop_s"] = max(int(value), 1) / 1000.0
+        elif arg.startswith("--loop=") or arg in ("-l", "--loop"):
+            value = arg.split("=", 1)[1] if "=" in arg else args[i + 1]
+            i += 0 if "=" in arg else 1
+            opts["loop_s"] = float(value)
         i += 1
-    if state_path is None:
-        sys.stderr.write("simulated nvidia-smi: no --state PATH or $GPUMGR_SIM_STATE\n")
-        return 2
+    return opts
+
+
+def _reading(opts: dict, header: bool) -> tuple[str, int | None]:
+    """One reading's output, and an exit status to end with (None: go on)."""
+    state_path = opts["state"]
     try:
         with open(state_path) as f:
             state = json.load(f)
     except (OSError, ValueError) as e:
-        sys.stdout.write(_DRIVER_FAILURE)
         sys.stderr.write(f"simulated nvidia-smi: cannot read state: {e}\n")
-        return 9
+        return _DRIVER_FAILURE, 9
     state = with_external(state, read_external(state.get("procs_dir") or procs_dir_for(state_path)))
     failure = state.get("failure")
     if failure == "driver":
-        sys.stdout.write(_DRIVER_FAILURE)
-        return 9
+        return _DRIVER_FAILURE, 9
     if failure == "hang":
         time.sleep(3600)
-        return 0
+        return "", 0
     if failure == "hang_child":
         _hold_stdout_in_a_child(state_path, float(state.get("hang_child_s", 60)))
         time.sleep(3600)
-        return 0
+        return "", 0
     if failure == "garbage":
-        sys.stdout.write("\x00\x7fthis is not csv at all\n")
-        return 0
+        return "\x00\x7fthis is not csv at all\n", None
     if failure in _IMPOSSIBLE:  # well-formed CSV, impossible figures (seen on real drivers)
         key, value = _IMPOSSIBLE[failure]
         state = {**state, "gpus": [{**g, key: value} for g in state["gpus"]]}
-    opts = fmt.split(",")
-    header, units = "noheader" not in opts, "nounits" not in opts
+    fmt = opts["fmt"].split(",")
+    units = "nounits" not in fmt
+    query = opts["query"]
     if query is None:
-        sys.stdout.write(f"{len(state['gpus'])} simulated GPU(s)\n")
-        return 0
+        return f"{len(state['gpus'])} simulated GPU(s)\n", 0
     kind, _, field_list = query.partition("=")
     fields = [f.strip() for f in field_list.split(",") if f.strip()]
     table, rows = (
@@ -253,10 +266,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     unknown = [f for f in fields if f not in table]
     if unknown:
-        sys.stdout.write(f'Field "{unknown[0]}" is not a valid field to query.\n')
+        return f'Field "{unknown[0]}" is not a valid field to query.\n', 2
+    now = time.time()
+    stamp = time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
+    rows = [{**r, "timestamp": stamp} for r in rows]
+    return _render(rows, fields, table, header, units), None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One reading, or with ``--loop-ms=N`` (``-lms``, ``--loop``/``-l`` seconds) one
+    every N ms until killed, as the real tool: the header (when asked for) comes
+    once, and a period with no compute process prints nothing at all."""
+    opts = _options(sys.argv[1:] if argv is None else argv)
+    if opts["state"] is None:
+        sys.stderr.write("simulated nvidia-smi: no --state PATH or $GPUMGR_SIM_STATE\n")
         return 2
-    sys.stdout.write(_render(rows, fields, table, header, units))
-    return 0
+    header = "noheader" not in opts["fmt"].split(",")
+    while True:
+        began = time.monotonic()
+        text, rc = _reading(opts, header)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        if rc is not None or opts["loop_s"] is None:
+            return rc or 0
+        header = False
+        time.sleep(max(0.0, opts["loop_s"] - (time.monotonic() - began)))
 
 
 if __name__ == "__main__":

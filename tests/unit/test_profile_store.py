@@ -19,6 +19,7 @@ from gpumgr.profile_store import (
     read_state,
 )
 from gpumgr.profiles import Activity, Learned
+from gpumgr.status import memory_document
 from tests.unit.test_profiles import CONSUMERS, sample
 
 
@@ -93,7 +94,7 @@ def test_an_ollama_job_end_and_a_load_ask_for_its_models_sizes():
     assert (p.resident.mib, p.resident.source) == (5200, FigureSource.MEASURED)
     # While only llama3 was loaded, its job held 6400 - 5200 above the model.
     assert p.job_peak.mib == 1200
-    doc = lp.memory_document(CONSUMERS["ollama"])
+    doc = memory_document(lp.profiles_of(CONSUMERS["ollama"]))["memory"]
     assert doc["models"]["llama3"]["resident"] == {"mib": 5200, "source": "measured",
                                                    "samples": 2}
     assert doc["resident"]["source"] == "measured"
