@@ -117,3 +117,29 @@ async def test_a_failing_nvidia_smi_is_counted_and_unknown_values_are_absent(wor
     assert metric_value(families["gpumgr_nvidia_smi_failures"]) >= 1
     assert metric_value(families["gpumgr_gpu_sample_available"]) == 0
     assert families["gpumgr_gpu_memory_used_bytes"].samples == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_profiles_in_status_agree_with_metrics(world, start_broker, client):
+    service, url = await start_broker(world_config(
+        world, scheduler={"mode": "evicting"}, health={"interval_s": 30}))
+    await service.health.probe_all_now()
+    assert (await client.request("POST", url + "/v1/llm", b'{"prompt":"x"}')).code == 200
+
+    def ollama_memory():
+        return service.status()["consumers"]["ollama"].get("memory", {})
+
+    # After the job, gpumgr asks ollama's /api/ps for its models' sizes.
+    await wait_for(lambda: ollama_memory().get("models"))
+    memory = ollama_memory()
+    assert memory["resident"]["mib"] >= 9000  # the configured figure is a floor
+    assert memory["models"], memory  # one entry per model ollama reported
+    families = parse_metrics((await client.request("GET", url + "/metrics")).body.decode())
+    series = families["gpumgr_consumer_memory_profile_bytes"]
+    for model, figures in [("", memory)] + list(memory["models"].items()):
+        for figure in ("resident", "job_peak"):
+            f = figures[figure]
+            assert metric_value(series, consumer="ollama", model=model, figure=figure,
+                                source=f["source"]) == f["mib"] * 1024 * 1024
+    # Every consumer has its figures, whatever their source.
+    assert all("memory" in c for c in service.status()["consumers"].values())
