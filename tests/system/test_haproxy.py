@@ -355,13 +355,18 @@ def box1_ready_code(box: Box) -> int:
 @pytest_twisted.ensureDeferred
 async def test_sigterm_on_one_box_under_steady_load_loses_no_request(fleet, client):
     """Three clients send requests one after another until box1 has exited
-    and each sent three more (at most MAX_PER_CLIENT); none is lost."""
+    and each sent three more (at most MAX_PER_CLIENT); none is lost.
+
+    The llm and stt bodies are larger than HAProxy's buffer, so HAProxy
+    cannot retry them elsewhere (`retry-on 503`): without the not-ready
+    period one queued on box1 when it drains is answered 503 shutting_down."""
     box1 = fleet.boxes["box1"]
     clients = 3
     results: list[tuple[str, int, bool, str | None]] = []
     after_exit = [0] * clients
-    kinds = {"tts": (b'{"text":"steady"}', JSON), "llm": (b'{"prompt":"steady"}', JSON),
-             "stt": (AUDIO, MULTIPART)}
+    kinds = {"tts": (b'{"text":"steady"}', JSON),
+             "llm": (json.dumps({"prompt": "steady " * 4096}).encode(), JSON),
+             "stt": (AUDIO.replace(b"WAVE", b"WAVE" + b"\0" * 65536), MULTIPART)}
 
     async def load(i: int) -> None:
         for j in range(MAX_PER_CLIENT):
