@@ -384,7 +384,21 @@ async def test_sigterm_on_one_box_under_steady_load_loses_no_request(fleet, clie
     loads = [defer.ensureDeferred(load(i)) for i in range(clients)]
     await wait_for(lambda: len(results) >= 6, timeout_s=30)
     box1.proc.send_signal(signal.SIGTERM)
-    # Not ready first, still serving; HAProxy takes it out of every kind.
+
+    async def reason() -> str | None:
+        ready = await client.request("GET", box1.url + "/v1/ready/llm")
+        return None if ready.code == 200 else ready.json()["reason"]["code"]
+
+    for _ in range(200):  # SIGTERM reaches the reactor within a few polls
+        if (await reason()) == "not_ready":
+            break
+        await sleep(0.05)
+    else:
+        pytest.fail("box1 never reported not_ready after SIGTERM")
+    # Not ready, yet still serving: a request sent to box1 itself is answered.
+    direct = await client.request("POST", box1.url + "/v1/tts", b'{"text":"still"}', JSON)
+    assert direct.code == 200 and direct.complete and served_by(direct) == "box1"
+    # HAProxy takes it out of every kind.
     for backend in KIND_BACKENDS:
         await fleet.wait_status(backend, "box1", "DOWN")
     await defer.gatherResults(loads, consumeErrors=True)
