@@ -27,6 +27,7 @@ from gpumgr.abandoned import DRAIN_SAMPLE_S, AbandonedWork
 from gpumgr.accounting import Accounting, Timing, access_status, body_size
 from gpumgr.admin import AdminAction, run_admin
 from gpumgr.admission import Admission
+from gpumgr.balancer import ReadinessCheck, box_headers
 from gpumgr.config import AUDIO_ROUTE, Config, ConsumerConfig
 from gpumgr.drivers import ControlHttp, IDriver, get_driver
 from gpumgr.errors import (
@@ -128,6 +129,9 @@ class Broker:
                          self.admission, self.fleet, self.proxy, proxy_agent,
                          self.render_tracker, self.abandoned, evicting=self.evicting,
                          passthrough=self.passing_through)
+        #: /v1/ready/<kind>, and the phase the service sets on SIGTERM (gpumgr.balancer).
+        self.readiness = ReadinessCheck(lambda: self._config, self.registry,
+                                        lambda: self.scheduler, lambda: self.fleet.processes)
         gpu.listeners.append(lambda sample: self.registry.apply_sample(
             sample, self._config.consumers))
         #: Learned memory profiles (`self.measuring.profiles`, a MemoryProfiles) and the
@@ -251,7 +255,7 @@ class Broker:
                 f"{c.name} is not running; its next GPU request starts it", consumer=c.name,
                 retry_after_s=1))
         elif not route.scheduled:
-            d = self._relay(request, c, route.url)
+            d = self._relay(request, c, route.url, kind)
         else:
             method = request.method.decode("ascii", "replace")
             d = self.jobs.run(GpuJob(request, kind, route, method, timing))
@@ -273,11 +277,13 @@ class Broker:
             return defer.fail(refusal)
         return self._relay(request, c, forward_url(c.url, target))
 
-    def _relay(self, request: Any, c: ConsumerConfig, url: bytes) -> defer.Deferred[Any]:
+    def _relay(self, request: Any, c: ConsumerConfig, url: bytes,
+               kind: str | None = None) -> defer.Deferred[Any]:
         """Not GPU work: straight through, never scheduled."""
         return self.proxy.forward(request, c.name, self._agent_for(c), url,
                                   timeouts_for(self._config, c),
-                                  [(b"X-Gpumgr-Consumer", c.name.encode("utf-8"))])
+                                  [(b"X-Gpumgr-Consumer", c.name.encode("utf-8")),
+                                   *box_headers(self._config.balancer, kind)])
 
     def _service_control_sent(self, result: object, name: str) -> object:
         """A service's own control route went through (load, unload, free,

@@ -23,6 +23,7 @@ from gpumgr.events import EventKind
 from gpumgr.abandoned import AbandonedWork
 from gpumgr.accounting import Timing
 from gpumgr.admission import Admission
+from gpumgr.balancer import box_headers
 from gpumgr.config import Config, ConsumerConfig, SchedulerConfig
 from gpumgr.drivers import ControlHttp, IDriver, get_driver
 from gpumgr.errors import ConsumerRemoved, JobTimeout, ShuttingDown
@@ -190,7 +191,8 @@ class Jobs:
         admit_ms = int((self._reactor.seconds() - started) * 1000)
         headers = [(b"X-Gpumgr-Consumer", name.encode("utf-8")),
                    (b"X-Gpumgr-Wait-Ms", str(wait_ms).encode("ascii")),
-                   (b"X-Gpumgr-Admit-Ms", str(admit_ms).encode("ascii"))]
+                   (b"X-Gpumgr-Admit-Ms", str(admit_ms).encode("ascii")),
+                   *box_headers(self._config().balancer, job.kind)]
         capture = CAPTURE_BYTES if driver.tracks_renders else 0
 
         def forward(hold_oom: bool) -> defer.Deferred[Result]:

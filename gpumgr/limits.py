@@ -105,7 +105,7 @@ def body_deadline(
 #: Routes served from the reserve: what an operator, a monitor or Grafana
 #: needs to see and steer gpumgr when everything else is taken.
 RESERVED_PATHS = frozenset({b"/healthz", b"/v1/status", b"/metrics"})
-RESERVED_PREFIXES = (b"/v1/admin/", b"/v1/consumers/")
+RESERVED_PREFIXES = (b"/v1/admin/", b"/v1/consumers/", b"/v1/ready/")
 #: Bodies a reserved route may carry and keep its place in the reserve.
 RESERVED_BODY_BYTES = 64 * 1024
 

@@ -249,7 +249,10 @@ class _Exchange:
                 b"Content-Length", [str(response.length).encode("ascii")]
             )
         for name, value in self._extra_headers:
-            request.responseHeaders.setRawHeaders(name, [value])
+            if name.lower() == b"set-cookie":  # the service's own cookies stay
+                request.responseHeaders.addRawHeader(name, value)
+            else:
+                request.responseHeaders.setRawHeaders(name, [value])
 
     # -- during the body ---------------------------------------------------
 

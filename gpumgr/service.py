@@ -18,6 +18,7 @@ from treq.client import HTTPClient
 
 from gpumgr import __version__
 from gpumgr.admission import Admission
+from gpumgr.balancer import Phase
 from gpumgr.broker import Broker
 from gpumgr.config import Config, ConsumerConfig
 from gpumgr.errors import describe_failure
@@ -142,6 +143,8 @@ class GpumgrService(MultiService):
         self.broker.config_listeners.append(self._config_applied)
         self.http = _ListenService(reactor, listen or config.listen, self.site)
         self.http.setServiceParent(self)  # type: ignore[no-untyped-call]
+        self._draining = False
+        self._leaving: Any = None  # the timer of the not-ready period (SIGTERM)
 
     # Shortcuts for tests and the demo.
     @property
@@ -200,11 +203,12 @@ class GpumgrService(MultiService):
     def _install_signal_handlers(self) -> None:
         """SIGHUP reloads. SIGTERM and SIGINT stop the reactor, which drains
         (stopService) and then exits 0: the reactor's own handlers would have
-        twistd re-raise the signal at exit, which systemd reads as a failure."""
+        twistd re-raise the signal at exit, which systemd reads as a failure.
+        SIGTERM first reports not ready for balancer.not_ready_s (`_leave`)."""
         if not self.running:
             return
         handlers: dict[int, Callable[[], Any]] = {
-            signal.SIGHUP: self._reload, signal.SIGTERM: self._stop_reactor,
+            signal.SIGHUP: self._reload, signal.SIGTERM: self._leave,
             signal.SIGINT: self._stop_reactor}
         for signum in handlers:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
@@ -219,6 +223,19 @@ class GpumgrService(MultiService):
             return
         self.broker.reload()
 
+    def _leave(self) -> None:
+        """SIGTERM: report not ready (/v1/ready) while still serving, so that
+        a load balancer stops sending, then drain. A second SIGTERM in that
+        period drains at once."""
+        not_ready_s = self.broker.config.balancer.not_ready_s
+        if self._leaving is not None or self._draining or not_ready_s <= 0:
+            self._stop_reactor()
+            return
+        log.info("SIGTERM: reporting not ready for {s:g}s (balancer.not_ready_s), "
+                 "still serving; then draining", s=not_ready_s)
+        self.broker.readiness.phase = Phase.LEAVING
+        self._leaving = self.reactor.callLater(not_ready_s, self._stop_reactor)
+
     def _stop_reactor(self) -> None:
         try:
             self.reactor.stop()
@@ -232,6 +249,9 @@ class GpumgrService(MultiService):
         # Our handlers stay until the drain is over: a second SIGTERM, or a
         # SIGHUP from logrotate, must not cut it short.
         self._draining = True
+        self.broker.readiness.phase = Phase.DRAINING
+        if self._leaving is not None and self._leaving.active():
+            self._leaving.cancel()
         d = defer.maybeDeferred(super().stopService)
         d.addBoth(lambda _: defer.ensureDeferred(
             self.broker.drain(self.broker.config.shutdown_grace_s)))

@@ -5,6 +5,7 @@ Routes:
   ANY  /v1/<kind>/<subpath>        pass-through to the consumer's native API
   GET  /audio/<rest>               proxied to routes.audio_proxy, not scheduled
   GET  /v1/status                  live state (never waits for the scheduler)
+  GET  /v1/ready/<kind>            readiness for a load balancer (gpumgr.balancer)
   POST /v1/consumers/<name>/<load|unload>   admin, through the scheduler
   GET  /healthz                    liveness of the broker itself
   GET  /                           a small JSON index
@@ -213,6 +214,26 @@ class StatusResource(JsonResource):
         return self._broker.status()
 
 
+class ReadyResource(JsonResource):
+    """GET /v1/ready/<kind>: 200 when this box can take a job of that kind
+    soon, else 503 with the reason (gpumgr.balancer); for a load balancer."""
+
+    isLeaf = True
+
+    def __init__(self, broker: Broker) -> None:
+        super().__init__()
+        self._broker = broker
+
+    def respond(self, request: Any) -> Any:
+        rest = request_target(request).after(2)
+        parts = () if rest is None else tuple(s.text for s in rest.segments)
+        if len(parts) != 1:
+            raise UnknownRoute(f"use GET /v1/ready/<kind> ({', '.join(KINDS)})")
+        answer = self._broker.readiness.check(parts[0])
+        request.setHeader(b"Cache-Control", b"no-store")
+        return write_json(request, answer.as_json(), 200 if answer.ready else 503)
+
+
 class HealthzResource(JsonResource):
     isLeaf = True
 
@@ -234,6 +255,7 @@ class IndexResource(JsonResource):
                 "ANY /v1/<kind>/<path>": "the consumer's native API (passthrough: true)",
                 "GET /audio/<name>": "proxied to routes.audio_proxy",
                 "GET /v1/status": "live state of GPU, consumers and scheduler",
+                "GET /v1/ready/<kind>": "200 when this box can take a job of that kind soon",
                 "POST /v1/consumers/<name>/load|unload": "admin: load or unload a consumer",
                 "POST /v1/admin/reload": "admin: re-read the config file (as SIGHUP does)",
                 "GET /healthz": "liveness of gpumgr itself",
@@ -297,6 +319,7 @@ class V1Resource(JsonResource):
         for kind in KINDS:
             self.putChild(kind.encode("ascii"), KindResource(broker, kind))
         self.putChild(b"status", StatusResource(broker))
+        self.putChild(b"ready", ReadyResource(broker))
         self.putChild(b"consumers", ConsumerAdminResource(broker))
         self.putChild(b"admin", ReloadResource(broker))
 

@@ -10,11 +10,13 @@ The rest of gpumgr never touches raw YAML. `load_config(path)` either returns a
 - `files`: reading the file without blocking on a FIFO or a device.
 - `endpoints`: listen endpoints, and consumer URLs that loop back to them.
 - `process_names`: the `gpu_process` pattern, matched in linear time.
+- `balancer`: the `balancer:` section (readiness, the box's name).
 
 The package imports nothing else of gpumgr but `yaml_strict`, `errors` and
 `target`: `gpumgr.drivers` imports it, never the other way round.
 """
 
+from gpumgr.config.balancer import BalancerConfig
 from gpumgr.config.driver_defaults import DRIVER_DEFAULTS, DriverDefaults
 from gpumgr.config.endpoints import (
     DEFAULT_LISTEN,
@@ -52,6 +54,7 @@ from gpumgr.config.section import ConfigError
 
 __all__ = [
     "AUDIO_ROUTE",
+    "BalancerConfig",
     "Config",
     "ConfigError",
     "ConsumerConfig",

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import attrs
 
 from gpumgr import yaml_strict
+from gpumgr.config.balancer import parse_balancer
 from gpumgr.config.consumers import parse_consumers
 from gpumgr.config.endpoints import (
     DEFAULT_LISTEN,
@@ -112,6 +113,7 @@ def parse_config(raw: Any, source: str, environ: Mapping[str, str] | None = None
     admin_token = _parse_admin_token(top, os.environ if environ is None else environ)
     allowed_hosts = _parse_allowed_hosts(top)
     shutdown_grace_s = top.number("shutdown_grace_s", 30.0)
+    balancer = parse_balancer(top.section("balancer"))
     top.finish()
     looping = find_self_reference(listen, consumers)
     if looping is not None:
@@ -130,6 +132,7 @@ def parse_config(raw: Any, source: str, environ: Mapping[str, str] | None = None
         admin_token=admin_token,
         allowed_hosts=allowed_hosts,
         shutdown_grace_s=shutdown_grace_s,
+        balancer=balancer,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Mapping
 
 import attrs
 
+from gpumgr.config.balancer import BalancerConfig
 from gpumgr.config.process_names import ProcessNameMatcher
 from gpumgr.states import SchedulerMode
 
@@ -218,6 +219,8 @@ class Config:
     allowed_hosts: frozenset[str] = frozenset()
     #: On SIGTERM, how long running jobs may finish before they are aborted.
     shutdown_grace_s: float = 30.0
+    #: Behind a load balancer: readiness and the box's name (gpumgr.balancer).
+    balancer: BalancerConfig = attrs.field(factory=BalancerConfig)
     #: SHA-256 of the file text this config was parsed from ("" if built in code).
     sha256: str = ""
 

@@ -146,6 +146,11 @@ class ManagedProcess:
             return self._wait(self._stop_waiters)
         return defer.succeed(None)
 
+    def start_refusal(self) -> ProcessStartFailed | None:
+        """Why a start asked for now would fail at once (the back-off after
+        failed starts), or None: it can start."""
+        return self._backoff_refusal()
+
     def status(self) -> ProcessStatus:
         return ProcessStatus(state=self.state, pid=self.pid, started_at=self.started_at,
                              exit_code=self.exit_code, restarts=self.restarts,

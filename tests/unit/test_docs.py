@@ -171,6 +171,7 @@ def full_config() -> dict[str, Any]:
         "admin_token": "secret",
         "allowed_hosts": ["gpu-box.lan"],
         "shutdown_grace_s": 30,
+        "balancer": {"box": "gpu-1", "max_queue": 4, "not_ready_s": 5},
     }
 
 
