@@ -56,6 +56,15 @@ class JobRunner(Protocol):
     def queued_for(self, consumer: str) -> int: ...
 
 
+def _blockers(names: tuple[str, ...], views: dict[str, ConsumerView]) -> str:
+    """Why each of `names` cannot be unloaded now, in words: a pin by config
+    is named as such (the operator's choice, not a limit of the service)."""
+    return ", ".join(
+        f"{n}, which is pinned (consumers.{n}.pin)" if n in views and views[n].pin
+        else f"{n}, which cannot be unloaded now (no way to unload, or running a job)"
+        for n in names)
+
+
 class Admission:
     def __init__(
         self,
@@ -146,12 +155,14 @@ class Admission:
                 continue
             if plan.blocked_by:
                 self._refuse(target, f"{target} may not coexist with "
-                             f"{', '.join(plan.blocked_by)}, which cannot be unloaded now "
-                             "(pinned, or running a job)", failed)
+                             f"{_blockers(plan.blocked_by, self.views(target))}", failed)
             if plan.shortfall_mib > 0:
+                pins = "".join(f"; {name} is pinned (consumers.{name}.pin)"
+                               for name in plan.held_by_pin)
                 self._refuse(target, f"{target} needs {plan.needed_mib} MiB (with headroom); "
                              f"{plan.projected_free_mib} MiB would be free after evicting "
-                             f"everything evictable: short by {plan.shortfall_mib} MiB", failed)
+                             f"everything evictable: short by {plan.shortfall_mib} MiB{pins}",
+                             failed)
             if not plan.victims:
                 return
             for victim, reason in plan.victims:
@@ -303,7 +314,7 @@ class Admission:
 
     def schedule_idle_unload(self, name: str) -> None:
         c = self._config.consumers.get(name)
-        idle_s = None if c is None else c.idle_unload_s
+        idle_s = None if c is None or c.pin else c.idle_unload_s
         if idle_s is None:
             return
         timer = self._idle_timers.get(name)
@@ -326,7 +337,7 @@ class Admission:
         # request may have run since the timer fired, or a reload may have
         # changed or removed the consumer.
         c = self._config.consumers.get(name)
-        if c is None or c.idle_unload_s is None or name not in self._registry:
+        if c is None or c.idle_unload_s is None or c.pin or name not in self._registry:
             return False
         state = self._registry[name]
         last = state.last_used if state.last_used is not None else float("-inf")

@@ -126,6 +126,8 @@ class ConsumerSnapshot:
     #: ManagedProcess.status(), or None when gpumgr does not own the process.
     process: ProcessStatus | None
     renders: tuple[RenderSnapshot, ...] = ()
+    #: `pin: true` in its config: never evicted (an admin unload still works).
+    pin: bool = False
 
 
 @attrs.frozen

@@ -106,11 +106,14 @@ class ConsumerConfig:
     #: After a render's interrupt, how long gpumgr waits for evidence that it
     #: stopped before it stops the owned process (or, with none, reports it stuck).
     render_stop_grace_s: float = 30.0
+    #: `pin: true`: never evicted for pressure, exclusivity or idleness (an
+    #: admin unload still works).
+    pin: bool = False
 
     @property
     def pinned(self) -> bool:
-        """With no way to unload, a consumer is never evicted."""
-        return not self.can_unload
+        """With no way to unload, or pinned by config, a consumer is never evicted."""
+        return not self.can_unload or self.pin
 
     def url_for(self, path: str) -> str:
         return self.url + path
