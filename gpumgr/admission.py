@@ -90,6 +90,9 @@ class Admission:
         self._idle_timers: dict[str, Any] = {}
         self._loaded_at: dict[str, float] = {}
         self._unsettled = False
+        #: consumer -> "load" or "unload" while its control call runs (what an
+        #: admitting request waits for, in GET /v1/requests/<id>).
+        self.acting: dict[str, str] = {}
 
     @property
     def _config(self) -> Config:
@@ -207,10 +210,19 @@ class Admission:
     # -- control calls -----------------------------------------------------------
 
     def _call(self, name: str, which: str) -> defer.Deferred[None]:
+        self.acting[name] = which
         if which == "load":
-            d = self._control.load(name)
-            return d.addTimeout(self._control.load_timeout_s(name), self._clock)
-        return self._control.unload(name).addTimeout(self._unload_timeout_s(name), self._clock)
+            d = self._control.load(name).addTimeout(self._control.load_timeout_s(name),
+                                                    self._clock)
+        else:
+            d = self._control.unload(name).addTimeout(self._unload_timeout_s(name), self._clock)
+
+        def done(result: Any) -> Any:
+            if self.acting.get(name) == which:
+                del self.acting[name]
+            return result
+
+        return d.addBoth(done)
 
     def _unload_timeout_s(self, name: str) -> float:
         c = self._config.consumers.get(name)

@@ -33,6 +33,7 @@ from gpumgr.config.schema import (
     ConsumerConfig,
     GpuConfig,
     HealthConfig,
+    RequestsConfig,
     LimitsConfig,
     SchedulerConfig,
 )
@@ -105,6 +106,13 @@ def parse_config(raw: Any, source: str, environ: Mapping[str, str] | None = None
 
     limits = _parse_limits(top.section("limits"))
 
+    r = top.section("requests")
+    requests = RequestsConfig(
+        keep_finished=r.number("keep_finished", 256, integer=True),
+        keep_finished_s=r.number("keep_finished_s", 600.0),
+    )
+    r.finish()
+
     consumers = parse_consumers(top.section("consumers"))
     routes = _parse_routes(top.section("routes"), consumers)
     admin_token = _parse_admin_token(top, os.environ if environ is None else environ)
@@ -128,6 +136,7 @@ def parse_config(raw: Any, source: str, environ: Mapping[str, str] | None = None
         admin_token=admin_token,
         allowed_hosts=allowed_hosts,
         shutdown_grace_s=shutdown_grace_s,
+        requests=requests,
     )
 
 

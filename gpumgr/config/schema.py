@@ -202,6 +202,16 @@ class LimitsConfig:
 
 
 @attrs.frozen
+class RequestsConfig:
+    """How long `GET /v1/requests/<id>` still knows a finished request."""
+
+    #: Finished requests kept, at most (the oldest go first).
+    keep_finished: int = 256
+    #: A finished request is forgotten this long after it ended.
+    keep_finished_s: float = 600.0
+
+
+@attrs.frozen
 class Config:
     source: str
     listen: str
@@ -219,6 +229,7 @@ class Config:
     shutdown_grace_s: float = 30.0
     #: SHA-256 of the file text this config was parsed from ("" if built in code).
     sha256: str = ""
+    requests: RequestsConfig = RequestsConfig()
 
     def consumer_for(self, route: str) -> ConsumerConfig | None:
         name = self.routes.get(route)
