@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 
 from gpumgr.errors import GpumgrError
 from gpumgr.proxy import Outcome, Result
+from gpumgr.request_ids import RequestId
 from gpumgr.snapshot import RequestStats
 
 #: One line per proxied request.
@@ -41,6 +42,12 @@ class Timing:
     #: Past admission and the process start: the exchange with the consumer
     #: (a job aborted before would cancel an eviction half-way).
     exchanging: bool = False
+    #: The request's id (gpumgr.request_ids), for logs, status and headers.
+    request_id: RequestId | None = None
+    #: The render its answer started, while it is tracked (gpumgr.renders).
+    render_id: str | None = None
+    #: `DELETE /v1/requests/<id>` asked to stop it (a render is interrupted).
+    cancel_requested: bool = False
 
     def client_left(self) -> None:
         self.client_gone = True
@@ -110,7 +117,8 @@ class Accounting:
         self.request_stats.record(kind, consumer, code, bytes_in, bytes_out, wait_s, hold_s)
         access_log.info(
             "{method} {path} {kind} {consumer} {status} in={bytes_in} out={bytes_out} "
-            "wait_ms={wait_ms} gpu_ms={gpu_ms}",
+            "wait_ms={wait_ms} gpu_ms={gpu_ms} id={request_id}",
+            request_id=timing.request_id,
             method=request.method.decode("ascii", "replace"),
             path=timing.path, kind=kind,
             consumer=consumer, status=code, bytes_in=bytes_in, bytes_out=bytes_out,

@@ -56,6 +56,15 @@ class JobRunner(Protocol):
     def queued_for(self, consumer: str) -> int: ...
 
 
+def _blockers(names: tuple[str, ...], views: dict[str, ConsumerView]) -> str:
+    """Why each of `names` cannot be unloaded now, in words: a pin by config
+    is named as such (the operator's choice, not a limit of the service)."""
+    return ", ".join(
+        f"{n}, which is pinned (consumers.{n}.pin)" if n in views and views[n].pin
+        else f"{n}, which cannot be unloaded now (no way to unload, or running a job)"
+        for n in names)
+
+
 class Admission:
     def __init__(
         self,
@@ -81,6 +90,9 @@ class Admission:
         self._idle_timers: dict[str, Any] = {}
         self._loaded_at: dict[str, float] = {}
         self._unsettled = False
+        #: consumer -> "load" or "unload" while its control call runs (what an
+        #: admitting request waits for, in GET /v1/requests/<id>).
+        self.acting: dict[str, str] = {}
 
     @property
     def _config(self) -> Config:
@@ -146,12 +158,14 @@ class Admission:
                 continue
             if plan.blocked_by:
                 self._refuse(target, f"{target} may not coexist with "
-                             f"{', '.join(plan.blocked_by)}, which cannot be unloaded now "
-                             "(pinned, or running a job)", failed)
+                             f"{_blockers(plan.blocked_by, self.views(target))}", failed)
             if plan.shortfall_mib > 0:
+                pins = "".join(f"; {name} is pinned (consumers.{name}.pin)"
+                               for name in plan.held_by_pin)
                 self._refuse(target, f"{target} needs {plan.needed_mib} MiB (with headroom); "
                              f"{plan.projected_free_mib} MiB would be free after evicting "
-                             f"everything evictable: short by {plan.shortfall_mib} MiB", failed)
+                             f"everything evictable: short by {plan.shortfall_mib} MiB{pins}",
+                             failed)
             if not plan.victims:
                 return
             for victim, reason in plan.victims:
@@ -196,10 +210,19 @@ class Admission:
     # -- control calls -----------------------------------------------------------
 
     def _call(self, name: str, which: str) -> defer.Deferred[None]:
+        self.acting[name] = which
         if which == "load":
-            d = self._control.load(name)
-            return d.addTimeout(self._control.load_timeout_s(name), self._clock)
-        return self._control.unload(name).addTimeout(self._unload_timeout_s(name), self._clock)
+            d = self._control.load(name).addTimeout(self._control.load_timeout_s(name),
+                                                    self._clock)
+        else:
+            d = self._control.unload(name).addTimeout(self._unload_timeout_s(name), self._clock)
+
+        def done(result: Any) -> Any:
+            if self.acting.get(name) == which:
+                del self.acting[name]
+            return result
+
+        return d.addBoth(done)
 
     def _unload_timeout_s(self, name: str) -> float:
         c = self._config.consumers.get(name)
@@ -305,7 +328,7 @@ class Admission:
 
     def schedule_idle_unload(self, name: str) -> None:
         c = self._config.consumers.get(name)
-        idle_s = None if c is None else c.idle_unload_s
+        idle_s = None if c is None or c.pin else c.idle_unload_s
         if idle_s is None:
             return
         timer = self._idle_timers.get(name)
@@ -328,7 +351,7 @@ class Admission:
         # request may have run since the timer fired, or a reload may have
         # changed or removed the consumer.
         c = self._config.consumers.get(name)
-        if c is None or c.idle_unload_s is None or name not in self._registry:
+        if c is None or c.idle_unload_s is None or c.pin or name not in self._registry:
             return False
         state = self._registry[name]
         last = state.last_used if state.last_used is not None else float("-inf")

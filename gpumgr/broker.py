@@ -59,6 +59,7 @@ from gpumgr.reload import (
     reload_refusal,
 )
 from gpumgr.renders import RenderTracker, TrackedRender
+from gpumgr.request_book import RequestBook, Scene, describe
 from gpumgr.routing import Route, is_gpu_work, path_is_safe, route, wants_websocket
 from gpumgr.scheduler import Locked, Scheduler
 from gpumgr.snapshot import Snapshot
@@ -102,6 +103,7 @@ class Broker:
         self.config_listeners: list[Callable[[Config], None]] = []
         self.registry = Registry(config.consumers)
         self.accounting = Accounting(reactor)
+        self.requests = RequestBook(reactor, lambda: self._config.requests)
         self._tunnels = Tunnels(reactor)
         self.scheduler: Scheduler = make_scheduler(
             reactor, self.registry, config.scheduler, self.evicting, self.passing_through)
@@ -239,7 +241,9 @@ class Broker:
         GpumgrError to render. A service's control route (already authorised
         by the web layer) leaves the consumer's residency unknown once sent."""
         c = route.consumer
-        timing = Timing(self.reactor.seconds(), bytes_in=body_size(request), path=logged_path)
+        request_id = self.requests.parse(request)
+        timing = Timing(self.reactor.seconds(), bytes_in=body_size(request), path=logged_path,
+                        request_id=request_id)
         refusal = self.fleet.health_refusal(c)
         if refusal is not None:
             d: defer.Deferred[Any] = defer.fail(refusal)
@@ -259,10 +263,11 @@ class Broker:
         else:
             method = request.method.decode("ascii", "replace")
             d = self.jobs.run(GpuJob(request, kind, route, method, timing))
+        d = self.requests.open(request, kind, c.name, timing, d, route.scheduled)
         if route.service_control:
             d.addBoth(self._service_control_sent, c.name)
         d.addBoth(self.accounting.account, request, kind, c.name, timing)
-        return d
+        return d.addBoth(self.requests.close, request_id, request)
 
     def relay_audio(self, request: Any, target: Target) -> defer.Deferred[Any]:
         """GET /audio/<rest>: `target` is the whole request target, forwarded as is."""
@@ -309,6 +314,25 @@ class Broker:
                             job_started: float, timing: Timing | None = None) -> None:
         """A render's GPU slot held until it is over (gpumgr.jobs)."""
         await self.jobs.track_render(c, driver, render_id, job_started, timing)
+
+    # -- requests users can see and cancel (gpumgr.request_book) -------------------
+
+    def _request_scene(self) -> Scene:
+        return Scene(self.reactor.seconds(), self.scheduler.queue_order(),
+                     tuple(h.consumer for h in self.scheduler.stats().holders),
+                     dict(self.admission.acting),
+                     {r.render_id: r.phase.value for r in self.render_tracker.tracked.values()})
+
+    def request_document(self, text: str) -> dict[str, Any]:
+        return describe(self.requests.find(text), self._request_scene())
+
+    def requests_document(self) -> dict[str, Any]:
+        """The live requests: the queue in the order it would start, then the rest."""
+        scene = self._request_scene()
+        docs = [describe(e, scene) for e in self.requests.live()]
+        queued = sorted((d for d in docs if d["state"] == "queued"),
+                        key=lambda d: (d["position"] is None, d["position"] or 0))
+        return {"queue": queued, "running": [d for d in docs if d["state"] != "queued"]}
 
     # -- admin -------------------------------------------------------------------
 

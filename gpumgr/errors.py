@@ -83,6 +83,37 @@ class BadPath(GpumgrError):
     code = "bad_path"
 
 
+class BadRequestId(GpumgrError):
+    status = 400
+    code = "bad_request_id"
+
+
+class RequestIdInUse(GpumgrError):
+    """A client's X-Gpumgr-Request-Id names a request that is not over yet."""
+
+    status = 409
+    code = "request_id_in_use"
+
+
+class UnknownRequest(GpumgrError):
+    status = 404
+    code = "unknown_request"
+
+
+class RequestCancelled(GpumgrError):
+    """Its queued job was cancelled by `DELETE /v1/requests/<id>`."""
+
+    status = 409
+    code = "request_cancelled"
+
+
+class RequestFinished(GpumgrError):
+    """`DELETE /v1/requests/<id>` for a request that is already over."""
+
+    status = 409
+    code = "request_finished"
+
+
 class QueueFull(GpumgrError):
     status = 503
     code = "queue_full"

@@ -12,7 +12,8 @@ Rules (docs/scheduling.md explains them with a worked example):
 - The target itself is evicted only to learn where it stands: when its
   residency is unknown and the job is short of memory otherwise, unloading
   it first makes the next measurement true (it may have held its memory all
-  along). A consumer with no way to unload is pinned.
+  along). A consumer with no way to unload is pinned, and so is one with
+  `pin: true` in its config (a refusal names that pin).
 - With no free-memory figure, pressure is not checked; exclusivity still is.
 """
 
@@ -41,6 +42,9 @@ class ConsumerView:
     can_coexist_with: tuple[str, ...] | None
     pinned: bool
     last_used: float | None
+    #: Pinned by config (`consumers.<name>.pin`), not merely unable to unload:
+    #: named as such in a refusal.
+    pin: bool = False
 
 
 @attrs.frozen
@@ -53,6 +57,9 @@ class EvictionPlan:
     projected_free_mib: int | None  # free once every victim's memory is back
     #: Loaded pinned consumers that may not coexist with the target.
     blocked_by: tuple[str, ...] = ()
+    #: Consumers pinned by config (`pin: true`) that pressure would have
+    #: evicted had they not been pinned: the target is short because of them.
+    held_by_pin: tuple[str, ...] = ()
 
     @property
     def shortfall_mib(self) -> int:
@@ -128,7 +135,10 @@ def plan_eviction(
             and target not in skip):
         victims.append((target, "unknown_state"))
         projected += me.resident_mib
-    return EvictionPlan(target, tuple(victims), needed, free_mib, projected, tuple(blocked))
+    held_by_pin = tuple(v.name for v in by_certainty if v.pin and v.name not in chosen) \
+        if projected < needed else ()
+    return EvictionPlan(target, tuple(victims), needed, free_mib, projected, tuple(blocked),
+                        held_by_pin)
 
 
 def settled(freed_mib: int, victim_resident_mib: int, free_mib: int, needed_mib: int | None) -> bool:

@@ -133,7 +133,8 @@ class Jobs:
             d = defer.ensureDeferred(self._held(job, current))
             return self._watch(name, self._bound(d, current, job.timing), job.timing)
 
-        d = self._scheduler().run(name, start, kind=job.kind)
+        request_id = None if job.timing.request_id is None else job.timing.request_id.text
+        d = self._scheduler().run(name, start, kind=job.kind, request_id=request_id)
         # A client that leaves while queued leaves the queue at once. Once its
         # job runs, a process start nobody waits for is abandoned (`_start_for`);
         # then the exchange decides: it cancels the upstream, or, for GPU work
@@ -235,9 +236,13 @@ class Jobs:
         """Hold the job's GPU slot until the render is over (see renders.py).
         The job's hard deadline is disarmed: the tracker interrupts the render
         at job_timeout_s and releases on evidence only, which may come later."""
-        if timing is not None:
-            timing.disarm_deadline()
-        await self._render_tracker.track(c.name, driver, render_id, job_started)
+        if timing is None:
+            await self._render_tracker.track(c.name, driver, render_id, job_started)
+            return
+        timing.disarm_deadline()
+        timing.render_id = render_id
+        await self._render_tracker.track(c.name, driver, render_id, job_started,
+                                         lambda: timing.cancel_requested)
 
     async def _settle_abandoned(self, c: ConsumerConfig, driver: IDriver) -> None:
         """The client left while the service had its request: keep the slot

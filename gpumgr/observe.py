@@ -72,7 +72,7 @@ def take_snapshot(now: float, p: Parts) -> Snapshot:
             active=state.active, total_requests=state.total_requests, errors=state.errors,
             last_used=state.last_used, process=None if process is None else process.status(),
             renders=tuple(renders.get(c.name, ())),
-            memory=() if p.profiles is None else p.profiles.profiles_of(c)))
+            memory=() if p.profiles is None else p.profiles.profiles_of(c), pin=c.pin))
     config, reloads, gpu = p.config, p.reloads, p.gpu
     return Snapshot(
         now=now, started_at=p.started_at, version=__version__, mode=p.mode,

@@ -24,6 +24,17 @@ class Waiting:
     overtaken: int = 0
 
 
+@attrs.frozen
+class QueuedJob:
+    """A waiting job as `queue_order` shows it: in the order it would start."""
+
+    request_id: str | None
+    consumer: str
+    kind: str | None
+    enqueued_at: float
+    control: bool
+
+
 def effective_priority(w: Waiting, now: float, aging_s: float) -> int:
     """Base priority plus one level per `aging_s` seconds spent waiting."""
     return w.priority + int((now - w.enqueued_at) // aging_s)
@@ -69,4 +80,23 @@ def pick_next_avoiding_swaps(
     return best, passed
 
 
-__all__ = ["Waiting", "effective_priority", "pick_next", "pick_next_avoiding_swaps"]
+def pick_order(waiting: Sequence[Waiting], now: float, aging_s: float,
+               max_overtakes: int = 0) -> tuple[int, ...]:
+    """The indexes of `waiting` in the order the scheduler would start them
+    if nothing changed: no job arrives or leaves, the time stays `now`, and
+    what is loaded stays loaded (the positions `GET /v1/requests/<id>` shows)."""
+    left = list(enumerate(waiting))
+    order: list[int] = []
+    while left:
+        views = [w for _, w in left]
+        if max_overtakes > 0:
+            index, passed = pick_next_avoiding_swaps(views, now, aging_s, max_overtakes)
+            for i in passed:
+                left[i] = (left[i][0], attrs.evolve(left[i][1], overtaken=left[i][1].overtaken + 1))
+        else:
+            index = pick_next(views, now, aging_s)
+        order.append(left.pop(index)[0])
+    return tuple(order)
+
+
+__all__ = ["QueuedJob", "Waiting", "effective_priority", "pick_next", "pick_next_avoiding_swaps", "pick_order"]

@@ -121,8 +121,9 @@ class Registry:
             resident_mib=resident,
             vram_resident_mib=c.vram_resident_mib,
             can_coexist_with=c.can_coexist_with,
-            pinned=not c.can_unload,
+            pinned=c.pinned,
             last_used=state.last_used,
+            pin=c.pin,
         )
 
     def went_down(self, name: str) -> None:

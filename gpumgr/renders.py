@@ -107,8 +107,12 @@ class RenderTracker:
     # -- tracking -----------------------------------------------------------------
 
     async def track(self, name: str, driver: IDriver, render_id: str,
-                    job_started: float) -> None:
-        """Return once there is evidence the render no longer uses the GPU (see the module)."""
+                    job_started: float,
+                    stop_requested: Callable[[], bool] = lambda: False) -> None:
+        """Return once there is evidence the render no longer uses the GPU (see
+        the module). `stop_requested()` true (a cancel by `DELETE
+        /v1/requests/<id>`) stops it as job_timeout_s would: interrupted, and
+        held until the evidence."""
         self._seq += 1
         key = self._seq
         now = self._clock.seconds()
@@ -152,15 +156,17 @@ class RenderTracker:
                     self._ended(render, state)
                     return
                 now = self._clock.seconds()
-                if render.phase is RenderPhase.RUNNING \
-                        and now >= job_started + current.job_timeout_s:
+                timed_out = now >= job_started + current.job_timeout_s
+                if render.phase is RenderPhase.RUNNING and (timed_out or stop_requested()):
                     stop_by = now + current.render_stop_grace_s
                     self._enter(render, RenderPhase.INTERRUPTING)
                     self.counts["interrupted"] += 1
-                    self._event(EventKind.RENDER_INTERRUPTED, name, "job_timeout", detail=render_id)
-                    log.warn("{name}: render {id} ran past job_timeout_s ({s:g}s); stopping "
-                             "it, and holding the GPU until {name} shows it ended",
-                             name=name, id=render_id, s=current.job_timeout_s)
+                    why = "job_timeout" if timed_out else "cancelled"
+                    self._event(EventKind.RENDER_INTERRUPTED, name, why, detail=render_id)
+                    log.warn("{name}: render {id} {what}; stopping it, and holding the GPU "
+                             "until {name} shows it ended", name=name, id=render_id,
+                             what=f"ran past job_timeout_s ({current.job_timeout_s:g}s)"
+                             if timed_out else "was cancelled (DELETE /v1/requests)")
                 if render.phase is not RenderPhase.RUNNING:
                     # Again at every poll until the evidence comes: it may have
                     # gone from pending to running since, and a call may have failed.

@@ -25,7 +25,8 @@ from twisted.python.failure import Failure
 
 from gpumgr.errors import GpumgrError, QueueFull, QueueTimeout
 from gpumgr.events import Event
-from gpumgr.queue_policy import Waiting, pick_next, pick_next_avoiding_swaps
+from gpumgr.queue_policy import (QueuedJob, Waiting, pick_next, pick_next_avoiding_swaps,
+                                 pick_order)
 from gpumgr.registry import Registry
 from gpumgr.states import SchedulerMode
 
@@ -84,8 +85,13 @@ class Scheduler(Protocol):
     mode: SchedulerMode
 
     def run(self, consumer: str, job: Job, kind: str | None = None,
-            control: bool = False) -> defer.Deferred[Any]:
-        """`control` jobs (loads, unloads) hold the GPU but are not requests."""
+            control: bool = False, request_id: str | None = None) -> defer.Deferred[Any]:
+        """`control` jobs (loads, unloads) hold the GPU but are not requests;
+        `request_id` names the request a job serves (gpumgr.request_book)."""
+        ...
+
+    def queue_order(self) -> tuple[QueuedJob, ...]:
+        """The waiting jobs, in the order they would start if nothing changed."""
         ...
 
     def queued_for(self, consumer: str) -> int:
@@ -125,7 +131,7 @@ class Passthrough:
         self._idle = _IdleWaiters()
 
     def run(self, consumer: str, job: Job, kind: str | None = None,
-            control: bool = False) -> defer.Deferred[Any]:
+            control: bool = False, request_id: str | None = None) -> defer.Deferred[Any]:
         if self._closed is not None:
             return defer.fail(self._closed)
         started = self._clock.seconds()
@@ -154,6 +160,9 @@ class Passthrough:
 
     def queued_for(self, consumer: str) -> int:
         return 0
+
+    def queue_order(self) -> tuple[QueuedJob, ...]:
+        return ()
 
     def close(self, error: GpumgrError) -> None:
         self._closed = error
@@ -189,7 +198,7 @@ class TicketState(enum.Enum):
 
 class _Ticket:
     __slots__ = ("seq", "consumer", "kind", "priority", "job", "enqueued_at", "outer",
-                 "inner", "timer", "state", "overtaken", "control", "started_at")
+                 "inner", "timer", "state", "overtaken", "control", "started_at", "request_id")
 
     def __init__(self, seq: int, consumer: str, kind: str | None, priority: int, job: Job,
                  enqueued_at: float) -> None:
@@ -206,6 +215,7 @@ class _Ticket:
         self.overtaken = 0
         self.control = False
         self.started_at = enqueued_at
+        self.request_id: str | None = None
 
     def waiting_view(self, cheap: bool = False) -> Waiting:
         return Waiting(self.seq, self.priority, self.enqueued_at, cheap, self.overtaken)
@@ -289,13 +299,14 @@ class Locked:
     # -- the seam ----------------------------------------------------------
 
     def run(self, consumer: str, job: Job, kind: str | None = None,
-            control: bool = False) -> defer.Deferred[Any]:
+            control: bool = False, request_id: str | None = None) -> defer.Deferred[Any]:
         if self._closed is not None:
             return defer.fail(self._closed)
         now = self._clock.seconds()
         ticket = _Ticket(next(self._seq), consumer, kind,
                          self._priority.get(kind, 0) if kind else 0, job, now)
         ticket.control = control
+        ticket.request_id = request_id
         ticket.outer = defer.Deferred(lambda _d: self._cancel(ticket))
         if len(self._running) < self.capacity and not self._waiting:
             self._start(ticket)
@@ -411,6 +422,14 @@ class Locked:
     def queued_for(self, consumer: str) -> int:
         return sum(1 for t in self._waiting if t.consumer == consumer)
 
+    def queue_order(self) -> tuple[QueuedJob, ...]:
+        views = [t.waiting_view(self._is_loaded(t.consumer) if self._is_loaded is not None
+                                else False) for t in self._waiting]
+        order = pick_order(views, self._clock.seconds(), self._aging_s,
+                           self._max_overtakes if self._is_loaded is not None else 0)
+        return tuple(QueuedJob(t.request_id, t.consumer, t.kind, t.enqueued_at, t.control)
+                     for t in (self._waiting[i] for i in order))
+
     def _expire(self, ticket: _Ticket) -> None:
         ticket.timer = None
         if ticket.state is not TicketState.WAITING:
@@ -436,5 +455,5 @@ class Locked:
 
 
 # Waiting and the pick_next functions: their old home, kept for imports.
-__all__ = ["Holder", "Job", "Locked", "Passthrough", "Scheduler", "SchedulerStats", "TicketState",
+__all__ = ["Holder", "Job", "Locked", "Passthrough", "QueuedJob", "Scheduler", "SchedulerStats", "TicketState",
            "Waiting", "pick_next", "pick_next_avoiding_swaps"]

@@ -130,6 +130,8 @@ class ConsumerSnapshot:
     renders: tuple[RenderSnapshot, ...] = ()
     #: Memory figures: (None, the consumer's), then (model, its own) per learned model.
     memory: tuple[tuple[str | None, MemoryProfile], ...] = ()
+    #: `pin: true` in its config: never evicted (an admin unload still works).
+    pin: bool = False
 
 
 @attrs.frozen

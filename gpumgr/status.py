@@ -33,6 +33,7 @@ def _consumer(s: Snapshot, c: ConsumerSnapshot) -> dict[str, Any]:
         "last_error": c.last_error,
         "loaded": _LOADED.get(c.residency.value),
         "residency": c.residency.value,
+        "pin": c.pin,
         "gpu_resident_mib": c.gpu_resident_mib,
         "active": c.active,
         "total_requests": c.total_requests,

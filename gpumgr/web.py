@@ -6,6 +6,7 @@ Routes:
   GET  /audio/<rest>               proxied to routes.audio_proxy, not scheduled
   GET  /v1/status                  live state (never waits for the scheduler)
   GET  /v1/ready/<kind>            readiness for a load balancer (gpumgr.balancer)
+  GET  /v1/requests[/<id>]         where requests stand; DELETE cancels one
   POST /v1/consumers/<name>/<load|unload>   admin, through the scheduler
   GET  /healthz                    liveness of the broker itself
   GET  /                           a small JSON index
@@ -44,11 +45,13 @@ from gpumgr.proxy import Result
 from gpumgr.errors import (
     BadPath,
     ConfigRejected,
+    Forbidden,
     GpumgrError,
     MethodNotAllowed,
     UnknownRoute,
     write_error,
 )
+from gpumgr.request_ids import CANCEL_TOKEN_HEADER
 from gpumgr.target import Target, parse_target
 from gpumgr.ui import UiResource
 
@@ -256,6 +259,8 @@ class IndexResource(JsonResource):
                 "GET /audio/<name>": "proxied to routes.audio_proxy",
                 "GET /v1/status": "live state of GPU, consumers and scheduler",
                 "GET /v1/ready/<kind>": "200 when this box can take a job of that kind soon",
+                "GET /v1/requests[/<id>]": "where requests stand (queue positions)",
+                "DELETE /v1/requests/<id>": "cancel a request (admin, or its cancel token)",
                 "POST /v1/consumers/<name>/load|unload": "admin: load or unload a consumer",
                 "POST /v1/admin/reload": "admin: re-read the config file (as SIGHUP does)",
                 "GET /healthz": "liveness of gpumgr itself",
@@ -313,6 +318,41 @@ class ReloadResource(_AdminResource):
         return outcome.as_json()
 
 
+class RequestsResource(JsonResource):
+    """GET /v1/requests[/<id>]: where requests stand; DELETE /v1/requests/<id>:
+    cancel one, as an admin (`admin_guard`) or as its own client (the
+    `X-Gpumgr-Cancel-Token` its response carried). See gpumgr.request_book."""
+
+    isLeaf = True
+    allowed_methods = ("GET", "DELETE")
+
+    def __init__(self, broker: Broker) -> None:
+        super().__init__()
+        self._broker = broker
+
+    def respond(self, request: Any) -> Any:
+        rest = request_target(request).after(2)
+        parts = [] if rest is None else [s.text for s in rest.segments]
+        deleting = request.method == b"DELETE"
+        if parts in ([], [""]) and not deleting:
+            return self._broker.requests_document()
+        if len(parts) != 1 or not parts[0]:
+            raise UnknownRoute("use /v1/requests/<id>")
+        if not deleting:
+            return self._broker.request_document(parts[0])
+        entry = self._broker.requests.find(parts[0])
+        token = request.getHeader(CANCEL_TOKEN_HEADER)
+        if token is None:
+            refusal = admin_guard(request, self._broker.config)
+            if refusal is not None:
+                raise refusal
+        elif not entry.token_matches(token):
+            raise Forbidden(f"{CANCEL_TOKEN_HEADER.decode()} does not match request "
+                            f"{parts[0]}; only its own client, or an admin, may cancel it")
+        self._broker.requests.cancel(entry)
+        return {"cancelled": True, "request": self._broker.request_document(parts[0])}
+
+
 class V1Resource(JsonResource):
     def __init__(self, broker: Broker) -> None:
         super().__init__()
@@ -322,6 +362,7 @@ class V1Resource(JsonResource):
         self.putChild(b"ready", ReadyResource(broker))
         self.putChild(b"consumers", ConsumerAdminResource(broker))
         self.putChild(b"admin", ReloadResource(broker))
+        self.putChild(b"requests", RequestsResource(broker))
 
     def respond(self, request: Any) -> Any:
         raise _no_route(request)

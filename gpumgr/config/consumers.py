@@ -118,6 +118,7 @@ def _parse_consumer(sec: Section, name: str) -> ConsumerConfig:
         abandoned_grace_s=sec.number("abandoned_grace_s", defaults.abandoned_grace_s,
                                      maximum=3600.0),
         render_stop_grace_s=sec.number("render_stop_grace_s", 30.0, positive=True),
+        pin=_parse_bool(sec, "pin", False),
     )
     sec.finish()
     if consumer.idle_unload_s is not None and not consumer.can_unload:

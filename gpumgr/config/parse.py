@@ -34,6 +34,7 @@ from gpumgr.config.schema import (
     ConsumerConfig,
     GpuConfig,
     HealthConfig,
+    RequestsConfig,
     LimitsConfig,
     SchedulerConfig,
 )
@@ -108,6 +109,13 @@ def parse_config(raw: Any, source: str, environ: Mapping[str, str] | None = None
 
     limits = _parse_limits(top.section("limits"))
 
+    r = top.section("requests")
+    requests = RequestsConfig(
+        keep_finished=r.number("keep_finished", 256, integer=True),
+        keep_finished_s=r.number("keep_finished_s", 600.0),
+    )
+    r.finish()
+
     consumers = parse_consumers(top.section("consumers"))
     routes = _parse_routes(top.section("routes"), consumers)
     admin_token = _parse_admin_token(top, os.environ if environ is None else environ)
@@ -133,6 +141,7 @@ def parse_config(raw: Any, source: str, environ: Mapping[str, str] | None = None
         allowed_hosts=allowed_hosts,
         shutdown_grace_s=shutdown_grace_s,
         balancer=balancer,
+        requests=requests,
     )
 
 

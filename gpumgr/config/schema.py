@@ -107,11 +107,14 @@ class ConsumerConfig:
     #: After a render's interrupt, how long gpumgr waits for evidence that it
     #: stopped before it stops the owned process (or, with none, reports it stuck).
     render_stop_grace_s: float = 30.0
+    #: `pin: true`: never evicted for pressure, exclusivity or idleness (an
+    #: admin unload still works).
+    pin: bool = False
 
     @property
     def pinned(self) -> bool:
-        """With no way to unload, a consumer is never evicted."""
-        return not self.can_unload
+        """With no way to unload, or pinned by config, a consumer is never evicted."""
+        return not self.can_unload or self.pin
 
     def url_for(self, path: str) -> str:
         return self.url + path
@@ -204,6 +207,16 @@ class LimitsConfig:
 
 
 @attrs.frozen
+class RequestsConfig:
+    """How long `GET /v1/requests/<id>` still knows a finished request."""
+
+    #: Finished requests kept, at most (the oldest go first).
+    keep_finished: int = 256
+    #: A finished request is forgotten this long after it ended.
+    keep_finished_s: float = 600.0
+
+
+@attrs.frozen
 class Config:
     source: str
     listen: str
@@ -223,6 +236,7 @@ class Config:
     balancer: BalancerConfig = attrs.field(factory=BalancerConfig)
     #: SHA-256 of the file text this config was parsed from ("" if built in code).
     sha256: str = ""
+    requests: RequestsConfig = RequestsConfig()
 
     def consumer_for(self, route: str) -> ConsumerConfig | None:
         name = self.routes.get(route)

@@ -7,6 +7,7 @@ const POLL_MS = 2000;
 const TIMEOUT_MS = 5000;
 const EVENTS_SHOWN = 25;
 const STATUS_URL = new URL("../v1/status", document.baseURI).href;
+const REQUESTS_URL = new URL("../v1/requests", document.baseURI).href;
 const PALETTE_SIZE = 8;
 const BAD_EVENTS = new Set(["eviction_failed", "refusal", "render_lost", "process_crash",
                             "process_start_failed", "oom_retry"]);
@@ -280,13 +281,14 @@ function drawConsumers(doc, colour, clock) {
       return cell;
     };
     const errors = num(c.errors);
-    return h("tr", { data: { consumer: name, health, loaded } },
+    return h("tr", { data: { consumer: name, health, loaded, pin: c.pin === true ? "yes" : "no" } },
       td("Consumer", h("span", { class: `swatch c${colour(name)}` }), h("strong", null, name),
          c.url ? h("div", { class: "muted small url" }, c.url) : null),
       td("Driver", c.driver ? c.driver : h("span", { class: "muted" }, "–")),
       td("Health", pill(health, HEALTH_KIND[health] || "idle"),
          c.last_error && health !== "ok" ? h("div", { class: "error small" }, c.last_error) : null),
-      td("Loaded", pill(loaded, loaded === "yes" ? "good" : "idle")),
+      td("Loaded", pill(loaded, loaded === "yes" ? "good" : "idle"),
+         c.pin === true ? pill("pinned", "info pin") : null),
       td("Process", processCell(name, c.process)),
       td("Active", c.active ?? "–"),
       td("Requests", c.total_requests ?? "–",
@@ -331,6 +333,58 @@ function drawEvents(doc) {
       num(e.mib) ? h("span", { class: "muted" }, ` ${mib(e.mib)}`) : null,
       e.detail !== undefined && e.detail !== null && e.detail !== ""
         ? h("span", { class: "detail" }, typeof e.detail === "string" ? e.detail : JSON.stringify(e.detail)) : null))));
+}
+
+// ---- requests: the queue with positions, and cancel ------------------------
+
+// The admin token stays in this page's memory only; with none, the broker
+// decides (a loopback client may cancel when no admin_token is set).
+function adminHeaders() {
+  const token = document.getElementById("admin-token").value.trim();
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+async function cancelRequest(id, button) {
+  button.disabled = true;
+  const note = document.getElementById("requests-note");
+  try {
+    const response = await fetch(`${REQUESTS_URL}/${encodeURIComponent(id)}`,
+                                 { method: "DELETE", cache: "no-store", headers: adminHeaders() });
+    let why = `HTTP ${response.status}`;
+    try { why = JSON.parse(await response.text()).error?.message || why; } catch (_) { /* not JSON */ }
+    note.textContent = response.ok ? `Cancelled ${id}.` : `Cancelling ${id} failed: ${why}`;
+    note.dataset.outcome = response.ok ? "ok" : "refused";
+  } catch (e) {
+    note.textContent = `Cancelling ${id} failed: ${e.message || e}`;
+    note.dataset.outcome = "failed";
+  }
+}
+
+function requestRow(r) {
+  const button = h("button", { type: "button", class: "cancel", data: { id: r.id ?? "" } }, "cancel");
+  button.addEventListener("click", () => cancelRequest(String(r.id), button));
+  const where = r.state === "queued" ? `#${r.position ?? "?"}` : String(r.state ?? "?");
+  return h("li", { data: { id: r.id ?? "", state: r.state ?? "", position: r.position ?? "" } },
+    h("span", { class: "pos" }, where), " ",
+    h("code", { title: r.id ?? "" }, String(r.id ?? "?").slice(0, 16)), " ",
+    h("strong", null, r.consumer ?? "?"), r.kind ? h("span", { class: "muted" }, ` ${r.kind}`) : null,
+    r.cancel_requested ? h("span", { class: "muted small" }, " · cancelling") : null, " ",
+    r.cancel_requested ? null : button);
+}
+
+function drawRequests(doc) {
+  const queue = arr(obj(doc).queue).map(obj);
+  const running = arr(obj(doc).running).map(obj);
+  const list = document.getElementById("requests");
+  const rows = [...queue, ...running].map(requestRow);
+  list.replaceChildren(...(rows.length ? rows : [h("li", { class: "muted empty" }, "No requests.")]));
+}
+
+async function fetchRequests() {
+  try {
+    const response = await fetch(REQUESTS_URL, { cache: "no-store", headers: { Accept: "application/json" } });
+    if (response.ok) drawRequests(JSON.parse(await response.text()));
+  } catch (_) { /* the status poll reports the connection */ }
 }
 
 // ---- polling ---------------------------------------------------------------
@@ -387,6 +441,7 @@ async function fetchStatus() {
 async function poll() {
   try {
     const doc = await fetchStatus();
+    await fetchRequests();
     setConnection(true);
     lastGood = { doc, at: Date.now() };
     try {

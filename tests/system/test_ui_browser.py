@@ -390,3 +390,49 @@ async def test_page_draws_the_new_fields_and_never_runs_data_as_markup(browser):
         assert await _in_thread(browser.evaluate, "document.querySelectorAll('img').length") == 0
     finally:
         await port.stopListening()
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_page_lists_the_queue_with_positions_and_cancels_with_the_admin_token(
+        browser, world, start_broker, client):
+    from twisted.internet import defer
+
+    from tests.helpers import HeldStream, wait_for
+
+    service, url = await start_broker(world_config(
+        world, health={"interval_s": 30}, scheduler={"mode": "locked"}, admin_token="s3cret",
+        consumers={"ollama": {"pin": True}}))
+    await service.health.probe_all_now()
+    held = await HeldStream(world["ollama"]).start(client, url)
+    queued = {}
+    for depth, n in enumerate(("first", "second"), 1):
+        queued[n] = defer.ensureDeferred(client.request(
+            "POST", url + "/v1/tts", b"x", {"X-Gpumgr-Request-Id": n}))
+        await wait_for(lambda: service.scheduler.stats().queue_depth == depth)
+    await _in_thread(browser.open, url + "/ui/")
+    positions = await _in_thread(
+        browser.wait_for, "[...document.querySelectorAll('#requests li[data-state=\"queued\"]')]"
+        ".map(li => li.dataset.id + '@' + li.dataset.position).join(' ') || ''",
+        "the queue with positions")
+    assert positions == "first@1 second@2"
+    assert await _in_thread(browser.evaluate, _row("ollama", "pin")) == "yes"
+    # Without the token the broker refuses (the page is not on loopback's side: a token is set).
+    click = ("document.querySelector('#requests li[data-id=\"first\"] button.cancel').click()")
+    await _in_thread(browser.evaluate, click)
+    note = await _in_thread(browser.wait_for, "document.getElementById('requests-note')"
+                            ".dataset.outcome", "the refused cancel")
+    assert note == "refused"
+    assert service.scheduler.stats().queue_depth == 2
+    await _in_thread(browser.evaluate, "document.getElementById('admin-token').value = 's3cret';"
+                     "document.getElementById('requests-note').dataset.outcome = '';")
+    await _in_thread(browser.wait_for, "document.querySelector('#requests li[data-id=\"first\"]"
+                     " button.cancel:not([disabled])') !== null", "the button again after a redraw")
+    await _in_thread(browser.evaluate, click)
+    reply = await queued["first"]
+    assert reply.code == 409 and reply.json()["error"]["code"] == "request_cancelled"
+    await _in_thread(browser.wait_for, "[...document.querySelectorAll('#requests li"
+                     "[data-state=\"queued\"]')].map(li => li.dataset.id + '@' + "
+                     "li.dataset.position).join(' ') === 'second@1'", "second moved up")
+    held.release()
+    assert (await queued["second"]).code == 200

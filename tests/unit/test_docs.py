@@ -166,12 +166,13 @@ def full_config() -> dict[str, Any]:
                         "start_timeout_s": 120, "stop_timeout_s": 10},
             "job_timeout_s": 1800, "render_stop_grace_s": 30, "abandoned_grace_s": 30,
             "connect_timeout_s": 5, "request_timeout_s": 600, "body_idle_timeout_s": 300,
-            "gpu_process": "svc", "idle_unload_s": 60, "preload": True}},
+            "gpu_process": "svc", "idle_unload_s": 60, "preload": True, "pin": False}},
         "routes": {"tts": "svc", "audio_proxy": "svc"},
         "admin_token": "secret",
         "allowed_hosts": ["gpu-box.lan"],
         "shutdown_grace_s": 30,
         "balancer": {"box": "gpu-1", "max_queue": 4, "not_ready_s": 5},
+        "requests": {"keep_finished": 256, "keep_finished_s": 600},
     }
 
 

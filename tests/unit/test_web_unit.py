@@ -44,7 +44,7 @@ RAW = {
 
 
 class RefusingScheduler(Passthrough):
-    def run(self, consumer, job, kind=None, control=False):
+    def run(self, consumer, job, kind=None, control=False, request_id=None):
         return defer.fail(QueueFull("64 jobs are waiting", consumer, retry_after_s=2.5))
 
 
