@@ -53,6 +53,19 @@ class ProcessConfig:
 
 
 @attrs.frozen
+class GpuPlacement:
+    """`consumers.<name>.gpu`: the cards a consumer lives on, or `auto`."""
+
+    #: Card indexes, ascending; its memory is needed on each. Empty with `auto`.
+    cards: tuple[int, ...] = (0,)
+    #: gpumgr picks one card when it starts the consumer's process.
+    auto: bool = False
+
+    def describe(self) -> str:
+        return "auto" if self.auto else ",".join(map(str, self.cards))
+
+
+@attrs.frozen
 class ScheduledRoute:
     """`METHOD /path-prefix`: pass-through requests that are GPU work."""
 
@@ -106,6 +119,8 @@ class ConsumerConfig:
     #: After a render's interrupt, how long gpumgr waits for evidence that it
     #: stopped before it stops the owned process (or, with none, reports it stuck).
     render_stop_grace_s: float = 30.0
+    #: The cards it lives on (card 0 unless the config says otherwise).
+    gpu: GpuPlacement = GpuPlacement()
 
     @property
     def pinned(self) -> bool:
