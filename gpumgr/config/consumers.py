@@ -135,9 +135,9 @@ _MAX_CARD_INDEX = 63
 
 def _parse_gpu(sec: Section, process: ProcessConfig | None) -> GpuPlacement:
     """A card index, a list of them, or `auto` (only for a process gpumgr owns)."""
+    raw = sec.get("gpu")
     if not sec.has("gpu"):
         return GpuPlacement()
-    raw = sec.get("gpu")
     if raw == "auto":
         if process is None:
             sec.fail("gpu", "auto needs a process gpumgr owns (consumers.<name>.process): "
