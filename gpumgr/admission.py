@@ -6,6 +6,10 @@ unload or a load never races a request. In pass-through mode there is no
 lock: a load or an unload (an operator's, a preload, an idle unload) may run
 beside requests. How a consumer is really loaded or unloaded (a driver's
 route, or starting and stopping its process) is the `Control` given to it.
+
+With several cards every decision is per card (`cards_of`): a job needs its
+memory on each card its consumer lives on, only consumers on that card are
+victims, and only that card's free memory counts, never the sum of all.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from gpumgr.deadlines import unload_deadline_s
 from gpumgr.errors import ControlFailed, InsufficientVram, describe_failure
 from gpumgr.events import Event, EventKind
 from gpumgr.eviction import ConsumerView, Residency, plan_eviction, settled
-from gpumgr.gpu import GpuSampler
+from gpumgr.gpu import GpuSample, GpuSampler
 from gpumgr.proxy import Result
 from gpumgr.registry import Registry
 from gpumgr.states import Health
@@ -93,6 +97,8 @@ class Admission:
         #: consumer -> "load" or "unload" while its control call runs (what an
         #: admitting request waits for, in GET /v1/requests/<id>).
         self.acting: dict[str, str] = {}
+        #: The cards a consumer lives on now (gpumgr.cards); one card: all on card 0.
+        self.cards_of: Callable[[str], tuple[int, ...]] = lambda name: (0,)
 
     @property
     def _config(self) -> Config:
@@ -105,28 +111,34 @@ class Admission:
         """Record an event now (the last RECENT_EVENTS are kept)."""
         self.events.append(Event(kind, consumer, reason, mib, detail, self._clock.seconds()))
 
-    def views(self, target: str | None = None) -> dict[str, ConsumerView]:
-        """What the planner sees. A consumer with a job running (capacity > 1)
+    def views(self, target: str | None = None, card: int | None = None) -> dict[str, ConsumerView]:
+        """What the planner sees (on `card`: the consumers that live there, and
+        what they hold there). A consumer with a job running (capacity > 1)
         is loaded for certain, and pinned: never unloaded under a running job."""
         views = {}
+        latest = self._gpu.latest
         for name, c in self._config.consumers.items():
+            if card is not None and name != target and card not in self.cards_of(name):
+                continue
             view = self._registry.view(c)
+            if card is not None:
+                view = _on_card(view, c, latest, card)
             if name != target and self._registry[name].active > 0 and not view.pinned:
                 view = attrs.evolve(view, pinned=True, residency=Residency.LOADED,
                                     resident_mib=max(view.resident_mib, c.vram_resident_mib))
             views[name] = view
         return views
 
-    def free_mib(self, target: str) -> int | None:
-        """Free GPU memory: measured, else accounted from config, else unknown."""
-        free = self._gpu.latest.memory_free_mib
+    def free_mib(self, target: str, card: int = 0) -> int | None:
+        """Free memory on `card`: measured, else accounted from config, else unknown."""
+        free = self._gpu.latest.free_mib_on(card)
         if free is not None:
             return free
         total = self._config.gpu.total_mib
         if total is not None:
             # Unknown consumers may hold their size; the target's own share is
             # what it needs, so it is not counted as held.
-            held = sum(v.resident_mib for n, v in self.views().items()
+            held = sum(v.resident_mib for n, v in self.views(target, card).items()
                        if v.residency is not Residency.UNLOADED and n != target)
             return total - held
         if not self._no_sample_logged:
@@ -146,31 +158,40 @@ class Admission:
         failed: list[str] = []
         self._unsettled = False  # an unknown-state victim was unloaded, unwatched
         settled_once = False
+        cards = self.cards_of(target) or (0,)
         while True:
-            plan = plan_eviction(target, self.views(target), self.free_mib(target),
-                                 self._config.gpu.headroom_mib, exclude=tried)
-            if plan.shortfall_mib > 0 and self._unsettled and not settled_once:
+            plans = [(card, plan_eviction(target, self.views(target, card),
+                                          self.free_mib(target, card),
+                                          self._config.gpu.headroom_mib, exclude=tried))
+                     for card in cards]
+            short = [(card, plan) for card, plan in plans if plan.shortfall_mib > 0]
+            if short and self._unsettled and not settled_once:
                 # Memory of victims whose residency was unknown may still be
                 # on its way back: wait for it once before refusing.
                 settled_once = True
-                yield self._settle(target, plan.shortfall_mib, self._gpu.latest.memory_free_mib,
-                                   plan.needed_mib)
+                card, plan = short[0]
+                yield self._settle(target, plan.shortfall_mib,
+                                   self._gpu.latest.free_mib_on(card), plan.needed_mib, card)
                 continue
-            if plan.blocked_by:
-                self._refuse(target, f"{target} may not coexist with "
-                             f"{_blockers(plan.blocked_by, self.views(target))}", failed)
-            if plan.shortfall_mib > 0:
+            for card, plan in plans:
+                if plan.blocked_by:
+                    self._refuse(target, f"{target} may not coexist{_on(card, cards)} with "
+                                 f"{_blockers(plan.blocked_by, self.views(target, card))}", failed)
+            for card, plan in short:
                 pins = "".join(f"; {name} is pinned (consumers.{name}.pin)"
                                for name in plan.held_by_pin)
-                self._refuse(target, f"{target} needs {plan.needed_mib} MiB (with headroom); "
-                             f"{plan.projected_free_mib} MiB would be free after evicting "
-                             f"everything evictable: short by {plan.shortfall_mib} MiB{pins}",
-                             failed)
-            if not plan.victims:
+                self._refuse(target, f"{target} needs {plan.needed_mib} MiB (with headroom)"
+                             f"{_on(card, cards)}; {plan.projected_free_mib} MiB would be free "
+                             "after evicting everything evictable: short by "
+                             f"{plan.shortfall_mib} MiB{pins}", failed)
+            victims = [(card, v, plan.needed_mib) for card, plan in plans for v in plan.victims]
+            if not victims:
                 return
-            for victim, reason in plan.victims:
+            for card, (victim, reason), needed_mib in victims:
+                if victim in tried:  # a victim on several of the target's cards: once
+                    continue
                 tried.add(victim)
-                ok = yield self.unload(victim, reason, needed_mib=plan.needed_mib)
+                ok = yield self.unload(victim, reason, needed_mib=needed_mib, card=card)
                 if not ok:
                     failed.append(victim)
 
@@ -186,8 +207,11 @@ class Admission:
         """The consumer answered out of memory: evict every other evictable one."""
         self.oom_retries += 1
         self.event(EventKind.OOM_RETRY, consumer, "oom")
+        mine = set(self.cards_of(consumer))
         for name, view in self.views().items():
-            if name != consumer and not view.pinned and view.residency is not Residency.UNLOADED:
+            if name == consumer or not mine & set(self.cards_of(name)):
+                continue  # on no card of the consumer's: unloading it frees nothing there
+            if not view.pinned and view.residency is not Residency.UNLOADED:
                 yield self.unload(name, "oom")
 
     def job_ended(self, consumer: str, result: Any) -> None:
@@ -229,15 +253,19 @@ class Admission:
         return unload_deadline_s(None if c is None else c.process)
 
     @defer.inlineCallbacks
-    def unload(self, name: str, reason: str, needed_mib: int | None = None) -> Any:
-        """Unload `name` and wait for its memory to come back. Never fails: False if it did."""
+    def unload(self, name: str, reason: str, needed_mib: int | None = None,
+               card: int | None = None) -> Any:
+        """Unload `name` and wait for its memory to come back on `card` (default:
+        its first). Never fails: False if it did."""
         c = self._config.consumers[name]
-        view = self._registry.view(c)
+        if card is None:
+            card = (self.cards_of(name) or (0,))[0]
+        view = _on_card(self._registry.view(c), c, self._gpu.latest, card)
         known = view.residency is Residency.LOADED
         latest = self._gpu.latest
         if known and latest.available and (latest.sampled_at or 0) <= self._loaded_at.get(name, 0):
             latest = yield self._gpu.sample_now()  # a baseline that shows the victim loaded
-        before = latest.memory_free_mib
+        before = latest.free_mib_on(card)
         try:
             yield self._call(name, "unload")
         except Exception as e:
@@ -254,22 +282,22 @@ class Admission:
         log.info("evicted {name} ({reason}, {mib} MiB)", name=name, reason=reason,
                  mib=view.resident_mib)
         if known:
-            yield self._settle(name, view.resident_mib, before, needed_mib)
+            yield self._settle(name, view.resident_mib, before, needed_mib, card)
         else:
             self._unsettled = True
         return True
 
     @defer.inlineCallbacks
     def _settle(self, name: str, resident_mib: int, before: int | None,
-                needed_mib: int | None) -> Any:
-        """Wait until nvidia-smi shows the memory back, or unload_settle_s passes.
+                needed_mib: int | None, card: int = 0) -> Any:
+        """Wait until nvidia-smi shows the memory back on `card`, or unload_settle_s passes.
         Read from the nvidia-smi stream while it runs: a swap is seen within a loop period."""
         if before is None or resident_mib <= 0:
             return
         deadline = self._clock.seconds() + self._config.gpu.unload_settle_s
         while True:
             sample = yield self._gpu.fresh_sample()
-            free = sample.memory_free_mib
+            free = sample.free_mib_on(card)
             if free is None:
                 return
             if settled(free - before, resident_mib, free, needed_mib):
@@ -366,3 +394,18 @@ class Admission:
             if timer.active():
                 timer.cancel()
         self._idle_timers.clear()
+
+
+def _on(card: int, cards: tuple[int, ...]) -> str:
+    """" on GPU n" in a refusal, where a consumer lives off card 0 alone."""
+    return "" if cards == (0,) else f" on GPU {card}"
+
+
+def _on_card(view: ConsumerView, c: Any, sample: GpuSample, card: int) -> ConsumerView:
+    """A measured consumer's view on one card of several: what its processes
+    hold on that card (gpumgr.gpu_sample attributes them by UUID)."""
+    if (c.gpu_process is None or view.residency is not Residency.LOADED
+            or len(sample.card_indexes) < 2):
+        return view
+    held = sum(p.used_mib or 0 for p in sample.processes_on(card) if c.gpu_process.search(p.name))
+    return attrs.evolve(view, resident_mib=held or c.vram_resident_mib)

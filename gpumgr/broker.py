@@ -28,6 +28,7 @@ from gpumgr.accounting import Accounting, Timing, access_status, body_size
 from gpumgr.admin import AdminAction, run_admin
 from gpumgr.admission import Admission
 from gpumgr.balancer import ReadinessCheck, box_headers
+from gpumgr.cards import PerCardLocked, PerCardSetup, Placements, cuda_env, spans_cards
 from gpumgr.config import AUDIO_ROUTE, Config, ConsumerConfig
 from gpumgr.drivers import ControlHttp, IDriver, get_driver
 from gpumgr.errors import (
@@ -105,8 +106,13 @@ class Broker:
         self.accounting = Accounting(reactor)
         self.requests = RequestBook(reactor, lambda: self._config.requests)
         self._tunnels = Tunnels(reactor)
+        #: Which cards each consumer lives on (gpumgr.cards); a lock per card if
+        #: any consumer lives off card 0.
+        self.placements = Placements(lambda: self._config, lambda: gpu.latest,
+                                     lambda: self.admission.views(), self._may_move)
         self.scheduler: Scheduler = make_scheduler(
-            reactor, self.registry, config.scheduler, self.evicting, self.passing_through)
+            reactor, self.registry, config.scheduler, self.evicting, self.passing_through,
+            PerCardSetup(self.placements, lambda: gpu.latest) if spans_cards(config) else None)
         self.fleet = Fleet(
             reactor, lambda: self._config, self.registry, http, process_factory,
             event=lambda *a, **kw: self.admission.event(*a, **kw),
@@ -114,6 +120,9 @@ class Broker:
             abort_jobs=lambda name, why: self.jobs.abort(name, why))
         self.admission = Admission(reactor, lambda: self._config, self.registry, gpu,
                                    self.fleet.load_unload, self.scheduler)
+        if isinstance(self.scheduler, PerCardLocked):
+            self.admission.cards_of = self.placements.cards_of
+            self.fleet.gpu_env = self._gpu_env
         self.proxy = StreamingProxy(reactor, cooperator, self._upstream_error)
         self.health = HealthMonitor(
             reactor, lambda: self._config.consumers, self.registry,
@@ -183,7 +192,8 @@ class Broker:
         self.registry.sync(new.consumers)
         self.fleet.apply(old, new)
         sched = new.scheduler
-        if isinstance(self.scheduler, Locked):
+        self.placements.forget_removed()
+        if isinstance(self.scheduler, (Locked, PerCardLocked)):
             self.scheduler.configure(sched.capacity, sched.max_queue, sched.queue_timeout_s,
                                      sched.priority, sched.aging_s, sched.max_overtakes)
         self.health.configure(new.health.interval_s, new.health.timeout_s,
@@ -191,6 +201,18 @@ class Broker:
         self.gpu.configure(new.gpu.nvidia_smi, new.gpu.interval_s, new.gpu.timeout_s)
         for listener in self.config_listeners:
             listener(new)
+
+    def _may_move(self, name: str) -> bool:
+        """An `auto` consumer may be placed afresh: no process, no job of it."""
+        return (self.fleet.is_stopped(name) and self.registry[name].active == 0
+                and self.scheduler.queued_for(name) == 0)
+
+    def _gpu_env(self, name: str) -> dict[str, str]:
+        c = self._config.consumers.get(name)
+        if c is None or (c.process is not None and "CUDA_VISIBLE_DEVICES" in c.process.env
+                         and not c.gpu.auto):
+            return {}
+        return cuda_env(self.placements.cards_of(name))
 
     # -- lifecycle ---------------------------------------------------------------
 

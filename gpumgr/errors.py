@@ -129,6 +129,13 @@ class InsufficientVram(GpumgrError):
     code = "insufficient_vram"
 
 
+class GpuMissing(GpumgrError):
+    """The card a consumer lives on has no row in nvidia-smi's answer any more."""
+
+    status = 503
+    code = "gpu_missing"
+
+
 class ControlFailed(GpumgrError):
     status = 502
     code = "control_failed"

@@ -8,7 +8,8 @@ down (its exit is the evidence its GPU work stopped).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Protocol
+import functools
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -60,6 +61,11 @@ class Fleet:
         #: Processes a reload removed or changed, until they have stopped.
         self.retiring: dict[str, ManagedProcess] = {}
         self.load_unload = LoadUnload(self)
+        #: The environment that puts a consumer's process on its cards (gpumgr.cards).
+        self.gpu_env: Callable[[str], Mapping[str, str]] = lambda name: {}
+
+    def _gpu_env_of(self, name: str) -> Mapping[str, str]:
+        return self.gpu_env(name)
 
     def consumer(self, name: str) -> ConsumerConfig:
         return self._config().consumers[name]
@@ -75,6 +81,7 @@ class Fleet:
                 self._reactor, name, c.process, probe=lambda name=name: self._ready_probe(name),
                 on_exit=lambda exit, name=name: self._exited(name, exit),
                 port_check=lambda name=name: self._port_check(name))
+            self.processes[name].gpu_env = functools.partial(self._gpu_env_of, name)
             self._registry.mark_unloaded(name)
             self._registry.set_health(name, Health.STOPPED)
 

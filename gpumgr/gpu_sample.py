@@ -5,6 +5,11 @@ NVIDIA does not promise stable output across drivers, so the parser is
 tolerant: bracketed values (``[N/A]``, ``[Not Supported]``) are unknown, stray
 units are stripped, and names may contain commas. Memory figures that cannot
 be true make the sample unavailable rather than wrong.
+
+A box may have several cards: each row carries its UUID, and each compute
+process the UUID of its card, so a process is attributed to its card
+(`GpuSample.processes_on`). Output without UUIDs (older queries, fixtures)
+still parses: a lone card then owns every process.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ import attrs
 
 #: The queries whose answers the parsers below read (field order matters).
 GPU_QUERY = (
-    "--query-gpu=index,name,memory.total,memory.used,memory.free,"
+    "--query-gpu=index,uuid,name,memory.total,memory.used,memory.free,"
     "utilization.gpu,temperature.gpu"
 )
-APPS_QUERY = "--query-compute-apps=pid,process_name,used_memory"
+APPS_QUERY = "--query-compute-apps=gpu_uuid,pid,process_name,used_memory"
 CSV_FORMAT = "--format=csv,noheader,nounits"
 
 class GpuParseError(ValueError):
@@ -34,6 +39,8 @@ class GpuInfo:
     memory_free_mib: int | None
     utilization_pct: int | None
     temperature_c: int | None
+    #: ``GPU-...``; None where the output carried none.
+    uuid: str | None = None
 
 
 @attrs.frozen
@@ -41,6 +48,8 @@ class GpuProcess:
     pid: int
     name: str
     used_mib: int | None
+    #: The UUID of the card it runs on; None where the output carried none.
+    gpu_uuid: str | None = None
 
 
 @attrs.frozen
@@ -63,6 +72,37 @@ class GpuSample:
             return None
         free = [g.memory_free_mib for g in self.gpus]
         return None if None in free else sum(free)  # type: ignore[arg-type]
+
+    # -- per card: admission and eviction read these, never the sum above ----------
+
+    @property
+    def card_indexes(self) -> tuple[int, ...]:
+        return tuple(g.index for g in self.gpus) if self.available else ()
+
+    def card(self, index: int) -> GpuInfo | None:
+        """Card `index`, or None (no sample, or its row is missing)."""
+        if not self.available:
+            return None
+        return next((g for g in self.gpus if g.index == index), None)
+
+    def card_missing(self, index: int) -> bool:
+        """The sample is good but card `index` has no row (gone, or never there)."""
+        return self.available and self.card(index) is None
+
+    def free_mib_on(self, index: int) -> int | None:
+        """Card `index`'s free memory; None if unknown or the card has no row."""
+        gpu = self.card(index)
+        return None if gpu is None else gpu.memory_free_mib
+
+    def processes_on(self, index: int) -> tuple[GpuProcess, ...]:
+        """The compute processes of card `index`, by their card's UUID. Without
+        UUIDs in the output, a lone card owns them all; several cannot be told apart."""
+        gpu = self.card(index)
+        if gpu is None:
+            return ()
+        if gpu.uuid is None or all(p.gpu_uuid is None for p in self.processes):
+            return self.processes if len(self.gpus) == 1 else ()
+        return tuple(p for p in self.processes if p.gpu_uuid == gpu.uuid)
 
 
 NOT_SAMPLED = GpuSample(sampled_at=None, error="not sampled yet")
@@ -130,16 +170,26 @@ def memory_problem(gpu: GpuInfo) -> str | None:
     return None
 
 
+#: A card's UUID as nvidia-smi prints it (``GPU-8f2c...``, ``MIG-...``).
+_UUID_RE = re.compile(r"\A(GPU|MIG)-[0-9A-Za-z/_-]{1,120}\Z")
+
+
+def _is_uuid(field: str) -> bool:
+    return bool(_UUID_RE.match(field))
+
+
 def _lines(text: str) -> list[tuple[int, str]]:
     return [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 def parse_gpu_csv(text: str) -> tuple[GpuInfo, ...]:
-    """Parse ``--query-gpu=index,name,memory.total,memory.used,memory.free,
-    utilization.gpu,temperature.gpu --format=csv,noheader,nounits``."""
+    """Parse ``--query-gpu=index,uuid,name,memory.total,memory.used,memory.free,
+    utilization.gpu,temperature.gpu --format=csv,noheader,nounits``; rows
+    without the uuid (the older query) parse too."""
     gpus = []
     for line_no, line in _lines(text):
         fields = [f.strip() for f in line.split(",")]
+        uuid = fields.pop(1) if len(fields) >= 8 and _is_uuid(fields[1]) else None
         if len(fields) < 7:
             raise GpuParseError(f"line {line_no}: expected 7 fields, got {len(fields)}: {line!r}")
         # The name is the only free-text field; rejoin any commas inside it.
@@ -155,6 +205,7 @@ def parse_gpu_csv(text: str) -> tuple[GpuInfo, ...]:
             memory_free_mib=_mib_field(rest[2], "memory.free", line_no),
             utilization_pct=_int_field(rest[3], "utilization.gpu", line_no),
             temperature_c=_int_field(rest[4], "temperature.gpu", line_no),
+            uuid=uuid,
         )
         problem = memory_problem(gpu)
         if problem is not None:
@@ -166,12 +217,14 @@ def parse_gpu_csv(text: str) -> tuple[GpuInfo, ...]:
 
 
 def parse_apps_csv(text: str) -> tuple[GpuProcess, ...]:
-    """Parse ``--query-compute-apps=pid,process_name,used_memory``; empty means none."""
+    """Parse ``--query-compute-apps=gpu_uuid,pid,process_name,used_memory``
+    (or the older ``pid,process_name,used_memory``); empty means none."""
     procs = []
     for line_no, line in _lines(text):
         if line.lower().startswith("no running"):
             continue
         fields = [f.strip() for f in line.split(",")]
+        gpu_uuid = fields.pop(0) if len(fields) >= 4 and _is_uuid(fields[0]) else None
         if len(fields) < 3:
             raise GpuParseError(f"line {line_no}: expected 3 fields, got {len(fields)}: {line!r}")
         pid = _int_field(fields[0], "pid", line_no)
@@ -182,6 +235,7 @@ def parse_apps_csv(text: str) -> tuple[GpuProcess, ...]:
                 pid=pid,
                 name=", ".join(fields[1:-1]),
                 used_mib=_mib_field(fields[-1], "used_memory", line_no),
+                gpu_uuid=gpu_uuid,
             )
         )
     return tuple(procs)

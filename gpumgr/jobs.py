@@ -24,6 +24,7 @@ from gpumgr.abandoned import AbandonedWork
 from gpumgr.accounting import Timing
 from gpumgr.admission import Admission
 from gpumgr.balancer import box_headers
+from gpumgr.cards import PerCardSetup
 from gpumgr.config import Config, ConsumerConfig, SchedulerConfig
 from gpumgr.drivers import ControlHttp, IDriver, get_driver
 from gpumgr.errors import ConsumerRemoved, JobTimeout, ShuttingDown
@@ -63,11 +64,18 @@ class GpuJob:
 
 
 def make_scheduler(reactor: Any, registry: Registry, sched: SchedulerConfig, evicting: bool,
-                   passthrough: bool) -> Scheduler:
+                   passthrough: bool, per_card: PerCardSetup | None = None) -> Scheduler:
     """The scheduler the mode asks for: none to wait on (passthrough), or the
-    lock with its queue (when evicting, it lets a loaded consumer's job go first)."""
+    lock with its queue (when evicting, it lets a loaded consumer's job go first);
+    with `per_card` (consumers on several cards), one such lock per card."""
     if passthrough:
         return Passthrough(reactor, registry)
+    if per_card is not None:
+        return per_card.scheduler(lambda: _locked(reactor, registry, sched, evicting))
+    return _locked(reactor, registry, sched, evicting)
+
+
+def _locked(reactor: Any, registry: Registry, sched: SchedulerConfig, evicting: bool) -> Locked:
     return Locked(
         reactor, registry, capacity=sched.capacity, max_queue=sched.max_queue,
         queue_timeout_s=sched.queue_timeout_s, priority=sched.priority,

@@ -11,6 +11,8 @@ from typing import Any, Callable
 import attrs
 
 from gpumgr.config import Config, ConfigError, parse_config_text, read_config_file
+from gpumgr.cards import spans_cards
+from gpumgr.states import SchedulerMode
 
 
 @attrs.frozen
@@ -40,6 +42,10 @@ def reload_refusal(old: Config, new: Config) -> str | None:
     if new.scheduler.mode != old.scheduler.mode:
         return (f"scheduler.mode changed from {old.scheduler.mode} to {new.scheduler.mode}: "
                 "that needs a restart (the running config is kept)")
+    if spans_cards(new) != spans_cards(old) and new.scheduler.mode is not SchedulerMode.PASSTHROUGH:
+        return ("consumers.<name>.gpu: going from every consumer on card 0 to several cards "
+                "(or back) changes the GPU locks: that needs a restart (the running config "
+                "is kept)")
     return None
 
 

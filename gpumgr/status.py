@@ -102,6 +102,7 @@ def status_document(s: Snapshot) -> dict[str, Any]:
             "gpus": [
                 {
                     "index": g.index,
+                    "uuid": g.uuid,
                     "name": g.name,
                     "memory_total_mib": g.memory_total_mib,
                     "memory_used_mib": g.memory_used_mib,
@@ -112,7 +113,8 @@ def status_document(s: Snapshot) -> dict[str, Any]:
                 for g in sample.gpus
             ],
             "processes": [
-                {"pid": p.pid, "name": p.name, "used_mib": p.used_mib} for p in sample.processes
+                {"pid": p.pid, "name": p.name, "used_mib": p.used_mib, "gpu_uuid": p.gpu_uuid}
+                for p in sample.processes
             ],
         },
         "consumers": {c.name: _consumer(s, c) for c in s.consumers},

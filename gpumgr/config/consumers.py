@@ -12,6 +12,7 @@ from gpumgr.config.schema import (
     HTTP_METHODS,
     KINDS,
     ConsumerConfig,
+    GpuPlacement,
     HttpCall,
     ProcessConfig,
     ScheduledRoute,
@@ -119,6 +120,7 @@ def _parse_consumer(sec: Section, name: str) -> ConsumerConfig:
                                      maximum=3600.0),
         render_stop_grace_s=sec.number("render_stop_grace_s", 30.0, positive=True),
         pin=_parse_bool(sec, "pin", False),
+        gpu=_parse_gpu(sec, process),
     )
     sec.finish()
     if consumer.idle_unload_s is not None and not consumer.can_unload:
@@ -126,6 +128,30 @@ def _parse_consumer(sec: Section, name: str) -> ConsumerConfig:
     if consumer.preload and not consumer.can_load:
         sec.fail("preload", "needs a way to load (a load route or a process)")
     return consumer
+
+
+#: No box has more cards than this; a bigger index is a typo.
+_MAX_CARD_INDEX = 63
+
+
+def _parse_gpu(sec: Section, process: ProcessConfig | None) -> GpuPlacement:
+    """A card index, a list of them, or `auto` (only for a process gpumgr owns)."""
+    raw = sec.get("gpu")
+    if not sec.has("gpu"):
+        return GpuPlacement()
+    if raw == "auto":
+        if process is None:
+            sec.fail("gpu", "auto needs a process gpumgr owns (consumers.<name>.process): "
+                     "only then can gpumgr choose its card and start it there")
+        return GpuPlacement(cards=(), auto=True)
+    items = raw if isinstance(raw, list) else [raw]
+    if (not items or not all(isinstance(i, int) and not isinstance(i, bool) for i in items)
+            or not all(0 <= i <= _MAX_CARD_INDEX for i in items)):
+        sec.fail("gpu", "must be a card index (0-63), a non-empty list of them, or auto; "
+                 f"got {type_name(raw)} {raw!r}")
+    if len(set(items)) != len(items):
+        sec.fail("gpu", f"lists a card twice: {raw!r}")
+    return GpuPlacement(cards=tuple(sorted(items)))
 
 
 def _parse_scheduled(sec: Section) -> tuple[ScheduledRoute, ...]:

@@ -54,6 +54,19 @@ class ProcessConfig:
 
 
 @attrs.frozen
+class GpuPlacement:
+    """`consumers.<name>.gpu`: the cards a consumer lives on, or `auto`."""
+
+    #: Card indexes, ascending; its memory is needed on each. Empty with `auto`.
+    cards: tuple[int, ...] = (0,)
+    #: gpumgr picks one card when it starts the consumer's process.
+    auto: bool = False
+
+    def describe(self) -> str:
+        return "auto" if self.auto else ",".join(map(str, self.cards))
+
+
+@attrs.frozen
 class ScheduledRoute:
     """`METHOD /path-prefix`: pass-through requests that are GPU work."""
 
@@ -110,6 +123,8 @@ class ConsumerConfig:
     #: `pin: true`: never evicted for pressure, exclusivity or idleness (an
     #: admin unload still works).
     pin: bool = False
+    #: The cards it lives on (card 0 unless the config says otherwise).
+    gpu: GpuPlacement = GpuPlacement()
 
     @property
     def pinned(self) -> bool:

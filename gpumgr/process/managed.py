@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable
+from typing import Callable, Mapping
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
@@ -81,6 +81,8 @@ class ManagedProcess:
         self._last_failure_at: float | None = None
         self._last_start_error: str | None = None
         self._last_end_unexpected = False
+        #: Variables that put it on its cards (gpumgr.cards.cuda_env), read at each spawn.
+        self.gpu_env: Callable[[], Mapping[str, str]] = dict
 
     @property
     def last_stderr(self) -> tuple[str, ...]:
@@ -217,6 +219,7 @@ class ManagedProcess:
         self.exit_code = None
         env = dict(os.environ)
         env.update(self.spec.env)
+        env.update(self.gpu_env())
         cwd = self.spec.cwd
         command = self.spec.command
         if cwd is not None and not os.path.isdir(cwd):

@@ -97,15 +97,18 @@ def sim_nvidia_smi_command(state_path: str) -> str:
 
 def make_world(clock: Any, state_dir: str, total_mib: int = 24576,
                behaviours: dict[str, Behaviour] | None = None,
-               managed_whisper: bool = False) -> SimulatedWorld:
-    """The standard four: ollama, comfyui, whisper and mvoice on one GPU.
+               managed_whisper: bool = False,
+               cards_mib: tuple[int, ...] | None = None) -> SimulatedWorld:
+    """The standard four: ollama, comfyui, whisper and mvoice on one GPU (on
+    card 0 of `cards_mib`, a box of several cards, until placed elsewhere).
 
     With `managed_whisper`, whisper is not simulated in this process: give
     `world_config` a `managed_whisper_entry` and gpumgr starts the simulated
     whisper.cpp server as its own process, on demand.
     """
     behaviours = behaviours or {}
-    gpu = SimulatedGpu(os.path.join(state_dir, "gpu-state.json"), total_mib=total_mib)
+    gpu = SimulatedGpu(os.path.join(state_dir, "gpu-state.json"), total_mib=total_mib,
+                       cards_mib=cards_mib)
     world = SimulatedWorld(clock, gpu)
     defaults = {
         "ollama": Behaviour(vram_mib=9000),

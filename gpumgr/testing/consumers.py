@@ -187,7 +187,11 @@ class SimulatedWorld:
         self._reactor: Any = None
         self._interface = "127.0.0.1"
 
-    def add(self, flavour: str, name: str | None = None, behaviour: Behaviour | None = None):
+    def add(self, flavour: str, name: str | None = None, behaviour: Behaviour | None = None,
+            cards: tuple[int, ...] | None = None):
+        """`cards`: where its memory goes on a box of several (default card 0)."""
+        if cards is not None:
+            self.gpu.place(name or flavour, cards)
         consumer = self.FLAVOURS[flavour](self, name or flavour, behaviour or Behaviour())
         self.consumers[consumer.name] = consumer
         return consumer

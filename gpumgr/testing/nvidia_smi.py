@@ -35,6 +35,7 @@ import time
 _GPU_FIELDS = {
     "timestamp": ("timestamp", ""),
     "index": ("index", ""),
+    "uuid": ("uuid", ""),
     "name": ("name", ""),
     "memory.total": ("memory_total_mib", " MiB"),
     "memory.used": ("memory_used_mib", " MiB"),
@@ -44,6 +45,7 @@ _GPU_FIELDS = {
 }
 _APP_FIELDS = {
     "timestamp": ("timestamp", ""),
+    "gpu_uuid": ("gpu_uuid", ""),
     "pid": ("pid", ""),
     "process_name": ("name", ""),
     "used_memory": ("used_mib", " MiB"),
@@ -61,6 +63,18 @@ _DRIVER_FAILURE = (
     "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
     "Make sure that the latest NVIDIA driver is installed and running.\n"
 )
+
+
+def sim_uuid(index: int) -> str:
+    """The simulated card `index`'s UUID, in the real tool's shape."""
+    return f"GPU-00000000-0000-4000-8000-{index:012d}"
+
+
+def visible_cards(environ: dict | None = None) -> list[int]:
+    """The cards a process was given (``CUDA_VISIBLE_DEVICES`` as indexes; card 0 without it)."""
+    value = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES", "")
+    cards = [int(v) for v in value.split(",") if v.strip().isdigit()]
+    return cards or [0]
 
 
 def procs_dir_for(state_path: str) -> str:
@@ -106,14 +120,16 @@ def pid_alive(pid: int, start_time: str | None = None) -> bool:
     return start_time is None or started == start_time
 
 
-def write_external(procs_dir: str, pid: int, process_name: str, used_mib: int) -> str:
-    """Record that `pid` holds `used_mib` (written atomically); returns the file."""
+def write_external(procs_dir: str, pid: int, process_name: str, used_mib: int,
+                   cards: list | None = None) -> str:
+    """Record that `pid` holds `used_mib` on each of `cards` (default: card 0),
+    written atomically; returns the file."""
     os.makedirs(procs_dir, exist_ok=True)
     path = os.path.join(procs_dir, f"{pid}.json")
     tmp = os.path.join(procs_dir, f".{pid}.json.tmp")
     with open(tmp, "w") as f:
         json.dump({"pid": pid, "process_name": process_name, "used_mib": used_mib,
-                   "start_time": process_start_time(pid)}, f)
+                   "start_time": process_start_time(pid), "cards": list(cards or [0])}, f)
     os.replace(tmp, path)
     return path
 
@@ -135,6 +151,7 @@ def read_external(procs_dir: str | None) -> list[dict]:
             with open(path) as f:
                 entry = json.load(f)
             pid, used = int(entry["pid"]), int(entry["used_mib"])
+            cards = [int(c) for c in entry.get("cards") or [0]]
         except (OSError, ValueError, KeyError, TypeError):
             continue
         if not pid_alive(pid, entry.get("start_time")):
@@ -144,7 +161,7 @@ def read_external(procs_dir: str | None) -> list[dict]:
                 pass
             continue
         rows.append({"pid": pid, "name": entry.get("process_name", "?"), "used_mib": used,
-                     "busy": bool(entry.get("busy"))})
+                     "busy": bool(entry.get("busy")), "cards": cards})
     return rows
 
 
@@ -155,17 +172,19 @@ def with_external(state: dict, rows: list[dict]) -> dict:
     says so (``"busy": true`` in its record)."""
     if not rows:
         return state
-    extra = sum(r["used_mib"] for r in rows)
     gpus = [dict(g) for g in state["gpus"]]
-    if gpus:
-        g = gpus[0]
+    processes = list(state["processes"])
+    for g in gpus:
+        mine = [r for r in rows if g["index"] in r.get("cards", [0])]
+        extra = sum(r["used_mib"] for r in mine)
         g["memory_used_mib"] += extra
         g["memory_free_mib"] -= extra
-        if any(r.get("busy") for r in rows) and g.get("utilization_pct") is not None:
+        if any(r.get("busy") for r in mine) and g.get("utilization_pct") is not None:
             g["utilization_pct"] = max(g["utilization_pct"], 97)
             g["temperature_c"] = max(g.get("temperature_c") or 0, 48)
-    processes = [{k: r[k] for k in ("pid", "name", "used_mib")} for r in rows]
-    return {**state, "gpus": gpus, "processes": list(state["processes"]) + processes}
+        processes += [{"pid": r["pid"], "name": r["name"], "used_mib": r["used_mib"],
+                       "gpu_uuid": g.get("uuid") or sim_uuid(g["index"])} for r in mine]
+    return {**state, "gpus": gpus, "processes": processes}
 
 
 def _hold_stdout_in_a_child(state_path: str, seconds: float) -> None:

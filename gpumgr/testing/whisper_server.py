@@ -49,7 +49,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gpumgr.testing.multipart import parse_multipart
-from gpumgr.testing.nvidia_smi import PROCS_DIR, read_external, with_external, write_external
+from gpumgr.testing.nvidia_smi import (
+    PROCS_DIR,
+    read_external,
+    visible_cards,
+    with_external,
+    write_external,
+)
 
 PROCESS_NAME = "/opt/whisper.cpp/build/bin/whisper-server"
 
@@ -73,15 +79,17 @@ def _log(message: str) -> None:
     sys.stderr.flush()
 
 
-def _free_mib(gpu_state: str, procs_dir: str) -> int | None:
-    """Free memory as nvidia-smi would show it, or None without a simulated GPU."""
+def _free_mib(gpu_state: str, procs_dir: str, cards: list[int]) -> int | None:
+    """The least free memory of `cards` (those CUDA_VISIBLE_DEVICES gave it)
+    as nvidia-smi would show it, or None without a simulated GPU."""
     try:
         with open(gpu_state) as f:
             state = json.load(f)
     except (OSError, ValueError):
         return None
     gpus = with_external(state, read_external(procs_dir))["gpus"]
-    return gpus[0]["memory_free_mib"] if gpus else None
+    free = [g["memory_free_mib"] for g in gpus if g["index"] in cards]
+    return min(free) if free else None
 
 
 class _Server(ThreadingHTTPServer):
@@ -240,13 +248,15 @@ def main(argv: list[str] | None = None) -> int:
         _log(options.fail_load)
         return 1
     gpu_state = options.gpu_state or os.path.join(options.state_dir, "gpu-state.json")
-    free = _free_mib(gpu_state, procs_dir)
+    cards = visible_cards()
+    free = _free_mib(gpu_state, procs_dir, cards)
     if free is not None and options.vram_mib > free:
         _log(f"ggml_backend_cuda_buffer_type_alloc_buffer: allocating {options.vram_mib} MiB "
-             f"on device 0: cudaMalloc failed: out of memory ({free} MiB free)")
+             f"on device {cards[0]}: cudaMalloc failed: out of memory ({free} MiB free)")
         _log("whisper_init_with_params_no_state: failed to load model")
         return 1
-    record.append(write_external(procs_dir, os.getpid(), options.process_name, options.vram_mib))
+    record.append(write_external(procs_dir, os.getpid(), options.process_name, options.vram_mib,
+                                 cards))
     try:
         httpd = _Server((options.host, options.port), options)
     except OSError:

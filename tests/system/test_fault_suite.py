@@ -27,6 +27,11 @@ sampler sees the interrupt only at its next step) and gpumgr's prompts still
 pending behind one another client sent to ComfyUI directly, and reloads the
 config with new priorities half-way.
 
+It runs twice: on one card, and on a box of two (issue 17) where ollama and
+ComfyUI share card 0, mvoice lives on card 1 and whisper is `gpu: auto`;
+there two jobs overlap only if they share a card, and the invariants below
+are the same.
+
 At the end, each invariant is its own assertion:
 - every client call finished (none hung past CALL_BOUND_S); every 200 was
   complete unless the client cut it or an injected fault hit its consumer
@@ -526,7 +531,10 @@ class SimJobs:
                 held = {h.consumer for h in service.scheduler.stats().holders}
                 if consumer.name not in held and not job.foreign:
                     self.renders_without_slot += 1
-            self.overlaps.extend((other, job) for other in self.running)
+            # Jobs on different cards of a box of several share nothing.
+            mine = set(world.gpu.cards_of(consumer.name))
+            self.overlaps.extend((other, job) for other in self.running
+                                 if mine & set(world.gpu.cards_of(other.consumer)))
             self.running.append(job)
             self.jobs.append(job)
 
@@ -1145,8 +1153,15 @@ class Injector:
 # -- the run --------------------------------------------------------------------------------
 
 
-def build_world(tmp_path: Any) -> tuple[Any, dict[str, Any]]:
+#: The box of the two-card run: ollama and ComfyUI on card 0 (they do not fit
+#: together there), mvoice on card 1, whisper `auto` (it fits beside mvoice).
+TWO_CARDS_MIB = (12000, 12000)
+
+
+def build_world(tmp_path: Any, cards_mib: tuple[int, ...] | None = None
+                ) -> tuple[Any, dict[str, Any]]:
     world = make_world(reactor, str(tmp_path), total_mib=GPU_MIB, managed_whisper=True,
+                       cards_mib=cards_mib,
                        behaviours={
                            "ollama": Behaviour(vram_mib=VRAM_MIB["ollama"], stream_chunks=4,
                                                chunk_interval_s=0.002, job_s=0.003),
@@ -1156,27 +1171,33 @@ def build_world(tmp_path: Any) -> tuple[Any, dict[str, Any]]:
                                                audio_bytes=16 * 1024),
                        })
     world.listen(reactor)
+    if cards_mib is not None:
+        world.gpu.place("mvoice", (1,))
     whisper = managed_whisper_entry(world, vram_mib=VRAM_MIB["whisper"], job_s=0.003,
                                     start_timeout_s=10.0, stop_timeout_s=2.0)
     return world, whisper
 
 
-def config_sections(whisper: dict[str, Any], priority: dict[str, int]) -> dict[str, Any]:
+def config_sections(whisper: dict[str, Any], priority: dict[str, int],
+                    two_cards: bool = False) -> dict[str, Any]:
+    on = ({"mvoice": {"gpu": 1}, "whisper": {"gpu": "auto"}} if two_cards
+          else {"mvoice": {}, "whisper": {}})
     return dict(
         managed={"whisper": whisper},
         consumers={
             "ollama": {"passthrough": True, "request_timeout_s": 2, "body_idle_timeout_s": 0.4},
             "comfyui": {"passthrough": True, "request_timeout_s": 2, "body_idle_timeout_s": 1,
                         "job_timeout_s": 1.0},
-            "mvoice": {"request_timeout_s": 0.5, "body_idle_timeout_s": 1},
-            "whisper": {"request_timeout_s": 2, "body_idle_timeout_s": 1},
+            "mvoice": {"request_timeout_s": 0.5, "body_idle_timeout_s": 1, **on["mvoice"]},
+            "whisper": {"request_timeout_s": 2, "body_idle_timeout_s": 1, **on["whisper"]},
         },
         scheduler={"mode": "evicting", "capacity": 1, "max_queue": 64, "queue_timeout_s": 15,
                    "priority": priority, "aging_s": 1},
         # A frozen whisper is down once a probe times out (1 s), then probed
         # again after down_grace_s: a freeze of ~3.5 s or more gets it stopped.
         health={"interval_s": 0.25, "timeout_s": 1, "down_grace_s": 1.5},
-        gpu={"interval_s": 0.5, "timeout_s": 0.3, "total_mib": GPU_MIB, "unload_settle_s": 2},
+        gpu={"interval_s": 0.5, "timeout_s": 0.3,
+             "total_mib": TWO_CARDS_MIB[0] if two_cards else GPU_MIB, "unload_settle_s": 2},
         shutdown_grace_s=2,
     )
 
@@ -1259,13 +1280,14 @@ def summarise(records: list[Record], injector: Injector, service: GpumgrService,
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.parametrize("two_cards", [False, True], ids=["one card", "two cards"])
 @pytest_twisted.ensureDeferred
-async def test_seeded_faults_keep_every_promise(tmp_path, capsys):
+async def test_seeded_faults_keep_every_promise(tmp_path, capsys, two_cards):
     seed = int(os.environ.get("GPUMGR_FAULT_SEED", DEFAULT_SEED))
     repro = (f"fault suite seed {seed}; run it again with: "
              f"GPUMGR_FAULT_SEED={seed} make test PYTEST_ARGS='-k fault'")
     try:
-        await _fault_run(tmp_path, seed, capsys)
+        await _fault_run(tmp_path, seed, capsys, two_cards)
     except AssertionError as e:
         raise AssertionError(f"{e}\n\n{repro}") from None
     except BaseException:
@@ -1274,18 +1296,18 @@ async def test_seeded_faults_keep_every_promise(tmp_path, capsys):
         raise
 
 
-async def _fault_run(tmp_path: Any, seed: int, capsys: Any) -> None:
+async def _fault_run(tmp_path: Any, seed: int, capsys: Any, two_cards: bool = False) -> None:
     with capsys.disabled():
         print(f"\n[fault suite] seed {seed}: starting ({WARMUP_REQUESTS} warm-up requests, "
               f"then {REQUESTS} with faults)")
     rng = random.Random(seed)
-    world, whisper = build_world(tmp_path)
+    world, whisper = build_world(tmp_path, TWO_CARDS_MIB if two_cards else None)
     path = str(tmp_path / "gpumgr.yaml")
-    config = write_world_config(world, path, **config_sections(whisper, PRIORITY))
+    config = write_world_config(world, path, **config_sections(whisper, PRIORITY, two_cards))
 
     def rewrite_config(priority: dict[str, int]) -> None:
         with open(path, "w") as f:
-            yaml.safe_dump(world_config_raw(world, **config_sections(whisper, priority)), f)
+            yaml.safe_dump(world_config_raw(world, **config_sections(whisper, priority, two_cards)), f)
 
     watch = LogWatch()
     globalLogPublisher.addObserver(watch)

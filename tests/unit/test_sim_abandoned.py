@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
+from gpumgr.testing.nvidia_smi import sim_uuid
 from gpumgr.testing import SimulatedGpu
 from gpumgr.testing.gpu import BUSY_UTILIZATION_PCT, WorkOverlap
 
@@ -47,6 +48,7 @@ def test_one_process_is_one_row_whatever_it_allocated(tmp_path):
     gpu.allocate("ollama/llama3", 4242, "/usr/local/bin/ollama", 4000)
     gpu.allocate("ollama/work#1", 4242, "/usr/local/bin/ollama", 600)
     assert gpu.state()["processes"] == [
-        {"pid": 4242, "name": "/usr/local/bin/ollama", "used_mib": 4600}]
+        {"pid": 4242, "name": "/usr/local/bin/ollama", "used_mib": 4600,
+         "gpu_uuid": sim_uuid(0)}]  # one row per process and card (issue 17)
 
 
