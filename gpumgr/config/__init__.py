@@ -34,6 +34,7 @@ from gpumgr.config.parse import (
 from gpumgr.config.process_names import ProcessNameMatcher, parse_process_pattern
 from gpumgr.config.schema import (
     AUDIO_ROUTE,
+    AUTO,
     HTTP_METHODS,
     KINDS,
     ROUTE_KEYS,
@@ -52,6 +53,7 @@ from gpumgr.config.section import ConfigError
 
 __all__ = [
     "AUDIO_ROUTE",
+    "AUTO",
     "Config",
     "ConfigError",
     "ConsumerConfig",
