@@ -42,7 +42,7 @@ from gpumgr.errors import (
     describe_failure,
 )
 from gpumgr.fleet import Fleet
-from gpumgr.gpu import GpuSampler
+from gpumgr.gpu import GpuSample, GpuSampler
 from gpumgr.health import HealthMonitor
 from gpumgr.jobs import GpuJob, Jobs, drain, make_scheduler, timeouts_for
 from gpumgr.process import ManagedProcess
@@ -58,7 +58,10 @@ from gpumgr.reload import (
 )
 from gpumgr.renders import RenderTracker, TrackedRender
 from gpumgr.routing import Route, is_gpu_work, path_is_safe, route, wants_websocket
+from gpumgr.budget_figures import profile_reader, read_figures
+from gpumgr.memory import ConfiguredProfiles, MemoryProfiles
 from gpumgr.scheduler import Locked, Scheduler
+from gpumgr.scheduler_auto import Auto
 from gpumgr.snapshot import Snapshot
 from gpumgr.states import SchedulerMode
 from gpumgr.status import status_document
@@ -87,6 +90,7 @@ class Broker:
         cooperator: task.Cooperator,
         process_factory: Callable[..., ManagedProcess] = ManagedProcess,
         overrides: Callable[[Config], Config] = lambda c: c,
+        profiles: MemoryProfiles | None = None,
     ) -> None:
         self.reactor = reactor
         self._config = config
@@ -101,8 +105,12 @@ class Broker:
         self.registry = Registry(config.consumers)
         self.accounting = Accounting(reactor)
         self._tunnels = Tunnels(reactor)
+        #: The memory figures capacity auto admits on (config only, or learned).
+        self.profiles: MemoryProfiles = profiles if profiles is not None else ConfiguredProfiles()
         self.scheduler: Scheduler = make_scheduler(
-            reactor, self.registry, config.scheduler, self.evicting, self.passing_through)
+            reactor, self.registry, config.scheduler, self.evicting, self.passing_through,
+            figures=lambda: read_figures(self._config, self.registry, gpu.latest, self.profiles),
+            profile_of=profile_reader(lambda: self._config, self.profiles))
         self.fleet = Fleet(
             reactor, lambda: self._config, self.registry, http, process_factory,
             event=lambda *a, **kw: self.admission.event(*a, **kw),
@@ -126,10 +134,14 @@ class Broker:
         self.jobs = Jobs(reactor, lambda: self._config, self.registry, http, lambda: self.scheduler,
                          self.admission, self.fleet, self.proxy, proxy_agent,
                          self.render_tracker, self.abandoned, evicting=self.evicting,
-                         passthrough=self.passing_through)
-        gpu.listeners.append(lambda sample: self.registry.apply_sample(
-            sample, self._config.consumers))
+                         passthrough=self.passing_through, profiles=self.profiles)
+        gpu.listeners.append(self._sampled)
         self.fleet.sync()
+
+    def _sampled(self, sample: GpuSample) -> None:
+        self.registry.apply_sample(sample, self._config.consumers)
+        if isinstance(self.scheduler, Auto):
+            self.scheduler.poke()  # new figures: a waiting job may fit now
 
     # -- config and mode ---------------------------------------------------------
 
@@ -172,9 +184,12 @@ class Broker:
         self.registry.sync(new.consumers)
         self.fleet.apply(old, new)
         sched = new.scheduler
-        if isinstance(self.scheduler, Locked):
+        if isinstance(self.scheduler, Locked) and isinstance(sched.capacity, int):
             self.scheduler.configure(sched.capacity, sched.max_queue, sched.queue_timeout_s,
                                      sched.priority, sched.aging_s, sched.max_overtakes)
+        elif isinstance(self.scheduler, Auto):
+            self.scheduler.configure(sched.max_queue, sched.queue_timeout_s, sched.priority,
+                                     sched.aging_s, sched.max_bypass_s, sched.max_running)
         self.health.configure(new.health.interval_s, new.health.timeout_s,
                               new.health.down_grace_s)
         self.gpu.configure(new.gpu.nvidia_smi, new.gpu.interval_s, new.gpu.timeout_s)

@@ -84,6 +84,19 @@ def with_running(figures: Figures, running: Mapping[str, tuple[MemoryProfile, ..
     return Figures(card, holdings, figures.measured_used_mib)
 
 
+def oom_peak_mib(figures: Figures, consumer: str) -> int | None:
+    """A job of `consumer` answered out of memory: the job peak it showed, at
+    least. It had all the room the others left it (memory only measured, not
+    accounted for, is taken as its own); never more than fits an empty card."""
+    card, me = figures.card, figures.holdings.get(consumer)
+    if card.total_mib is None or me is None:
+        return None
+    others = sum(h.held_mib + sum(h.running_peaks_mib)
+                 for n, h in figures.holdings.items() if n != consumer)
+    room = (card.total_mib - others - me.held_mib) // max(1, me.running)
+    return max(0, min(room, card.total_mib - me.held_mib - card.headroom_mib))
+
+
 ProfileOf = Callable[[str, "str | None"], "MemoryProfile | None"]
 
 
@@ -95,5 +108,6 @@ def profile_reader(config: Callable[[], Config], profiles: MemoryProfiles) -> Pr
     return profile_of
 
 
-__all__ = ["Figures", "ProfileOf", "card_total_mib", "measured_used_mib", "profile_reader",
+__all__ = ["Figures", "ProfileOf", "card_total_mib", "measured_used_mib", "oom_peak_mib",
+           "profile_reader",
            "read_figures", "with_running"]
