@@ -110,7 +110,7 @@ class Broker:
         self.scheduler: Scheduler = make_scheduler(
             reactor, self.registry, config.scheduler, self.evicting, self.passing_through,
             figures=lambda: read_figures(self._config, self.registry, gpu.latest, self.profiles),
-            profile_of=profile_reader(lambda: self._config, self.profiles))
+            profile_of=profile_reader(lambda: self._config, lambda: self.profiles))
         self.fleet = Fleet(
             reactor, lambda: self._config, self.registry, http, process_factory,
             event=lambda *a, **kw: self.admission.event(*a, **kw),
@@ -134,7 +134,7 @@ class Broker:
         self.jobs = Jobs(reactor, lambda: self._config, self.registry, http, lambda: self.scheduler,
                          self.admission, self.fleet, self.proxy, proxy_agent,
                          self.render_tracker, self.abandoned, evicting=self.evicting,
-                         passthrough=self.passing_through, profiles=self.profiles)
+                         passthrough=self.passing_through, profiles=lambda: self.profiles)
         gpu.listeners.append(self._sampled)
         self.fleet.sync()
 

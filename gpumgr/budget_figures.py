@@ -97,17 +97,59 @@ def oom_peak_mib(figures: Figures, consumer: str) -> int | None:
     return max(0, min(room, card.total_mib - me.held_mib - card.headroom_mib))
 
 
+@attrs.frozen
+class ConsumerBudget:
+    name: str
+    #: What it holds between jobs (0 when unloaded).
+    resident_mib: int
+    #: What its running jobs add (their job peaks).
+    job_mib: int
+    running: int
+
+
+@attrs.frozen
+class WaitingJob:
+    consumer: str
+    kind: str | None
+    #: gpumgr.budget.WaitReason's value; None: not looked at yet.
+    reason: str | None
+    detail: str
+
+
+@attrs.frozen
+class BudgetStatus:
+    """The budget as /v1/status, /metrics and the page show it."""
+
+    total_mib: int | None
+    headroom_mib: int
+    #: Measured in use beyond the figures (other programs, peaks above their figures).
+    other_mib: int
+    free_mib: int | None
+    consumers: tuple[ConsumerBudget, ...]
+    waiting: tuple[WaitingJob, ...]
+
+
+def budget_status(figures: Figures, waiting: tuple[WaitingJob, ...]) -> BudgetStatus:
+    card = figures.card
+    parts = tuple(ConsumerBudget(h.name, h.held_mib, sum(h.running_peaks_mib), h.running)
+                  for h in figures.holdings.values())
+    used = card.other_mib + sum(p.resident_mib + p.job_mib for p in parts)
+    free = None if card.total_mib is None else card.total_mib - used - card.headroom_mib
+    return BudgetStatus(card.total_mib, card.headroom_mib, card.other_mib, free, parts, waiting)
+
+
 ProfileOf = Callable[[str, "str | None"], "MemoryProfile | None"]
 
 
-def profile_reader(config: Callable[[], Config], profiles: MemoryProfiles) -> ProfileOf:
+def profile_reader(config: Callable[[], Config],
+                   profiles: Callable[[], MemoryProfiles]) -> ProfileOf:
     """(consumer, model) -> its profile; None once a reload removed the consumer."""
     def profile_of(name: str, model: str | None) -> MemoryProfile | None:
         c = config().consumers.get(name)
-        return None if c is None else profiles.profile(c, model)
+        return None if c is None else profiles().profile(c, model)
     return profile_of
 
 
-__all__ = ["Figures", "ProfileOf", "card_total_mib", "measured_used_mib", "oom_peak_mib",
+__all__ = ["BudgetStatus", "ConsumerBudget", "WaitingJob", "budget_status", "Figures", "ProfileOf", "card_total_mib", "measured_used_mib", "oom_peak_mib",
            "profile_reader",
            "read_figures", "with_running"]

@@ -111,7 +111,7 @@ class Jobs:
         abandoned: AbandonedWork,
         evicting: bool,
         passthrough: bool,
-        profiles: MemoryProfiles | None = None,
+        profiles: Callable[[], MemoryProfiles] | None = None,
     ) -> None:
         """`scheduler`: the one in use; `evicting`, `passthrough`: the scheduler
         mode (it changes only on a restart); `profiles`: the memory figures an
@@ -245,7 +245,7 @@ class Jobs:
         if seen is not None:
             log.warn("{name}: out of memory beside other jobs; its job peak is now at least "
                      "{mib} MiB, and the request is replayed alone", name=name, mib=seen)
-            self._profiles.raise_peak(name, model, seen)
+            self._profiles().raise_peak(name, model, seen)
 
     async def _start_for(self, name: str, process: ManagedProcess, timing: Timing) -> None:
         """Start the consumer's process for a job.

@@ -27,7 +27,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from gpumgr.budget import Ask, Decision, Refuse, Start, Wait, WaitReason, decide
-from gpumgr.budget_figures import Figures, ProfileOf, with_running
+from gpumgr.budget_figures import (
+    BudgetStatus,
+    Figures,
+    ProfileOf,
+    WaitingJob,
+    budget_status,
+    with_running,
+)
 from gpumgr.errors import GpumgrError, InsufficientVram, QueueFull, QueueTimeout
 from gpumgr.memory import FigureSource, MemoryFigure, MemoryProfile
 from gpumgr.queue_policy import Waiting, effective_priority
@@ -176,6 +183,11 @@ class Auto:
         """(consumer, kind, reason, detail) of every waiting job, in queue order."""
         return tuple((t.consumer, t.kind, t.why.reason if t.why else None,
                       t.why.detail if t.why else "") for t in self._order())
+
+    def budget_status(self) -> BudgetStatus:
+        return budget_status(self.budget(), tuple(
+            WaitingJob(c, k, None if r is None else r.value, d)
+            for c, k, r, d in self.waiting_reasons()))
 
     def running_profiles(self) -> dict[str, tuple[MemoryProfile, ...]]:
         running: dict[str, list[MemoryProfile]] = {}

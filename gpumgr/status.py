@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from gpumgr.budget_figures import BudgetStatus
 from gpumgr.events import Event
 from gpumgr.scheduler import Holder
 from gpumgr.process import ProcessStatus
@@ -136,5 +137,18 @@ def status_document(s: Snapshot) -> dict[str, Any]:
             ],
             "drains": dict(s.drain_outcomes),
             "recent_events": [_event(e) for e in sched.recent_events],
+            **({} if s.budget is None else {"budget": _budget(s.budget)}),
         },
+    }
+
+
+def _budget(b: BudgetStatus) -> dict[str, Any]:
+    """capacity auto: the memory budget, and why each waiting job waits."""
+    return {
+        "total_mib": b.total_mib, "headroom_mib": b.headroom_mib, "other_mib": b.other_mib,
+        "free_mib": b.free_mib,
+        "consumers": {c.name: {"resident_mib": c.resident_mib, "job_mib": c.job_mib,
+                               "running": c.running} for c in b.consumers},
+        "waiting": [{"consumer": w.consumer, "kind": w.kind, "reason": w.reason,
+                     "detail": w.detail} for w in b.waiting],
     }
