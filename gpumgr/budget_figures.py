@@ -85,16 +85,17 @@ def with_running(figures: Figures, running: Mapping[str, tuple[MemoryProfile, ..
 
 
 def oom_peak_mib(figures: Figures, consumer: str) -> int | None:
-    """A job of `consumer` answered out of memory: the job peak it showed, at
-    least. It had all the room the others left it (memory only measured, not
-    accounted for, is taken as its own); never more than fits an empty card."""
+    """A job of `consumer` answered out of memory: its job peak is more than
+    the room the others left it (memory only measured, not accounted for, is
+    taken as its own), so at least that plus one; never more than fits an
+    empty card. Another out-of-memory with more room raises it again."""
     card, me = figures.card, figures.holdings.get(consumer)
     if card.total_mib is None or me is None:
         return None
     others = sum(h.held_mib + sum(h.running_peaks_mib)
                  for n, h in figures.holdings.items() if n != consumer)
     room = (card.total_mib - others - me.held_mib) // max(1, me.running)
-    return max(0, min(room, card.total_mib - me.held_mib - card.headroom_mib))
+    return max(0, min(room + 1, card.total_mib - me.held_mib - card.headroom_mib))
 
 
 @attrs.frozen

@@ -220,11 +220,18 @@ class Jobs:
                    (b"X-Gpumgr-Admit-Ms", str(admit_ms).encode("ascii"))]
         capture = CAPTURE_BYTES if driver.tracks_renders else 0
 
+        def loaded(status: int) -> None:
+            # An answer that is not an error: the service has its model loaded
+            # (it answers after loading), so other loads may start.
+            if grant is not None and status < 500:
+                grant.control_done()
+
         def forward(hold_oom: bool) -> defer.Deferred[Result]:
             return self._proxy.forward(
                 job.request, name, self._agent_for(c), job.route.url,
                 timeouts_for(self._config(), c), headers, hold_oom=hold_oom,
-                capture_bytes=capture, finish_upstream=driver.tracks_renders)
+                capture_bytes=capture, finish_upstream=driver.tracks_renders,
+                on_head=loaded)
 
         result = await forward(self._evicting or grant is not None)
         if result.outcome is Outcome.OOM:
