@@ -116,7 +116,7 @@ def status_document(s: Snapshot) -> dict[str, Any]:
         "consumers": {c.name: _consumer(s, c) for c in s.consumers},
         "scheduler": {
             "mode": s.mode.value,
-            "capacity": sched.capacity,
+            "capacity": sched.capacity if s.budget is None else "auto",
             "queue_depth": sched.queue_depth,
             "in_flight": sched.in_flight,
             "total_jobs": sched.total_jobs,

@@ -19,7 +19,7 @@ from twisted.internet import defer, reactor
 
 from gpumgr.memory import FigureSource, MemoryFigure, MemoryProfile, configured
 from gpumgr.testing import Behaviour, SimulatedGpu, SimulatedWorld, world_config
-from tests.helpers import HeldStream, sleep, wait_for
+from tests.helpers import HeldStream, metric_value, parse_metrics, sleep, wait_for
 
 GPU_MIB = 10_000
 FIGURES = {"L": (3000, 1000), "T": (2000, 500), "S": (4000, 2000)}
@@ -76,6 +76,15 @@ async def test_side_by_side_when_they_fit_and_a_job_that_does_not_waits(world, s
     stt = defer.ensureDeferred(client.request("POST", url + "/v1/stt", b"audio"))
     await wait_for(lambda: waiting(service) == [("S", "memory")])
     assert not stt.called and world["S"].work_requests() == []
+    status = (await client.request("GET", url + "/v1/status")).json()["scheduler"]
+    assert status["capacity"] == "auto" and len(status["holders"]) == 1
+    budget = status["budget"]
+    assert budget["total_mib"] == GPU_MIB and budget["headroom_mib"] == 512
+    assert budget["consumers"]["L"] == {"resident_mib": 3000, "job_mib": 1000, "running": 1}
+    assert budget["consumers"]["T"]["job_mib"] == 0 and budget["waiting"][0]["kind"] == "stt"
+    metrics = parse_metrics((await client.request("GET", url + "/metrics")).body.decode())
+    assert metric_value(metrics["gpumgr_waiting_jobs"], reason="memory") == 1
+    assert metric_value(metrics["gpumgr_budget_bytes"], consumer="L", part="job") == 1000 * 2**20
     held.release()
     assert (await held.reply).code == 200
     reply = await stt  # memory came back: it runs, never refused
