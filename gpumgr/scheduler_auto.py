@@ -83,6 +83,8 @@ class _Ticket:
         self.timer: Any = None
         self.profile = _NOTHING
         self.why: Wait | None = None
+        #: It runs with no other job (a control job, a job with no grant).
+        self.alone = control
         #: When a later job first started ahead of it.
         self.bypassed_since: float | None = None
 
@@ -147,14 +149,15 @@ class Auto:
 
     def run(self, consumer: str, job: Job, kind: str | None = None,
             control: bool = False) -> defer.Deferred[Any]:
-        """A job that needs no grant. A control job runs alone; another one
-        (no figures of its own) is admitted as a job with no memory."""
-        return self._enqueue(consumer, lambda _grant: job(), kind, None, control)
+        """A job that knows nothing of grants (a load, an unload: `control`)
+        runs alone: it has no figures to be admitted on, and may load or
+        unload anything."""
+        return self._enqueue(consumer, lambda _grant: job(), kind, None, control, alone=True)
 
     def run_granted(self, consumer: str, job: GrantedJob, kind: str | None = None,
                     model: str | None = None) -> defer.Deferred[Any]:
         """A GPU job of `consumer` (running `model`), started with its `Grant`."""
-        return self._enqueue(consumer, job, kind, model, False)
+        return self._enqueue(consumer, job, kind, model, False, alone=False)
 
     def poke(self) -> None:
         """Figures changed (a GPU sample, a profile, a reload): look at the queue again."""
@@ -215,12 +218,13 @@ class Auto:
     # -- internals -------------------------------------------------------------
 
     def _enqueue(self, consumer: str, job: GrantedJob, kind: str | None, model: str | None,
-                 control: bool) -> defer.Deferred[Any]:
+                 control: bool, alone: bool) -> defer.Deferred[Any]:
         if self._closed is not None:
             return defer.fail(self._closed)
         t = _Ticket(next(self._seq), consumer, kind, model,
                     self._priority.get(kind, 0) if kind else 0, job, control,
                     self._clock.seconds())
+        t.alone = alone
         t.outer = defer.Deferred(lambda _d: self._cancel(t))
         if len(self._waiting) >= self._max_queue:
             self._rejected += 1
@@ -245,9 +249,9 @@ class Auto:
     def _decide(self, t: _Ticket, figures: Figures) -> Decision:
         if self._alone_for is not None:
             return Wait(WaitReason.ALONE, f"a job of {self._alone_for.consumer} replays alone")
-        if any(r.control for r in self._running):
+        if any(r.alone for r in self._running):
             return Wait(WaitReason.ALONE, "a load or unload runs alone")
-        if t.control:
+        if t.alone:
             if self._running:
                 return Wait(WaitReason.ALONE, "a load or unload waits for an idle card")
             return Start()

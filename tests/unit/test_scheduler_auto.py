@@ -304,3 +304,18 @@ def test_the_card_never_overflows_and_no_slot_leaks(sizes, concurrency, max_runn
         if isinstance(out[0], defer.Failure):
             out[0].trap(QueueFull, QueueTimeout, ShuttingDown, InsufficientVram,
                         defer.CancelledError, RuntimeError, ConnectionError)
+
+
+def test_a_job_without_a_grant_runs_alone_and_counts_as_a_job():
+    w = World({"a": prof(2000, 100), "b": prof(2000, 100)})
+    w.submit("a")
+    ran = []
+    plain = w.sched.run("b", lambda: ran.append(1) or defer.Deferred(), kind="tts")
+    assert ran == [] and w.sched.waiting_reasons()[0][2] is WaitReason.ALONE
+    w.end("a")
+    assert ran == [1] and w.registry["b"].active == 1
+    later = w.submit("a")
+    assert later == [] and w.names_running() == []  # a waits for the plain job to end
+    plain.cancel()
+    plain.addErrback(lambda f: f.trap(defer.CancelledError))
+    assert w.names_running() == ["a"] and w.registry["b"].active == 0
