@@ -13,7 +13,9 @@ job; T (mvoice, tts) 2000 + 500; S (mvoice, stt) 4000 + 2000.
 from __future__ import annotations
 
 import os
+import random
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
@@ -228,5 +230,53 @@ async def test_an_ollama_request_is_admitted_on_its_models_profile(tmp_path, sta
         held.release()
         assert (await big).code == 200
         assert world.gpu.oom_count == 0
+    finally:
+        await world.stop()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest_twisted.ensureDeferred
+async def test_random_arrivals_sizes_and_ends_never_overflow_the_card(tmp_path, start_broker,
+                                                                      client, seed):
+    """Seeded: four consumers of random sizes (their figures true), clients
+    sending at random moments, jobs of random lengths. The simulated card
+    never runs out of memory, and every slot comes back."""
+    rng = random.Random(seed)
+    kinds = {"A": "tts", "B": "stt", "C": "llm", "D": "image"}
+    gpu = SimulatedGpu(os.path.join(str(tmp_path), "gpu.json"), total_mib=GPU_MIB,
+                       baseline_mib=350)
+    world = SimulatedWorld(reactor, gpu)
+    entries = {}
+    for name in kinds:
+        resident, job = rng.randint(500, 5000), rng.randint(0, 3000)
+        world.add("mvoice", name, Behaviour(vram_mib=resident, working_mib=job,
+                                            job_s=rng.uniform(0.01, 0.15)))
+        entries[name] = {"vram_job_mib": job, "max_concurrency": rng.randint(1, 2)}
+    world.listen(reactor)
+    try:
+        config = world_config(world, kinds=kinds, consumers=entries,
+                              scheduler={"mode": "evicting", "capacity": "auto",
+                                         "max_bypass_s": 0.3},
+                              gpu={"interval_s": 0.1}, health={"interval_s": 5})
+        service, url = await start_broker(config)
+        await service.health.probe_all_now()
+
+        async def one(delay_s: float, kind: str):
+            await sleep(delay_s)
+            return await client.request("POST", url + f"/v1/{kind}", b"x")
+
+        replies = await defer.gatherResults([
+            defer.ensureDeferred(one(rng.uniform(0, 1.5), rng.choice(list(kinds.values()))))
+            for _ in range(40)])
+        codes = [r.code for r in replies]
+        # Each fits an empty card (5000 + 3000 + 350 + 512 < 10000): none is refused.
+        assert codes == [200] * 40, codes
+        assert world.gpu.oom_count == 0
+        stats = service.scheduler.stats()
+        assert stats.in_flight == 0 and stats.queue_depth == 0 and stats.holders == ()
+        assert all(service.registry[n].active == 0 for n in kinds)
+        assert world.active_jobs == 0
+        print(f"[capacity auto, seed {seed}] codes {sorted(set(codes))}, max GPU jobs at once "
+              f"{world.max_active_jobs}, evictions {service.broker.admission.evictions}")
     finally:
         await world.stop()
