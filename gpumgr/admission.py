@@ -195,6 +195,18 @@ class Admission:
                 if not ok:
                     failed.append(victim)
 
+    @defer.inlineCallbacks
+    def evict(self, target: str, victims: tuple[str, ...]) -> Any:
+        """Unload what the memory budget chose for a job of `target`
+        (scheduler.capacity: auto); fails with InsufficientVram if one failed."""
+        failed = []
+        for victim in victims:
+            ok = yield self.unload(victim, "pressure")
+            if not ok:
+                failed.append(victim)
+        if failed:
+            self._refuse(target, f"{target} needed {', '.join(victims)} unloaded", failed)
+
     def _refuse(self, target: str, message: str, failed: list[str]) -> None:
         if failed:
             message += f"; unload failed for {', '.join(failed)}"

@@ -44,7 +44,7 @@ from gpumgr.errors import (
     describe_failure,
 )
 from gpumgr.fleet import Fleet
-from gpumgr.gpu import GpuSampler
+from gpumgr.gpu import GpuSample, GpuSampler
 from gpumgr.health import HealthMonitor
 from gpumgr.jobs import GpuJob, Jobs, drain, make_scheduler, timeouts_for
 from gpumgr.measure import Measuring
@@ -62,7 +62,10 @@ from gpumgr.reload import (
 from gpumgr.renders import RenderTracker, TrackedRender
 from gpumgr.request_book import RequestBook, Scene, describe
 from gpumgr.routing import Route, is_gpu_work, path_is_safe, route, wants_websocket
+from gpumgr.budget_figures import profile_reader, read_figures
+from gpumgr.memory import MemoryProfiles
 from gpumgr.scheduler import Locked, Scheduler
+from gpumgr.scheduler_auto import Auto
 from gpumgr.snapshot import Snapshot
 from gpumgr.states import SchedulerMode
 from gpumgr.status import status_document
@@ -91,6 +94,7 @@ class Broker:
         cooperator: task.Cooperator,
         process_factory: Callable[..., ManagedProcess] = ManagedProcess,
         overrides: Callable[[Config], Config] = lambda c: c,
+        profiles: MemoryProfiles | None = None,
     ) -> None:
         self.reactor = reactor
         self._config = config
@@ -110,9 +114,14 @@ class Broker:
         #: any consumer lives off card 0.
         self.placements = Placements(lambda: self._config, lambda: gpu.latest,
                                      lambda: self.admission.views(), self._may_move)
+        #: The memory figures capacity auto admits on: given, else the learned ones
+        #: (`self.measuring`, set below; read lazily).
+        self._given_profiles = profiles
         self.scheduler: Scheduler = make_scheduler(
             reactor, self.registry, config.scheduler, self.evicting, self.passing_through,
-            PerCardSetup(self.placements, lambda: gpu.latest) if spans_cards(config) else None)
+            PerCardSetup(self.placements, lambda: gpu.latest) if spans_cards(config) else None,
+            figures=lambda: read_figures(self._config, self.registry, gpu.latest, self.profiles),
+            profile_of=profile_reader(lambda: self._config, lambda: self.profiles))
         self.fleet = Fleet(
             reactor, lambda: self._config, self.registry, http, process_factory,
             event=lambda *a, **kw: self.admission.event(*a, **kw),
@@ -139,17 +148,30 @@ class Broker:
         self.jobs = Jobs(reactor, lambda: self._config, self.registry, http, lambda: self.scheduler,
                          self.admission, self.fleet, self.proxy, proxy_agent,
                          self.render_tracker, self.abandoned, evicting=self.evicting,
-                         passthrough=self.passing_through)
+                         passthrough=self.passing_through, profiles=lambda: self.profiles)
         #: /v1/ready/<kind>, and the phase the service sets on SIGTERM (gpumgr.balancer).
         self.readiness = ReadinessCheck(lambda: self._config, self.registry,
                                         lambda: self.scheduler, lambda: self.fleet.processes)
+        # A sample reaches the registry, then the profiles, then a waiting job.
         gpu.listeners.append(lambda sample: self.registry.apply_sample(
             sample, self._config.consumers))
         #: Learned memory profiles (`self.measuring.profiles`, a MemoryProfiles) and the
         #: nvidia-smi stream while jobs run (gpumgr.measure).
         self.measuring = Measuring(reactor, lambda: self._config, gpu, self.registry,
                                    lambda: self.scheduler, http)
+        gpu.listeners.append(self._sampled)
         self.fleet.sync()
+
+    @property
+    def profiles(self) -> MemoryProfiles:
+        """The memory figures admission uses: given, else learned (max of config and measured)."""
+        if self._given_profiles is not None:
+            return self._given_profiles
+        return self.measuring.profiles
+
+    def _sampled(self, sample: GpuSample) -> None:
+        if isinstance(self.scheduler, Auto):
+            self.scheduler.poke()  # new figures: a waiting job may fit now
 
     # -- config and mode ---------------------------------------------------------
 
@@ -193,9 +215,12 @@ class Broker:
         self.fleet.apply(old, new)
         sched = new.scheduler
         self.placements.forget_removed()
-        if isinstance(self.scheduler, (Locked, PerCardLocked)):
+        if isinstance(self.scheduler, (Locked, PerCardLocked)) and isinstance(sched.capacity, int):
             self.scheduler.configure(sched.capacity, sched.max_queue, sched.queue_timeout_s,
                                      sched.priority, sched.aging_s, sched.max_overtakes)
+        elif isinstance(self.scheduler, Auto):
+            self.scheduler.configure(sched.max_queue, sched.queue_timeout_s, sched.priority,
+                                     sched.aging_s, sched.max_bypass_s, sched.max_running)
         self.health.configure(new.health.interval_s, new.health.timeout_s,
                               new.health.down_grace_s)
         self.gpu.configure(new.gpu.nvidia_smi, new.gpu.interval_s, new.gpu.timeout_s)

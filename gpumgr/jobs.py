@@ -35,7 +35,10 @@ from gpumgr.proxy import Outcome, Result, StreamingProxy, Timeouts
 from gpumgr.registry import Health, Registry
 from gpumgr.renders import RenderTracker
 from gpumgr.routing import Route
+from gpumgr.budget_figures import Figures, ProfileOf, oom_peak_mib
+from gpumgr.memory import MemoryProfiles
 from gpumgr.scheduler import Locked, Passthrough, Scheduler
+from gpumgr.scheduler_auto import Auto, Grant
 
 log = Logger()
 
@@ -64,12 +67,20 @@ class GpuJob:
 
 
 def make_scheduler(reactor: Any, registry: Registry, sched: SchedulerConfig, evicting: bool,
-                   passthrough: bool, per_card: PerCardSetup | None = None) -> Scheduler:
-    """The scheduler the mode asks for: none to wait on (passthrough), or the
-    lock with its queue (when evicting, it lets a loaded consumer's job go first);
-    with `per_card` (consumers on several cards), one such lock per card."""
+                   passthrough: bool, per_card: PerCardSetup | None = None,
+                   figures: Callable[[], Figures] | None = None,
+                   profile_of: ProfileOf | None = None) -> Scheduler:
+    """The scheduler the mode asks for: none to wait on (passthrough), the
+    memory budget (capacity auto, given its figures), or the lock with its
+    queue (when evicting, it lets a loaded consumer's job go first); with
+    `per_card` (consumers on several cards), one such lock per card."""
     if passthrough:
         return Passthrough(reactor, registry)
+    if sched.auto and figures is not None and profile_of is not None:
+        return Auto(reactor, registry, figures, profile_of, may_evict=evicting,
+                    max_queue=sched.max_queue, queue_timeout_s=sched.queue_timeout_s,
+                    priority=sched.priority, aging_s=sched.aging_s,
+                    max_bypass_s=sched.max_bypass_s, max_running=sched.max_running)
     if per_card is not None:
         return per_card.scheduler(lambda: _locked(reactor, registry, sched, evicting))
     return _locked(reactor, registry, sched, evicting)
@@ -77,7 +88,8 @@ def make_scheduler(reactor: Any, registry: Registry, sched: SchedulerConfig, evi
 
 def _locked(reactor: Any, registry: Registry, sched: SchedulerConfig, evicting: bool) -> Locked:
     return Locked(
-        reactor, registry, capacity=sched.capacity, max_queue=sched.max_queue,
+        reactor, registry, capacity=sched.capacity if isinstance(sched.capacity, int) else 1,
+        max_queue=sched.max_queue,
         queue_timeout_s=sched.queue_timeout_s, priority=sched.priority,
         aging_s=sched.aging_s,
         is_loaded=(lambda n: n in registry
@@ -109,9 +121,11 @@ class Jobs:
         abandoned: AbandonedWork,
         evicting: bool,
         passthrough: bool,
+        profiles: Callable[[], MemoryProfiles] | None = None,
     ) -> None:
         """`scheduler`: the one in use; `evicting`, `passthrough`: the scheduler
-        mode (it changes only on a restart)."""
+        mode (it changes only on a restart); `profiles`: the memory figures an
+        out-of-memory answer raises (capacity auto)."""
         self._reactor = reactor
         self._config = config
         self._registry = registry
@@ -125,6 +139,7 @@ class Jobs:
         self._abandoned = abandoned
         self._evicting = evicting
         self._passthrough = passthrough
+        self._profiles = profiles
         #: The jobs holding the GPU for each consumer (aborted when it stays down).
         self._running: dict[str, dict[defer.Deferred[Any], Timing]] = {}
 
@@ -132,17 +147,23 @@ class Jobs:
         """Queue `job`; fires with its proxy `Result` once it gave the GPU back."""
         name = job.name
 
-        def start() -> defer.Deferred[Any]:
+        def start(grant: Grant | None = None) -> defer.Deferred[Any]:
             current = self._config().consumers.get(name)
             if current is None:
                 return defer.fail(ConsumerRemoved(
                     f"{name} was removed by a config reload while this request waited",
                     consumer=name))
-            d = defer.ensureDeferred(self._held(job, current))
+            d = defer.ensureDeferred(self._held(job, current, grant))
             return self._watch(name, self._bound(d, current, job.timing), job.timing)
 
         request_id = None if job.timing.request_id is None else job.timing.request_id.text
-        d = self._scheduler().run(name, start, kind=job.kind, request_id=request_id)
+        scheduler = self._scheduler()
+        if isinstance(scheduler, Auto):
+            # Admitted on its model's memory profile; it carries out what its grant says.
+            d = scheduler.run_granted(name, start, kind=job.kind, model=job.route.model,
+                                      request_id=request_id)
+        else:
+            d = scheduler.run(name, start, kind=job.kind, request_id=request_id)
         # A client that leaves while queued leaves the queue at once. Once its
         # job runs, a process start nobody waits for is abandoned (`_start_for`);
         # then the exchange decides: it cancels the upstream, or, for GPU work
@@ -152,27 +173,32 @@ class Jobs:
             lambda _: d.cancel() if timing.started is None else timing.client_left())
         return d
 
-    async def _held(self, job: GpuJob, c: ConsumerConfig) -> Result:
+    async def _held(self, job: GpuJob, c: ConsumerConfig, grant: Grant | None) -> Result:
         """The pipeline, timed from when the job got the GPU to when it gave it back."""
         timing = job.timing
         timing.started = self._reactor.seconds()
         try:
             # The driver that classified the request is the one that follows it.
-            return await self._pipeline(job, c, get_driver(job.route.consumer.driver))
+            return await self._pipeline(job, c, get_driver(job.route.consumer.driver), grant)
         finally:
             timing.ended = self._reactor.seconds()
 
-    async def _pipeline(self, job: GpuJob, c: ConsumerConfig, driver: IDriver) -> Result:
+    async def _pipeline(self, job: GpuJob, c: ConsumerConfig, driver: IDriver,
+                        grant: Grant | None) -> Result:
         name, timing = c.name, job.timing
-        if self._evicting:
+        if grant is not None:
+            await self._admission.evict(name, grant.start.victims)
+        elif self._evicting:
             await self._admission.admit(name)
         await self._fleet.stop_retiring(name)
         process = self._fleet.processes.get(name)
         if process is not None and process.state is not ProcessState.RUNNING:
             await self._start_for(name, process, timing)
         timing.exchanging = True
-        result = await self._exchange(job, c, driver)
+        result = await self._exchange(job, c, driver, grant)
         self._admission.job_ended(name, result)
+        if grant is not None:
+            grant.control_done()  # loaded now, if it loads at all: other loads may start
         # A client that left after the consumer took its prompt still leaves a
         # render running: its answer was read all the same (finish_upstream).
         if result.outcome in (Outcome.COMPLETED, Outcome.CLIENT_GONE) \
@@ -188,9 +214,12 @@ class Jobs:
             await self._settle_abandoned(c, driver)
         return result
 
-    async def _exchange(self, job: GpuJob, c: ConsumerConfig, driver: IDriver) -> Result:
+    async def _exchange(self, job: GpuJob, c: ConsumerConfig, driver: IDriver,
+                        grant: Grant | None) -> Result:
         """Relay the request; when evicting, an out-of-memory answer is held,
-        every other consumer evicted, and the request sent once more."""
+        every other consumer evicted, and the request sent once more. With
+        capacity auto the consumer's job peak is raised to what it showed
+        first, and the replay waits until the job runs alone."""
         timing, name = job.timing, c.name
         # Two figures, so that neither hides the other: the wait for the GPU
         # (the queue), then what admission took once it had it (evictions,
@@ -204,17 +233,39 @@ class Jobs:
                    *box_headers(self._config().balancer, job.kind)]
         capture = CAPTURE_BYTES if driver.tracks_renders else 0
 
+        def loaded(status: int) -> None:
+            # An answer that is not an error: the service has its model loaded
+            # (it answers after loading), so other loads may start.
+            if grant is not None and status < 500:
+                grant.control_done()
+
         def forward(hold_oom: bool) -> defer.Deferred[Result]:
             return self._proxy.forward(
                 job.request, name, self._agent_for(c), job.route.url,
                 timeouts_for(self._config(), c), headers, hold_oom=hold_oom,
-                capture_bytes=capture, finish_upstream=driver.tracks_renders)
+                capture_bytes=capture, finish_upstream=driver.tracks_renders,
+                on_head=loaded)
 
-        result = await forward(self._evicting)
+        result = await forward(self._evicting or grant is not None)
         if result.outcome is Outcome.OOM:
-            await self._admission.evict_for_oom(name)
+            if grant is not None:
+                self._raise_peak(name, job.route.model)
+                await grant.alone()
+            if self._evicting:
+                await self._admission.evict_for_oom(name)
             result = await forward(False)
         return result
+
+    def _raise_peak(self, name: str, model: str | None) -> None:
+        """Its job peak is at least the room it had (gpumgr.budget_figures.oom_peak_mib)."""
+        scheduler = self._scheduler()
+        if self._profiles is None or not isinstance(scheduler, Auto):
+            return
+        seen = oom_peak_mib(scheduler.budget(), name)
+        if seen is not None:
+            log.warn("{name}: out of memory beside other jobs; its job peak is now at least "
+                     "{mib} MiB, and the request is replayed alone", name=name, mib=seen)
+            self._profiles().raise_peak(name, model, seen)
 
     async def _start_for(self, name: str, process: ManagedProcess, timing: Timing) -> None:
         """Start the consumer's process for a job.

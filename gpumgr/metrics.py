@@ -23,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from gpumgr.budget import WaitReason
 from gpumgr.errors import MethodNotAllowed, UnknownRoute, write_error
 from gpumgr.eviction import Residency
 from gpumgr.process import ProcessState
@@ -95,6 +96,8 @@ def metric_families(s: Snapshot) -> Iterator[Metric]:
                               value=sched.eviction_failures)
     yield CounterMetricFamily("gpumgr_oom_retries", "Jobs replayed after an out-of-memory "
                               "answer.", value=sched.oom_retries)
+    if s.budget is not None:
+        yield from _budget(s)
     for outcome in RENDER_OUTCOMES:
         yield CounterMetricFamily(f"gpumgr_renders_{outcome}",
                                   f"Renders {outcome} (ComfyUI; the GPU is held until done).",
@@ -202,6 +205,36 @@ class SnapshotCollector:
 
     def collect(self) -> Iterator[Metric]:
         return metric_families(self._snapshot())
+
+
+def _budget(s: Snapshot) -> Iterator[Metric]:
+    """scheduler.capacity auto: the memory budget and why jobs wait."""
+    b = s.budget
+    assert b is not None
+    parts = GaugeMetricFamily("gpumgr_budget_bytes", "The memory budget (capacity auto): "
+                              "per consumer its resident and running-job parts.",
+                              labels=["consumer", "part"])
+    for c in b.consumers:
+        parts.add_metric([c.name, "resident"], c.resident_mib * _MIB)
+        parts.add_metric([c.name, "job"], c.job_mib * _MIB)
+    yield parts
+    card = GaugeMetricFamily("gpumgr_budget_card_bytes", "The card as the budget sees it: "
+                             "free (after headroom), headroom, other (measured, unaccounted).",
+                             labels=["part"])
+    if b.free_mib is not None:
+        card.add_metric(["free"], b.free_mib * _MIB)
+    card.add_metric(["headroom"], b.headroom_mib * _MIB)
+    card.add_metric(["other"], b.other_mib * _MIB)
+    yield card
+    waiting = GaugeMetricFamily("gpumgr_waiting_jobs", "Waiting jobs by why they wait "
+                                "(capacity auto).", labels=["reason"])
+    by_reason: dict[str, int] = {r.value: 0 for r in WaitReason}
+    for w in b.waiting:
+        if w.reason is not None:
+            by_reason[w.reason] = by_reason.get(w.reason, 0) + 1
+    for reason, n in sorted(by_reason.items()):
+        waiting.add_metric([reason], n)
+    yield waiting
 
 
 def make_registry(snapshot: Callable[[], Snapshot]) -> CollectorRegistry:

@@ -19,6 +19,7 @@ from gpumgr.registry import Health, Registry
 from gpumgr.reload import ReloadHistory
 from gpumgr.renders import RenderTracker
 from gpumgr.scheduler import Scheduler
+from gpumgr.scheduler_auto import Auto
 from gpumgr.snapshot import (
     ConsumerSnapshot,
     DrainSnapshot,
@@ -89,4 +90,5 @@ def take_snapshot(now: float, p: Parts) -> Snapshot:
         draining=tuple(DrainSnapshot(d.consumer, d.since, d.grace_s)
                        for d in p.abandoned.draining.values()),
         drain_s=dict(p.abandoned.durations_s),
-        drain_outcomes=dict(p.abandoned.outcomes))
+        drain_outcomes=dict(p.abandoned.outcomes),
+        budget=p.scheduler.budget_status() if isinstance(p.scheduler, Auto) else None)

@@ -127,8 +127,10 @@ class _Exchange:
         hold_oom: bool = False,
         capture_bytes: int = 0,
         finish_upstream: bool = False,
+        on_head: Callable[[int], None] | None = None,
     ) -> None:
         self.request = request
+        self._on_head = on_head
         self.finish_upstream = finish_upstream
         self._hold_oom = hold_oom
         self._capture_left = capture_bytes
@@ -224,6 +226,8 @@ class _Exchange:
         self._pending = None
         self._stop_timer()
         self._status = response.code
+        if self._on_head is not None:
+            self._on_head(response.code)
         if self._client_gone and self.finish_upstream:
             response.deliverBody(Drain(self))
             return
@@ -418,6 +422,7 @@ class StreamingProxy:
         hold_oom: bool = False,
         capture_bytes: int = 0,
         finish_upstream: bool = False,
+        on_head: Callable[[int], None] | None = None,
     ) -> defer.Deferred[Result]:
         """Relay `request` to `url`. With `hold_oom`, an out-of-memory answer
         is not relayed: the Result's outcome is OOM and the caller may replay.
@@ -425,7 +430,8 @@ class StreamingProxy:
         copy; the body is streamed all the same). With `finish_upstream`, a
         client that leaves does not cancel the exchange: the answer is read
         to its end (under the same deadlines) so that the GPU work it names
-        can be followed; the outcome is still CLIENT_GONE."""
+        can be followed; the outcome is still CLIENT_GONE. `on_head` is told the
+        status as soon as the answer's head arrives."""
         exchange = _Exchange(
             self._clock,
             self._cooperator,
@@ -439,6 +445,7 @@ class StreamingProxy:
             hold_oom,
             capture_bytes,
             finish_upstream,
+            on_head,
         )
         exchange.start()
         return exchange.done

@@ -42,6 +42,10 @@ def reload_refusal(old: Config, new: Config) -> str | None:
     if new.scheduler.mode != old.scheduler.mode:
         return (f"scheduler.mode changed from {old.scheduler.mode} to {new.scheduler.mode}: "
                 "that needs a restart (the running config is kept)")
+    if new.scheduler.auto != old.scheduler.auto:
+        return (f"scheduler.capacity changed from {old.scheduler.capacity} to "
+                f"{new.scheduler.capacity}: between a number and auto needs a restart "
+                "(the running config is kept)")
     if spans_cards(new) != spans_cards(old) and new.scheduler.mode is not SchedulerMode.PASSTHROUGH:
         return ("consumers.<name>.gpu: going from every consumer on card 0 to several cards "
                 "(or back) changes the GPU locks: that needs a restart (the running config "

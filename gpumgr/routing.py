@@ -28,6 +28,8 @@ class Route:
     service_control: bool
     #: /v1/<kind>/<subpath>, the consumer's native API (not /v1/<kind> itself).
     passthrough: bool
+    #: The model a GPU request runs, where its driver tells (its memory profile).
+    model: str | None = None
 
 
 def route(config: Config, kind: str, method: str, target: Target | None,
@@ -62,8 +64,9 @@ def route(config: Config, kind: str, method: str, target: Target | None,
     driver = get_driver(c.driver)
     service_control = any(driver.is_control(c, method, p, body)
                           for p in dict.fromkeys((sent.path, sent.bare_path)))
+    model = driver.model_of(method, sent.path, body) if scheduled else None
     return Route(c, sent, forward_url(c.url, sent), scheduled, service_control,
-                 passthrough=target is not None)
+                 passthrough=target is not None, model=model)
 
 
 def is_gpu_work(c: ConsumerConfig, method: str, path: str) -> bool:

@@ -18,6 +18,7 @@ from gpumgr.memory import MemoryProfile
 from gpumgr.eviction import Residency
 from gpumgr.gpu import GpuSample
 from gpumgr.process import ProcessStatus
+from gpumgr.budget_figures import BudgetStatus
 from gpumgr.scheduler import SchedulerStats
 from gpumgr.states import Health, SchedulerMode
 
@@ -166,3 +167,5 @@ class Snapshot:
     #: How long such drains lasted, by consumer, and how they ended.
     drain_s: dict[str, Histogram] = attrs.Factory(dict)
     drain_outcomes: dict[str, int] = attrs.Factory(dict)
+    #: scheduler.capacity auto: the memory budget and why each waiting job waits.
+    budget: BudgetStatus | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from gpumgr.budget_figures import BudgetStatus
 from gpumgr.events import Event
 from gpumgr.memory import MemoryFigure, MemoryProfile
 from gpumgr.scheduler import Holder
@@ -120,7 +121,7 @@ def status_document(s: Snapshot) -> dict[str, Any]:
         "consumers": {c.name: _consumer(s, c) for c in s.consumers},
         "scheduler": {
             "mode": s.mode.value,
-            "capacity": sched.capacity,
+            "capacity": sched.capacity if s.budget is None else "auto",
             "queue_depth": sched.queue_depth,
             "in_flight": sched.in_flight,
             "total_jobs": sched.total_jobs,
@@ -141,6 +142,7 @@ def status_document(s: Snapshot) -> dict[str, Any]:
             ],
             "drains": dict(s.drain_outcomes),
             "recent_events": [_event(e) for e in sched.recent_events],
+            **({} if s.budget is None else {"budget": _budget(s.budget)}),
         },
     }
 
@@ -159,3 +161,15 @@ def memory_document(memory: tuple[tuple[str | None, MemoryProfile], ...]) -> dic
     if docs:
         doc["models"] = {m: docs[m] for m in sorted(m for m in docs if m is not None)}
     return {"memory": doc}
+
+
+def _budget(b: BudgetStatus) -> dict[str, Any]:
+    """capacity auto: the memory budget, and why each waiting job waits."""
+    return {
+        "total_mib": b.total_mib, "headroom_mib": b.headroom_mib, "other_mib": b.other_mib,
+        "free_mib": b.free_mib,
+        "consumers": {c.name: {"resident_mib": c.resident_mib, "job_mib": c.job_mib,
+                               "running": c.running} for c in b.consumers},
+        "waiting": [{"consumer": w.consumer, "kind": w.kind, "reason": w.reason,
+                     "detail": w.detail} for w in b.waiting],
+    }

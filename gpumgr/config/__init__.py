@@ -36,6 +36,7 @@ from gpumgr.config.parse import (
 from gpumgr.config.process_names import ProcessNameMatcher, parse_process_pattern
 from gpumgr.config.schema import (
     AUDIO_ROUTE,
+    AUTO,
     HTTP_METHODS,
     KINDS,
     ROUTE_KEYS,
@@ -56,6 +57,7 @@ from gpumgr.config.section import ConfigError
 
 __all__ = [
     "AUDIO_ROUTE",
+    "AUTO",
     "BalancerConfig",
     "Config",
     "ConfigError",

@@ -11,7 +11,7 @@ import os
 import re
 import shlex
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import attrs
 
@@ -27,6 +27,7 @@ from gpumgr.config.endpoints import (
 from gpumgr.config.files import read_config_file
 from gpumgr.config.schema import (
     AUDIO_ROUTE,
+    AUTO,
     KINDS,
     ROUTE_KEYS,
     SCHEDULER_MODES,
@@ -98,12 +99,14 @@ def parse_config(raw: Any, source: str, environ: Mapping[str, str] | None = None
     s = top.section("scheduler")
     scheduler = SchedulerConfig(
         mode=SchedulerMode(s.string("mode", "passthrough", choices=SCHEDULER_MODES)),
-        capacity=s.number("capacity", 1, integer=True, positive=True),
+        capacity=_parse_capacity(s),
         max_queue=s.number("max_queue", 64, integer=True),
         queue_timeout_s=s.number("queue_timeout_s", 600.0, positive=True),
         priority=_parse_priority(s.section("priority")),
         aging_s=s.number("aging_s", 30.0, positive=True),
         max_overtakes=s.number("max_overtakes", 4, integer=True),
+        max_bypass_s=s.number("max_bypass_s", 30.0),
+        max_running=s.number("max_running", 8, integer=True, positive=True),
     )
     s.finish()
 
@@ -128,6 +131,13 @@ def parse_config(raw: Any, source: str, environ: Mapping[str, str] | None = None
         raise ConfigError(source, f"consumers.{looping}.url",
                           f"points at gpumgr's own listen address ({listen}); gpumgr would "
                           "proxy to itself and wait for its own GPU lock")
+    if scheduler.auto:
+        spread = [n for n, c in consumers.items() if c.gpu.auto or c.gpu.cards != (0,)]
+        if spread:
+            raise ConfigError(source, "scheduler.capacity",
+                              f"auto admits on one card's memory, and {', '.join(spread)} "
+                              "lives off card 0 (consumers.<name>.gpu): use an integer "
+                              "capacity (it applies per card) on a box with several cards")
     return Config(
         source=source,
         listen=listen,
@@ -273,6 +283,17 @@ def _parse_command_line(sec: Section, key: str, default: str) -> str:
     if not argv or not argv[0]:
         sec.fail(key, "must start with a program to run")
     return value
+
+
+def _parse_capacity(sec: Section) -> int | Literal["auto"]:
+    """A positive integer (jobs at once), or `auto` (as many as fit in memory)."""
+    if sec.raw.get("capacity") == AUTO:
+        sec.get("capacity")
+        return AUTO
+    if isinstance(sec.raw.get("capacity"), str):
+        sec.fail("capacity", f"must be a positive integer or {AUTO!r}, "
+                 f"got {sec.raw['capacity']!r}")
+    return sec.number("capacity", 1, integer=True, positive=True)
 
 
 def _parse_priority(sec: Section) -> Mapping[str, int]:

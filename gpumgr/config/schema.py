@@ -10,7 +10,7 @@ a value directly.
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Mapping
+from typing import Literal, Mapping
 
 import attrs
 
@@ -26,6 +26,8 @@ ROUTE_KEYS = KINDS + (AUDIO_ROUTE,)
 SCHEDULER_MODES = tuple(m.value for m in SchedulerMode)
 #: Methods a control call or a `scheduled` route may name.
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
+#: `scheduler.capacity: auto`: jobs start when their memory fits (gpumgr.budget).
+AUTO: Literal["auto"] = "auto"
 
 
 @attrs.frozen
@@ -162,13 +164,22 @@ class GpuConfig:
 @attrs.frozen
 class SchedulerConfig:
     mode: SchedulerMode = SchedulerMode.PASSTHROUGH
-    capacity: int = 1
+    #: An integer: at most that many jobs at once; `AUTO`: as many as fit in memory.
+    capacity: int | Literal["auto"] = 1
     max_queue: int = 64
     queue_timeout_s: float = 600.0
     #: kind -> priority; higher runs first. Kinds not listed get 0.
     priority: Mapping[str, int] = attrs.field(factory=lambda: MappingProxyType({}))
     aging_s: float = 30.0
     max_overtakes: int = 4
+    #: capacity auto: how long the oldest waiting job may be overtaken by jobs that fit.
+    max_bypass_s: float = 30.0
+    #: capacity auto: jobs at once, at most.
+    max_running: int = 8
+
+    @property
+    def auto(self) -> bool:
+        return self.capacity == AUTO
 
 
 @attrs.frozen

@@ -14,6 +14,8 @@ supplies the behaviour no config key can express:
 - `is_control`: which requests of its native API change the service's state
   (load, unload, free, interrupt): through pass-through they are admin
   routes, and gpumgr forgets what it believed the service holds.
+- `model_of`: the model a GPU request runs (ollama's body `model`), whose
+  memory profile admits it under `scheduler.capacity: auto`.
 - `render_id` / `render_state` / `interrupt`: GPU work that goes on after the
   answer (a ComfyUI render); gpumgr keeps the GPU slot until it is over.
 

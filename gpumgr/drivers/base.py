@@ -71,6 +71,10 @@ class IDriver(Interface):
         pass-through those are gpumgr's admin routes. `body()` is the request
         body, or None when it is too large to read."""
 
+    def model_of(method: str, path: str, body: Callable[[], bytes | None]) -> str | None:
+        """The model a GPU request runs, for a service profiled per model
+        (scheduler.capacity: auto picks its memory profile); None: not told."""
+
     def render_id(method: str, path: str, status: int, body_head: bytes) -> str | None:
         """For an answered request whose GPU work goes on afterwards, its id."""
 
@@ -146,6 +150,9 @@ class BaseDriver:
         return any(c is not None and c.method == method
                    and parse_target(c.path.encode("utf-8")).path == path
                    for c in (consumer.load, consumer.unload))
+
+    def model_of(self, method: str, path: str, body: Callable[[], bytes | None]) -> str | None:
+        return None
 
     def render_id(self, method: str, path: str, status: int, body_head: bytes) -> str | None:
         return None

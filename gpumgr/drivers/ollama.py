@@ -166,6 +166,32 @@ def _zero_duration(value: Any) -> bool:
     return False
 
 
+_TOO_DEEP = object()
+
+
+def request_document(body: bytes) -> Any:
+    """The body's first JSON value as ollama reads it (see `is_unload_request`);
+    None when it is not JSON, `_TOO_DEEP` when too deep to read (pure)."""
+    text = body.decode("utf-8", "replace").lstrip(" \t\r\n")
+    try:
+        doc, _ = json.JSONDecoder(object_pairs_hook=_go_fields,
+                                  parse_int=float).raw_decode(text)
+    except ValueError:
+        return None  # ollama refuses it too
+    except RecursionError:
+        return _TOO_DEEP
+    return doc
+
+
+def model_of_request(path: str, body: bytes | None) -> str | None:
+    """The `model` a GPU request names (pure), read as `is_unload_request` reads it."""
+    if path not in _GPU_PATHS or body is None:
+        return None
+    doc = request_document(body)
+    model = doc.get("model") if isinstance(doc, dict) else None
+    return model if isinstance(model, str) and model else None
+
+
 def is_unload_request(path: str, body: bytes | None) -> bool:
     """`POST /api/generate` or `/api/chat` that unloads its model: no prompt
     (no messages) and `keep_alive` 0 (pure). ollama reads only the first
@@ -179,13 +205,8 @@ def is_unload_request(path: str, body: bytes | None) -> bool:
         return False
     if body is None:
         return True
-    text = body.decode("utf-8", "replace").lstrip(" \t\r\n")
-    try:
-        doc, _ = json.JSONDecoder(object_pairs_hook=_go_fields,
-                                  parse_int=float).raw_decode(text)
-    except ValueError:
-        return False  # ollama refuses it too
-    except RecursionError:
+    doc = request_document(body)
+    if doc is _TOO_DEEP:
         return True
     if not isinstance(doc, dict) or "keep_alive" not in doc:
         return False
@@ -226,5 +247,8 @@ class OllamaDriver(BaseDriver):
             return is_unload_request(path, body())
         return super().is_control(consumer, method, path, body)
 
+    def model_of(self, method: str, path: str, body: Callable[[], bytes | None]) -> str | None:
+        return model_of_request(path, body()) if method == "POST" else None
 
-__all__ = ["OllamaDriver", "call", "is_unload_request", "loaded_models"]
+
+__all__ = ["OllamaDriver", "call", "is_unload_request", "loaded_models", "model_of_request"]

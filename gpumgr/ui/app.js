@@ -240,6 +240,15 @@ function drawScheduler(doc, clock) {
       : h("p", { class: "muted", id: "holders" }, `${s.in_flight} job(s) hold the GPU.`);
   }
   out.push(h("h3", null, "Holding the GPU"), holding);
+  // capacity auto: why each waiting job waits (memory, exclusivity, a load in progress...).
+  const waiting = arr(obj(s.budget).waiting).map(obj);
+  if (waiting.length) {
+    out.push(h("h3", null, "Waiting"), h("ul", { class: "holders", id: "waiting" }, waiting.map((w) =>
+      h("li", { data: { consumer: w.consumer ?? "" } }, h("strong", null, w.consumer ?? "?"),
+        w.kind ? h("span", { class: "muted" }, ` ${w.kind}`) : null,
+        ` · ${w.reason ?? "not looked at yet"}`,
+        w.detail ? h("span", { class: "muted" }, ` (${w.detail})`) : null))));
+  }
   const line = (label, value) => h("div", null, h("dt", null, label), h("dd", null, value));
   out.push(h("dl", { class: "counters" },
     line("evictions", s.evictions ?? "–"),

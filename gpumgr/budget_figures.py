@@ -1,0 +1,156 @@
+"""The figures `gpumgr.budget` decides on, read from the config, the registry,
+the latest GPU sample and the memory profiles (`scheduler.capacity: auto`).
+
+The running jobs are the scheduler's to add (gpumgr.scheduler_auto): it knows
+which run and with which job peak.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import attrs
+
+from gpumgr.budget import Card, Holding
+from gpumgr.config import Config
+from gpumgr.eviction import Residency
+from gpumgr.gpu import GpuSample
+from gpumgr.memory import MemoryProfile, MemoryProfiles
+from gpumgr.registry import Registry
+
+
+@attrs.frozen
+class Figures:
+    card: Card
+    holdings: Mapping[str, Holding]
+    #: What nvidia-smi said the card uses (None: no sample).
+    measured_used_mib: int | None = None
+
+
+def card_total_mib(config: Config, sample: GpuSample) -> int | None:
+    """The card's size: measured, else gpu.total_mib, else unknown.
+    (One card; several are summed until gpumgr schedules per card.)"""
+    if sample.available and sample.gpus:
+        totals = [g.memory_total_mib for g in sample.gpus]
+        if None not in totals:
+            return sum(t for t in totals if t is not None)
+    return config.gpu.total_mib
+
+
+def measured_used_mib(sample: GpuSample) -> int | None:
+    if not sample.available or not sample.gpus:
+        return None
+    used = [g.memory_used_mib for g in sample.gpus]
+    return None if None in used else sum(u for u in used if u is not None)
+
+
+def read_figures(config: Config, registry: Registry, sample: GpuSample,
+                 profiles: MemoryProfiles) -> Figures:
+    """Every consumer as the budget sees it, idle (the scheduler adds its jobs)."""
+    holdings = {}
+    for name, c in config.consumers.items():
+        if name not in registry:
+            continue
+        view = registry.view(c)
+        resident = view.resident_mib
+        if view.residency is not Residency.UNLOADED:
+            resident = max(resident, profiles.profile(c).resident.mib)
+        holdings[name] = Holding(
+            name, view.residency, resident, (), view.can_coexist_with, view.pinned,
+            view.last_used, c.max_concurrency)
+    card = Card(card_total_mib(config, sample), config.gpu.headroom_mib)
+    return Figures(card, holdings, measured_used_mib(sample))
+
+
+def with_running(figures: Figures, running: Mapping[str, tuple[MemoryProfile, ...]]) -> Figures:
+    """Add the running jobs: each job's peak, and its consumer's resident (a
+    consumer with a job running holds its memory, or is loading it). Memory
+    nvidia-smi shows beyond what the figures account for counts as held by
+    others (a stranger, a peak larger than its figure, memory an unload is
+    still giving back): the budget never trusts figures below a measurement."""
+    holdings = dict(figures.holdings)
+    for name, jobs in running.items():
+        h = holdings.get(name)
+        if h is None or not jobs:
+            continue
+        resident = max([h.resident_mib] + [p.resident.mib for p in jobs])
+        holdings[name] = attrs.evolve(
+            h, residency=Residency.LOADED, resident_mib=resident,
+            running_peaks_mib=tuple(p.job_peak.mib for p in jobs))
+    card = figures.card
+    if figures.measured_used_mib is not None:
+        accounted = sum(h.held_mib + sum(h.running_peaks_mib) for h in holdings.values())
+        card = attrs.evolve(card, other_mib=max(0, figures.measured_used_mib - accounted))
+    return Figures(card, holdings, figures.measured_used_mib)
+
+
+def oom_peak_mib(figures: Figures, consumer: str) -> int | None:
+    """A job of `consumer` answered out of memory: its job peak is more than
+    the room the others left it (memory only measured, not accounted for, is
+    taken as its own), so at least that plus one; never more than fits an
+    empty card. Another out-of-memory with more room raises it again."""
+    card, me = figures.card, figures.holdings.get(consumer)
+    if card.total_mib is None or me is None:
+        return None
+    others = sum(h.held_mib + sum(h.running_peaks_mib)
+                 for n, h in figures.holdings.items() if n != consumer)
+    room = (card.total_mib - others - me.held_mib) // max(1, me.running)
+    return max(0, min(room + 1, card.total_mib - me.held_mib - card.headroom_mib))
+
+
+@attrs.frozen
+class ConsumerBudget:
+    name: str
+    #: What it holds between jobs (0 when unloaded).
+    resident_mib: int
+    #: What its running jobs add (their job peaks).
+    job_mib: int
+    running: int
+
+
+@attrs.frozen
+class WaitingJob:
+    consumer: str
+    kind: str | None
+    #: gpumgr.budget.WaitReason's value; None: not looked at yet.
+    reason: str | None
+    detail: str
+
+
+@attrs.frozen
+class BudgetStatus:
+    """The budget as /v1/status, /metrics and the page show it."""
+
+    total_mib: int | None
+    headroom_mib: int
+    #: Measured in use beyond the figures (other programs, peaks above their figures).
+    other_mib: int
+    free_mib: int | None
+    consumers: tuple[ConsumerBudget, ...]
+    waiting: tuple[WaitingJob, ...]
+
+
+def budget_status(figures: Figures, waiting: tuple[WaitingJob, ...]) -> BudgetStatus:
+    card = figures.card
+    parts = tuple(ConsumerBudget(h.name, h.held_mib, sum(h.running_peaks_mib), h.running)
+                  for h in figures.holdings.values())
+    used = card.other_mib + sum(p.resident_mib + p.job_mib for p in parts)
+    free = None if card.total_mib is None else card.total_mib - used - card.headroom_mib
+    return BudgetStatus(card.total_mib, card.headroom_mib, card.other_mib, free, parts, waiting)
+
+
+ProfileOf = Callable[[str, "str | None"], "MemoryProfile | None"]
+
+
+def profile_reader(config: Callable[[], Config],
+                   profiles: Callable[[], MemoryProfiles]) -> ProfileOf:
+    """(consumer, model) -> its profile; None once a reload removed the consumer."""
+    def profile_of(name: str, model: str | None) -> MemoryProfile | None:
+        c = config().consumers.get(name)
+        return None if c is None else profiles().profile(c, model)
+    return profile_of
+
+
+__all__ = ["BudgetStatus", "ConsumerBudget", "WaitingJob", "budget_status", "Figures", "ProfileOf", "card_total_mib", "measured_used_mib", "oom_peak_mib",
+           "profile_reader",
+           "read_figures", "with_running"]

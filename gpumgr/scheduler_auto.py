@@ -1,0 +1,425 @@
+"""`scheduler.capacity: auto`: jobs start side by side when their memory fits.
+
+`Auto` keeps the queue like `Locked` does (bounded, priority with aging, a
+wait deadline, cancellable) but asks `gpumgr.budget.decide` for each waiting
+job, in priority order: a job that fits may start before an earlier one that
+does not (backfill), but the head of the queue is overtaken for at most
+`max_bypass_s`; after that nothing else starts until it does.
+
+A GPU job is started with a `Grant`: the evictions and the load its decision
+chose (it carries them out), a call to say that part is over, and a way to
+wait until it runs alone (an out-of-memory replay). While a job unloads or
+loads, no other load or unload starts. A control job (preload, admin, idle
+unload) runs alone on the card.
+
+The slot is released in one place (`_finished`), which every path out of a
+running job reaches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Callable, Mapping
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from gpumgr.budget import Ask, Decision, Refuse, Start, Wait, WaitReason, decide
+from gpumgr.budget_figures import (
+    BudgetStatus,
+    Figures,
+    ProfileOf,
+    WaitingJob,
+    budget_status,
+    with_running,
+)
+from gpumgr.errors import GpumgrError, InsufficientVram, QueueFull, QueueTimeout
+from gpumgr.memory import FigureSource, MemoryFigure, MemoryProfile
+from gpumgr.queue_policy import QueuedJob, Waiting, effective_priority
+from gpumgr.registry import Registry
+from gpumgr.scheduler import Holder, Job, SchedulerStats, TicketState, _IdleWaiters
+from gpumgr.states import SchedulerMode
+
+_NOTHING = MemoryProfile(MemoryFigure(0, FigureSource.CONFIG), MemoryFigure(0, FigureSource.CONFIG))
+
+
+class Grant:
+    """What a started job is told: what to carry out, and how to say it is done."""
+
+    def __init__(self, sched: Auto, ticket: _Ticket, start: Start) -> None:
+        self._sched = sched
+        self._ticket = ticket
+        self.start = start
+
+    def control_done(self) -> None:
+        """Its evictions and load are over: other loads and unloads may start."""
+        self._sched._control_done(self._ticket)
+
+    def alone(self) -> defer.Deferred[None]:
+        """Fires once no other job runs; nothing new starts meanwhile (until it ends)."""
+        return self._sched._alone(self._ticket)
+
+
+GrantedJob = Callable[[Grant], "defer.Deferred[Any]"]
+
+
+class _Ticket:
+    def __init__(self, seq: int, consumer: str, kind: str | None, model: str | None,
+                 priority: int, job: GrantedJob, control: bool, enqueued_at: float) -> None:
+        self.seq = seq
+        self.consumer = consumer
+        self.kind = kind
+        self.model = model
+        self.priority = priority
+        self.job = job
+        self.control = control
+        self.enqueued_at = enqueued_at
+        self.started_at = enqueued_at
+        self.state = TicketState.WAITING
+        self.outer: defer.Deferred[Any] | None = None
+        self.inner: defer.Deferred[Any] | None = None
+        self.timer: Any = None
+        self.profile = _NOTHING
+        self.why: Wait | None = None
+        #: It runs with no other job (a control job, a job with no grant).
+        self.alone = control
+        #: When a later job first started ahead of it.
+        self.bypassed_since: float | None = None
+        self.request_id: str | None = None
+
+
+class Auto:
+    """Jobs start when `gpumgr.budget` says they fit; see the module docstring."""
+
+    mode = SchedulerMode.LOCKED  # the broker reports its own mode
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        registry: Registry,
+        figures: Callable[[], Figures],
+        profile_of: ProfileOf,
+        may_evict: bool = True,
+        max_queue: int = 64,
+        queue_timeout_s: float = 600.0,
+        priority: Mapping[str, int] | None = None,
+        aging_s: float = 30.0,
+        max_bypass_s: float = 30.0,
+        max_running: int = 8,
+    ) -> None:
+        self._clock = clock
+        self._registry = registry
+        self._figures = figures
+        self._profile_of = profile_of
+        self._may_evict = may_evict
+        self.capacity = None
+        self.configure(max_queue, queue_timeout_s, priority or {}, aging_s, max_bypass_s,
+                       max_running, dispatch=False)
+        self._seq = itertools.count()
+        self._waiting: list[_Ticket] = []
+        self._running: set[_Ticket] = set()
+        self._control: _Ticket | None = None
+        self._alone_for: _Ticket | None = None
+        self._alone_waiters: list[defer.Deferred[None]] = []
+        self._total = 0
+        self._rejected = 0
+        self._last_wait_ms = 0
+        self._last_run_ms = 0
+        self.max_running_seen = 0
+        self._dispatching = False
+        self._again = False
+        self._closed: GpumgrError | None = None
+        self._idle = _IdleWaiters()
+
+    def configure(self, max_queue: int, queue_timeout_s: float, priority: Mapping[str, int],
+                  aging_s: float, max_bypass_s: float, max_running: int,
+                  dispatch: bool = True) -> None:
+        """New limits from a reload; queued and running jobs stay as they are."""
+        self._max_queue = max_queue
+        self._queue_timeout_s = queue_timeout_s
+        self._priority = dict(priority)
+        self._aging_s = aging_s
+        self._max_bypass_s = max_bypass_s
+        self._max_running = max_running
+        if dispatch:
+            self.poke()
+
+    # -- the seam ------------------------------------------------------------
+
+    def run(self, consumer: str, job: Job, kind: str | None = None,
+            control: bool = False, request_id: str | None = None) -> defer.Deferred[Any]:
+        """A job that knows nothing of grants (a load, an unload: `control`)
+        runs alone: it has no figures to be admitted on, and may load or
+        unload anything."""
+        return self._enqueue(consumer, lambda _grant: job(), kind, None, control, alone=True,
+                             request_id=request_id)
+
+    def run_granted(self, consumer: str, job: GrantedJob, kind: str | None = None,
+                    model: str | None = None,
+                    request_id: str | None = None) -> defer.Deferred[Any]:
+        """A GPU job of `consumer` (running `model`), started with its `Grant`."""
+        return self._enqueue(consumer, job, kind, model, False, alone=False,
+                             request_id=request_id)
+
+    def queue_order(self) -> tuple[QueuedJob, ...]:
+        """The waiting jobs in the order they are looked at (a later one that
+        fits may still start first: backfill, bounded by max_bypass_s)."""
+        return tuple(QueuedJob(t.request_id, t.consumer, t.kind, t.enqueued_at, t.control)
+                     for t in self._order())
+
+    def poke(self) -> None:
+        """Figures changed (a GPU sample, a profile, a reload): look at the queue again."""
+        self._dispatch()
+
+    def queued_for(self, consumer: str) -> int:
+        return sum(1 for t in self._waiting if t.consumer == consumer)
+
+    def close(self, error: GpumgrError) -> None:
+        self._closed = error
+        waiting, self._waiting = self._waiting, []
+        for t in waiting:
+            self._drop(t)
+            assert t.outer is not None
+            t.outer.errback(error)
+
+    def cancel_running(self) -> None:
+        for t in sorted(self._running, key=lambda t: t.seq):
+            if t.inner is not None:
+                t.inner.cancel()
+
+    def when_idle(self) -> defer.Deferred[None]:
+        return self._idle.wait(not self._running)
+
+    def waiting_reasons(self) -> tuple[tuple[str, str | None, WaitReason | None, str], ...]:
+        """(consumer, kind, reason, detail) of every waiting job, in queue order."""
+        return tuple((t.consumer, t.kind, t.why.reason if t.why else None,
+                      t.why.detail if t.why else "") for t in self._order())
+
+    def budget_status(self) -> BudgetStatus:
+        return budget_status(self.budget(), tuple(
+            WaitingJob(c, k, None if r is None else r.value, d)
+            for c, k, r, d in self.waiting_reasons()))
+
+    def running_profiles(self) -> dict[str, tuple[MemoryProfile, ...]]:
+        running: dict[str, list[MemoryProfile]] = {}
+        for t in sorted(self._running, key=lambda t: t.seq):
+            running.setdefault(t.consumer, []).append(t.profile)
+        return {n: tuple(p) for n, p in running.items()}
+
+    def budget(self) -> Figures:
+        """The figures with the running jobs in them (status, metrics)."""
+        return with_running(self._figures(), self.running_profiles())
+
+    def stats(self) -> SchedulerStats:
+        by_kind: dict[str, int] = {}
+        for t in self._waiting:
+            by_kind[t.kind or "other"] = by_kind.get(t.kind or "other", 0) + 1
+        return SchedulerStats(
+            mode=self.mode, capacity=None, queue_depth=len(self._waiting),
+            in_flight=len(self._running), total_jobs=self._total,
+            last_wait_ms=self._last_wait_ms, last_run_ms=self._last_run_ms, evictions=0,
+            oldest_queued=min((t.enqueued_at for t in self._waiting), default=None),
+            rejected=self._rejected, queued_by_kind=by_kind,
+            holders=tuple(Holder(t.consumer, t.kind, t.started_at, t.control)
+                          for t in sorted(self._running, key=lambda t: t.seq)))
+
+    # -- internals -------------------------------------------------------------
+
+    def _enqueue(self, consumer: str, job: GrantedJob, kind: str | None, model: str | None,
+                 control: bool, alone: bool,
+                 request_id: str | None = None) -> defer.Deferred[Any]:
+        if self._closed is not None:
+            return defer.fail(self._closed)
+        t = _Ticket(next(self._seq), consumer, kind, model,
+                    self._priority.get(kind, 0) if kind else 0, job, control,
+                    self._clock.seconds())
+        t.alone = alone
+        t.request_id = request_id
+        t.outer = defer.Deferred(lambda _d: self._cancel(t))
+        if len(self._waiting) >= self._max_queue:
+            self._rejected += 1
+            t.state = TicketState.DROPPED
+            t.outer.errback(QueueFull(
+                f"{len(self._waiting)} jobs are already waiting (scheduler.max_queue)",
+                consumer=consumer, retry_after_s=self._retry_after_s()))
+            return t.outer
+        t.timer = self._clock.callLater(self._queue_timeout_s, self._expire, t)
+        self._waiting.append(t)
+        self._dispatch()
+        return t.outer
+
+    def _retry_after_s(self) -> float:
+        return math.ceil(max(self._last_run_ms / 1000.0, 1.0) * (len(self._waiting) + 1))
+
+    def _order(self) -> list[_Ticket]:
+        now = self._clock.seconds()
+        return sorted(self._waiting, key=lambda t: (-effective_priority(
+            Waiting(t.seq, t.priority, t.enqueued_at), now, self._aging_s), t.seq))
+
+    def _decide(self, t: _Ticket, figures: Figures) -> Decision:
+        if self._alone_for is not None:
+            return Wait(WaitReason.ALONE, f"a job of {self._alone_for.consumer} replays alone")
+        if any(r.alone for r in self._running):
+            return Wait(WaitReason.ALONE, "a load or unload runs alone")
+        if t.alone:
+            if self._running:
+                return Wait(WaitReason.ALONE, "a load or unload waits for an idle card")
+            return Start()
+        if t.consumer not in figures.holdings:
+            return Start()  # removed by a reload: the job fails at once (ConsumerRemoved)
+        profile = self._profile_of(t.consumer, t.model)
+        if profile is None:
+            return Start()
+        t.profile = profile
+        control = None if self._control is None else self._control.consumer
+        return decide(figures.card, figures.holdings, Ask(t.consumer, profile), control,
+                      self._max_running, self._may_evict)
+
+    def _dispatch(self) -> None:
+        # Re-entered from a job that ends synchronously: the outer loop goes round again.
+        if self._dispatching:
+            self._again = True
+            return
+        self._dispatching = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                self._dispatch_once()
+        finally:
+            self._dispatching = False
+
+    def _dispatch_once(self) -> None:
+        order = self._order()
+        if not order:
+            return
+        head = order[0]
+        now = self._clock.seconds()
+        figures = with_running(self._figures(), self.running_profiles())
+        for t in order:
+            decision = self._decide(t, figures)
+            if isinstance(decision, Refuse):
+                self._waiting.remove(t)
+                self._drop(t)
+                self._rejected += 1
+                assert t.outer is not None
+                t.outer.errback(InsufficientVram(decision.message, consumer=t.consumer,
+                                                 retry_after_s=5))
+                self._again = True
+                return
+            if isinstance(decision, Wait):
+                t.why = decision
+                continue
+            if t is not head:
+                if head.bypassed_since is not None \
+                        and now - head.bypassed_since >= self._max_bypass_s:
+                    t.why = Wait(WaitReason.BYPASS, f"the oldest job ({head.consumer}) was "
+                                 f"overtaken for {self._max_bypass_s:g}s (scheduler.max_bypass_s)")
+                    continue
+                if head.bypassed_since is None:
+                    head.bypassed_since = now
+            self._start(t, decision)
+            self._again = True
+            return
+
+    def _start(self, t: _Ticket, start: Start) -> None:
+        now = self._clock.seconds()
+        self._waiting.remove(t)
+        if t.timer is not None and t.timer.active():
+            t.timer.cancel()
+        t.timer = None
+        t.state = TicketState.RUNNING
+        t.started_at = now
+        t.why = None
+        self._running.add(t)
+        if start.control:
+            self._control = t
+        self.max_running_seen = max(self.max_running_seen, len(self._running))
+        self._total += 1
+        self._last_wait_ms = int((now - t.enqueued_at) * 1000)
+        if not t.control:
+            self._registry.job_started(t.consumer, now)
+        t.inner = defer.maybeDeferred(t.job, Grant(self, t, start))
+        t.inner.addBoth(self._finished, t, now)
+
+    def _finished(self, result: Any, t: _Ticket, started_at: float) -> None:
+        try:
+            now = self._clock.seconds()
+            t.state = TicketState.DONE
+            self._running.discard(t)
+            if self._control is t:
+                self._control = None
+            if self._alone_for is t:
+                self._alone_for = None
+                self._alone_waiters = []  # its own: cancelled with it
+            self._last_run_ms = int((now - started_at) * 1000)
+            if not t.control:
+                self._registry.job_ended(t.consumer, now)
+        finally:
+            self._fire_alone()
+            self._dispatch()
+            if not self._running:
+                self._idle.fire()
+        outer = t.outer
+        assert outer is not None
+        if not outer.called:
+            if isinstance(result, Failure):
+                outer.errback(result)
+            else:
+                outer.callback(result)
+
+    def _control_done(self, t: _Ticket) -> None:
+        if self._control is t:
+            self._control = None
+            self._dispatch()
+
+    def _alone(self, t: _Ticket) -> defer.Deferred[None]:
+        if t.state is not TicketState.RUNNING:
+            return defer.succeed(None)
+        self._alone_for = t
+        d: defer.Deferred[None] = defer.Deferred()
+        self._alone_waiters.append(d)
+        self._fire_alone()
+        return d
+
+    def _fire_alone(self) -> None:
+        t = self._alone_for
+        if t is None or self._running - {t}:
+            return
+        fired, self._alone_waiters = self._alone_waiters, []
+        for d in fired:
+            if not d.called:
+                d.callback(None)
+
+    def _drop(self, t: _Ticket) -> None:
+        t.state = TicketState.DROPPED
+        if t.timer is not None and t.timer.active():
+            t.timer.cancel()
+        t.timer = None
+
+    def _expire(self, t: _Ticket) -> None:
+        t.timer = None
+        if t.state is not TicketState.WAITING:
+            return
+        self._waiting.remove(t)
+        self._drop(t)
+        self._rejected += 1
+        assert t.outer is not None
+        why = f" ({t.why.reason}: {t.why.detail})" if t.why else ""
+        t.outer.errback(QueueTimeout(
+            f"waited {self._queue_timeout_s:g}s for the GPU (scheduler.queue_timeout_s){why}",
+            consumer=t.consumer))
+        self._dispatch()  # a head that leaves lets the jobs it held back go
+
+    def _cancel(self, t: _Ticket) -> None:
+        if t.state is TicketState.WAITING:
+            self._waiting.remove(t)
+            self._drop(t)
+            self._dispatch()
+        elif t.state is TicketState.RUNNING and t.inner is not None:
+            t.inner.cancel()
+
+
+__all__ = ["Auto", "Grant", "GrantedJob"]
