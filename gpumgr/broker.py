@@ -169,6 +169,10 @@ class Broker:
             return self._given_profiles
         return self.measuring.profiles
 
+    @profiles.setter
+    def profiles(self, profiles: MemoryProfiles) -> None:
+        self._given_profiles = profiles
+
     def _sampled(self, sample: GpuSample) -> None:
         if isinstance(self.scheduler, Auto):
             self.scheduler.poke()  # new figures: a waiting job may fit now
