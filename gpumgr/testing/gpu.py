@@ -136,8 +136,23 @@ class SimulatedGpu:
             return True
         if mib > self.free_mib:  # external processes' memory included
             self.oom_count += 1
+            self.write_state()
             return False
         self.allocations[owner] = Allocation(pid, process_name, mib)
+        self.write_state()
+        return True
+
+    def resize(self, owner: str, mib: int) -> bool:
+        """Grow or shrink `owner`'s allocation (a KV cache growing); False (and
+        an OOM counted) if the growth does not fit. No allocation yet: `allocate`."""
+        held = self.allocations.get(owner)
+        if held is None:
+            return False
+        if mib - held.used_mib > self.free_mib:
+            self.oom_count += 1
+            self.write_state()
+            return False
+        held.used_mib = mib
         self.write_state()
         return True
 
@@ -187,6 +202,7 @@ class SimulatedGpu:
             row = per_pid.setdefault(a.pid, {"pid": a.pid, "name": a.process_name, "used_mib": 0})
             row["used_mib"] += a.used_mib
         return {
+            "oom_count": self.oom_count,
             "failure": self.smi_failure,
             "hang_child_s": self.hang_child_s,
             "procs_dir": self.procs_dir,
