@@ -169,6 +169,8 @@ def figures(records: list[dict], idle_ms: list[float], scale: float,
     def ms(r: dict, key: str = "end") -> float:
         return (r[key] - r["sent"]) * 1000 / scale
 
+    if not records:
+        raise RuntimeError("the trace produced no records")
     done = [r for r in records if r["ok"]]
     tts = [ms(r) for r in done if r["kind"] == "tts"]
     images = [r for r in records if r["kind"] == "image"]

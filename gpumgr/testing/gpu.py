@@ -144,7 +144,8 @@ class SimulatedGpu:
 
     def resize(self, owner: str, mib: int) -> bool:
         """Grow or shrink `owner`'s allocation (a KV cache growing); False (and
-        an OOM counted) if the growth does not fit. No allocation yet: `allocate`."""
+        an OOM counted) if the growth does not fit; False for an owner that holds
+        nothing (`allocate` first)."""
         held = self.allocations.get(owner)
         if held is None:
             return False
