@@ -69,13 +69,16 @@ test-unit-offline: $(TEST_STAMP) typecheck  ## tests/unit with the network switc
 typecheck: $(TEST_STAMP)  ## mypy
 	$(BIN)/mypy
 
-# Benchmarks: gpumgr vs direct vs nginx, interleaved in one run (see bench/README.md).
+# Benchmarks: gpumgr vs direct vs nginx, interleaved in one run, then scheduling on a
+# realistic mixed trace, capacity: 1 against capacity: auto (see bench/README.md).
 # nginx and wrk come from Debian: sudo apt-get install nginx-light wrk
-bench: $(TEST_STAMP)  ## benchmarks: gpumgr vs direct vs nginx (bench/README.md)
+bench: $(TEST_STAMP)  ## benchmarks: gpumgr vs direct vs nginx; scheduling (bench/README.md)
 	$(BIN)/python bench/run.py --out bench/results/latest.json
+	$(BIN)/python bench/sched.py --out bench/results/sched.json
 
 bench-smoke: $(TEST_STAMP)  ## a short benchmark run
 	$(BIN)/python bench/run.py --smoke --out bench/results/smoke.json
+	$(BIN)/python bench/sched.py --smoke --out bench/results/sched-smoke.json
 
 clean:  ## remove the virtualenv and build outputs
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

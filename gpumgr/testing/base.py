@@ -80,6 +80,13 @@ class Behaviour:
     #: Tests only: a ComfyUI node ends once its time passed AND
     #: node_gate(prompt_id, node_id) fired (not a hanging sampler's steps).
     node_gate: Callable[[str, str], defer.Deferred] | None = None
+    #: ollama: the working memory (a KV cache) grows by this much over a reply,
+    #: a share at each token written, on top of `working_mib`; a step that
+    #: does not fit ends the reply with an out-of-memory error.
+    working_growth_mib: int = 0
+    #: How much the job slows when others compute beside it, in [0, 1]
+    #: (`gpumgr.testing.contention`); None: the flavour's default.
+    contention: float | None = None
 
 
 @attrs.define
@@ -136,6 +143,8 @@ class SimulatedConsumer(Resource):
     process_name = "/usr/bin/sim-consumer"
     #: Whether the model is loaded when the process starts.
     loaded_at_start = False
+    #: The flavour's contention factor when `Behaviour.contention` is None.
+    default_contention = 0.5
 
     def __init__(self, world: SimulatedWorld, name: str, behaviour: Behaviour) -> None:
         super().__init__()
@@ -162,6 +171,16 @@ class SimulatedConsumer(Resource):
     @property
     def loaded(self) -> bool:
         return self._loaded
+
+    @property
+    def contention(self) -> float:
+        c = self.behaviour.contention
+        return self.default_contention if c is None else c
+
+    def compute(self, seconds: float) -> defer.Deferred[None]:
+        """`seconds` of this job's work alone, slowed while others compute
+        (`gpumgr.testing.contention`); alone it is a plain `deferLater`."""
+        return self.world.compute.work(seconds, self.contention)
 
     # -- what tests read ---------------------------------------------------
 

@@ -53,6 +53,7 @@ from typing import Any
 import attrs
 
 from gpumgr.testing.base import SimulatedConsumer, json_body, read_json
+from gpumgr.testing.contention import DEFAULT_CONTENTION
 from gpumgr.testing.multipart import parse_multipart
 from gpumgr.testing.websocket import WebSocketConnection, accept
 
@@ -156,6 +157,7 @@ def _plan(prompt: dict) -> tuple[tuple[str, ...], str, str]:
 
 class ComfyUISim(SimulatedConsumer):
     process_name = "python3 main.py --listen"
+    default_contention = DEFAULT_CONTENTION["comfyui"]
 
     def __init__(self, world, name, behaviour):
         super().__init__(world, name, behaviour)
@@ -168,6 +170,8 @@ class ComfyUISim(SimulatedConsumer):
         self._messages: list[list[Any]] = []
         self._timers: list[Any] = []
         self._free_flags: tuple[bool, bool] | None = None
+        #: The running render's working memory (`Behaviour.working_mib`, its peak), if any.
+        self._working_owner: str | None = None
         #: Renders ended by POST /interrupt.
         self.interrupts = 0
         #: The interrupt flag (nodes.interrupt_processing): honoured at the next node.
@@ -361,6 +365,13 @@ class ComfyUISim(SimulatedConsumer):
             self._finish_with_error(item, self.oom_message(self.behaviour.vram_mib),
                                     "torch.OutOfMemoryError")
             return
+        working = self._take_working_memory(self.pid)
+        if working is False:  # the render's peak does not fit beside what the card holds
+            self._executing(item, item.nodes[0])
+            self._finish_with_error(item, self.oom_message(self.behaviour.working_mib),
+                                    "torch.OutOfMemoryError")
+            return
+        self._working_owner = working if isinstance(working, str) else None
         self.jobs_started += 1
         self.world.job_started(self)
         self.timeline.append((self.clock.seconds(), item.prompt_id, "started"))
@@ -390,7 +401,9 @@ class ComfyUISim(SimulatedConsumer):
             if b.render_hangs:
                 self._later(max(node_s, 0.005), self._sampler_step, item)
                 return
-        self._later(node_s, self._node_time_over, item, index)
+        # A node's time is work on the card: slower while other jobs compute.
+        self._timers.append(self.world.compute.later(
+            node_s, self.contention, lambda: self._node_time_over(item, index)))
 
     def _node_time_over(self, item: QueueItem, index: int) -> None:
         gate = self.behaviour.node_gate
@@ -445,6 +458,9 @@ class ComfyUISim(SimulatedConsumer):
 
     def _ended(self, item: QueueItem, how: str) -> None:
         self.timeline.append((self.clock.seconds(), item.prompt_id, how))
+        if self._working_owner is not None:
+            self.world.gpu.free(self._working_owner)
+            self._working_owner = None
         self.world.job_ended(self)
 
     def _finish_with_error(self, item: QueueItem, message: str, exception_type: str) -> None:

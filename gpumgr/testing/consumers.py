@@ -26,7 +26,7 @@ import json
 import struct
 from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.protocols.policies import WrappingFactory
 from twisted.web import server
 
@@ -37,6 +37,7 @@ from gpumgr.testing.base import (
     json_body,
 )
 from gpumgr.testing.comfyui import ComfyUISim
+from gpumgr.testing.contention import DEFAULT_CONTENTION, SharedCompute
 from gpumgr.testing.gpu import SimulatedGpu
 from gpumgr.testing.ollama import OllamaSim
 
@@ -56,6 +57,7 @@ __all__ = [
 class WhisperSim(SimulatedConsumer):
     process_name = "/opt/whisper.cpp/build/bin/whisper-server"
     loaded_at_start = True
+    default_contention = DEFAULT_CONTENTION["whisper"]
 
     def route(self, method, path):
         return {
@@ -72,7 +74,7 @@ class WhisperSim(SimulatedConsumer):
 
         @defer.inlineCallbacks
         def work(gone):
-            yield task.deferLater(self.clock, self.behaviour.job_s, lambda: None)
+            yield self.compute(self.behaviour.job_s)
             if not gone():
                 request.setHeader(b"Content-Type", b"application/json")
                 self.finish_with(request, json.dumps(
@@ -83,6 +85,7 @@ class WhisperSim(SimulatedConsumer):
 
 class MvoiceSim(SimulatedConsumer):
     process_name = "python3 -m mvoice.server"
+    default_contention = DEFAULT_CONTENTION["mvoice"]
 
     def __init__(self, world, name, behaviour):
         super().__init__(world, name, behaviour)
@@ -118,7 +121,7 @@ class MvoiceSim(SimulatedConsumer):
 
         @defer.inlineCallbacks
         def work(gone):
-            yield task.deferLater(self.clock, self.behaviour.job_s, lambda: None)
+            yield self.compute(self.behaviour.job_s)
             if gone():
                 return
             wav = make_wav(max(1, text_len) * 320)
@@ -176,6 +179,8 @@ class SimulatedWorld:
         self.clock = clock
         self.gpu = gpu
         gpu.clock = clock
+        #: The card's compute, shared: jobs at once slow each other down.
+        self.compute = SharedCompute(clock)
         self.consumers: dict[str, SimulatedConsumer] = {}
         self.active_jobs = 0
         self.max_active_jobs = 0
@@ -205,10 +210,12 @@ class SimulatedWorld:
         self.work_log.append(consumer.name)
         self.max_active_jobs = max(self.max_active_jobs, self.active_jobs)
         self.gpu.begin_work(consumer.name)
+        self.compute.set_jobs(self.active_jobs)
 
     def job_ended(self, consumer: SimulatedConsumer) -> None:
         self.active_jobs -= 1
         self.gpu.end_work(consumer.name)
+        self.compute.set_jobs(self.active_jobs)
 
     def listen(self, reactor, interface: str = "127.0.0.1") -> None:
         """Serve every consumer on its own ephemeral loopback port."""

@@ -188,8 +188,24 @@ class SimulatedGpu:
         on = tuple(cards) if cards is not None else self.cards_of(owner)
         if any(mib > self.free_mib_on(c) for c in on):  # external processes' memory included
             self.oom_count += 1
+            self.write_state()
             return False
         self.allocations[owner] = Allocation(pid, process_name, mib, on)
+        self.write_state()
+        return True
+
+    def resize(self, owner: str, mib: int) -> bool:
+        """Grow or shrink `owner`'s allocation (a KV cache growing); False (and
+        an OOM counted) if the growth does not fit; False for an owner that holds
+        nothing (`allocate` first)."""
+        held = self.allocations.get(owner)
+        if held is None:
+            return False
+        if mib - held.used_mib > self.free_mib:
+            self.oom_count += 1
+            self.write_state()
+            return False
+        held.used_mib = mib
         self.write_state()
         return True
 
@@ -258,6 +274,7 @@ class SimulatedGpu:
                 "temperature_c": 48 if busy else 34,
             })
         return {
+            "oom_count": self.oom_count,
             "failure": self.smi_failure,
             "hang_child_s": self.hang_child_s,
             "procs_dir": self.procs_dir,

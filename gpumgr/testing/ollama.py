@@ -43,9 +43,10 @@ import struct
 from typing import Any, Callable
 
 import attrs
-from twisted.internet import defer, task
+from twisted.internet import defer
 
 from gpumgr.testing.base import SimulatedConsumer, json_body, next_pid, now_iso, read_json
+from gpumgr.testing.contention import DEFAULT_CONTENTION
 
 DEFAULT_MODEL = "llama3"
 DEFAULT_KEEP_ALIVE_S = 300.0
@@ -106,6 +107,18 @@ class ModelInfo:
                 "quantization_level": "F16" if self.embedding_only else "Q4_K_M"}
 
 
+_kv_ids = itertools.count(1)
+
+
+@attrs.define
+class _KvCache:
+    """A reply's KV cache on the card: its allocation's owner and size so far."""
+
+    owner: str
+    model: str
+    mib: int = 0
+
+
 @attrs.define
 class _Resident:
     """A loaded model: its runner process and its allocation."""
@@ -120,6 +133,7 @@ class _Resident:
 
 class OllamaSim(SimulatedConsumer):
     process_name = "/usr/local/bin/ollama"
+    default_contention = DEFAULT_CONTENTION["ollama"]
 
     def __init__(self, world, name, behaviour):
         self.resident: dict[str, _Resident] = {}
@@ -316,11 +330,37 @@ class OllamaSim(SimulatedConsumer):
 
     def _job(self, request, info: ModelInfo, keep_alive: float, work, openai: bool = False):
         """Run `work(gone)` as a GPU job holding `info` loaded (or answer OOM)."""
+        kv = _KvCache(f"{self.name}/kv#{next(_kv_ids)}", info.name)
+        request.sim_kv = kv  # the growing KV cache (`_grow_kv`), freed when the job ends
+
+        def ended() -> None:
+            self.world.gpu.free(kv.owner)
+            self._release(info)
+
         return self.run_job(
             request, work,
             load=lambda: self._acquire(info, keep_alive),
             oom=lambda: self._error(request, 500, self.oom_message(info.vram_mib), openai),
-            ended=lambda: self._release(info), pid=lambda: self.resident[info.name].pid)
+            ended=ended, pid=lambda: self.resident[info.name].pid)
+
+    def _grow_kv(self, request, written: int, total: int) -> bool:
+        """The KV cache after `written` of `total` frames: `working_growth_mib`
+        times their share. False: the growth did not fit (an OOM counted)."""
+        growth = self.behaviour.working_growth_mib
+        kv: _KvCache | None = getattr(request, "sim_kv", None)
+        if growth <= 0 or kv is None or total <= 0:
+            return True
+        target = growth * min(written, total) // total
+        if target <= kv.mib:
+            return True
+        gpu = self.world.gpu
+        runner = self.resident.get(kv.model)
+        pid = runner.pid if runner is not None else self.pid
+        fits = (gpu.resize(kv.owner, target) if kv.mib
+                else gpu.allocate(kv.owner, pid, self.process_name, target))
+        if fits:
+            kv.mib = target
+        return fits
 
     def _tokens(self) -> list[str]:
         return [f"tok{i} " for i in range(max(0, self.behaviour.stream_chunks - 1))]
@@ -332,14 +372,20 @@ class OllamaSim(SimulatedConsumer):
         client that left goes unnoticed."""
         b = self.behaviour
         if b.prompt_eval_s > 0:
-            yield task.deferLater(self.clock, b.prompt_eval_s, lambda: None)
+            yield self.compute(b.prompt_eval_s)
         for i, frame in enumerate(frames):
             if i:
                 if b.stream_gate is not None:
                     yield b.stream_gate(i)
                 else:
-                    yield task.deferLater(self.clock, b.chunk_interval_s, lambda: None)
+                    yield self.compute(b.chunk_interval_s)
             if gone():
+                return
+            if not self._grow_kv(request, i + 1, len(frames)):
+                # As the runner does: the stream ends with an error line.
+                request.write(json.dumps({"error": self.oom_message(
+                    b.working_growth_mib)}).encode() + b"\n")
+                request.finish()
                 return
             request.write(frame())
         if not gone():
@@ -348,7 +394,11 @@ class OllamaSim(SimulatedConsumer):
     @defer.inlineCallbacks
     def _answer_later(self, request, make_body: Callable[[], bytes], gone):
         b = self.behaviour
-        yield task.deferLater(self.clock, b.prompt_eval_s + b.job_s, lambda: None)
+        yield self.compute(b.prompt_eval_s + b.job_s)
+        if not self._grow_kv(request, 1, 1):
+            self.finish_with(request, json_body(request, {"error": self.oom_message(
+                b.working_growth_mib)}, 500))
+            return
         if not gone():
             body = make_body()
             request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
