@@ -224,7 +224,8 @@ class Broker:
                                      sched.priority, sched.aging_s, sched.max_overtakes)
         elif isinstance(self.scheduler, Auto):
             self.scheduler.configure(sched.max_queue, sched.queue_timeout_s, sched.priority,
-                                     sched.aging_s, sched.max_bypass_s, sched.max_running)
+                                     sched.aging_s, sched.max_bypass_s, sched.max_running,
+                                     overlap_evict_idle_s=sched.overlap_evict_idle_s)
         self.health.configure(new.health.interval_s, new.health.timeout_s,
                               new.health.down_grace_s)
         self.gpu.configure(new.gpu.nvidia_smi, new.gpu.interval_s, new.gpu.timeout_s)

@@ -12,7 +12,10 @@ of consumer C starts when all of these hold (docs/scheduling.md):
 - memory: residents of the consumers that hold memory + job peaks of the
   running jobs + C's resident if it must be loaded + C's job peak + headroom
   <= total. If not, idle consumers (no job running, not pinned) are evicted,
-  least recently used first; if that is not enough, the job waits.
+  least recently used first: those the job would need gone on a card with
+  nothing running (the evictions capacity 1 makes), and, to run beside
+  running jobs, only consumers idle for `scheduler.overlap_evict_idle_s`
+  (a swap costs a load; a running job ends soon). Otherwise the job waits.
 
 It is refused only when it could not fit on an empty card. Card-scoped: a
 box with several cards asks once per card.
@@ -139,10 +142,17 @@ def decide(
     control_in_progress: str | None = None,
     max_running: int = 8,
     may_evict: bool = True,
+    now: float = 0.0,
+    overlap_evict_idle_s: float | None = None,
 ) -> Decision:
     """Start, wait or refuse a job of `ask.consumer` (see the module docstring).
 
     `control_in_progress`: the consumer a load or unload is under way for.
+    `overlap_evict_idle_s`: a consumer is evicted to make room *beside running
+    jobs* only once it has been idle this long (None: never); the evictions
+    the job would need on a card with nothing running are made whatever the
+    idle time, as capacity 1 makes them. A swap costs a load; a running job
+    ends soon.
     """
     me = holdings[ask.consumer]
     resident = max(ask.profile.resident.mib, me.resident_mib)
@@ -186,19 +196,32 @@ def decide(
     # My own resident counts once: held already, unless it is unloaded.
     need = used_mib(card, holdings) - me.held_mib + resident + peak + card.headroom_mib
     need -= sum(holdings[v].held_mib for v in victims)
+    # What it would need with no job running: the evictions capacity 1 would make.
+    need_alone = need - sum(sum(h.running_peaks_mib) for h in holdings.values())
     for h in sorted(holdings.values(), key=_lru_key):
         if need <= card.total_mib:
             break
         if (h.name == me.name or h.name in victims or h.residency is Residency.UNLOADED
                 or h.pinned or h.running or h.name == control_in_progress or h.held_mib == 0):
             continue
+        if need_alone <= card.total_mib and not _stale(h, now, overlap_evict_idle_s):
+            continue  # needed gone only to run beside others: not worth a swap
         victims.append(h.name)
         need -= h.held_mib
+        need_alone -= h.held_mib
     if need > card.total_mib:
         return Wait(WaitReason.MEMORY,
                     f"{me.name} needs {need - card.total_mib} MiB more than the card has "
-                    "free (with headroom) once every idle consumer is evicted")
+                    "free (with headroom) until running jobs end or an idle consumer may "
+                    "be evicted (scheduler.overlap_evict_idle_s)")
     return _start_unless_busy(tuple(victims), load, control_in_progress, may_evict)
+
+
+def _stale(h: Holding, now: float, idle_s: float | None) -> bool:
+    """Idle long enough to be evicted for a job that would run beside others."""
+    if idle_s is None:
+        return False
+    return h.last_used is None or now - h.last_used >= idle_s
 
 
 def _start_unless_busy(victims: tuple[str, ...], load: bool, control_in_progress: str | None,

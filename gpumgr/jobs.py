@@ -80,7 +80,8 @@ def make_scheduler(reactor: Any, registry: Registry, sched: SchedulerConfig, evi
         return Auto(reactor, registry, figures, profile_of, may_evict=evicting,
                     max_queue=sched.max_queue, queue_timeout_s=sched.queue_timeout_s,
                     priority=sched.priority, aging_s=sched.aging_s,
-                    max_bypass_s=sched.max_bypass_s, max_running=sched.max_running)
+                    max_bypass_s=sched.max_bypass_s, max_running=sched.max_running,
+                    overlap_evict_idle_s=sched.overlap_evict_idle_s)
     if per_card is not None:
         return per_card.scheduler(lambda: _locked(reactor, registry, sched, evicting))
     return _locked(reactor, registry, sched, evicting)

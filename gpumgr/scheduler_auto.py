@@ -108,6 +108,7 @@ class Auto:
         aging_s: float = 30.0,
         max_bypass_s: float = 30.0,
         max_running: int = 8,
+        overlap_evict_idle_s: float | None = 120.0,
     ) -> None:
         self._clock = clock
         self._registry = registry
@@ -128,6 +129,7 @@ class Auto:
         self._last_wait_ms = 0
         self._last_run_ms = 0
         self.max_running_seen = 0
+        self._overlap_evict_idle_s = overlap_evict_idle_s
         self._dispatching = False
         self._again = False
         self._closed: GpumgrError | None = None
@@ -135,7 +137,7 @@ class Auto:
 
     def configure(self, max_queue: int, queue_timeout_s: float, priority: Mapping[str, int],
                   aging_s: float, max_bypass_s: float, max_running: int,
-                  dispatch: bool = True) -> None:
+                  dispatch: bool = True, overlap_evict_idle_s: float | None = 120.0) -> None:
         """New limits from a reload; queued and running jobs stay as they are."""
         self._max_queue = max_queue
         self._queue_timeout_s = queue_timeout_s
@@ -143,6 +145,7 @@ class Auto:
         self._aging_s = aging_s
         self._max_bypass_s = max_bypass_s
         self._max_running = max_running
+        self._overlap_evict_idle_s = overlap_evict_idle_s
         if dispatch:
             self.poke()
 
@@ -275,7 +278,8 @@ class Auto:
         t.profile = profile
         control = None if self._control is None else self._control.consumer
         return decide(figures.card, figures.holdings, Ask(t.consumer, profile), control,
-                      self._max_running, self._may_evict)
+                      self._max_running, self._may_evict, now=self._clock.seconds(),
+                      overlap_evict_idle_s=self._overlap_evict_idle_s)
 
     def _dispatch(self) -> None:
         # Re-entered from a job that ends synchronously: the outer loop goes round again.

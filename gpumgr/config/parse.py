@@ -107,6 +107,7 @@ def parse_config(raw: Any, source: str, environ: Mapping[str, str] | None = None
         max_overtakes=s.number("max_overtakes", 4, integer=True),
         max_bypass_s=s.number("max_bypass_s", 30.0),
         max_running=s.number("max_running", 8, integer=True, positive=True),
+        overlap_evict_idle_s=s.number("overlap_evict_idle_s", 120.0),
     )
     s.finish()
 

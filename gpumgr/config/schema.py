@@ -176,6 +176,9 @@ class SchedulerConfig:
     max_bypass_s: float = 30.0
     #: capacity auto: jobs at once, at most.
     max_running: int = 8
+    #: capacity auto: an idle consumer is evicted to let a job run beside
+    #: running ones only once it has been idle this long.
+    overlap_evict_idle_s: float = 120.0
 
     @property
     def auto(self) -> bool:

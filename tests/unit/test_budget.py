@@ -20,6 +20,9 @@ from gpumgr.memory import FigureSource, MemoryFigure, MemoryProfile
 
 L, U, X = Residency.LOADED, Residency.UNLOADED, Residency.UNKNOWN
 CARD = Card(total_mib=24_000, headroom_mib=500)
+#: The decisions' clock, and how long a consumer must be idle to be evicted
+#: only to make room beside running jobs.
+NOW, OVERLAP_IDLE_S = 130.0, 120.0
 
 
 def profile(resident, peak):
@@ -53,6 +56,15 @@ def ask(name, resident, peak):
     (card_of(h("image", L, 7000, (4000,)), h("llm", L, 9000, last_used=1.0),
              h("stt", L, 1500, last_used=5.0), h("tts", U)),
      ask("tts", 2000, 1000), Start(("llm",), load=True)),
+    # The same, but the llm was used 30 s ago: evicting it only to run beside
+    # the image is not worth a swap; the job waits for the image's job to end.
+    (card_of(h("image", L, 7000, (4000,)), h("llm", L, 9000, last_used=100.0),
+             h("stt", L, 1500, last_used=105.0), h("tts", U)),
+     ask("tts", 2000, 1000), Wait(WaitReason.MEMORY)),
+    # An eviction the job needs even with nothing running is made however
+    # recently the victim was used (as capacity 1 makes it).
+    (card_of(h("a", L, 10_000, last_used=129.0), h("b", L, 10_000, last_used=128.0), h("c")),
+     ask("c", 5000, 0), Start(("b",), load=True)),
     # LRU first: two idle candidates, the older goes.
     (card_of(h("a", L, 10_000, last_used=9.0), h("b", L, 10_000, last_used=2.0), h("c")),
      ask("c", 5000, 0), Start(("b",), load=True)),
@@ -78,7 +90,7 @@ def ask(name, resident, peak):
      ask("tts", 2000, 500), Refuse("")),
 ])
 def test_decisions(holdings, job, expected):
-    got = decide(CARD, holdings, job)
+    got = decide(CARD, holdings, job, now=NOW, overlap_evict_idle_s=OVERLAP_IDLE_S)
     if isinstance(expected, Refuse):
         assert isinstance(got, Refuse)
     elif isinstance(expected, Wait):

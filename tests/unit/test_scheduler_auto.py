@@ -30,7 +30,7 @@ class World:
     """Consumers with profiles, what is loaded, and the jobs that run."""
 
     def __init__(self, profiles, coexist=None, max_concurrency=None, max_bypass_s=30.0,
-                 max_running=8, queue_timeout_s=600.0, max_queue=64):
+                 max_running=8, queue_timeout_s=600.0, max_queue=64, overlap_evict_idle_s=120.0):
         self.clock = Clock()
         self.profiles = dict(profiles)
         self.coexist = coexist or {}
@@ -43,7 +43,7 @@ class World:
         self.sched = Auto(self.clock, self.registry, self.figures, self.profile_of,
                           max_queue=max_queue, queue_timeout_s=queue_timeout_s,
                           priority={"tts": 10}, aging_s=1000.0, max_bypass_s=max_bypass_s,
-                          max_running=max_running)
+                          max_running=max_running, overlap_evict_idle_s=overlap_evict_idle_s)
 
     def profile_of(self, name, model):
         return self.profiles.get(name)
@@ -105,7 +105,9 @@ class World:
 
 
 def test_two_jobs_run_side_by_side_only_when_they_fit():
-    w = World({"image": prof(7000, 4000), "tts": prof(2000, 500), "llm": prof(9000, 3000)})
+    # Any idle consumer may be evicted to run beside a running job here.
+    w = World({"image": prof(7000, 4000), "tts": prof(2000, 500), "llm": prof(9000, 3000)},
+              overlap_evict_idle_s=0.0)
     w.submit("image")
     w.submit("tts")
     assert w.names_running() == ["image", "tts"]
@@ -113,6 +115,20 @@ def test_two_jobs_run_side_by_side_only_when_they_fit():
     assert w.names_running() == ["image", "tts"] and llm == []
     assert w.sched.waiting_reasons() == (("llm", None, WaitReason.MEMORY, w.sched.waiting_reasons()[0][3]),)
     w.end("tts")  # tts is idle now, and evicted for llm: still 1500 short? 7000+4000+9000+3000+500=23500
+    assert w.names_running() == ["image", "llm"] and "tts" not in w.loaded
+    assert w.used_mib() + HEADROOM <= TOTAL
+
+
+def test_a_consumer_used_recently_is_not_swapped_out_only_to_run_beside_others():
+    w = World({"image": prof(7000, 4000), "tts": prof(2000, 500), "llm": prof(9000, 3000)})
+    w.submit("image")
+    w.submit("tts")
+    llm = w.submit("llm")
+    w.end("tts")  # idle now, but used this second: llm waits for the image instead
+    assert w.names_running() == ["image"] and "tts" in w.loaded and llm == []
+    assert w.sched.waiting_reasons()[0][:3] == ("llm", None, WaitReason.MEMORY)
+    w.clock.advance(120)  # idle long enough: now worth a swap to run beside the image
+    w.sched.poke()
     assert w.names_running() == ["image", "llm"] and "tts" not in w.loaded
     assert w.used_mib() + HEADROOM <= TOTAL
 
