@@ -234,7 +234,9 @@ def wait_file(path: str, proc, timeout_s: float = 30) -> dict:
 def gpumgr_config(ready: dict, port: int, capacity) -> dict:
     cfg = dict(ready["config"])
     cfg["listen"] = f"tcp:{port}:interface=127.0.0.1"
-    cfg["gpu"] = {**cfg["gpu"], "interval_s": 1, "unload_settle_s": 5}
+    # headroom 256 MiB: the residents take 19.5 GiB of 24, a render 4 GiB more; the
+    # default 512 would leave no room for a TTS reply beside a render (bench/README.md).
+    cfg["gpu"] = {**cfg["gpu"], "interval_s": 1, "unload_settle_s": 5, "headroom_mib": 256}
     cfg["health"] = {"interval_s": 2, "timeout_s": 2}
     cfg["scheduler"] = {"mode": "evicting", "capacity": capacity, "max_queue": 1000,
                         "queue_timeout_s": 600}

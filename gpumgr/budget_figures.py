@@ -7,7 +7,7 @@ which run and with which job peak.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import attrs
 
@@ -25,6 +25,8 @@ class Figures:
     holdings: Mapping[str, Holding]
     #: What nvidia-smi said the card uses (None: no sample).
     measured_used_mib: int | None = None
+    #: When that was measured.
+    sampled_at: float | None = None
 
 
 def card_total_mib(config: Config, sample: GpuSample) -> int | None:
@@ -59,10 +61,11 @@ def read_figures(config: Config, registry: Registry, sample: GpuSample,
             name, view.residency, resident, (), view.can_coexist_with, view.pinned,
             view.last_used, c.max_concurrency)
     card = Card(card_total_mib(config, sample), config.gpu.headroom_mib)
-    return Figures(card, holdings, measured_used_mib(sample))
+    return Figures(card, holdings, measured_used_mib(sample), sample.sampled_at)
 
 
-def with_running(figures: Figures, running: Mapping[str, tuple[MemoryProfile, ...]]) -> Figures:
+def with_running(figures: Figures, running: Mapping[str, tuple[MemoryProfile, ...]],
+                 released: Iterable[tuple[float, int]] = ()) -> Figures:
     """Add the running jobs: each job's peak, and its consumer's resident (a
     consumer with a job running holds its memory, or is loading it). Memory
     nvidia-smi shows beyond what the figures account for counts as held by
@@ -80,8 +83,12 @@ def with_running(figures: Figures, running: Mapping[str, tuple[MemoryProfile, ..
     card = figures.card
     if figures.measured_used_mib is not None:
         accounted = sum(h.held_mib + sum(h.running_peaks_mib) for h in holdings.values())
+        # `released`: (when, MiB) of job peaks that ended. Those that ended
+        # after the sample was taken still show in it: not someone else's.
+        after = figures.sampled_at if figures.sampled_at is not None else float("inf")
+        accounted += sum(mib for at, mib in released if at >= after)
         card = attrs.evolve(card, other_mib=max(0, figures.measured_used_mib - accounted))
-    return Figures(card, holdings, figures.measured_used_mib)
+    return Figures(card, holdings, figures.measured_used_mib, figures.sampled_at)
 
 
 def oom_peak_mib(figures: Figures, consumer: str) -> int | None:

@@ -18,6 +18,7 @@ running job reaches.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 from typing import Any, Callable, Mapping
@@ -129,6 +130,9 @@ class Auto:
         self._last_wait_ms = 0
         self._last_run_ms = 0
         self.max_running_seen = 0
+        #: (when, MiB): the job peaks of the last jobs that ended, for a sample
+        #: taken before they ended (gpumgr.budget_figures.with_running).
+        self._released: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
         self._overlap_evict_idle_s = overlap_evict_idle_s
         self._dispatching = False
         self._again = False
@@ -213,7 +217,7 @@ class Auto:
 
     def budget(self) -> Figures:
         """The figures with the running jobs in them (status, metrics)."""
-        return with_running(self._figures(), self.running_profiles())
+        return with_running(self._figures(), self.running_profiles(), self._released)
 
     def stats(self) -> SchedulerStats:
         by_kind: dict[str, int] = {}
@@ -301,7 +305,7 @@ class Auto:
             return
         head = order[0]
         now = self._clock.seconds()
-        figures = with_running(self._figures(), self.running_profiles())
+        figures = with_running(self._figures(), self.running_profiles(), self._released)
         for t in order:
             decision = self._decide(t, figures)
             if isinstance(decision, Refuse):
@@ -361,6 +365,7 @@ class Auto:
             self._last_run_ms = int((now - started_at) * 1000)
             if not t.control:
                 self._registry.job_ended(t.consumer, now)
+            self._released.append((now, t.profile.job_peak.mib))
         finally:
             self._fire_alone()
             self._dispatch()

@@ -224,3 +224,21 @@ def test_refused_only_when_it_cannot_fit_on_an_empty_card(situation):
     if isinstance(got, Refuse) and not isinstance(alone, Refuse):
         # Only pinned consumers (that can never leave) explain it.
         assert any(x.pinned and x.residency is not U for x in holdings.values())
+
+
+def test_memory_a_sample_saw_before_a_job_ended_is_not_counted_as_others():
+    from gpumgr.budget_figures import Figures, with_running
+
+    # Taken at t=10 while a render held its 4000 MiB peak; read after it ended.
+    holdings = card_of(h("image", L, 7000), h("tts", L, 2000))
+    figures = Figures(CARD, holdings, measured_used_mib=13_000, sampled_at=10.0)
+    after_the_end = with_running(figures, {}, released=[(11.0, 4000)])
+    assert after_the_end.card.other_mib == 0
+    assert isinstance(decide(after_the_end.card, holdings, ask("tts", 2000, 500)), Start)
+    # A job that ended before the sample was not in it: what the sample shows
+    # beyond the figures is someone else's (a stranger, a peak above its figure).
+    before = with_running(figures, {}, released=[(9.0, 4000)])
+    assert before.card.other_mib == 4000
+    # No sample time: nothing is taken back.
+    unknown = with_running(Figures(CARD, holdings, 13_000), {}, released=[(11.0, 4000)])
+    assert unknown.card.other_mib == 4000
