@@ -65,7 +65,8 @@ def read_figures(config: Config, registry: Registry, sample: GpuSample,
 
 
 def with_running(figures: Figures, running: Mapping[str, tuple[MemoryProfile, ...]],
-                 released: Iterable[tuple[float, int]] = ()) -> Figures:
+                 released: Iterable[tuple[float, int]] = (),
+                 other_floor_mib: int = 0) -> Figures:
     """Add the running jobs: each job's peak, and its consumer's resident (a
     consumer with a job running holds its memory, or is loading it). Memory
     nvidia-smi shows beyond what the figures account for counts as held by
@@ -87,8 +88,22 @@ def with_running(figures: Figures, running: Mapping[str, tuple[MemoryProfile, ..
         # after the sample was taken still show in it: not someone else's.
         after = figures.sampled_at if figures.sampled_at is not None else float("inf")
         accounted += sum(mib for at, mib in released if at >= after)
-        card = attrs.evolve(card, other_mib=max(0, figures.measured_used_mib - accounted))
+        # A job that started before the sample may not have taken its peak
+        # yet, which would hide others' memory: never less than what a
+        # quiet card showed (`quiet_other_mib`).
+        card = attrs.evolve(card, other_mib=max(other_floor_mib,
+                                                figures.measured_used_mib - accounted))
     return Figures(card, holdings, figures.measured_used_mib, figures.sampled_at)
+
+
+def quiet_other_mib(figures: Figures) -> int | None:
+    """Memory in use beyond the residents, measured while no job ran and no
+    load or unload was under way (the caller knows): the driver's own, a
+    display's, another program's. Exact, unlike a reading taken while jobs
+    run, whose peaks come and go."""
+    if figures.measured_used_mib is None:
+        return None
+    return max(0, figures.measured_used_mib - sum(h.held_mib for h in figures.holdings.values()))
 
 
 def oom_peak_mib(figures: Figures, consumer: str) -> int | None:

@@ -34,6 +34,7 @@ from gpumgr.budget_figures import (
     ProfileOf,
     WaitingJob,
     budget_status,
+    quiet_other_mib,
     with_running,
 )
 from gpumgr.errors import GpumgrError, InsufficientVram, QueueFull, QueueTimeout
@@ -134,6 +135,8 @@ class Auto:
         #: taken before they ended (gpumgr.budget_figures.with_running).
         self._released: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
         self._overlap_evict_idle_s = overlap_evict_idle_s
+        #: Others' memory on the last quiet reading (no job, no load or unload).
+        self._quiet_other_mib = 0
         self._dispatching = False
         self._again = False
         self._closed: GpumgrError | None = None
@@ -217,7 +220,7 @@ class Auto:
 
     def budget(self) -> Figures:
         """The figures with the running jobs in them (status, metrics)."""
-        return with_running(self._figures(), self.running_profiles(), self._released)
+        return self._current_figures()
 
     def stats(self) -> SchedulerStats:
         by_kind: dict[str, int] = {}
@@ -285,6 +288,19 @@ class Auto:
                       self._max_running, self._may_evict, now=self._clock.seconds(),
                       overlap_evict_idle_s=self._overlap_evict_idle_s)
 
+    def _current_figures(self) -> Figures:
+        """The budget's figures now: the running jobs added, and others'
+        memory never below what the last quiet reading showed."""
+        raw = self._figures()
+        last_end = self._released[-1][0] if self._released else None
+        if (not self._running and raw.sampled_at is not None
+                and (last_end is None or raw.sampled_at > last_end)):
+            quiet = quiet_other_mib(raw)
+            if quiet is not None:
+                self._quiet_other_mib = quiet
+        return with_running(raw, self.running_profiles(), self._released,
+                            other_floor_mib=self._quiet_other_mib)
+
     def _dispatch(self) -> None:
         # Re-entered from a job that ends synchronously: the outer loop goes round again.
         if self._dispatching:
@@ -305,7 +321,7 @@ class Auto:
             return
         head = order[0]
         now = self._clock.seconds()
-        figures = with_running(self._figures(), self.running_profiles(), self._released)
+        figures = self._current_figures()
         for t in order:
             decision = self._decide(t, figures)
             if isinstance(decision, Refuse):

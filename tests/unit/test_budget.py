@@ -242,3 +242,23 @@ def test_memory_a_sample_saw_before_a_job_ended_is_not_counted_as_others():
     # No sample time: nothing is taken back.
     unknown = with_running(Figures(CARD, holdings, 13_000), {}, released=[(11.0, 4000)])
     assert unknown.card.other_mib == 4000
+
+
+def test_others_memory_seen_on_a_quiet_card_is_not_hidden_by_a_peak_not_yet_taken():
+    from gpumgr.budget_figures import Figures, quiet_other_mib, with_running
+
+    holdings = card_of(h("image", L, 7000), h("tts", L, 2000))
+    quiet = Figures(CARD, holdings, measured_used_mib=9350, sampled_at=1.0)
+    assert quiet_other_mib(quiet) == 350  # the driver's, a display's
+    # Later a render runs; the sample came before it took its 4000 MiB peak.
+    busy = Figures(CARD, holdings, measured_used_mib=9350, sampled_at=5.0)
+    running = {"image": (profile(7000, 4000),)}
+    assert with_running(busy, running).card.other_mib == 0  # hidden by the peak to come
+    floored = with_running(busy, running, other_floor_mib=350)
+    assert floored.card.other_mib == 350
+    # 7000 + 4000 + 2000 + 10_300 + 500 = 23_800 fits the figures, but with the
+    # 350 MiB that are others' it is 24_150 > 24_000: it waits. Without the floor
+    # it would have started, and run out of memory on the real card.
+    big = ask("tts", 2000, 10_300)
+    assert isinstance(decide(with_running(busy, running).card, floored.holdings, big), Start)
+    assert isinstance(decide(floored.card, floored.holdings, big), Wait)
