@@ -15,11 +15,14 @@ from gpumgr.config import KINDS, Config
 from gpumgr.gpu import GpuSampler
 from gpumgr.process import ManagedProcess
 from gpumgr.profile_store import LearnedProfiles
+from gpumgr.balancer import Phase, ReadinessCheck
+from gpumgr.cards import Placements
 from gpumgr.registry import Health, Registry
 from gpumgr.reload import ReloadHistory
 from gpumgr.renders import RenderTracker
 from gpumgr.scheduler import Scheduler
 from gpumgr.snapshot import (
+    BalancerSnapshot,
     ConsumerSnapshot,
     DrainSnapshot,
     RenderSnapshot,
@@ -48,6 +51,9 @@ class Parts:
     requests: RequestStats
     #: The memory figures admission uses (gpumgr.profile_store), where learned.
     profiles: LearnedProfiles | None = None
+    #: Where each consumer lives (gpumgr.cards), and the balancer's view.
+    placements: Placements | None = None
+    readiness: ReadinessCheck | None = None
 
 
 def take_snapshot(now: float, p: Parts) -> Snapshot:
@@ -72,7 +78,9 @@ def take_snapshot(now: float, p: Parts) -> Snapshot:
             active=state.active, total_requests=state.total_requests, errors=state.errors,
             last_used=state.last_used, process=None if process is None else process.status(),
             renders=tuple(renders.get(c.name, ())),
-            memory=() if p.profiles is None else p.profiles.profiles_of(c), pin=c.pin))
+            memory=() if p.profiles is None else p.profiles.profiles_of(c), pin=c.pin,
+            gpu_cards=c.gpu.cards if p.placements is None else p.placements.cards_of(c.name),
+            gpu_auto=c.gpu.auto))
     config, reloads, gpu = p.config, p.reloads, p.gpu
     return Snapshot(
         now=now, started_at=p.started_at, version=__version__, mode=p.mode,
@@ -89,4 +97,8 @@ def take_snapshot(now: float, p: Parts) -> Snapshot:
         draining=tuple(DrainSnapshot(d.consumer, d.since, d.grace_s)
                        for d in p.abandoned.draining.values()),
         drain_s=dict(p.abandoned.durations_s),
-        drain_outcomes=dict(p.abandoned.outcomes))
+        drain_outcomes=dict(p.abandoned.outcomes),
+        balancer=BalancerSnapshot(
+            phase=Phase.SERVING if p.readiness is None else p.readiness.phase,
+            box=config.balancer.box,
+            readiness=() if p.readiness is None else p.readiness.check_routed()))

@@ -15,6 +15,7 @@ import attrs
 
 from gpumgr.memory import MemoryProfile
 
+from gpumgr.balancer import Phase, Readiness
 from gpumgr.eviction import Residency
 from gpumgr.gpu import GpuSample
 from gpumgr.process import ProcessStatus
@@ -132,6 +133,20 @@ class ConsumerSnapshot:
     memory: tuple[tuple[str | None, MemoryProfile], ...] = ()
     #: `pin: true` in its config: never evicted (an admin unload still works).
     pin: bool = False
+    #: The cards it lives on now (gpumgr.cards.Placements); `gpu: auto` and
+    #: not placed yet: none.
+    gpu_cards: tuple[int, ...] = (0,)
+    gpu_auto: bool = False
+
+
+@attrs.frozen
+class BalancerSnapshot:
+    """What a load balancer in front of the box sees of it (gpumgr.balancer)."""
+
+    phase: Phase = Phase.SERVING
+    box: str | None = None
+    #: /v1/ready/<kind> for each routed kind, as it would answer now.
+    readiness: tuple[Readiness, ...] = ()
 
 
 @attrs.frozen
@@ -166,3 +181,4 @@ class Snapshot:
     #: How long such drains lasted, by consumer, and how they ended.
     drain_s: dict[str, Histogram] = attrs.Factory(dict)
     drain_outcomes: dict[str, int] = attrs.Factory(dict)
+    balancer: BalancerSnapshot = BalancerSnapshot()
