@@ -149,6 +149,16 @@ class ReadinessCheck:
     def check(self, kind: str) -> Readiness:
         return decide(self.state(kind), self.phase, self._config().balancer)
 
+    def check_routed(self) -> tuple[Readiness, ...]:
+        """Readiness of every routed kind (for /v1/status; no I/O either)."""
+        answers = []
+        for kind in KINDS:
+            try:
+                answers.append(self.check(kind))
+            except UnknownRoute:
+                continue
+        return tuple(answers)
+
 
 def box_headers(balancer: BalancerConfig, kind: str | None) -> list[tuple[bytes, bytes]]:
     """The box's name on a proxied answer; on a /v1/tts answer also a cookie

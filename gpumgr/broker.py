@@ -421,7 +421,8 @@ class Broker:
             self._config, self.mode, self.started_at, self.reloads, self.gpu, self.registry,
             self.scheduler, self.admission, self.fleet.processes, self.render_tracker,
             self.abandoned, len(self._tunnels.open_now), self._tunnels.total,
-            self.accounting.request_stats, self.measuring.profiles))
+            self.accounting.request_stats, self.measuring.profiles, self.placements,
+            self.readiness))
 
     def status(self) -> dict[str, Any]:
         return status_document(self.snapshot())

@@ -316,6 +316,21 @@ def _renders_text(renders: Any) -> str:
     return text + (f" +{len(items) - 1}" if len(items) > 1 else "")
 
 
+def _by_card(table: list[str], consumers: list[Any], gpus: list[dict[str, Any]]) -> list[str]:
+    """The consumer table split by the cards each consumer lives on (one on
+    several cards under each); its columns stay aligned across the groups."""
+    header, rows = table[0], table[1:]
+    cards = [_list(_dict(c).get("gpu")) for c in consumers]
+    lines: list[str] = []
+    for g in gpus:
+        lines += [f"card {g.get('index', '?')} ({_text(g.get('name'))}):", "  " + header]
+        lines += ["  " + r for r, on in zip(rows, cards) if g.get("index") in on]
+    unplaced = [r for r, on in zip(rows, cards) if not on]
+    if unplaced:
+        lines += ["not placed yet (gpu: auto):", "  " + header] + ["  " + r for r in unplaced]
+    return lines
+
+
 def format_status(doc: Mapping[str, Any], base_url: str = "") -> str:
     """The readable status: tolerant of any field an older broker lacks."""
     lines: list[str] = []
@@ -357,6 +372,13 @@ def format_status(doc: Mapping[str, Any], base_url: str = "") -> str:
         lines.append(f"  consumers {_mib(attributed)}, other {_mib(max(0, used_all - attributed))}"
                      + extra)
 
+    balancer = _dict(broker.get("balancer"))
+    if balancer.get("box") or balancer.get("phase", "serving") != "serving":
+        not_ready = [k for k, r in _dict(balancer.get("kinds")).items()
+                     if _dict(r).get("ready") is False]
+        lines.append(f"balancer: box {_text(balancer.get('box'))}, {_text(balancer.get('phase'))}"
+                     + (f" (not ready: {', '.join(not_ready)})" if not_ready else ""))
+
     lines.append("")
     rows: list[list[str]] = []
     for name, c in consumers.items():
@@ -371,8 +393,9 @@ def format_status(doc: Mapping[str, Any], base_url: str = "") -> str:
             _renders_text(c.get("renders")),
         ])
     if rows:
-        lines += _table(["CONSUMER", "DRIVER", "HEALTH", "LOADED", "PROCESS", "ACTIVE", "TOTAL",
-                         "RESIDENT", "RENDER"], rows)
+        table = _table(["CONSUMER", "DRIVER", "HEALTH", "LOADED", "PROCESS", "ACTIVE", "TOTAL",
+                        "RESIDENT", "RENDER"], rows)
+        lines += table if len(gpus) < 2 else _by_card(table, list(consumers.values()), gpus)
         for name, c in consumers.items():
             c = _dict(c)
             if c.get("health") == "down" and c.get("last_error"):

@@ -23,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from gpumgr.balancer import Phase
 from gpumgr.budget import WaitReason
 from gpumgr.errors import MethodNotAllowed, UnknownRoute, write_error
 from gpumgr.eviction import Residency
@@ -44,6 +45,12 @@ def metric_families(s: Snapshot) -> Iterator[Metric]:
     """Every gpumgr metric, from one snapshot (pure)."""
     yield InfoMetricFamily("gpumgr_build", "gpumgr's version and scheduler mode.",
                            value={"version": s.version, "mode": s.mode.value})
+    phase = GaugeMetricFamily("gpumgr_box_phase", "1 for the box's phase as a load balancer "
+                              "sees it: serving, leaving (after SIGTERM), draining.",
+                              labels=["phase"])
+    for box_phase in Phase:
+        phase.add_metric([box_phase.value], 1 if s.balancer.phase is box_phase else 0)
+    yield phase
     yield GaugeMetricFamily("gpumgr_uptime_seconds", "Seconds since the broker started.",
                             value=s.now - s.started_at)
     reloads = CounterMetricFamily("gpumgr_config_reloads", "Config reloads attempted.",
@@ -143,7 +150,12 @@ def metric_families(s: Snapshot) -> Iterator[Metric]:
                                 "admission uses: resident (between jobs) or job_peak (one job's "
                                 "extra), by model (\"\" for the consumer) and source.",
                                 labels=["consumer", "model", "figure", "source"])
+    cards = GaugeMetricFamily("gpumgr_consumer_card_info", "1 for each card the consumer "
+                              "lives on (a `gpu: auto` one: once placed).",
+                              labels=["consumer", "gpu"])
     for c in s.consumers:
+        for card in c.gpu_cards:
+            cards.add_metric([c.name, str(card)], 1)
         up.add_metric([c.name], 0 if c.health is Health.DOWN else 1)
         for h in Health:
             health.add_metric([c.name, h.value], 1 if c.health is h else 0)
@@ -159,7 +171,7 @@ def metric_families(s: Snapshot) -> Iterator[Metric]:
         for model, mp in c.memory:
             for figure, f in (("resident", mp.resident), ("job_peak", mp.job_peak)):
                 profile.add_metric([c.name, model or "", figure, f.source.value], f.mib * _MIB)
-    yield from (up, health, residency, resident, active, process_state, restarts, profile)
+    yield from (up, health, residency, resident, active, process_state, restarts, profile, cards)
 
     # -- GPU -----------------------------------------------------------------
     gauges = {

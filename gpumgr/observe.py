@@ -15,12 +15,15 @@ from gpumgr.config import KINDS, Config
 from gpumgr.gpu import GpuSampler
 from gpumgr.process import ManagedProcess
 from gpumgr.profile_store import LearnedProfiles
+from gpumgr.balancer import Phase, ReadinessCheck
+from gpumgr.cards import Placements
 from gpumgr.registry import Health, Registry
 from gpumgr.reload import ReloadHistory
 from gpumgr.renders import RenderTracker
 from gpumgr.scheduler import Scheduler
 from gpumgr.scheduler_auto import Auto
 from gpumgr.snapshot import (
+    BalancerSnapshot,
     ConsumerSnapshot,
     DrainSnapshot,
     RenderSnapshot,
@@ -49,6 +52,9 @@ class Parts:
     requests: RequestStats
     #: The memory figures admission uses (gpumgr.profile_store), where learned.
     profiles: LearnedProfiles | None = None
+    #: Where each consumer lives (gpumgr.cards), and the balancer's view.
+    placements: Placements | None = None
+    readiness: ReadinessCheck | None = None
 
 
 def take_snapshot(now: float, p: Parts) -> Snapshot:
@@ -73,7 +79,9 @@ def take_snapshot(now: float, p: Parts) -> Snapshot:
             active=state.active, total_requests=state.total_requests, errors=state.errors,
             last_used=state.last_used, process=None if process is None else process.status(),
             renders=tuple(renders.get(c.name, ())),
-            memory=() if p.profiles is None else p.profiles.profiles_of(c), pin=c.pin))
+            memory=() if p.profiles is None else p.profiles.profiles_of(c), pin=c.pin,
+            gpu_cards=c.gpu.cards if p.placements is None else p.placements.cards_of(c.name),
+            gpu_auto=c.gpu.auto))
     config, reloads, gpu = p.config, p.reloads, p.gpu
     return Snapshot(
         now=now, started_at=p.started_at, version=__version__, mode=p.mode,
@@ -91,4 +99,8 @@ def take_snapshot(now: float, p: Parts) -> Snapshot:
                        for d in p.abandoned.draining.values()),
         drain_s=dict(p.abandoned.durations_s),
         drain_outcomes=dict(p.abandoned.outcomes),
-        budget=p.scheduler.budget_status() if isinstance(p.scheduler, Auto) else None)
+        budget=p.scheduler.budget_status() if isinstance(p.scheduler, Auto) else None,
+        balancer=BalancerSnapshot(
+            phase=Phase.SERVING if p.readiness is None else p.readiness.phase,
+            box=config.balancer.box,
+            readiness=() if p.readiness is None else p.readiness.check_routed()))

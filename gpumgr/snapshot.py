@@ -15,6 +15,7 @@ import attrs
 
 from gpumgr.memory import MemoryProfile
 
+from gpumgr.balancer import Phase, Readiness
 from gpumgr.eviction import Residency
 from gpumgr.gpu import GpuSample
 from gpumgr.process import ProcessStatus
@@ -133,6 +134,20 @@ class ConsumerSnapshot:
     memory: tuple[tuple[str | None, MemoryProfile], ...] = ()
     #: `pin: true` in its config: never evicted (an admin unload still works).
     pin: bool = False
+    #: The cards it lives on now (gpumgr.cards.Placements); `gpu: auto` and
+    #: not placed yet: none.
+    gpu_cards: tuple[int, ...] = (0,)
+    gpu_auto: bool = False
+
+
+@attrs.frozen
+class BalancerSnapshot:
+    """What a load balancer in front of the box sees of it (gpumgr.balancer)."""
+
+    phase: Phase = Phase.SERVING
+    box: str | None = None
+    #: /v1/ready/<kind> for each routed kind, as it would answer now.
+    readiness: tuple[Readiness, ...] = ()
 
 
 @attrs.frozen
@@ -169,3 +184,4 @@ class Snapshot:
     drain_outcomes: dict[str, int] = attrs.Factory(dict)
     #: scheduler.capacity auto: the memory budget and why each waiting job waits.
     budget: BudgetStatus | None = None
+    balancer: BalancerSnapshot = BalancerSnapshot()

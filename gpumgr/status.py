@@ -10,7 +10,7 @@ from gpumgr.events import Event
 from gpumgr.memory import MemoryFigure, MemoryProfile
 from gpumgr.scheduler import Holder
 from gpumgr.process import ProcessStatus
-from gpumgr.snapshot import ConsumerSnapshot, Snapshot
+from gpumgr.snapshot import BalancerSnapshot, ConsumerSnapshot, Snapshot
 
 
 def iso(ts: float | None) -> str | None:
@@ -35,6 +35,8 @@ def _consumer(s: Snapshot, c: ConsumerSnapshot) -> dict[str, Any]:
         "loaded": _LOADED.get(c.residency.value),
         "residency": c.residency.value,
         "pin": c.pin,
+        "gpu": list(c.gpu_cards),
+        "gpu_auto": c.gpu_auto,
         "gpu_resident_mib": c.gpu_resident_mib,
         "active": c.active,
         "total_requests": c.total_requests,
@@ -90,6 +92,7 @@ def status_document(s: Snapshot) -> dict[str, Any]:
             "reload_failures": s.reload_failures,
             "last_reload_error": s.last_reload_error,
             "tunnels": {"open": s.tunnels_open, "total": s.tunnels_total},
+            "balancer": balancer_document(s.balancer),
         },
         "gpu": {
             "available": sample.available,
@@ -145,6 +148,15 @@ def status_document(s: Snapshot) -> dict[str, Any]:
             **({} if s.budget is None else {"budget": _budget(s.budget)}),
         },
     }
+
+
+def balancer_document(b: BalancerSnapshot) -> dict[str, Any]:
+    """The box as a load balancer sees it: its phase (serving, leaving after
+    SIGTERM, draining), its name, and /v1/ready/<kind> of each routed kind."""
+    return {"phase": b.phase.value, "box": b.box,
+            "kinds": {r.kind: {"ready": r.ready,
+                               "reason": None if r.reason is None else r.reason.value}
+                      for r in b.readiness}}
 
 
 def _figure(f: MemoryFigure) -> dict[str, Any]:

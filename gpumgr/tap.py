@@ -25,7 +25,7 @@ from gpumgr.config import (
 from gpumgr.logs import LOG_FORMATS, Redactor, twistd_logging_problem, with_twistd_logging
 from gpumgr.service import GpumgrService
 from gpumgr.states import SchedulerMode
-from gpumgr.testing.demo import make_demo_service
+from gpumgr.testing.demo import DEMO_MAX_GPUS, make_demo_service
 
 
 class Options(usage.Options):
@@ -38,6 +38,8 @@ class Options(usage.Options):
         ["config", "c", None, "Path of the YAML config (see etc/consumers.yaml)."],
         ["listen", None, None, "Twisted server endpoint; overrides the config's listen."],
         ["mode", None, None, f"Scheduler mode; overrides scheduler.mode ({', '.join(SCHEDULER_MODES)})."],
+        ["gpus", None, None, f"With --demo: how many simulated cards (1 to {DEMO_MAX_GPUS}; "
+         "default 1)."],
         ["log-format", None, "text",
          f"Log lines as {' or '.join(LOG_FORMATS)} (json: one object a line, for journald/Loki)."],
     ]
@@ -48,6 +50,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["demo"] and self["config"]:
             raise usage.UsageError("use either --config or --demo, not both")
+        self["demo_gpus"] = _demo_gpus(self["gpus"], self["demo"])
         if not self["demo"]:
             if not self["config"]:
                 raise usage.UsageError("--config PATH is required (or --demo to try it out)")
@@ -74,6 +77,19 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--listen {self['listen']}: {config.source}: consumers.{looping}.url "
                     "points at this listen address; gpumgr would proxy to itself")
+
+
+def _demo_gpus(raw: str | None, demo: bool) -> int:
+    """--gpus: only with --demo (a real box's cards come from nvidia-smi)."""
+    if raw is None:
+        return 1
+    if not demo:
+        raise usage.UsageError("--gpus is for --demo only: with a config, gpumgr reads the "
+                               "cards from nvidia-smi (consumers.<name>.gpu places consumers)")
+    if not raw.isdigit() or not 1 <= int(raw) <= DEMO_MAX_GPUS:
+        raise usage.UsageError(f"--gpus: must be a whole number from 1 to {DEMO_MAX_GPUS}; "
+                               f"got {raw!r}")
+    return int(raw)
 
 
 def with_mode(config: Config, mode: str | None) -> Config:
@@ -113,7 +129,8 @@ def makeService(options: Options) -> IService:
 
     redactor = options.get("redactor") or Redactor()
     if options["demo"]:
-        service: IService = make_demo_service(reactor, options["listen"], options["mode"])
+        service: IService = make_demo_service(reactor, options["listen"], options["mode"],
+                                              options.get("demo_gpus", 1))
     else:
         mode = options["mode"]
         gpumgr = GpumgrService(reactor, options["parsed_config"], options["listen"],

@@ -111,6 +111,13 @@ function drawHeader(doc) {
   reload.hidden = !broker.last_reload_error;
   reload.textContent = broker.last_reload_error
     ? `The last config reload failed; still running the previous config: ${broker.last_reload_error}` : "";
+  // The box as a load balancer sees it (absent from an older broker's status).
+  const balancer = obj(broker.balancer);
+  const phaseEl = document.getElementById("phase");
+  phaseEl.hidden = !balancer.phase;
+  phaseEl.textContent = balancer.phase ? `${balancer.box ? `${balancer.box} · ` : ""}${balancer.phase}` : "";
+  phaseEl.className = `pill ${{ serving: "good", leaving: "warn", draining: "bad" }[balancer.phase] || ""}`;
+  phaseEl.dataset.phase = balancer.phase || "";
   document.getElementById("config-loaded").textContent = broker.config_loaded_at
     ? `Config loaded ${clockTime(broker.config_loaded_at)}.` : "";
 }
@@ -156,6 +163,16 @@ function legend(segments, other, headroom) {
   return h("ul", { class: "legend" }, items);
 }
 
+// The consumers that live on one card (a consumer on several under each).
+function cardConsumers(index, consumers, colour) {
+  const names = Object.entries(consumers).filter(([, c]) => arr(obj(c).gpu).includes(index))
+    .map(([n]) => n);
+  return h("ul", { class: "legend card-consumers", data: { card: index ?? "?" } },
+    names.length ? names.map((n) => h("li", { data: { consumer: n } },
+                                      h("span", { class: `swatch c${colour(n)}` }), n))
+      : h("li", { class: "muted" }, "no consumer lives here"));
+}
+
 function drawGpus(doc, colour) {
   const gpu = obj(doc.gpu);
   const consumers = obj(doc.consumers);
@@ -184,6 +201,12 @@ function drawGpus(doc, colour) {
                        segments: gpus.length === 1 ? segments : [],
                        headroom: gpus.length === 1 ? headroom : null }));
     if (facts.length) out.push(h("p", { class: "gpu-facts muted" }, facts.join(" · ")));
+    if (gpus.length > 1) out.push(cardConsumers(g.index, consumers, colour));
+  }
+  const unplaced = Object.entries(consumers).filter(([, c]) => obj(c).gpu_auto && !arr(obj(c).gpu).length);
+  if (gpus.length > 1 && unplaced.length) {
+    out.push(h("p", { class: "card-unplaced small muted" }, "not placed yet (gpu: auto): ",
+                unplaced.map(([n]) => n).join(", ")));
   }
   if (gpus.length > 1) {
     out.push(vramBar({ label: "All GPUs", total, used, segments, headroom: null }));

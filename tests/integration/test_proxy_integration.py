@@ -229,7 +229,8 @@ async def test_status_shape(broker, world, client):
     mv = status["consumers"]["mvoice"]
     assert set(mv) == {"url", "health", "last_probe", "last_error", "loaded", "residency",
                        "gpu_resident_mib", "active", "total_requests", "errors", "last_used",
-                       "driver", "process", "renders"}
+                       "driver", "process", "renders", "pin", "memory", "gpu", "gpu_auto"}
+    assert (mv["gpu"], mv["gpu_auto"]) == ([0], False)  # one card: everyone lives on card 0
     assert mv["health"] == "ok" and mv["total_requests"] == 1 and mv["last_used"].endswith("Z")
     assert {"queue_depth", "in_flight", "total_jobs", "last_wait_ms", "last_run_ms",
             "evictions", "oldest_queued"} <= set(status["scheduler"])

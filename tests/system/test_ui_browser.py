@@ -436,3 +436,57 @@ async def test_page_lists_the_queue_with_positions_and_cancels_with_the_admin_to
                      "li.dataset.position).join(' ') === 'second@1'", "second moved up")
     held.release()
     assert (await queued["second"]).code == 200
+
+
+def _two_card_status() -> dict:
+    """FUTURE_STATUS on a box of two cards: ollama on 0, comfyui on both, an
+    auto whisper not placed yet; the box is leaving (SIGTERM came)."""
+    doc = json.loads(json.dumps(FUTURE_STATUS))
+    card1 = {**doc["gpu"]["gpus"][0], "index": 1, "name": "NVIDIA RTX A4000",
+             "memory_total_mib": 16376, "memory_used_mib": 7000, "memory_free_mib": 9376}
+    doc["gpu"]["gpus"].append(card1)
+    doc["consumers"].pop(HOSTILE)
+    doc["consumers"]["ollama"].update(gpu=[0], gpu_auto=False)
+    doc["consumers"]["comfyui"].update(gpu=[0, 1], gpu_auto=False)
+    doc["consumers"]["whisper"] = {**doc["consumers"]["ollama"], "gpu": [], "gpu_auto": True,
+                                   "loaded": False, "gpu_resident_mib": 0}
+    doc["broker"].update(last_reload_error=None,
+                         balancer={"phase": "leaving", "box": "box1", "kinds": {}})
+    return doc
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_page_lists_the_consumers_of_each_card_and_the_box_phase(browser):
+    status = _Canned()
+    status.body = json.dumps(_two_card_status()).encode()
+    root = Resource()
+    root.putChild(b"ui", UiResource())
+    v1 = Resource()
+    v1.putChild(b"status", status)
+    root.putChild(b"v1", v1)
+    port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+    try:
+        await _in_thread(browser.open, f"http://127.0.0.1:{port.getHost().port}/ui/")
+        await _in_thread(browser.wait_for, "document.body.dataset.state === 'live' && "
+                         "document.querySelectorAll('.card-consumers').length === 2", "two cards")
+        page = await _in_thread(browser.evaluate, """({
+            cards: Object.fromEntries([...document.querySelectorAll('.card-consumers')].map(
+                ul => [ul.dataset.card, [...ul.querySelectorAll('li')].map(li => li.dataset.consumer)])),
+            unplaced: document.querySelector('.card-unplaced')?.textContent,
+            phase: document.getElementById('phase').textContent,
+            phaseHidden: document.getElementById('phase').hidden,
+        })""")
+        assert page["cards"] == {"0": ["ollama", "comfyui"], "1": ["comfyui"]}
+        assert page["unplaced"] is not None and "whisper" in page["unplaced"]
+        assert page["phase"] == "box1 · leaving" and not page["phaseHidden"]
+        await _in_thread(browser.screenshot, SCREENSHOT.replace(".png", "-two-cards.png"),
+                         1280, 900)
+
+        # One card: no lists under the bar (the legend says it), as before.
+        status.body = json.dumps(FUTURE_STATUS).encode()
+        await _in_thread(browser.wait_for, "document.querySelectorAll('.gpu').length === 1 && "
+                         "document.querySelectorAll('.card-consumers').length === 0", "one card")
+        assert await _in_thread(browser.evaluate, "document.getElementById('phase').hidden")
+    finally:
+        await port.stopListening()
