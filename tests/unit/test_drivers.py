@@ -457,6 +457,9 @@ class _OwnedProcess:
         return ProcessStatus(self.state, pid=None, started_at=None, exit_code=None, restarts=0,
                              last_stderr=())
 
+    def start_refusal(self):
+        return None  # not in a start back-off (what readiness asks, via status)
+
 
 def test_the_broker_stops_the_process_it_owns_when_a_render_gives_no_evidence():
     clock = Clock()
