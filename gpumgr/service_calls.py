@@ -15,11 +15,17 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
+from gpumgr import __version__
 from gpumgr.drivers.base import HttpReply
 
 #: Replies to these calls are small; anything bigger is cut off rather than read.
 _REPLY_BODY_LIMIT = 64 * 1024
 
+
+
+#: On gpumgr's own calls (probes, loads, unloads, render polls), so that a
+#: service's log tells them from the clients' requests gpumgr relays.
+USER_AGENT = f"gpumgr/{__version__}"
 
 class _BoundedReader(Protocol):
     def __init__(self, limit: int) -> None:
@@ -66,7 +72,9 @@ class ServiceCalls:
 
     async def _request(self, method: str, url: str, body: bytes | None,
                        content_type: str | None) -> HttpReply:
-        headers = {"Content-Type": [content_type]} if content_type else {}
+        headers = {"User-Agent": [USER_AGENT]}
+        if content_type:
+            headers["Content-Type"] = [content_type]
         response = await self._http.request(method, url, data=body, headers=headers,
                                             unbuffered=True)
         data = await read_bounded(response)

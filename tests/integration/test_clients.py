@@ -151,6 +151,10 @@ async def status(client, url: str) -> dict[str, Any]:
 # -- ollama's own client -----------------------------------------------------------------------
 
 
+def is_gpumgrs_own(r) -> bool:
+    return any(ua.startswith(b"gpumgr/") for ua in r.headers.getRawHeaders(b"user-agent", []))
+
+
 @pytest_twisted.ensureDeferred
 async def test_the_ollama_client_through_gpumgr(world, start_broker):
     service, url = await through_gpumgr(world, start_broker)
@@ -178,9 +182,13 @@ async def test_the_ollama_client_through_gpumgr(world, start_broker):
     assert generated.response == "".join(TOKENS) and generated.done_reason == "stop"
     assert listed == ["llama3:latest"] and running == ["llama3:latest"]
     assert len(vectors) == 2 and len(vectors[0]) == 16
-    paths = [(r.method, r.path) for r in world["ollama"].requests if r.path != "/api/version"]
+    # What the client sent, in order; gpumgr's own calls (probes, asking /api/ps
+    # for the models' sizes) say who sent them.
+    mine = [r for r in world["ollama"].requests if is_gpumgrs_own(r)]
+    paths = [(r.method, r.path) for r in world["ollama"].requests if not is_gpumgrs_own(r)]
     assert paths == [("POST", "/api/chat"), ("POST", "/api/chat"), ("POST", "/api/generate"),
                      ("GET", "/api/tags"), ("GET", "/api/ps"), ("POST", "/api/embed")]
+    assert {r.path for r in mine} <= {"/api/version", "/api/ps"}
     # The two chats, generate and embed were GPU work; tags and ps were not.
     assert service.registry["ollama"].total_requests == 4
     assert service.scheduler.stats().total_jobs == 4
