@@ -301,6 +301,17 @@ class Auto:
         return with_running(raw, self.running_profiles(), self._released,
                             other_floor_mib=self._quiet_other_mib)
 
+    def _would_delay(self, head: _Ticket, t: _Ticket, start: Start) -> bool:
+        """Could starting `t` keep the oldest job waiting once the jobs that
+        hold it up now have ended? Not if `t` loads and unloads nothing and
+        the oldest job would start beside `t` alone (its memory, exclusivity
+        and concurrency checked as they would be then)."""
+        if start.control:
+            return True
+        beside_t = with_running(self._figures(), {t.consumer: (t.profile,)}, self._released,
+                                other_floor_mib=self._quiet_other_mib)
+        return not isinstance(self._decide(head, beside_t), Start)
+
     def _dispatch(self) -> None:
         # Re-entered from a job that ends synchronously: the outer loop goes round again.
         if self._dispatching:
@@ -338,7 +349,8 @@ class Auto:
                 continue
             if t is not head:
                 if head.bypassed_since is not None \
-                        and now - head.bypassed_since >= self._max_bypass_s:
+                        and now - head.bypassed_since >= self._max_bypass_s \
+                        and self._would_delay(head, t, decision):
                     t.why = Wait(WaitReason.BYPASS, f"the oldest job ({head.consumer}) was "
                                  f"overtaken for {self._max_bypass_s:g}s (scheduler.max_bypass_s)")
                     continue

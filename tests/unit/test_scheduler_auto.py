@@ -178,8 +178,9 @@ def test_two_loads_never_overlap():
 
 
 def test_the_bypass_bound_holds():
-    # big waits for memory while small jobs keep fitting beside a long job.
-    w = World({"long": prof(10_000, 2000), "big": prof(9000, 3000), "small": prof(1000, 500)},
+    # big waits for memory while small jobs keep fitting beside a long job; a
+    # small job's peak would also keep big out once long ends.
+    w = World({"long": prof(10_000, 2000), "big": prof(9000, 3000), "small": prof(1000, 1500)},
               max_concurrency={"small": 4}, max_bypass_s=30.0)
     w.submit("long")
     w.submit("big")
@@ -190,8 +191,25 @@ def test_the_bypass_bound_holds():
     later = w.submit("small")  # fits, but big has waited past the bound
     assert later == [] and w.names_running() == ["long"]
     assert [r[2] for r in w.sched.waiting_reasons()] == [WaitReason.MEMORY, WaitReason.BYPASS]
+    w.end("long")  # 10000 + 9000+3000 + 1000+1500 + headroom > total: big alone
+    assert w.names_running() == ["big"]
+
+
+def test_past_the_bypass_bound_a_job_that_cannot_delay_the_oldest_still_starts():
+    # The same, but small is small enough to run beside big once long ends:
+    # starting it now delays nobody (EASY backfill, on memory).
+    w = World({"long": prof(10_000, 2000), "big": prof(9000, 3000), "small": prof(1000, 500)},
+              max_concurrency={"small": 4}, max_bypass_s=30.0)
+    w.submit("long")
+    w.submit("big")
+    w.submit("small")
+    w.clock.advance(31)
+    w.end("small")
+    later = w.submit("small")
+    assert later == [] and w.names_running() == ["long", "small"]
     w.end("long")
-    assert w.names_running() == ["big", "small"]
+    assert w.names_running() == ["big", "small"]  # big started the moment it fit
+    assert w.used_mib() + HEADROOM <= TOTAL
 
 
 def test_a_job_replays_alone():
