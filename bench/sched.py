@@ -231,7 +231,11 @@ def wait_file(path: str, proc, timeout_s: float = 30) -> dict:
     raise RuntimeError("the simulated world never got ready")
 
 
-def gpumgr_config(ready: dict, port: int, capacity) -> dict:
+#: gpumgr's default render poll (consumers.<name>.render_poll_s), in realistic seconds.
+RENDER_POLL_S = 0.5
+
+
+def gpumgr_config(ready: dict, port: int, capacity, scale: float) -> dict:
     cfg = dict(ready["config"])
     cfg["listen"] = f"tcp:{port}:interface=127.0.0.1"
     # headroom 256 MiB: the residents take 19.5 GiB of 24, a render 4 GiB more; the
@@ -244,6 +248,9 @@ def gpumgr_config(ready: dict, port: int, capacity) -> dict:
     for name, (_, _, working, growth) in SERVICES.items():
         consumers[name]["vram_job_mib"] = working + growth
     consumers["comfyui"]["passthrough"] = True  # the client reads /history through gpumgr
+    # The render poll in realistic time, as everything else: at the default 0.5 s of
+    # wall time a scaled render would be held up to 0.5/scale s (realistic) too long.
+    consumers["comfyui"]["render_poll_s"] = RENDER_POLL_S * scale
     cfg["consumers"] = consumers
     return cfg
 
@@ -269,7 +276,7 @@ def run_column(name: str, capacity, contention, trace, scale: float, tmp: str,
         port = free_port()
         conf = os.path.join(col, "gpumgr.yaml")
         with open(conf, "w") as f:
-            yaml.safe_dump(gpumgr_config(ready, port, capacity), f, sort_keys=False)
+            yaml.safe_dump(gpumgr_config(ready, port, capacity, scale), f, sort_keys=False)
         try:
             load_config(conf)
         except ConfigError as e:

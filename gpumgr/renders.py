@@ -40,8 +40,6 @@ from gpumgr.states import Health
 
 log = Logger()
 
-#: How often a tracked render's state is polled.
-RENDER_POLL_S = 0.5
 #: Deadline of one poll (and of an interrupt).
 RENDER_POLL_TIMEOUT_S = 5.0
 
@@ -178,7 +176,7 @@ class RenderTracker:
                 if render.phase is RenderPhase.INTERRUPTING and now >= stop_by:
                     if await self._grace_over(render, current):
                         return
-                await task.deferLater(self._clock, RENDER_POLL_S, lambda: None)
+                await task.deferLater(self._clock, current.render_poll_s, lambda: None)
         finally:
             del self.tracked[key]
 

@@ -119,6 +119,7 @@ def _parse_consumer(sec: Section, name: str) -> ConsumerConfig:
         abandoned_grace_s=sec.number("abandoned_grace_s", defaults.abandoned_grace_s,
                                      maximum=3600.0),
         render_stop_grace_s=sec.number("render_stop_grace_s", 30.0, positive=True),
+        render_poll_s=sec.number("render_poll_s", 0.5, positive=True, maximum=60),
         pin=_parse_bool(sec, "pin", False),
         gpu=_parse_gpu(sec, process),
     )

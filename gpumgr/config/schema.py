@@ -122,6 +122,8 @@ class ConsumerConfig:
     #: After a render's interrupt, how long gpumgr waits for evidence that it
     #: stopped before it stops the owned process (or, with none, reports it stuck).
     render_stop_grace_s: float = 30.0
+    #: How often a tracked render's evidence (ComfyUI's /queue) is read.
+    render_poll_s: float = 0.5
     #: `pin: true`: never evicted for pressure, exclusivity or idleness (an
     #: admin unload still works).
     pin: bool = False
