@@ -28,7 +28,7 @@ from typing import Mapping
 
 import attrs
 
-from gpumgr.eviction import Residency
+from gpumgr.eviction import Residency, may_coexist
 from gpumgr.memory import MemoryProfile
 
 
@@ -114,14 +114,6 @@ class Refuse:
 
 
 Decision = Start | Wait | Refuse
-
-
-def may_coexist(a: Holding, b: Holding) -> bool:
-    if a.can_coexist_with is not None and b.name not in a.can_coexist_with:
-        return False
-    if b.can_coexist_with is not None and a.name not in b.can_coexist_with:
-        return False
-    return True
 
 
 def _lru_key(h: Holding) -> tuple[int, float, str]:

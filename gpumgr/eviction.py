@@ -20,7 +20,7 @@ Rules (docs/scheduling.md explains them with a worked example):
 from __future__ import annotations
 
 import enum
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Protocol
 
 import attrs
 
@@ -71,7 +71,18 @@ class EvictionPlan:
         return tuple(name for name, _ in self.victims)
 
 
-def may_coexist(a: ConsumerView, b: ConsumerView) -> bool:
+class Coexisting(Protocol):
+    """Anything with a name and a `can_coexist_with` list (a view, a budget holding)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def can_coexist_with(self) -> tuple[str, ...] | None: ...
+
+
+def may_coexist(a: Coexisting, b: Coexisting) -> bool:
+    """The one rule: each side's list, when it has one, names the other."""
     if a.can_coexist_with is not None and b.name not in a.can_coexist_with:
         return False
     if b.can_coexist_with is not None and a.name not in b.can_coexist_with:
