@@ -14,6 +14,11 @@ unload) runs alone on the card.
 
 The slot is released in one place (`_finished`), which every path out of a
 running job reaches.
+
+With several cards (`cards`, gpumgr.auto_cards) each job lives on its
+consumer's cards and is decided on each card's own figures; loads, unloads,
+jobs alone and `max_running` are per card, so jobs on different cards never
+wait for each other.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from twisted.logger import Logger
+
+from gpumgr.auto_cards import AutoCards, combine, shares_card
 from gpumgr.budget import Ask, Decision, Refuse, Start, Wait, WaitReason, decide
 from gpumgr.budget_figures import (
     BudgetStatus,
@@ -34,6 +42,7 @@ from gpumgr.budget_figures import (
     ProfileOf,
     WaitingJob,
     budget_status,
+    oom_peak_mib,
     quiet_other_mib,
     with_running,
 )
@@ -43,6 +52,8 @@ from gpumgr.queue_policy import QueuedJob, Waiting, effective_priority
 from gpumgr.registry import Registry
 from gpumgr.scheduler import Holder, Job, SchedulerStats, TicketState, _IdleWaiters
 from gpumgr.states import SchedulerMode
+
+log = Logger()
 
 _NOTHING = MemoryProfile(MemoryFigure(0, FigureSource.CONFIG), MemoryFigure(0, FigureSource.CONFIG))
 
@@ -90,6 +101,8 @@ class _Ticket:
         #: When a later job first started ahead of it.
         self.bypassed_since: float | None = None
         self.request_id: str | None = None
+        #: The cards it runs on (one card: card 0).
+        self.cards: tuple[int, ...] = (0,)
 
 
 class Auto:
@@ -111,10 +124,15 @@ class Auto:
         max_bypass_s: float = 30.0,
         max_running: int = 8,
         overlap_evict_idle_s: float | None = 120.0,
+        cards: AutoCards | None = None,
     ) -> None:
+        """`figures`: the one card's; with `cards` (several cards), each card's
+        figures come from `cards.figures` instead."""
         self._clock = clock
         self._registry = registry
-        self._figures = figures
+        self._cards = cards
+        self._card_figures: Callable[[int], Figures] = (
+            cards.figures if cards is not None else lambda _card: figures())
         self._profile_of = profile_of
         self._may_evict = may_evict
         self.capacity = None
@@ -123,20 +141,22 @@ class Auto:
         self._seq = itertools.count()
         self._waiting: list[_Ticket] = []
         self._running: set[_Ticket] = set()
-        self._control: _Ticket | None = None
-        self._alone_for: _Ticket | None = None
-        self._alone_waiters: list[defer.Deferred[None]] = []
+        #: card -> the job whose load or unload is in progress there.
+        self._control: dict[int, _Ticket] = {}
+        #: Jobs that wait to run alone on their cards -> their waiters.
+        self._alone_for: dict[_Ticket, list[defer.Deferred[None]]] = {}
         self._total = 0
         self._rejected = 0
         self._last_wait_ms = 0
         self._last_run_ms = 0
         self.max_running_seen = 0
-        #: (when, MiB): the job peaks of the last jobs that ended, for a sample
-        #: taken before they ended (gpumgr.budget_figures.with_running).
-        self._released: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
+        #: card -> (when, MiB): the job peaks of the last jobs that ended there,
+        #: for a sample taken before they ended (budget_figures.with_running).
+        self._released: dict[int, collections.deque[tuple[float, int]]] = \
+            collections.defaultdict(lambda: collections.deque(maxlen=64))
         self._overlap_evict_idle_s = overlap_evict_idle_s
-        #: Others' memory on the last quiet reading (no job, no load or unload).
-        self._quiet_other_mib = 0
+        #: card -> others' memory on its last quiet reading (no job, no load or unload).
+        self._quiet_other_mib: dict[int, int] = {}
         self._dispatching = False
         self._again = False
         self._closed: GpumgrError | None = None
@@ -212,15 +232,25 @@ class Auto:
             WaitingJob(c, k, None if r is None else r.value, d)
             for c, k, r, d in self.waiting_reasons()))
 
-    def running_profiles(self) -> dict[str, tuple[MemoryProfile, ...]]:
+    def running_profiles(self, card: int | None = None) -> dict[str, tuple[MemoryProfile, ...]]:
+        """The running jobs' profiles by consumer (on `card`: the jobs there)."""
         running: dict[str, list[MemoryProfile]] = {}
         for t in sorted(self._running, key=lambda t: t.seq):
-            running.setdefault(t.consumer, []).append(t.profile)
+            if card is None or card in t.cards:
+                running.setdefault(t.consumer, []).append(t.profile)
         return {n: tuple(p) for n, p in running.items()}
 
-    def budget(self) -> Figures:
-        """The figures with the running jobs in them (status, metrics)."""
-        return self._current_figures()
+    def budget(self, card: int = 0) -> Figures:
+        """`card`'s figures with the running jobs in them (status, metrics)."""
+        return self._current_figures(card)
+
+    def oom_peak_mib(self, consumer: str) -> int | None:
+        """A running job of `consumer` answered out of memory: the least job
+        peak that explains it, on the card with the least room it had."""
+        cards = next((t.cards for t in self._running if t.consumer == consumer), (0,))
+        seen = [p for p in (oom_peak_mib(self._current_figures(c), consumer) for c in cards)
+                if p is not None]
+        return min(seen, default=None)
 
     def stats(self) -> SchedulerStats:
         by_kind: dict[str, int] = {}
@@ -247,6 +277,15 @@ class Auto:
                     self._clock.seconds())
         t.alone = alone
         t.request_id = request_id
+        if self._cards is not None:
+            try:
+                t.cards = tuple(sorted(set(self._cards.cards_for_job(consumer)))) or (0,)
+            except Exception as e:  # a placement that failed must not take the broker down
+                log.failure("placing {consumer} failed", consumer=consumer)
+                return defer.fail(e)
+            refusal = self._cards.refusal(consumer, t.cards)
+            if refusal is not None:
+                return defer.fail(refusal)
         t.outer = defer.Deferred(lambda _d: self._cancel(t))
         if len(self._waiting) >= self._max_queue:
             self._rejected += 1
@@ -268,38 +307,47 @@ class Auto:
         return sorted(self._waiting, key=lambda t: (-effective_priority(
             Waiting(t.seq, t.priority, t.enqueued_at), now, self._aging_s), t.seq))
 
-    def _decide(self, t: _Ticket, figures: Figures) -> Decision:
-        if self._alone_for is not None:
-            return Wait(WaitReason.ALONE, f"a job of {self._alone_for.consumer} replays alone")
-        if any(r.alone for r in self._running):
+    def _decide(self, t: _Ticket, figures: Mapping[int, Figures]) -> Decision:
+        """Asked on each of its cards (figures: card -> its figures), combined."""
+        alone = next((a for a in self._alone_for if shares_card(a.cards, t.cards)), None)
+        if alone is not None:
+            return Wait(WaitReason.ALONE, f"a job of {alone.consumer} replays alone")
+        near = [r for r in self._running if shares_card(r.cards, t.cards)]
+        if any(r.alone for r in near):
             return Wait(WaitReason.ALONE, "a load or unload runs alone")
         if t.alone:
-            if self._running:
+            if near:
                 return Wait(WaitReason.ALONE, "a load or unload waits for an idle card")
             return Start()
-        if t.consumer not in figures.holdings:
+        if any(t.consumer not in figures[c].holdings for c in t.cards):
             return Start()  # removed by a reload: the job fails at once (ConsumerRemoved)
         profile = self._profile_of(t.consumer, t.model)
         if profile is None:
             return Start()
         t.profile = profile
-        control = None if self._control is None else self._control.consumer
-        return decide(figures.card, figures.holdings, Ask(t.consumer, profile), control,
-                      self._max_running, self._may_evict, now=self._clock.seconds(),
-                      overlap_evict_idle_s=self._overlap_evict_idle_s)
+        decisions = []
+        for card in t.cards:
+            f, control = figures[card], self._control.get(card)
+            decisions.append(decide(
+                f.card, f.holdings, Ask(t.consumer, profile),
+                None if control is None else control.consumer, self._max_running,
+                self._may_evict, now=self._clock.seconds(),
+                overlap_evict_idle_s=self._overlap_evict_idle_s))
+        return combine(decisions)
 
-    def _current_figures(self) -> Figures:
-        """The budget's figures now: the running jobs added, and others'
-        memory never below what the last quiet reading showed."""
-        raw = self._figures()
-        last_end = self._released[-1][0] if self._released else None
-        if (not self._running and raw.sampled_at is not None
+    def _current_figures(self, card: int = 0) -> Figures:
+        """`card`'s budget figures now: its running jobs added, and others'
+        memory never below what its last quiet reading showed."""
+        raw = self._card_figures(card)
+        released = self._released[card]
+        last_end = released[-1][0] if released else None
+        if (not any(card in r.cards for r in self._running) and raw.sampled_at is not None
                 and (last_end is None or raw.sampled_at > last_end)):
             quiet = quiet_other_mib(raw)
             if quiet is not None:
-                self._quiet_other_mib = quiet
-        return with_running(raw, self.running_profiles(), self._released,
-                            other_floor_mib=self._quiet_other_mib)
+                self._quiet_other_mib[card] = quiet
+        return with_running(raw, self.running_profiles(card), released,
+                            other_floor_mib=self._quiet_other_mib.get(card, 0))
 
     def _dispatch(self) -> None:
         # Re-entered from a job that ends synchronously: the outer loop goes round again.
@@ -319,9 +367,8 @@ class Auto:
         order = self._order()
         if not order:
             return
-        head = order[0]
         now = self._clock.seconds()
-        figures = self._current_figures()
+        figures = {c: self._current_figures(c) for c in sorted({c for t in order for c in t.cards})}
         for t in order:
             decision = self._decide(t, figures)
             if isinstance(decision, Refuse):
@@ -336,14 +383,17 @@ class Auto:
             if isinstance(decision, Wait):
                 t.why = decision
                 continue
-            if t is not head:
-                if head.bypassed_since is not None \
-                        and now - head.bypassed_since >= self._max_bypass_s:
-                    t.why = Wait(WaitReason.BYPASS, f"the oldest job ({head.consumer}) was "
-                                 f"overtaken for {self._max_bypass_s:g}s (scheduler.max_bypass_s)")
-                    continue
-                if head.bypassed_since is None:
-                    head.bypassed_since = now
+            # The oldest job on each of its cards is overtaken for max_bypass_s at most.
+            heads = {next(o for o in order if c in o.cards) for c in t.cards} - {t}
+            over = [h for h in heads if h.bypassed_since is not None
+                    and now - h.bypassed_since >= self._max_bypass_s]
+            if over:
+                t.why = Wait(WaitReason.BYPASS, f"the oldest job ({over[0].consumer}) was "
+                             f"overtaken for {self._max_bypass_s:g}s (scheduler.max_bypass_s)")
+                continue
+            for h in heads:
+                if h.bypassed_since is None:
+                    h.bypassed_since = now
             self._start(t, decision)
             self._again = True
             return
@@ -359,7 +409,8 @@ class Auto:
         t.why = None
         self._running.add(t)
         if start.control:
-            self._control = t
+            for card in self._control_cards(t, start):
+                self._control[card] = t
         self.max_running_seen = max(self.max_running_seen, len(self._running))
         self._total += 1
         self._last_wait_ms = int((now - t.enqueued_at) * 1000)
@@ -373,15 +424,13 @@ class Auto:
             now = self._clock.seconds()
             t.state = TicketState.DONE
             self._running.discard(t)
-            if self._control is t:
-                self._control = None
-            if self._alone_for is t:
-                self._alone_for = None
-                self._alone_waiters = []  # its own: cancelled with it
+            self._release_control(t)
+            self._alone_for.pop(t, None)  # its waiters are its own: cancelled with it
             self._last_run_ms = int((now - started_at) * 1000)
             if not t.control:
                 self._registry.job_ended(t.consumer, now)
-            self._released.append((now, t.profile.job_peak.mib))
+            for card in t.cards:
+                self._released[card].append((now, t.profile.job_peak.mib))
         finally:
             self._fire_alone()
             self._dispatch()
@@ -395,28 +444,41 @@ class Auto:
             else:
                 outer.callback(result)
 
+    def _control_cards(self, t: _Ticket, start: Start) -> set[int]:
+        """The cards its load and unloads touch: its own and its victims'."""
+        cards = set(t.cards)
+        if self._cards is not None:
+            for victim in start.victims:
+                cards.update(self._cards.cards_of(victim))
+        return cards
+
+    def _release_control(self, t: _Ticket) -> bool:
+        mine = [card for card, holder in self._control.items() if holder is t]
+        for card in mine:
+            del self._control[card]
+        return bool(mine)
+
     def _control_done(self, t: _Ticket) -> None:
-        if self._control is t:
-            self._control = None
+        if self._release_control(t):
             self._dispatch()
 
     def _alone(self, t: _Ticket) -> defer.Deferred[None]:
         if t.state is not TicketState.RUNNING:
             return defer.succeed(None)
-        self._alone_for = t
         d: defer.Deferred[None] = defer.Deferred()
-        self._alone_waiters.append(d)
+        self._alone_for.setdefault(t, []).append(d)
         self._fire_alone()
         return d
 
     def _fire_alone(self) -> None:
-        t = self._alone_for
-        if t is None or self._running - {t}:
-            return
-        fired, self._alone_waiters = self._alone_waiters, []
-        for d in fired:
-            if not d.called:
-                d.callback(None)
+        for t, waiters in list(self._alone_for.items()):
+            if any(shares_card(r.cards, t.cards) for r in self._running if r is not t):
+                continue
+            fired = list(waiters)
+            waiters.clear()
+            for d in fired:
+                if not d.called:
+                    d.callback(None)
 
     def _drop(self, t: _Ticket) -> None:
         t.state = TicketState.DROPPED
