@@ -23,7 +23,6 @@ wait for each other.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import math
 from typing import Any, Callable, Mapping
@@ -34,7 +33,7 @@ from twisted.python.failure import Failure
 
 from twisted.logger import Logger
 
-from gpumgr.auto_cards import AutoCards, combine, shares_card
+from gpumgr.auto_cards import AutoCards, CardBooks, CardClaims, combine, heads_of, shares_card
 from gpumgr.budget import Ask, Decision, Refuse, Start, Wait, WaitReason, decide
 from gpumgr.budget_figures import (
     BudgetStatus,
@@ -43,8 +42,6 @@ from gpumgr.budget_figures import (
     WaitingJob,
     budget_status,
     oom_peak_mib,
-    quiet_other_mib,
-    with_running,
 )
 from gpumgr.errors import GpumgrError, InsufficientVram, QueueFull, QueueTimeout
 from gpumgr.memory import FigureSource, MemoryFigure, MemoryProfile
@@ -141,22 +138,16 @@ class Auto:
         self._seq = itertools.count()
         self._waiting: list[_Ticket] = []
         self._running: set[_Ticket] = set()
-        #: card -> the job whose load or unload is in progress there.
-        self._control: dict[int, _Ticket] = {}
-        #: Jobs that wait to run alone on their cards -> their waiters.
-        self._alone_for: dict[_Ticket, list[defer.Deferred[None]]] = {}
+        #: Per card: a load or unload in progress, jobs waiting to run alone.
+        self._claims: CardClaims[_Ticket] = CardClaims()
         self._total = 0
         self._rejected = 0
         self._last_wait_ms = 0
         self._last_run_ms = 0
         self.max_running_seen = 0
-        #: card -> (when, MiB): the job peaks of the last jobs that ended there,
-        #: for a sample taken before they ended (budget_figures.with_running).
-        self._released: dict[int, collections.deque[tuple[float, int]]] = \
-            collections.defaultdict(lambda: collections.deque(maxlen=64))
         self._overlap_evict_idle_s = overlap_evict_idle_s
-        #: card -> others' memory on its last quiet reading (no job, no load or unload).
-        self._quiet_other_mib: dict[int, int] = {}
+        #: Per card: job peaks that ended lately, others' memory when quiet.
+        self._books = CardBooks()
         self._dispatching = False
         self._again = False
         self._closed: GpumgrError | None = None
@@ -309,7 +300,7 @@ class Auto:
 
     def _decide(self, t: _Ticket, figures: Mapping[int, Figures]) -> Decision:
         """Asked on each of its cards (figures: card -> its figures), combined."""
-        alone = next((a for a in self._alone_for if shares_card(a.cards, t.cards)), None)
+        alone = self._claims.alone_near(t.cards)
         if alone is not None:
             return Wait(WaitReason.ALONE, f"a job of {alone.consumer} replays alone")
         near = [r for r in self._running if shares_card(r.cards, t.cards)]
@@ -327,27 +318,18 @@ class Auto:
         t.profile = profile
         decisions = []
         for card in t.cards:
-            f, control = figures[card], self._control.get(card)
+            f = figures[card]
             decisions.append(decide(
-                f.card, f.holdings, Ask(t.consumer, profile),
-                None if control is None else control.consumer, self._max_running,
-                self._may_evict, now=self._clock.seconds(),
+                f.card, f.holdings, Ask(t.consumer, profile), self._claims.control_on(card),
+                self._max_running, self._may_evict, now=self._clock.seconds(),
                 overlap_evict_idle_s=self._overlap_evict_idle_s))
         return combine(decisions)
 
     def _current_figures(self, card: int = 0) -> Figures:
         """`card`'s budget figures now: its running jobs added, and others'
         memory never below what its last quiet reading showed."""
-        raw = self._card_figures(card)
-        released = self._released[card]
-        last_end = released[-1][0] if released else None
-        if (not any(card in r.cards for r in self._running) and raw.sampled_at is not None
-                and (last_end is None or raw.sampled_at > last_end)):
-            quiet = quiet_other_mib(raw)
-            if quiet is not None:
-                self._quiet_other_mib[card] = quiet
-        return with_running(raw, self.running_profiles(card), released,
-                            other_floor_mib=self._quiet_other_mib.get(card, 0))
+        return self._books.current(card, self._card_figures(card), self.running_profiles(card),
+                                   quiet=not any(card in r.cards for r in self._running))
 
     def _dispatch(self) -> None:
         # Re-entered from a job that ends synchronously: the outer loop goes round again.
@@ -383,8 +365,7 @@ class Auto:
             if isinstance(decision, Wait):
                 t.why = decision
                 continue
-            # The oldest job on each of its cards is overtaken for max_bypass_s at most.
-            heads = {next(o for o in order if c in o.cards) for c in t.cards} - {t}
+            heads = heads_of(order, t)
             over = [h for h in heads if h.bypassed_since is not None
                     and now - h.bypassed_since >= self._max_bypass_s]
             if over:
@@ -408,9 +389,9 @@ class Auto:
         t.started_at = now
         t.why = None
         self._running.add(t)
-        if start.control:
-            for card in self._control_cards(t, start):
-                self._control[card] = t
+        if start.control:  # its load and unloads: its cards and its victims'
+            cards_of = self._cards.cards_of if self._cards is not None else lambda _v: (0,)
+            self._claims.take_control(t, {*t.cards, *(c for v in start.victims for c in cards_of(v))})
         self.max_running_seen = max(self.max_running_seen, len(self._running))
         self._total += 1
         self._last_wait_ms = int((now - t.enqueued_at) * 1000)
@@ -424,15 +405,13 @@ class Auto:
             now = self._clock.seconds()
             t.state = TicketState.DONE
             self._running.discard(t)
-            self._release_control(t)
-            self._alone_for.pop(t, None)  # its waiters are its own: cancelled with it
+            self._claims.ended(t)
             self._last_run_ms = int((now - started_at) * 1000)
             if not t.control:
                 self._registry.job_ended(t.consumer, now)
-            for card in t.cards:
-                self._released[card].append((now, t.profile.job_peak.mib))
+            self._books.ended(t.cards, now, t.profile.job_peak.mib)
         finally:
-            self._fire_alone()
+            self._claims.fire(self._running)
             self._dispatch()
             if not self._running:
                 self._idle.fire()
@@ -444,41 +423,14 @@ class Auto:
             else:
                 outer.callback(result)
 
-    def _control_cards(self, t: _Ticket, start: Start) -> set[int]:
-        """The cards its load and unloads touch: its own and its victims'."""
-        cards = set(t.cards)
-        if self._cards is not None:
-            for victim in start.victims:
-                cards.update(self._cards.cards_of(victim))
-        return cards
-
-    def _release_control(self, t: _Ticket) -> bool:
-        mine = [card for card, holder in self._control.items() if holder is t]
-        for card in mine:
-            del self._control[card]
-        return bool(mine)
-
     def _control_done(self, t: _Ticket) -> None:
-        if self._release_control(t):
+        if self._claims.release_control(t):
             self._dispatch()
 
     def _alone(self, t: _Ticket) -> defer.Deferred[None]:
         if t.state is not TicketState.RUNNING:
             return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._alone_for.setdefault(t, []).append(d)
-        self._fire_alone()
-        return d
-
-    def _fire_alone(self) -> None:
-        for t, waiters in list(self._alone_for.items()):
-            if any(shares_card(r.cards, t.cards) for r in self._running if r is not t):
-                continue
-            fired = list(waiters)
-            waiters.clear()
-            for d in fired:
-                if not d.called:
-                    d.callback(None)
+        return self._claims.wait_alone(t, self._running)
 
     def _drop(self, t: _Ticket) -> None:
         t.state = TicketState.DROPPED

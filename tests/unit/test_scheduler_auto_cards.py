@@ -254,7 +254,7 @@ def test_no_card_ever_overflows_and_no_slot_leaks(sizes, homes, concurrency, max
     stats = w.sched.stats()
     assert stats.in_flight == 0 and stats.queue_depth == 0
     assert all(w.registry[n].active == 0 for n in NAMES)
-    assert w.sched._control == {} and w.sched._alone_for == {}
+    assert w.sched._claims.control == {} and w.sched._claims.alone == {}
     assert w.clock.getDelayedCalls() == []
     for out in submitted:
         assert len(out) == 1
