@@ -23,6 +23,7 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from gpumgr.cards import view_on_card as _on_card
 from gpumgr.config import Config
 from gpumgr.deadlines import CONTROL_TIMEOUT_S as CONTROL_TIMEOUT_S  # its old home
 from gpumgr.deadlines import unload_deadline_s
@@ -200,8 +201,11 @@ class Admission:
         """Unload what the memory budget chose for a job of `target`
         (scheduler.capacity: auto); fails with InsufficientVram if one failed."""
         failed = []
+        mine = self.cards_of(target)
         for victim in victims:
-            ok = yield self.unload(victim, "pressure")
+            # The settle wait watches a card the job needs the memory on.
+            card = next((c for c in self.cards_of(victim) if c in mine), None)
+            ok = yield self.unload(victim, "pressure", card=card)
             if not ok:
                 failed.append(victim)
         if failed:
@@ -411,13 +415,3 @@ class Admission:
 def _on(card: int, cards: tuple[int, ...]) -> str:
     """" on GPU n" in a refusal, where a consumer lives off card 0 alone."""
     return "" if cards == (0,) else f" on GPU {card}"
-
-
-def _on_card(view: ConsumerView, c: Any, sample: GpuSample, card: int) -> ConsumerView:
-    """A measured consumer's view on one card of several: what its processes
-    hold on that card (gpumgr.gpu_sample attributes them by UUID)."""
-    if (c.gpu_process is None or view.residency is not Residency.LOADED
-            or len(sample.card_indexes) < 2):
-        return view
-    held = sum(p.used_mib or 0 for p in sample.processes_on(card) if c.gpu_process.search(p.name))
-    return attrs.evolve(view, resident_mib=held or c.vram_resident_mib)

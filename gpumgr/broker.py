@@ -62,6 +62,7 @@ from gpumgr.reload import (
 from gpumgr.renders import RenderTracker, TrackedRender
 from gpumgr.request_book import RequestBook, Scene, describe
 from gpumgr.routing import Route, is_gpu_work, path_is_safe, route, wants_websocket
+from gpumgr.auto_cards import card_figures_reader
 from gpumgr.budget_figures import profile_reader, read_figures
 from gpumgr.memory import MemoryProfiles
 from gpumgr.scheduler import Locked, Scheduler
@@ -121,7 +122,10 @@ class Broker:
             reactor, self.registry, config.scheduler, self.evicting, self.passing_through,
             PerCardSetup(self.placements, lambda: gpu.latest) if spans_cards(config) else None,
             figures=lambda: read_figures(self._config, self.registry, gpu.latest, self.profiles),
-            profile_of=profile_reader(lambda: self._config, lambda: self.profiles))
+            profile_of=profile_reader(lambda: self._config, lambda: self.profiles),
+            card_figures=card_figures_reader(lambda: self._config, self.registry,
+                                             lambda: gpu.latest, lambda: self.profiles,
+                                             self.placements.cards_of))
         self.fleet = Fleet(
             reactor, lambda: self._config, self.registry, http, process_factory,
             event=lambda *a, **kw: self.admission.event(*a, **kw),
@@ -129,7 +133,8 @@ class Broker:
             abort_jobs=lambda name, why: self.jobs.abort(name, why))
         self.admission = Admission(reactor, lambda: self._config, self.registry, gpu,
                                    self.fleet.load_unload, self.scheduler)
-        if isinstance(self.scheduler, PerCardLocked):
+        if isinstance(self.scheduler, PerCardLocked) or (
+                isinstance(self.scheduler, Auto) and spans_cards(config)):
             self.admission.cards_of = self.placements.cards_of
             self.fleet.gpu_env = self._gpu_env
         self.proxy = StreamingProxy(reactor, cooperator, self._upstream_error)

@@ -12,8 +12,9 @@ from typing import Callable, Iterable, Mapping
 import attrs
 
 from gpumgr.budget import Card, Holding
-from gpumgr.config import Config
-from gpumgr.eviction import Residency
+from gpumgr.cards import view_on_card
+from gpumgr.config import Config, ConsumerConfig
+from gpumgr.eviction import ConsumerView, Residency
 from gpumgr.gpu import GpuSample
 from gpumgr.memory import MemoryProfile, MemoryProfiles
 from gpumgr.registry import Registry
@@ -47,21 +48,42 @@ def measured_used_mib(sample: GpuSample) -> int | None:
 
 
 def read_figures(config: Config, registry: Registry, sample: GpuSample,
-                 profiles: MemoryProfiles) -> Figures:
-    """Every consumer as the budget sees it, idle (the scheduler adds its jobs)."""
-    holdings = {}
-    for name, c in config.consumers.items():
-        if name not in registry:
-            continue
-        view = registry.view(c)
-        resident = view.resident_mib
-        if view.residency is not Residency.UNLOADED:
-            resident = max(resident, profiles.profile(c).resident.mib)
-        holdings[name] = Holding(
-            name, view.residency, resident, (), view.can_coexist_with, view.pinned,
-            view.last_used, c.max_concurrency)
-    card = Card(card_total_mib(config, sample), config.gpu.headroom_mib)
-    return Figures(card, holdings, measured_used_mib(sample), sample.sampled_at)
+                 profiles: MemoryProfiles, card: int | None = None,
+                 cards_of: Callable[[str], tuple[int, ...]] | None = None) -> Figures:
+    """Every consumer as the budget sees it, idle (the scheduler adds its jobs).
+    With `card` (several cards, gpumgr.auto_cards): that card's figures, and
+    only the consumers that live there (`cards_of`), with what they hold there."""
+    if card is not None:
+        return _read_card(config, registry, sample, profiles, card, cards_of or (lambda n: (0,)))
+    holdings = {name: _holding(profiles, c, registry.view(c))
+                for name, c in config.consumers.items() if name in registry}
+    whole = Card(card_total_mib(config, sample), config.gpu.headroom_mib)
+    return Figures(whole, holdings, measured_used_mib(sample), sample.sampled_at)
+
+
+def _holding(profiles: MemoryProfiles, c: ConsumerConfig,
+             view: ConsumerView) -> Holding:
+    resident = view.resident_mib
+    if view.residency is not Residency.UNLOADED:
+        resident = max(resident, profiles.profile(c).resident.mib)
+    return Holding(c.name, view.residency, resident, (), view.can_coexist_with, view.pinned,
+                   view.last_used, c.max_concurrency)
+
+
+def _read_card(config: Config, registry: Registry, sample: GpuSample, profiles: MemoryProfiles,
+               card: int, cards_of: Callable[[str], tuple[int, ...]]) -> Figures:
+    """One card of several: its own total and use, never the cards' sum; a
+    consumer's resident figure applies on each card it lives on."""
+    holdings = {name: _holding(profiles, c,
+                               view_on_card(registry.view(c), c, sample, card))
+                for name, c in config.consumers.items()
+                if name in registry and card in cards_of(name)}
+    gpu = sample.card(card)
+    total = gpu.memory_total_mib if gpu is not None else None
+    used = gpu.memory_used_mib if gpu is not None else None
+    return Figures(Card(total if total is not None else config.gpu.total_mib,
+                        config.gpu.headroom_mib), holdings, used,
+                   sample.sampled_at if used is not None else None)
 
 
 def with_running(figures: Figures, running: Mapping[str, tuple[MemoryProfile, ...]],

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from gpumgr.config import Config, ConsumerConfig
 from gpumgr.errors import GpuMissing, GpumgrError
-from gpumgr.eviction import ConsumerView, plan_eviction
+from gpumgr.eviction import ConsumerView, Residency, plan_eviction
 from gpumgr.gpu_sample import GpuSample
 from gpumgr.queue_policy import QueuedJob
 from gpumgr.scheduler import Holder, Job, Locked, SchedulerStats
@@ -296,8 +296,10 @@ class PerCardSetup:
     sample: Callable[[], GpuSample]
 
     def scheduler(self, make_lock: Callable[[], Locked]) -> PerCardLocked:
-        return PerCardLocked(make_lock, self.placements.cards_for_job,
-                             lambda name, cards: missing_card_error(name, cards, self.sample()))
+        return PerCardLocked(make_lock, self.placements.cards_for_job, self.refusal)
+
+    def refusal(self, name: str, cards: tuple[int, ...]) -> GpuMissing | None:
+        return missing_card_error(name, cards, self.sample())
 
 
 def cuda_env(cards: Iterable[int]) -> dict[str, str]:
@@ -307,5 +309,16 @@ def cuda_env(cards: Iterable[int]) -> dict[str, str]:
             "CUDA_VISIBLE_DEVICES": ",".join(str(c) for c in cards)}
 
 
+def view_on_card(view: ConsumerView, c: ConsumerConfig, sample: GpuSample,
+                 card: int) -> ConsumerView:
+    """A measured consumer's view on one card of several: what its processes
+    hold on that card (gpumgr.gpu_sample attributes them by UUID)."""
+    if (c.gpu_process is None or view.residency is not Residency.LOADED
+            or len(sample.card_indexes) < 2):
+        return view
+    held = sum(p.used_mib or 0 for p in sample.processes_on(card) if c.gpu_process.search(p.name))
+    return attrs.evolve(view, resident_mib=held or c.vram_resident_mib)
+
+
 __all__ = ["CardChoice", "PerCardLocked", "PerCardSetup", "cuda_env", "Placements", "missing_card_error", "place_auto",
-           "spans_cards", "weigh_card"]
+           "spans_cards", "view_on_card", "weigh_card"]

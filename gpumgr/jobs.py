@@ -35,7 +35,8 @@ from gpumgr.proxy import Outcome, Result, StreamingProxy, Timeouts
 from gpumgr.registry import Health, Registry
 from gpumgr.renders import RenderTracker
 from gpumgr.routing import Route
-from gpumgr.budget_figures import Figures, ProfileOf, oom_peak_mib
+from gpumgr.auto_cards import AutoCards
+from gpumgr.budget_figures import Figures, ProfileOf
 from gpumgr.memory import MemoryProfiles
 from gpumgr.scheduler import Locked, Passthrough, Scheduler
 from gpumgr.scheduler_auto import Auto, Grant
@@ -69,19 +70,25 @@ class GpuJob:
 def make_scheduler(reactor: Any, registry: Registry, sched: SchedulerConfig, evicting: bool,
                    passthrough: bool, per_card: PerCardSetup | None = None,
                    figures: Callable[[], Figures] | None = None,
-                   profile_of: ProfileOf | None = None) -> Scheduler:
+                   profile_of: ProfileOf | None = None,
+                   card_figures: Callable[[int], Figures] | None = None) -> Scheduler:
     """The scheduler the mode asks for: none to wait on (passthrough), the
     memory budget (capacity auto, given its figures), or the lock with its
     queue (when evicting, it lets a loaded consumer's job go first); with
-    `per_card` (consumers on several cards), one such lock per card."""
+    `per_card` (consumers on several cards), one such lock per card, or, with
+    capacity auto, one budget per card (each card's `card_figures`)."""
     if passthrough:
         return Passthrough(reactor, registry)
     if sched.auto and figures is not None and profile_of is not None:
+        cards = None
+        if per_card is not None and card_figures is not None:
+            cards = AutoCards(per_card.placements.cards_for_job, per_card.placements.cards_of,
+                              card_figures, per_card.refusal)
         return Auto(reactor, registry, figures, profile_of, may_evict=evicting,
                     max_queue=sched.max_queue, queue_timeout_s=sched.queue_timeout_s,
                     priority=sched.priority, aging_s=sched.aging_s,
                     max_bypass_s=sched.max_bypass_s, max_running=sched.max_running,
-                    overlap_evict_idle_s=sched.overlap_evict_idle_s)
+                    overlap_evict_idle_s=sched.overlap_evict_idle_s, cards=cards)
     if per_card is not None:
         return per_card.scheduler(lambda: _locked(reactor, registry, sched, evicting))
     return _locked(reactor, registry, sched, evicting)
@@ -262,7 +269,7 @@ class Jobs:
         scheduler = self._scheduler()
         if self._profiles is None or not isinstance(scheduler, Auto):
             return
-        seen = oom_peak_mib(scheduler.budget(), name)
+        seen = scheduler.oom_peak_mib(name)
         if seen is not None:
             log.warn("{name}: out of memory beside other jobs; its job peak is now at least "
                      "{mib} MiB, and the request is replayed alone", name=name, mib=seen)

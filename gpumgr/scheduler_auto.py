@@ -4,7 +4,7 @@
 wait deadline, cancellable) but asks `gpumgr.budget.decide` for each waiting
 job, in priority order: a job that fits may start before an earlier one that
 does not (backfill), but the head of the queue is overtaken for at most
-`max_bypass_s`; after that nothing else starts until it does.
+`max_bypass_s`; after that only jobs that cannot delay it start.
 
 A GPU job is started with a `Grant`: the evictions and the load its decision
 chose (it carries them out), a call to say that part is over, and a way to
@@ -14,35 +14,36 @@ unload) runs alone on the card.
 
 The slot is released in one place (`_finished`), which every path out of a
 running job reaches.
+
+With several cards (`cards`, gpumgr.auto_cards) each job lives on its
+consumer's cards and is decided on each card's own figures; loads, unloads,
+jobs alone and `max_running` are per card, so jobs on different cards never
+wait for each other.
 """
 
 from __future__ import annotations
 
-import collections
 import itertools
 import math
 from typing import Any, Callable, Mapping
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gpumgr.auto_cards import AutoCards, CardBooks, CardClaims, combine, heads_of, shares_card
 from gpumgr.budget import Ask, Decision, Refuse, Start, Wait, WaitReason, decide
-from gpumgr.budget_figures import (
-    BudgetStatus,
-    Figures,
-    ProfileOf,
-    WaitingJob,
-    budget_status,
-    quiet_other_mib,
-    with_running,
-)
+from gpumgr.budget_figures import (BudgetStatus, Figures, ProfileOf, WaitingJob,
+                                   budget_status, oom_peak_mib)
 from gpumgr.errors import GpumgrError, InsufficientVram, QueueFull, QueueTimeout
 from gpumgr.memory import FigureSource, MemoryFigure, MemoryProfile
 from gpumgr.queue_policy import QueuedJob, Waiting, effective_priority
 from gpumgr.registry import Registry
 from gpumgr.scheduler import Holder, Job, SchedulerStats, TicketState, _IdleWaiters
 from gpumgr.states import SchedulerMode
+
+log = Logger()
 
 _NOTHING = MemoryProfile(MemoryFigure(0, FigureSource.CONFIG), MemoryFigure(0, FigureSource.CONFIG))
 
@@ -90,6 +91,8 @@ class _Ticket:
         #: When a later job first started ahead of it.
         self.bypassed_since: float | None = None
         self.request_id: str | None = None
+        #: The cards it runs on (one card: card 0).
+        self.cards: tuple[int, ...] = (0,)
 
 
 class Auto:
@@ -111,10 +114,15 @@ class Auto:
         max_bypass_s: float = 30.0,
         max_running: int = 8,
         overlap_evict_idle_s: float | None = 120.0,
+        cards: AutoCards | None = None,
     ) -> None:
+        """`figures`: the one card's; with `cards` (several cards), each card's
+        figures come from `cards.figures` instead."""
         self._clock = clock
         self._registry = registry
-        self._figures = figures
+        self._cards = cards
+        self._card_figures: Callable[[int], Figures] = (
+            cards.figures if cards is not None else lambda _card: figures())
         self._profile_of = profile_of
         self._may_evict = may_evict
         self.capacity = None
@@ -123,20 +131,16 @@ class Auto:
         self._seq = itertools.count()
         self._waiting: list[_Ticket] = []
         self._running: set[_Ticket] = set()
-        self._control: _Ticket | None = None
-        self._alone_for: _Ticket | None = None
-        self._alone_waiters: list[defer.Deferred[None]] = []
+        #: Per card: a load or unload in progress, jobs waiting to run alone.
+        self._claims: CardClaims[_Ticket] = CardClaims()
         self._total = 0
         self._rejected = 0
         self._last_wait_ms = 0
         self._last_run_ms = 0
         self.max_running_seen = 0
-        #: (when, MiB): the job peaks of the last jobs that ended, for a sample
-        #: taken before they ended (gpumgr.budget_figures.with_running).
-        self._released: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
         self._overlap_evict_idle_s = overlap_evict_idle_s
-        #: Others' memory on the last quiet reading (no job, no load or unload).
-        self._quiet_other_mib = 0
+        #: Per card: job peaks that ended lately, others' memory when quiet.
+        self._books = CardBooks()
         self._dispatching = False
         self._again = False
         self._closed: GpumgrError | None = None
@@ -212,15 +216,25 @@ class Auto:
             WaitingJob(c, k, None if r is None else r.value, d)
             for c, k, r, d in self.waiting_reasons()))
 
-    def running_profiles(self) -> dict[str, tuple[MemoryProfile, ...]]:
+    def running_profiles(self, card: int | None = None) -> dict[str, tuple[MemoryProfile, ...]]:
+        """The running jobs' profiles by consumer (on `card`: the jobs there)."""
         running: dict[str, list[MemoryProfile]] = {}
         for t in sorted(self._running, key=lambda t: t.seq):
-            running.setdefault(t.consumer, []).append(t.profile)
+            if card is None or card in t.cards:
+                running.setdefault(t.consumer, []).append(t.profile)
         return {n: tuple(p) for n, p in running.items()}
 
-    def budget(self) -> Figures:
-        """The figures with the running jobs in them (status, metrics)."""
-        return self._current_figures()
+    def budget(self, card: int = 0) -> Figures:
+        """`card`'s figures with the running jobs in them (status, metrics)."""
+        return self._current_figures(card)
+
+    def oom_peak_mib(self, consumer: str) -> int | None:
+        """A running job of `consumer` answered out of memory: the least job
+        peak that explains it, on the card with the least room it had."""
+        cards = next((t.cards for t in self._running if t.consumer == consumer), (0,))
+        seen = [p for p in (oom_peak_mib(self._current_figures(c), consumer) for c in cards)
+                if p is not None]
+        return min(seen, default=None)
 
     def stats(self) -> SchedulerStats:
         by_kind: dict[str, int] = {}
@@ -247,6 +261,15 @@ class Auto:
                     self._clock.seconds())
         t.alone = alone
         t.request_id = request_id
+        if self._cards is not None:
+            try:
+                t.cards = tuple(sorted(set(self._cards.cards_for_job(consumer)))) or (0,)
+            except Exception as e:  # a placement that failed must not take the broker down
+                log.failure("placing {consumer} failed", consumer=consumer)
+                return defer.fail(e)
+            refusal = self._cards.refusal(consumer, t.cards)
+            if refusal is not None:
+                return defer.fail(refusal)
         t.outer = defer.Deferred(lambda _d: self._cancel(t))
         if len(self._waiting) >= self._max_queue:
             self._rejected += 1
@@ -268,48 +291,48 @@ class Auto:
         return sorted(self._waiting, key=lambda t: (-effective_priority(
             Waiting(t.seq, t.priority, t.enqueued_at), now, self._aging_s), t.seq))
 
-    def _decide(self, t: _Ticket, figures: Figures) -> Decision:
-        if self._alone_for is not None:
-            return Wait(WaitReason.ALONE, f"a job of {self._alone_for.consumer} replays alone")
-        if any(r.alone for r in self._running):
+    def _decide(self, t: _Ticket, figures: Mapping[int, Figures]) -> Decision:
+        """Asked on each of its cards (figures: card -> its figures), combined."""
+        alone = self._claims.alone_near(t.cards)
+        if alone is not None:
+            return Wait(WaitReason.ALONE, f"a job of {alone.consumer} replays alone")
+        near = [r for r in self._running if shares_card(r.cards, t.cards)]
+        if any(r.alone for r in near):
             return Wait(WaitReason.ALONE, "a load or unload runs alone")
         if t.alone:
-            if self._running:
+            if near:
                 return Wait(WaitReason.ALONE, "a load or unload waits for an idle card")
             return Start()
-        if t.consumer not in figures.holdings:
+        if any(t.consumer not in figures[c].holdings for c in t.cards):
             return Start()  # removed by a reload: the job fails at once (ConsumerRemoved)
         profile = self._profile_of(t.consumer, t.model)
         if profile is None:
             return Start()
         t.profile = profile
-        control = None if self._control is None else self._control.consumer
-        return decide(figures.card, figures.holdings, Ask(t.consumer, profile), control,
-                      self._max_running, self._may_evict, now=self._clock.seconds(),
-                      overlap_evict_idle_s=self._overlap_evict_idle_s)
+        decisions = []
+        for card in t.cards:
+            f = figures[card]
+            decisions.append(decide(
+                f.card, f.holdings, Ask(t.consumer, profile), self._claims.control_on(card),
+                self._max_running, self._may_evict, now=self._clock.seconds(),
+                overlap_evict_idle_s=self._overlap_evict_idle_s))
+        return combine(decisions)
 
-    def _current_figures(self) -> Figures:
-        """The budget's figures now: the running jobs added, and others'
-        memory never below what the last quiet reading showed."""
-        raw = self._figures()
-        last_end = self._released[-1][0] if self._released else None
-        if (not self._running and raw.sampled_at is not None
-                and (last_end is None or raw.sampled_at > last_end)):
-            quiet = quiet_other_mib(raw)
-            if quiet is not None:
-                self._quiet_other_mib = quiet
-        return with_running(raw, self.running_profiles(), self._released,
-                            other_floor_mib=self._quiet_other_mib)
+    def _current_figures(self, card: int = 0) -> Figures:
+        """`card`'s budget figures now: its running jobs added, and others'
+        memory never below what its last quiet reading showed."""
+        return self._books.current(card, self._card_figures(card), self.running_profiles(card),
+                                   quiet=not any(card in r.cards for r in self._running))
 
     def _would_delay(self, head: _Ticket, t: _Ticket, start: Start) -> bool:
-        """Could starting `t` keep the oldest job waiting once the jobs that
-        hold it up now have ended? Not if `t` loads and unloads nothing and
-        the oldest job would start beside `t` alone (its memory, exclusivity
-        and concurrency checked as they would be then)."""
+        """Could `t` keep `head` waiting once what holds it up has ended? Not if `t`
+        loads nothing and `head` would start beside `t` alone (EASY backfill)."""
         if start.control:
             return True
-        beside_t = with_running(self._figures(), {t.consumer: (t.profile,)}, self._released,
-                                other_floor_mib=self._quiet_other_mib)
+        beside_t = {card: self._books.current(
+            card, self._card_figures(card),
+            {t.consumer: (t.profile,)} if card in t.cards else {}, quiet=False)
+            for card in head.cards}
         return not isinstance(self._decide(head, beside_t), Start)
 
     def _dispatch(self) -> None:
@@ -330,9 +353,8 @@ class Auto:
         order = self._order()
         if not order:
             return
-        head = order[0]
         now = self._clock.seconds()
-        figures = self._current_figures()
+        figures = {c: self._current_figures(c) for c in sorted({c for t in order for c in t.cards})}
         for t in order:
             decision = self._decide(t, figures)
             if isinstance(decision, Refuse):
@@ -347,15 +369,17 @@ class Auto:
             if isinstance(decision, Wait):
                 t.why = decision
                 continue
-            if t is not head:
-                if head.bypassed_since is not None \
-                        and now - head.bypassed_since >= self._max_bypass_s \
-                        and self._would_delay(head, t, decision):
-                    t.why = Wait(WaitReason.BYPASS, f"the oldest job ({head.consumer}) was "
-                                 f"overtaken for {self._max_bypass_s:g}s (scheduler.max_bypass_s)")
-                    continue
-                if head.bypassed_since is None:
-                    head.bypassed_since = now
+            heads = heads_of(order, t)
+            over = [h for h in heads if h.bypassed_since is not None
+                    and now - h.bypassed_since >= self._max_bypass_s
+                    and self._would_delay(h, t, decision)]
+            if over:
+                t.why = Wait(WaitReason.BYPASS, f"the oldest job ({over[0].consumer}) was "
+                             f"overtaken for {self._max_bypass_s:g}s (scheduler.max_bypass_s)")
+                continue
+            for h in heads:
+                if h.bypassed_since is None:
+                    h.bypassed_since = now
             self._start(t, decision)
             self._again = True
             return
@@ -370,8 +394,9 @@ class Auto:
         t.started_at = now
         t.why = None
         self._running.add(t)
-        if start.control:
-            self._control = t
+        if start.control:  # its load and unloads: its cards and its victims'
+            cards_of = self._cards.cards_of if self._cards is not None else lambda _v: (0,)
+            self._claims.take_control(t, {*t.cards, *(c for v in start.victims for c in cards_of(v))})
         self.max_running_seen = max(self.max_running_seen, len(self._running))
         self._total += 1
         self._last_wait_ms = int((now - t.enqueued_at) * 1000)
@@ -385,17 +410,13 @@ class Auto:
             now = self._clock.seconds()
             t.state = TicketState.DONE
             self._running.discard(t)
-            if self._control is t:
-                self._control = None
-            if self._alone_for is t:
-                self._alone_for = None
-                self._alone_waiters = []  # its own: cancelled with it
+            self._claims.ended(t)
             self._last_run_ms = int((now - started_at) * 1000)
             if not t.control:
                 self._registry.job_ended(t.consumer, now)
-            self._released.append((now, t.profile.job_peak.mib))
+            self._books.ended(t.cards, now, t.profile.job_peak.mib)
         finally:
-            self._fire_alone()
+            self._claims.fire(self._running)
             self._dispatch()
             if not self._running:
                 self._idle.fire()
@@ -408,27 +429,13 @@ class Auto:
                 outer.callback(result)
 
     def _control_done(self, t: _Ticket) -> None:
-        if self._control is t:
-            self._control = None
+        if self._claims.release_control(t):
             self._dispatch()
 
     def _alone(self, t: _Ticket) -> defer.Deferred[None]:
         if t.state is not TicketState.RUNNING:
             return defer.succeed(None)
-        self._alone_for = t
-        d: defer.Deferred[None] = defer.Deferred()
-        self._alone_waiters.append(d)
-        self._fire_alone()
-        return d
-
-    def _fire_alone(self) -> None:
-        t = self._alone_for
-        if t is None or self._running - {t}:
-            return
-        fired, self._alone_waiters = self._alone_waiters, []
-        for d in fired:
-            if not d.called:
-                d.callback(None)
+        return self._claims.wait_alone(t, self._running)
 
     def _drop(self, t: _Ticket) -> None:
         t.state = TicketState.DROPPED

@@ -132,13 +132,6 @@ def parse_config(raw: Any, source: str, environ: Mapping[str, str] | None = None
         raise ConfigError(source, f"consumers.{looping}.url",
                           f"points at gpumgr's own listen address ({listen}); gpumgr would "
                           "proxy to itself and wait for its own GPU lock")
-    if scheduler.auto:
-        spread = [n for n, c in consumers.items() if c.gpu.auto or c.gpu.cards != (0,)]
-        if spread:
-            raise ConfigError(source, "scheduler.capacity",
-                              f"auto admits on one card's memory, and {', '.join(spread)} "
-                              "lives off card 0 (consumers.<name>.gpu): use an integer "
-                              "capacity (it applies per card) on a box with several cards")
     return Config(
         source=source,
         listen=listen,

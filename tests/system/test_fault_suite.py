@@ -156,6 +156,11 @@ EXPECTED_WARNINGS = {
     ("gpumgr.jobs", "{name}: a job held the GPU past job_timeout_s; it was aborted"),
     ("gpumgr.renders", "{name}: render {id} ran past job_timeout_s ({s:g}s); stopping "
                       "it, and holding the GPU until {name} shows it ended"),
+    # The same since DELETE /v1/requests shares it (render_timeout_running).
+    ("gpumgr.renders", "{name}: render {id} {what}; stopping it, and holding the GPU "
+                      "until {name} shows it ended"),
+    # The nvidia-smi stream while jobs run (smi_garbage, smi_driver): restarted.
+    ("gpumgr.gpu_stream", "GPU stream: {why}; restarting in {s:g}s (periodic sampling goes on)"),
     ("gpumgr.renders", "{name}: polling render {id} failed: {e}"),
     # A hung render past job_timeout_s on a ComfyUI the injector just stopped.
     ("gpumgr.renders", "{name}: stopping render {id} failed: {e}"),
@@ -1281,9 +1286,10 @@ def summarise(records: list[Record], injector: Injector, service: GpumgrService,
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize(("capacity", "two_cards"), [(1, False), ("auto", False), (1, True)],
+@pytest.mark.parametrize(("capacity", "two_cards"),
+                         [(1, False), ("auto", False), (1, True), ("auto", True)],
                          ids=["capacity 1, one card", "capacity auto, one card",
-                              "capacity 1, two cards"])
+                              "capacity 1, two cards", "capacity auto, two cards"])
 @pytest_twisted.ensureDeferred
 async def test_seeded_faults_keep_every_promise(tmp_path, capsys, capacity, two_cards):
     seed = int(os.environ.get("GPUMGR_FAULT_SEED", DEFAULT_SEED))
