@@ -304,6 +304,9 @@ def run_column(name: str, capacity, contention, trace, scale: float, tmp: str,
             oom_retries=s1["oom_retries"] - s0["oom_retries"],
             max_jobs_at_once=stats1["max_active_jobs"],
             capacity=status1["scheduler"]["capacity"],
+            # The figures admission used at the end: each consumer's resident and
+            # job peak, and where each came from (config, measured, oom).
+            memory={n: c.get("memory") for n, c in status1["consumers"].items()},
         )
         return out
     finally:

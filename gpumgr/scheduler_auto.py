@@ -394,6 +394,12 @@ class Auto:
         t.started_at = now
         t.why = None
         self._running.add(t)
+        if start.victims:
+            card = self._current_figures(t.cards[0]).card
+            log.info("{name} starts once {victims} are evicted (card: {total} MiB, others "
+                     "{other} MiB, headroom {headroom} MiB)", name=t.consumer,
+                     victims=", ".join(start.victims), total=card.total_mib,
+                     other=card.other_mib, headroom=card.headroom_mib)
         if start.control:  # its load and unloads: its cards and its victims'
             cards_of = self._cards.cards_of if self._cards is not None else lambda _v: (0,)
             self._claims.take_control(t, {*t.cards, *(c for v in start.victims for c in cards_of(v))})
