@@ -75,6 +75,8 @@ class _Lines(ProcessProtocol):
         self._partial = b""
         self._err = b""
         self.exited = False
+        #: Ended, or its pipes closed after KILL: it holds nothing of ours any more.
+        self.gone = False
 
     def outReceived(self, data: bytes) -> None:
         self._partial += data
@@ -108,9 +110,11 @@ class _Lines(ProcessProtocol):
             pass
         if self.transport is not None:
             self.transport.loseConnection()
+        self.gone = True
 
     def processEnded(self, reason: Failure) -> None:
         self.exited = True
+        self.gone = True
         self._ended(self, reason)
 
 
@@ -128,6 +132,8 @@ class GpuStream:
         self._fallback = fallback
         self._wanted = False
         self._procs: dict[str, _Lines] = {}
+        #: Stopped, and not gone yet (TERM sent; KILL and the pipes closed after a grace).
+        self._dying: list[_Lines] = []
         self._restart: IDelayedCall | None = None
         self._watchdog: IDelayedCall | None = None
         self._backoff_s = FIRST_BACKOFF_S
@@ -147,6 +153,11 @@ class GpuStream:
     @property
     def running(self) -> bool:
         return bool(self._procs)
+
+    @property
+    def live_processes(self) -> int:
+        """Its processes, stopped ones not yet gone included (they hold pipes)."""
+        return len(self._procs) + sum(1 for p in self._dying if not p.gone)
 
     @property
     def wanted(self) -> bool:
@@ -196,6 +207,7 @@ class GpuStream:
         self._cancel(self._watchdog)
         self._watchdog = None
         procs, self._procs = list(self._procs.values()), {}
+        self._dying = [p for p in self._dying if not p.gone] + procs
         for proto in procs:
             proto.kill()
             # Whatever it does with TERM, it is gone (or given up on) shortly.

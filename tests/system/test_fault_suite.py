@@ -100,6 +100,7 @@ from twisted.web.http_headers import Headers
 
 from gpumgr import errors
 from gpumgr import service as service_module
+from gpumgr.measure import activity_of
 from gpumgr.reload import ReloadOutcome
 from gpumgr.service import GpumgrService
 from gpumgr.testing import (
@@ -1232,8 +1233,26 @@ async def idle_fds_and_rss(service: GpumgrService, url: str, ports: set[int],
     assert reply.code == 200, collector.body
     await clients.close()
     await sleep(service_module._IDLE_CONNECTION_S + 1.0)
+    await stream_stopped(service)
     gc.collect()
     return await quiet_census(ports, service), rss_mib()
+
+
+async def stream_stopped(service: GpumgrService) -> None:
+    """The nvidia-smi stream runs while jobs run, and stops two loop periods
+    after they end: its processes' pipes are not a leak, but one that never
+    stops on an idle card is (a job count that leaked keeps it wanted)."""
+    stream = service.broker.measuring.stream
+    if stream is None:
+        return
+    try:
+        await wait_for(lambda: not stream.wanted and stream.live_processes == 0,
+                       timeout_s=10.0, step_s=0.05)
+    except AssertionError:
+        activity = activity_of(service.broker.registry, service.scheduler)
+        raise AssertionError(f"the nvidia-smi stream still runs on an idle card: wanted "
+                             f"{stream.wanted}, {stream.live_processes} process(es); "
+                             f"{activity}") from None
 
 
 def variant_outcomes(records: list[Record]) -> dict[str, int]:

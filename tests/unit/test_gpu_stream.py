@@ -242,3 +242,18 @@ def test_a_failing_busy_check_is_logged_and_checking_goes_on():
     reactor.advance(0.2)
     assert len(calls) == 2
     demand.stop()
+
+
+def test_a_stopped_stream_counts_its_processes_until_they_are_gone():
+    reactor, stream, _ = make()
+    stream.start()
+    assert stream.live_processes == 2
+    stream.stop()
+    assert not stream.running and stream.live_processes == 2  # TERM sent, still there
+    gpu, apps = (p for _, p in reactor.spawned)
+    gpu.processEnded(Failure(error.ProcessTerminated(signal=15)))
+    assert stream.live_processes == 1
+    # The other ignores TERM (or a child of it holds its output): after the
+    # grace it is killed and its pipes closed; it holds nothing of ours then.
+    reactor.advance(60)
+    assert apps.transport.closed and stream.live_processes == 0
