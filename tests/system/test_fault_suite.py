@@ -776,6 +776,40 @@ def fd_census(consumer_ports: set[int], service: GpumgrService) -> Census:
     return Census(links, sum(kinds.values()), tuple(sorted(kinds.items())), 2 * pooled)
 
 
+def pipe_holders() -> dict[str, int]:
+    """Our pipes, by what holds their other end: a process's command line
+    (several of ours may lead to one), or "ours" when both ends are ours."""
+    mine: collections.Counter[str] = collections.Counter()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("pipe:"):
+            mine[target] += 1
+    holders: dict[str, str] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace")[:120]
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target in mine:
+                holders.setdefault(target, f"pid {pid}: {cmd}")
+    by: collections.Counter[str] = collections.Counter()
+    for pipe, n in mine.items():
+        by[holders.get(pipe, "ours" if n > 1 else "nobody (its other end closed)")] += n
+    return dict(by.most_common())
+
+
 async def quiet_census(consumer_ports: set[int], service: GpumgrService) -> Census:
     """The quietest of a few readings: a sample of nvidia-smi in flight holds
     pipes for a moment, and a health probe takes a connection out of the pool."""
@@ -1471,7 +1505,7 @@ async def _fault_run(tmp_path: Any, seed: int, capsys: Any, two_cards: bool = Fa
         assert rss_after - rss_before <= RSS_SLACK_MIB, \
             f"RSS grew by {rss_after - rss_before:.1f} MiB"
         assert fds_after.other <= fds_before.other, \
-            f"descriptors leaked: {fds_before} -> {fds_after}"
+            f"descriptors leaked: {fds_before} -> {fds_after}; our pipes now: {pipe_holders()}"
         # Every upstream socket left is an idle keep-alive connection in
         # gpumgr's pools (health probes every 0.25 s keep up to
         # maxPersistentPerHost = 2 per consumer alive in the control pool),
