@@ -331,8 +331,8 @@ class GpuSampler:
         while it runs, else one taken now. Never fails."""
         stream = self.stream
         if stream is None or not stream.running:
-            if stream is not None:
-                stream.start()  # for the next ones; its first reading takes a period or two
+            # The stream's demand starts it while the GPU is held (a load or an
+            # unload included): starting it here, it outlived a stopped service.
             return self.sample_now()
         d: defer.Deferred[GpuSample] = defer.Deferred(lambda d: self._waiting.remove(d))
         self._waiting.append(d)

@@ -131,6 +131,7 @@ class GpuStream:
         self._publish = publish
         self._fallback = fallback
         self._wanted = False
+        self._closed = False
         self._procs: dict[str, _Lines] = {}
         #: Stopped, and not gone yet (TERM sent; KILL and the pipes closed after a grace).
         self._dying: list[_Lines] = []
@@ -164,11 +165,21 @@ class GpuStream:
         return self._wanted
 
     def start(self) -> None:
-        """Wanted from now on (no-op if running or waiting to restart)."""
+        """Wanted from now on (no-op if running or waiting to restart, or closed)."""
+        if self._closed:
+            return
         self._wanted = True
         if self._procs or (self._restart is not None and self._restart.active()):
             return
         self._spawn()
+
+    def close(self) -> None:
+        """Stopped for good (the service stops): `start` does nothing until `reopen`."""
+        self._closed = True
+        self.stop()
+
+    def reopen(self) -> None:
+        self._closed = False
 
     def stop(self) -> None:
         """Not wanted: kill both processes, forget partial state."""
@@ -318,6 +329,7 @@ class StreamDemand:
         self._timer: IDelayedCall | None = None
 
     def start(self) -> None:
+        self._stream.reopen()
         if self._timer is None:
             self._timer = self._clock.callLater(0, self._check)
 
@@ -341,4 +353,4 @@ class StreamDemand:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self._stream.stop()
+        self._stream.close()

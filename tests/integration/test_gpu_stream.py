@@ -102,8 +102,10 @@ async def test_fresh_sample_reads_the_stream_while_it_runs(gpu):
                        fallback=lambda: ())
     sampler.stream = stream
     try:
-        first = await sampler.fresh_sample()  # starts the stream; this one is spawned
+        first = await sampler.fresh_sample()  # no stream yet: this one is spawned
         assert first.available and sampler.samples_taken == 1
+        assert not stream.wanted  # and it does not start one: the demand does
+        stream.start()  # as the stream's demand does while the GPU is held
         await wait_for(lambda: len(published) >= 1, timeout_s=20)
         gpu.allocate("comfyui", 4243, "python3 main.py", 3000)
         while True:

@@ -776,6 +776,15 @@ def fd_census(consumer_ports: set[int], service: GpumgrService) -> Census:
     return Census(links, sum(kinds.values()), tuple(sorted(kinds.items())), 2 * pooled)
 
 
+def _parent_of(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return "?"
+    return "us" if int(fields[1]) == os.getpid() else fields[1]
+
+
 def pipe_holders() -> dict[str, int]:
     """Our pipes, by what holds their other end: a process's command line
     (several of ours may lead to one), or "ours" when both ends are ours."""
@@ -793,7 +802,7 @@ def pipe_holders() -> dict[str, int]:
             continue
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace")[:120]
+                cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace")[-160:]
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue
@@ -803,7 +812,7 @@ def pipe_holders() -> dict[str, int]:
             except OSError:
                 continue
             if target in mine:
-                holders.setdefault(target, f"pid {pid}: {cmd}")
+                holders.setdefault(target, f"pid {pid} (parent {_parent_of(pid)}): {cmd}")
     by: collections.Counter[str] = collections.Counter()
     for pipe, n in mine.items():
         by[holders.get(pipe, "ours" if n > 1 else "nobody (its other end closed)")] += n
@@ -814,9 +823,16 @@ async def quiet_census(consumer_ports: set[int], service: GpumgrService) -> Cens
     """The quietest of a few readings: a sample of nvidia-smi in flight holds
     pipes for a moment, and a health probe takes a connection out of the pool."""
     readings = []
-    for _ in range(6):
-        readings.append(fd_census(consumer_ports, service))
+    stream = service.broker.measuring.stream
+    for _ in range(60):
+        # A reading while the nvidia-smi stream runs (an idle unload holds the
+        # GPU) counts its pipes; `stream_stopped` shows it stops on its own.
+        if stream is None or stream.live_processes == 0:
+            readings.append(fd_census(consumer_ports, service))
+            if len(readings) == 6:
+                break
         await sleep(0.1)
+    assert readings, "the nvidia-smi stream ran for 6 s on an idle card"
     return min(readings, key=lambda c: (c.consumer_links != c.pooled_links, c.total))
 
 

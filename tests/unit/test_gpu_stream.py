@@ -257,3 +257,29 @@ def test_a_stopped_stream_counts_its_processes_until_they_are_gone():
     # grace it is killed and its pipes closed; it holds nothing of ours then.
     reactor.advance(60)
     assert apps.transport.closed and stream.live_processes == 0
+
+
+def test_a_closed_stream_never_starts_again_until_reopened():
+    # A late caller (a settle wait finishing as the service stops) must not
+    # leave nvidia-smi running behind a stopped service.
+    reactor, stream, _ = make()
+    stream.close()
+    stream.start()
+    assert reactor.spawned == [] and not stream.wanted
+    stream.reopen()
+    stream.start()
+    assert len(reactor.spawned) == 2
+
+
+def test_stopping_the_demand_closes_the_stream_and_starting_it_reopens():
+    reactor, stream, _ = make()
+    demand = StreamDemand(reactor, stream, busy=lambda: True)
+    demand.start()
+    reactor.advance(0)
+    assert stream.running
+    demand.stop()
+    stream.start()
+    assert not stream.running and not stream.wanted
+    demand.start()
+    reactor.advance(0)
+    assert stream.running
