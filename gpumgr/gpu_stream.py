@@ -77,6 +77,8 @@ class _Lines(ProcessProtocol):
         self.exited = False
         #: Ended, or its pipes closed after KILL: it holds nothing of ours any more.
         self.gone = False
+        #: TERM sent (KILL follows after a grace).
+        self.killing = False
 
     def outReceived(self, data: bytes) -> None:
         self._partial += data
@@ -133,8 +135,9 @@ class GpuStream:
         self._wanted = False
         self._closed = False
         self._procs: dict[str, _Lines] = {}
-        #: Stopped, and not gone yet (TERM sent; KILL and the pipes closed after a grace).
-        self._dying: list[_Lines] = []
+        #: Every process it spawned that has not ended: what `stop` kills, and
+        #: what `live_processes` counts, whatever path lost sight of one.
+        self._spawned: set[_Lines] = set()
         self._restart: IDelayedCall | None = None
         self._watchdog: IDelayedCall | None = None
         self._backoff_s = FIRST_BACKOFF_S
@@ -157,8 +160,9 @@ class GpuStream:
 
     @property
     def live_processes(self) -> int:
-        """Its processes, stopped ones not yet gone included (they hold pipes)."""
-        return len(self._procs) + sum(1 for p in self._dying if not p.gone)
+        """Its processes not ended yet, stopped ones included (they hold pipes)."""
+        self._spawned = {p for p in self._spawned if not p.gone}
+        return len(self._spawned)
 
     @property
     def wanted(self) -> bool:
@@ -212,14 +216,16 @@ class GpuStream:
                 self._failed(f"cannot run {base[0]}: {e}")
                 return
             self._procs[name] = proto
+            self._spawned.add(proto)
         self._arm_watchdog()
 
     def _kill_all(self) -> None:
         self._cancel(self._watchdog)
         self._watchdog = None
-        procs, self._procs = list(self._procs.values()), {}
-        self._dying = [p for p in self._dying if not p.gone] + procs
+        self._procs = {}
+        procs = [p for p in self._spawned if not p.gone and not p.killing]
         for proto in procs:
+            proto.killing = True
             proto.kill()
             # Whatever it does with TERM, it is gone (or given up on) shortly.
             self._clock.callLater(_KILL_GRACE_S, lambda p=proto: None if p.exited else p.force())
