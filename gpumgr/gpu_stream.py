@@ -81,6 +81,8 @@ class _Lines(ProcessProtocol):
         self.killing = False
 
     def outReceived(self, data: bytes) -> None:
+        if self.killing:
+            return  # stopped: what it still prints is no one's (and no reason to restart again)
         self._partial += data
         *complete, self._partial = self._partial.split(b"\n")
         if len(self._partial) > MAX_LINE_BYTES:
@@ -241,8 +243,8 @@ class GpuStream:
 
     def _failed(self, why: str) -> None:
         self._kill_all()
-        if not self._wanted:
-            return
+        if not self._wanted or (self._restart is not None and self._restart.active()):
+            return  # a restart is already on its way: two would spawn two pairs
         log.warn("GPU stream: {why}; restarting in {s:g}s (periodic sampling goes on)",
                  why=why, s=self._backoff_s)
         self.restarts += 1

@@ -283,3 +283,21 @@ def test_stopping_the_demand_closes_the_stream_and_starting_it_reopens():
     demand.start()
     reactor.advance(0)
     assert stream.running
+
+
+def test_a_stopped_process_that_still_prints_garbage_does_not_restart_twice():
+    # The smi_garbage fault: the killed pair's buffered output arrived after
+    # the kill, failed the stream a second time, and two restarts spawned two
+    # pairs; the first went untracked and outlived the service.
+    reactor, stream, _ = make()
+    stream.start()
+    gpu, apps = (p for _, p in reactor.spawned)
+    gpu.outReceived(b"\x00\x7fthis is not csv at all\n")  # kills both, one restart
+    apps.outReceived(b"\x00\x7fmore garbage\n")  # from a killed process: ignored
+    stream._failed("the watchdog fired as well")  # and a second failure meanwhile
+    reactor.advance(FIRST_BACKOFF_S * 4)
+    assert len(reactor.spawned) == 4  # one new pair, not two
+    assert stream.live_processes == 2  # the new pair; the old one was killed after its grace
+    stream.stop()
+    reactor.advance(60)
+    assert stream.live_processes == 0
