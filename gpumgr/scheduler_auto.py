@@ -160,8 +160,6 @@ class Auto:
         if dispatch:
             self.poke()
 
-    # -- the seam ------------------------------------------------------------
-
     def run(self, consumer: str, job: Job, kind: str | None = None,
             control: bool = False, request_id: str | None = None) -> defer.Deferred[Any]:
         """A job that knows nothing of grants (a load, an unload: `control`)
@@ -248,8 +246,6 @@ class Auto:
             rejected=self._rejected, queued_by_kind=by_kind,
             holders=tuple(Holder(t.consumer, t.kind, t.started_at, t.control)
                           for t in sorted(self._running, key=lambda t: t.seq)))
-
-    # -- internals -------------------------------------------------------------
 
     def _enqueue(self, consumer: str, job: GrantedJob, kind: str | None, model: str | None,
                  control: bool, alone: bool,
@@ -395,11 +391,8 @@ class Auto:
         t.why = None
         self._running.add(t)
         if start.victims:
-            card = self._current_figures(t.cards[0]).card
-            log.info("{name} starts once {victims} are evicted (card: {total} MiB, others "
-                     "{other} MiB, headroom {headroom} MiB)", name=t.consumer,
-                     victims=", ".join(start.victims), total=card.total_mib,
-                     other=card.other_mib, headroom=card.headroom_mib)
+            log.info("{name} starts once {victims} are evicted ({card})", name=t.consumer,
+                     victims=", ".join(start.victims), card=self._current_figures(t.cards[0]).card)
         if start.control:  # its load and unloads: its cards and its victims'
             cards_of = self._cards.cards_of if self._cards is not None else lambda _v: (0,)
             self._claims.take_control(t, {*t.cards, *(c for v in start.victims for c in cards_of(v))})
