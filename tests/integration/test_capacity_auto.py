@@ -168,19 +168,41 @@ async def test_an_oom_raises_the_peak_which_is_kept_and_used(world, start_broker
 
 @pytest_twisted.ensureDeferred
 async def test_the_oldest_job_is_overtaken_only_for_max_bypass_s(world, start_broker, client):
-    service, url = await auto_broker(world, start_broker, scheduler={"max_bypass_s": 0.5})
+    # T's job peak (1500) keeps S out while T runs, even once L's job ended:
+    # 350 + 2000+1500 + 4000+2000 + 512 > 10000.
+    service, url = await auto_broker(world, start_broker, scheduler={"max_bypass_s": 0.5},
+                                     figures={**FIGURES, "T": (2000, 1500)})
     held = await HeldStream(world["L"]).start(client, url)
     stt = defer.ensureDeferred(client.request("POST", url + "/v1/stt", b"audio"))
     await wait_for(lambda: waiting(service) == [("S", "memory")])
     # T fits beside L's job: it overtakes the waiting S (backfill).
     assert (await client.request("POST", url + "/v1/tts", b"a")).code == 200
     await sleep(0.6)
-    # The bound is spent: T fits, but waits for S now.
+    # The bound is spent: T fits, but would delay S; it waits for S now.
     tts = defer.ensureDeferred(client.request("POST", url + "/v1/tts", b"b"))
     await wait_for(lambda: sorted(waiting(service)) == [("S", "memory"), ("T", "bypass")])
     assert len(world["T"].work_requests()) == 1
     held.release()
     assert (await stt).code == 200 and (await tts).code == 200
+    assert world.gpu.oom_count == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_past_the_bypass_bound_a_job_that_cannot_delay_the_oldest_starts(world,
+                                                                               start_broker,
+                                                                               client):
+    # With T's own figures (2000 + 500), S can start beside T once L's job
+    # ends (evicting the idle L): T never delays S, so it is not held back.
+    service, url = await auto_broker(world, start_broker, scheduler={"max_bypass_s": 0.5})
+    held = await HeldStream(world["L"]).start(client, url)
+    stt = defer.ensureDeferred(client.request("POST", url + "/v1/stt", b"audio"))
+    await wait_for(lambda: waiting(service) == [("S", "memory")])
+    assert (await client.request("POST", url + "/v1/tts", b"a")).code == 200
+    await sleep(0.6)
+    assert (await client.request("POST", url + "/v1/tts", b"b")).code == 200  # past the bound
+    assert waiting(service) == [("S", "memory")] and not stt.called
+    held.release()
+    assert (await stt).code == 200
     assert world.gpu.oom_count == 0
 
 
