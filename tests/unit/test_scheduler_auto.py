@@ -278,23 +278,7 @@ def test_the_card_never_overflows_and_no_slot_leaks(sizes, concurrency, max_runn
     open_control = []
 
     def job_for(name, how):
-        def job(grant):
-            for victim in grant.start.victims:
-                w.loaded.discard(victim)
-            if how == "raise":
-                raise RuntimeError("job blew up")
-            w.loaded.add(name)
-            if how == "sync":
-                grant.control_done()
-                return defer.succeed("sync")
-            d = defer.Deferred()
-            entry = [name, w.profiles[name], d, grant]
-            w.running.append(entry)
-            if grant.start.control:
-                open_control.append(grant)
-            d.addBoth(lambda r: (w.running.remove(entry), r)[1])
-            return d
-        return job
+        return random_job(w, name, how, open_control)
 
     for step in ops:
         if step[0] == "arrive":
@@ -353,3 +337,25 @@ def test_a_job_without_a_grant_runs_alone_and_counts_as_a_job():
     plain.cancel()
     plain.addErrback(lambda f: f.trap(defer.CancelledError))
     assert w.names_running() == ["a"] and w.registry["b"].active == 0
+
+
+def random_job(w, name, how, open_control):
+    """A granted job for the property tests: it carries out its evictions,
+    then raises, ends at once, or runs until the test ends it."""
+    def job(grant):
+        for victim in grant.start.victims:
+            w.loaded.discard(victim)
+        if how == "raise":
+            raise RuntimeError("job blew up")
+        w.loaded.add(name)
+        if how == "sync":
+            grant.control_done()
+            return defer.succeed("sync")
+        d = defer.Deferred()
+        entry = [name, w.profiles[name], d, grant]
+        w.running.append(entry)
+        if grant.start.control:
+            open_control.append(grant)
+        d.addBoth(lambda r: (w.running.remove(entry), r)[1])
+        return d
+    return job

@@ -15,7 +15,7 @@ from gpumgr.budget_figures import Figures
 from gpumgr.errors import GpuMissing, InsufficientVram, QueueFull, QueueTimeout, ShuttingDown
 from gpumgr.eviction import Residency
 from gpumgr.scheduler_auto import Auto
-from tests.unit.test_scheduler_auto import HEADROOM, World, prof
+from tests.unit.test_scheduler_auto import HEADROOM, World, prof, random_job
 
 
 class Cards(World):
@@ -196,23 +196,7 @@ def test_no_card_ever_overflows_and_no_slot_leaks(sizes, homes, concurrency, max
     submitted, outers, open_control = [], [], []
 
     def job_for(name, how):
-        def job(grant):
-            for victim in grant.start.victims:
-                w.loaded.discard(victim)
-            if how == "raise":
-                raise RuntimeError("job blew up")
-            w.loaded.add(name)
-            if how == "sync":
-                grant.control_done()
-                return defer.succeed("sync")
-            d = defer.Deferred()
-            entry = [name, w.profiles[name], d, grant]
-            w.running.append(entry)
-            if grant.start.control:
-                open_control.append(grant)
-            d.addBoth(lambda r: (w.running.remove(entry), r)[1])
-            return d
-        return job
+        return random_job(w, name, how, open_control)
 
     for step in ops:
         if step[0] == "arrive":
