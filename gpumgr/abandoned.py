@@ -134,14 +134,19 @@ def judge(reading: Reading, progress: Progress,
 def reading_of(sample: GpuSample, process_pattern: ProcessNameMatcher | None,
                resident_mib: int,
                service_down: bool = False,
-               service_says_stopped: bool | None = None) -> Reading:
+               service_says_stopped: bool | None = None,
+               cards: tuple[int, ...] | None = None) -> Reading:
     """A Reading from one nvidia-smi sample (pure). `process_pattern` is
-    the consumer's `gpu_process` pattern, or None."""
+    the consumer's `gpu_process` pattern, or None. `cards`: the cards the
+    consumer lives on (a box of several, gpumgr.cards), whose utilisation
+    alone says whether its work stopped (another card's work says nothing);
+    None: every card (one lock for the box; its processes may use any)."""
     if not sample.available:
         return Reading(service_down=service_down, sample_ok=False, resident_mib=resident_mib,
                        service_says_stopped=service_says_stopped)
-    known = [g.utilization_pct for g in sample.gpus if g.utilization_pct is not None]
-    util = max(known) if known and len(known) == len(sample.gpus) else None
+    gpus = sample.gpus if cards is None else [g for g in sample.gpus if g.index in cards]
+    known = [g.utilization_pct for g in gpus if g.utilization_pct is not None]
+    util = max(known) if gpus and len(known) == len(gpus) else None
     process_mib = None
     if process_pattern is not None:
         process_mib = sum(p.used_mib or 0 for p in sample.processes
@@ -204,8 +209,10 @@ class AbandonedWork:
         resident_mib: int = 0,
         is_down: Callable[[], bool] = lambda: False,
         ask_service: Callable[[], Awaitable[bool | None]] | None = None,
+        cards: tuple[int, ...] | None = None,
     ) -> Evidence:
-        """Return once the abandoned work of `name` stopped, or `grace_s` passed."""
+        """Return once the abandoned work of `name` stopped, or `grace_s` passed.
+        `cards`: where it lives, on a box of several (see `reading_of`)."""
         started = self._clock.seconds()
         deadline = started + grace_s
         self._seq += 1
@@ -219,7 +226,8 @@ class AbandonedWork:
             while True:
                 says = None if ask_service is None else await self._ask(ask_service)
                 sample = await _detached(self._sample())
-                reading = reading_of(sample, process_pattern, resident_mib, is_down(), says)
+                reading = reading_of(sample, process_pattern, resident_mib, is_down(), says,
+                                     cards)
                 progress, evidence = judge(reading, progress, self._policy)
                 now = self._clock.seconds()
                 if evidence is None and now >= deadline:

@@ -133,8 +133,10 @@ class Broker:
             abort_jobs=lambda name, why: self.jobs.abort(name, why))
         self.admission = Admission(reactor, lambda: self._config, self.registry, gpu,
                                    self.fleet.load_unload, self.scheduler)
-        if isinstance(self.scheduler, PerCardLocked) or (
-                isinstance(self.scheduler, Auto) and spans_cards(config)):
+        #: Every decision is per card: a lock or a budget for each.
+        per_card = isinstance(self.scheduler, PerCardLocked) or (
+            isinstance(self.scheduler, Auto) and spans_cards(config))
+        if per_card:
             self.admission.cards_of = self.placements.cards_of
             self.fleet.gpu_env = self._gpu_env
         self.proxy = StreamingProxy(reactor, cooperator, self._upstream_error)
@@ -154,6 +156,8 @@ class Broker:
                          self.admission, self.fleet, self.proxy, proxy_agent,
                          self.render_tracker, self.abandoned, evicting=self.evicting,
                          passthrough=self.passing_through, profiles=lambda: self.profiles)
+        if per_card:
+            self.jobs.cards_of = self.placements.cards_of
         #: /v1/ready/<kind>, and the phase the service sets on SIGTERM (gpumgr.balancer).
         self.readiness = ReadinessCheck(lambda: self._config, self.registry,
                                         lambda: self.scheduler, lambda: self.fleet.processes)

@@ -148,6 +148,9 @@ class Jobs:
         self._evicting = evicting
         self._passthrough = passthrough
         self._profiles = profiles
+        #: Where each consumer lives, on a box with a lock or budget per card
+        #: (gpumgr.cards); None: one lock for the box, any card may be its.
+        self.cards_of: Callable[[str], tuple[int, ...]] | None = None
         #: The jobs holding the GPU for each consumer (aborted when it stays down).
         self._running: dict[str, dict[defer.Deferred[Any], Timing]] = {}
 
@@ -330,8 +333,9 @@ class Jobs:
             return driver.work_stopped(self._http, c).addTimeout(
                 self._config().health.timeout_s, self._reactor)
 
+        cards = None if self.cards_of is None else self.cards_of(name)
         await self._abandoned.settle(name, c.abandoned_grace_s, c.gpu_process,
-                                     c.vram_resident_mib, is_down, ask_service)
+                                     c.vram_resident_mib, is_down, ask_service, cards)
 
     # -- the bound, and the jobs a consumer that stays down ends -----------------------
 

@@ -149,6 +149,21 @@ def test_a_reading_takes_the_busiest_gpu_and_the_consumers_own_processes():
     assert not failed.sample_ok
 
 
+def test_on_a_box_of_several_cards_only_the_consumers_own_cards_count():
+    busy_elsewhere = sample([0, 97, 3])
+    # Card 1's work says nothing of work on card 0 or card 2.
+    assert reading_of(busy_elsewhere, None, 0, cards=(0,)).utilization_pct == 0
+    assert reading_of(busy_elsewhere, None, 0, cards=(0, 2)).utilization_pct == 3
+    assert reading_of(busy_elsewhere, None, 0, cards=(1,)).utilization_pct == 97
+    # One lock for the box (cards None): its processes may use any card.
+    assert reading_of(busy_elsewhere, None, 0).utilization_pct == 97
+    # Its card's row is gone, or it is placed nowhere yet: nothing is known.
+    assert reading_of(busy_elsewhere, None, 0, cards=(5,)).utilization_pct is None
+    assert reading_of(busy_elsewhere, None, 0, cards=()).utilization_pct is None
+    # Its card's utilisation unknown (MIG); another card's known one is no stand-in.
+    assert reading_of(sample([0, None]), None, 0, cards=(1,)).utilization_pct is None
+
+
 # -- the waiter, on a task.Clock ------------------------------------------------------------
 
 
