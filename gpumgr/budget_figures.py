@@ -172,15 +172,19 @@ class BudgetStatus:
     free_mib: int | None
     consumers: tuple[ConsumerBudget, ...]
     waiting: tuple[WaitingJob, ...]
+    #: The card these figures are of (one queue: `waiting` is the box's).
+    card: int = 0
 
 
-def budget_status(figures: Figures, waiting: tuple[WaitingJob, ...]) -> BudgetStatus:
+def budget_status(figures: Figures, waiting: tuple[WaitingJob, ...],
+                  card_index: int = 0) -> BudgetStatus:
     card = figures.card
     parts = tuple(ConsumerBudget(h.name, h.held_mib, sum(h.running_peaks_mib), h.running)
                   for h in figures.holdings.values())
     used = card.other_mib + sum(p.resident_mib + p.job_mib for p in parts)
     free = None if card.total_mib is None else card.total_mib - used - card.headroom_mib
-    return BudgetStatus(card.total_mib, card.headroom_mib, card.other_mib, free, parts, waiting)
+    return BudgetStatus(card.total_mib, card.headroom_mib, card.other_mib, free, parts, waiting,
+                        card_index)
 
 
 ProfileOf = Callable[[str, "str | None"], "MemoryProfile | None"]

@@ -223,20 +223,23 @@ def _budget(s: Snapshot) -> Iterator[Metric]:
     """scheduler.capacity auto: the memory budget and why jobs wait."""
     b = s.budget
     assert b is not None
+    budgets = s.card_budgets or (b,)
     parts = GaugeMetricFamily("gpumgr_budget_bytes", "The memory budget (capacity auto): "
-                              "per consumer its resident and running-job parts.",
-                              labels=["consumer", "part"])
-    for c in b.consumers:
-        parts.add_metric([c.name, "resident"], c.resident_mib * _MIB)
-        parts.add_metric([c.name, "job"], c.job_mib * _MIB)
-    yield parts
-    card = GaugeMetricFamily("gpumgr_budget_card_bytes", "The card as the budget sees it: "
+                              "per card and consumer its resident and running-job parts.",
+                              labels=["card", "consumer", "part"])
+    card = GaugeMetricFamily("gpumgr_budget_card_bytes", "Each card as the budget sees it: "
                              "free (after headroom), headroom, other (measured, unaccounted).",
-                             labels=["part"])
-    if b.free_mib is not None:
-        card.add_metric(["free"], b.free_mib * _MIB)
-    card.add_metric(["headroom"], b.headroom_mib * _MIB)
-    card.add_metric(["other"], b.other_mib * _MIB)
+                             labels=["card", "part"])
+    for one in budgets:
+        index = str(one.card)
+        for c in one.consumers:
+            parts.add_metric([index, c.name, "resident"], c.resident_mib * _MIB)
+            parts.add_metric([index, c.name, "job"], c.job_mib * _MIB)
+        if one.free_mib is not None:
+            card.add_metric([index, "free"], one.free_mib * _MIB)
+        card.add_metric([index, "headroom"], one.headroom_mib * _MIB)
+        card.add_metric([index, "other"], one.other_mib * _MIB)
+    yield parts
     yield card
     waiting = GaugeMetricFamily("gpumgr_waiting_jobs", "Waiting jobs by why they wait "
                                 "(capacity auto).", labels=["reason"])

@@ -12,11 +12,12 @@ from gpumgr.states import SchedulerMode
 from gpumgr.abandoned import AbandonedWork
 from gpumgr.admission import Admission
 from gpumgr.config import KINDS, Config
-from gpumgr.gpu import GpuSampler
+from gpumgr.gpu import GpuSample, GpuSampler
 from gpumgr.process import ManagedProcess
 from gpumgr.profile_store import LearnedProfiles
 from gpumgr.balancer import Phase, ReadinessCheck
-from gpumgr.cards import Placements
+from gpumgr.budget_figures import BudgetStatus
+from gpumgr.cards import Placements, spans_cards
 from gpumgr.registry import Health, Registry
 from gpumgr.reload import ReloadHistory
 from gpumgr.renders import RenderTracker
@@ -55,6 +56,16 @@ class Parts:
     #: Where each consumer lives (gpumgr.cards), and the balancer's view.
     placements: Placements | None = None
     readiness: ReadinessCheck | None = None
+
+
+def _card_budgets(p: Parts, config: Config, sample: GpuSample) -> tuple[BudgetStatus, ...]:
+    """capacity auto on a box with a budget per card: each card's budget (the
+    cards nvidia-smi shows and those the consumers live on)."""
+    if not isinstance(p.scheduler, Auto) or p.placements is None or not spans_cards(config):
+        return ()
+    placements = p.placements
+    cards = set(sample.card_indexes).union(*(placements.cards_of(n) for n in config.consumers))
+    return tuple(p.scheduler.budget_status(card) for card in sorted(cards))
 
 
 def take_snapshot(now: float, p: Parts) -> Snapshot:
@@ -100,6 +111,7 @@ def take_snapshot(now: float, p: Parts) -> Snapshot:
         drain_s=dict(p.abandoned.durations_s),
         drain_outcomes=dict(p.abandoned.outcomes),
         budget=p.scheduler.budget_status() if isinstance(p.scheduler, Auto) else None,
+        card_budgets=_card_budgets(p, config, gpu.latest),
         balancer=BalancerSnapshot(
             phase=Phase.SERVING if p.readiness is None else p.readiness.phase,
             box=config.balancer.box,

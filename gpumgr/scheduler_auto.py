@@ -209,10 +209,10 @@ class Auto:
         return tuple((t.consumer, t.kind, t.why.reason if t.why else None,
                       t.why.detail if t.why else "") for t in self._order())
 
-    def budget_status(self) -> BudgetStatus:
-        return budget_status(self.budget(), tuple(
+    def budget_status(self, card: int = 0) -> BudgetStatus:
+        return budget_status(self.budget(card), tuple(
             WaitingJob(c, k, None if r is None else r.value, d)
-            for c, k, r, d in self.waiting_reasons()))
+            for c, k, r, d in self.waiting_reasons()), card)
 
     def running_profiles(self, card: int | None = None) -> dict[str, tuple[MemoryProfile, ...]]:
         """The running jobs' profiles by consumer (on `card`: the jobs there)."""

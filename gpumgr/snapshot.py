@@ -184,4 +184,6 @@ class Snapshot:
     drain_outcomes: dict[str, int] = attrs.Factory(dict)
     #: scheduler.capacity auto: the memory budget and why each waiting job waits.
     budget: BudgetStatus | None = None
+    #: On a box with a budget per card: every card's, in card order (else empty).
+    card_budgets: tuple[BudgetStatus, ...] = ()
     balancer: BalancerSnapshot = BalancerSnapshot()

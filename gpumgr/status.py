@@ -145,7 +145,7 @@ def status_document(s: Snapshot) -> dict[str, Any]:
             ],
             "drains": dict(s.drain_outcomes),
             "recent_events": [_event(e) for e in sched.recent_events],
-            **({} if s.budget is None else {"budget": _budget(s.budget)}),
+            **({} if s.budget is None else {"budget": _budget(s.budget, s.card_budgets)}),
         },
     }
 
@@ -175,13 +175,21 @@ def memory_document(memory: tuple[tuple[str | None, MemoryProfile], ...]) -> dic
     return {"memory": doc}
 
 
-def _budget(b: BudgetStatus) -> dict[str, Any]:
-    """capacity auto: the memory budget, and why each waiting job waits."""
+def _budget(b: BudgetStatus, cards: tuple[BudgetStatus, ...] = ()) -> dict[str, Any]:
+    """capacity auto: the memory budget (card 0's), and why each waiting job
+    waits; on a box with a budget per card, every card's under `cards`."""
+    return {
+        **_card_budget(b),
+        "waiting": [{"consumer": w.consumer, "kind": w.kind, "reason": w.reason,
+                     "detail": w.detail} for w in b.waiting],
+        **({"cards": [{"card": c.card, **_card_budget(c)} for c in cards]} if cards else {}),
+    }
+
+
+def _card_budget(b: BudgetStatus) -> dict[str, Any]:
     return {
         "total_mib": b.total_mib, "headroom_mib": b.headroom_mib, "other_mib": b.other_mib,
         "free_mib": b.free_mib,
         "consumers": {c.name: {"resident_mib": c.resident_mib, "job_mib": c.job_mib,
                                "running": c.running} for c in b.consumers},
-        "waiting": [{"consumer": w.consumer, "kind": w.kind, "reason": w.reason,
-                     "detail": w.detail} for w in b.waiting],
     }

@@ -84,9 +84,11 @@ async def test_side_by_side_when_they_fit_and_a_job_that_does_not_waits(world, s
     assert budget["total_mib"] == GPU_MIB and budget["headroom_mib"] == 512
     assert budget["consumers"]["L"] == {"resident_mib": 3000, "job_mib": 1000, "running": 1}
     assert budget["consumers"]["T"]["job_mib"] == 0 and budget["waiting"][0]["kind"] == "stt"
+    assert "cards" not in budget  # one card: the document of a one-card box
     metrics = parse_metrics((await client.request("GET", url + "/metrics")).body.decode())
     assert metric_value(metrics["gpumgr_waiting_jobs"], reason="memory") == 1
-    assert metric_value(metrics["gpumgr_budget_bytes"], consumer="L", part="job") == 1000 * 2**20
+    assert metric_value(metrics["gpumgr_budget_bytes"], card="0", consumer="L",
+                        part="job") == 1000 * 2**20
     held.release()
     assert (await held.reply).code == 200
     reply = await stt  # memory came back: it runs, never refused

@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet import defer
 
 from gpumgr.testing import Behaviour
-from tests.helpers import HeldStream, wait_for
+from tests.helpers import HeldStream, metric_value, parse_metrics, wait_for
 from tests.integration.test_multi_gpu import broker as _broker
 from tests.integration.test_multi_gpu import on_card, two_card_world
 
@@ -45,8 +45,22 @@ async def test_a_full_card_holds_back_its_own_jobs_only(tmp_path, start_broker, 
         reply = await client.request("POST", url + "/v1/tts", b"t")
         assert reply.code == 200, reply.body
         assert not waiting.called and not held.reply.called
-        (why,) = service.status()["scheduler"]["budget"]["waiting"]
+        budget = service.status()["scheduler"]["budget"]
+        (why,) = budget["waiting"]
         assert (why["consumer"], why["reason"]) == ("F", "memory")
+        # Each card's budget: card 0 at the top level (as on one card), both under `cards`.
+        by_card = {c["card"]: c for c in budget["cards"]}
+        assert sorted(by_card) == [0, 1] and budget["total_mib"] == by_card[0]["total_mib"]
+        assert (by_card[0]["total_mib"], by_card[1]["total_mib"]) == (12288, 16384)
+        assert by_card[0]["consumers"]["L"] == {"resident_mib": 5000, "job_mib": 5000,
+                                                "running": 1}
+        assert set(by_card[1]["consumers"]) == {"T"}
+        assert by_card[1]["consumers"]["T"]["running"] == 0
+        metrics = parse_metrics((await client.request("GET", url + "/metrics")).body.decode())
+        assert metric_value(metrics["gpumgr_budget_bytes"], card="0", consumer="L",
+                            part="job") == 5000 * 2**20
+        assert metric_value(metrics["gpumgr_budget_card_bytes"], card="1",
+                            part="free") == by_card[1]["free_mib"] * 2**20
         held.release()
         assert (await held.reply).code == 200
         assert (await waiting).code == 200
