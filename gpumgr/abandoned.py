@@ -13,6 +13,10 @@ evidence the service stopped, whichever comes first:
 - the service is gone (its port refuses connections, or its owned process exited);
 - the driver asked the service, and it said it ran the request and now runs
   nothing (`IDriver.work_stopped`);
+- a service that runs its work one at a time answered a call that waits its
+  turn behind all it took before (`IDriver.work_barrier`, whisper.cpp), made
+  one sample period after the client left, so that the request the client
+  left is ahead of it;
 - the consumer's own nvidia-smi memory (`gpu_process`) rose above its
   resident figure and came back to it;
 - the card's utilisation stayed below `IDLE_UTILIZATION_PCT` for
@@ -58,6 +62,7 @@ class Evidence(enum.Enum):
 
     SERVICE_DOWN = "service_down"
     SERVICE_SAYS_DONE = "service_says_done"
+    SERVICE_DRAINED = "service_drained"
     MEMORY_BACK = "memory_back"
     GPU_IDLE = "gpu_idle"
     #: Not evidence: the grace ran out.
@@ -79,6 +84,8 @@ class Reading:
     resident_mib: int = 0
     #: The driver asked the service: True nothing runs, False ours runs, None can't tell.
     service_says_stopped: bool | None = None
+    #: The service answered a call that waited behind all it took before (work_barrier).
+    service_drained: bool = False
 
 
 @attrs.frozen
@@ -110,6 +117,8 @@ def judge(reading: Reading, progress: Progress,
     """
     if reading.service_down:
         return progress, Evidence.SERVICE_DOWN
+    if reading.service_drained:
+        return progress, Evidence.SERVICE_DRAINED
     if reading.service_says_stopped is False:
         progress = attrs.evolve(progress, service_said_running=True)
     elif reading.service_says_stopped and progress.service_said_running:
@@ -135,7 +144,8 @@ def reading_of(sample: GpuSample, process_pattern: ProcessNameMatcher | None,
                resident_mib: int,
                service_down: bool = False,
                service_says_stopped: bool | None = None,
-               cards: tuple[int, ...] | None = None) -> Reading:
+               cards: tuple[int, ...] | None = None,
+               service_drained: bool = False) -> Reading:
     """A Reading from one nvidia-smi sample (pure). `process_pattern` is
     the consumer's `gpu_process` pattern, or None. `cards`: the cards the
     consumer lives on (a box of several, gpumgr.cards), whose utilisation
@@ -143,7 +153,8 @@ def reading_of(sample: GpuSample, process_pattern: ProcessNameMatcher | None,
     None: every card (one lock for the box; its processes may use any)."""
     if not sample.available:
         return Reading(service_down=service_down, sample_ok=False, resident_mib=resident_mib,
-                       service_says_stopped=service_says_stopped)
+                       service_says_stopped=service_says_stopped,
+                       service_drained=service_drained)
     gpus = sample.gpus if cards is None else [g for g in sample.gpus if g.index in cards]
     known = [g.utilization_pct for g in gpus if g.utilization_pct is not None]
     util = max(known) if gpus and len(known) == len(gpus) else None
@@ -153,7 +164,7 @@ def reading_of(sample: GpuSample, process_pattern: ProcessNameMatcher | None,
                           if process_pattern.search(p.name))
     return Reading(service_down=service_down, sample_ok=True, utilization_pct=util,
                    process_mib=process_mib, resident_mib=resident_mib,
-                   service_says_stopped=service_says_stopped)
+                   service_says_stopped=service_says_stopped, service_drained=service_drained)
 
 
 @attrs.frozen
@@ -176,6 +187,21 @@ def _detached(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
 
     d.addBoth(relay)
     return out
+
+
+def _take_turn(barrier: Callable[[], defer.Deferred[bool | None]],
+               passed: list[bool]) -> defer.Deferred[None]:
+    """Call the barrier once; `passed` gets True when it answered that all
+    work before it ended. A failure is no evidence (logged at debug)."""
+    def answered(result: bool | None) -> None:
+        if result is True:
+            passed.append(True)
+
+    def failed(f: Any) -> None:
+        if not f.check(defer.CancelledError):
+            log.debug("waiting for the service's turn failed: {e}", e=f.value)
+
+    return barrier().addCallbacks(answered, failed)
 
 
 class AbandonedWork:
@@ -210,9 +236,11 @@ class AbandonedWork:
         is_down: Callable[[], bool] = lambda: False,
         ask_service: Callable[[], Awaitable[bool | None]] | None = None,
         cards: tuple[int, ...] | None = None,
+        barrier: Callable[[], defer.Deferred[bool | None]] | None = None,
     ) -> Evidence:
         """Return once the abandoned work of `name` stopped, or `grace_s` passed.
-        `cards`: where it lives, on a box of several (see `reading_of`)."""
+        `cards`: where it lives, on a box of several (see `reading_of`);
+        `barrier`: the driver's `work_barrier`, called once, a sample period in."""
         started = self._clock.seconds()
         deadline = started + grace_s
         self._seq += 1
@@ -222,12 +250,14 @@ class AbandonedWork:
                  "stops (at most {grace:g}s)", name=name, grace=grace_s)
         progress = Progress()
         outcome = "cancelled"
+        passed: list[bool] = []
+        waiting_turn: defer.Deferred[None] | None = None
         try:
             while True:
                 says = None if ask_service is None else await self._ask(ask_service)
                 sample = await _detached(self._sample())
                 reading = reading_of(sample, process_pattern, resident_mib, is_down(), says,
-                                     cards)
+                                     cards, bool(passed))
                 progress, evidence = judge(reading, progress, self._policy)
                 now = self._clock.seconds()
                 if evidence is None and now >= deadline:
@@ -236,9 +266,13 @@ class AbandonedWork:
                     outcome = evidence.value
                     self._ended(name, evidence, now - started, grace_s)
                     return evidence
+                if barrier is not None and waiting_turn is None and now > started:
+                    waiting_turn = _take_turn(barrier, passed)
                 await task.deferLater(self._clock, min(self._period_s(), deadline - now),
                                       lambda: None)
         finally:
+            if waiting_turn is not None and not waiting_turn.called:
+                waiting_turn.cancel()  # its connection closes; the service answers no one
             del self.draining[key]
             self.outcomes[outcome] += 1
             self.durations_s.setdefault(name, Histogram()).observe(

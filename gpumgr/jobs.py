@@ -335,7 +335,8 @@ class Jobs:
 
         cards = None if self.cards_of is None else self.cards_of(name)
         await self._abandoned.settle(name, c.abandoned_grace_s, c.gpu_process,
-                                     c.vram_resident_mib, is_down, ask_service, cards)
+                                     c.vram_resident_mib, is_down, ask_service, cards,
+                                     lambda: driver.work_barrier(self._http, c))
 
     # -- the bound, and the jobs a consumer that stays down ends -----------------------
 

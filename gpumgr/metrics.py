@@ -118,7 +118,8 @@ def metric_families(s: Snapshot) -> Iterator[Metric]:
                      "client left, waiting for evidence that the service stopped.", s.drain_s)
     drains = CounterMetricFamily("gpumgr_abandoned_drains", "Drains after a client left, by "
                                  "how they ended (gpu_idle, memory_back, service_down, "
-                                 "service_says_done, grace_expired, cancelled).",
+                                 "service_says_done, service_drained, grace_expired, "
+                                 "cancelled).",
                                  labels=["outcome"])
     for outcome, n in sorted(s.drain_outcomes.items()):
         drains.add_metric([outcome], n)

@@ -92,6 +92,12 @@ class IDriver(Interface):
         """After a client left: does the service itself say that nothing runs
         (True), that work runs (False), or can it not tell (None)?"""
 
+    def work_barrier(http: ControlHttp, consumer: ConsumerConfig) -> defer.Deferred[bool | None]:
+        """After a client left, for a service that runs its work one at a time:
+        fires True once everything the service took before this call has ended
+        (the call waits its turn behind it), None where it cannot tell. It may
+        take as long as that work: the caller bounds it, and cancels it."""
+
 
 async def call(http: ControlHttp, consumer: ConsumerConfig, call: HttpCall) -> HttpReply:
     """Make a configured control call; fails unless the service answers 2xx."""
@@ -166,5 +172,9 @@ class BaseDriver:
         return defer.succeed(None)
 
     def work_stopped(self, http: ControlHttp,
+                     consumer: ConsumerConfig) -> defer.Deferred[bool | None]:
+        return defer.succeed(None)
+
+    def work_barrier(self, http: ControlHttp,
                      consumer: ConsumerConfig) -> defer.Deferred[bool | None]:
         return defer.succeed(None)

@@ -5,12 +5,33 @@ has no unload route. Freeing its memory means stopping the process, so run it
 with a `process:` block (gpumgr starts and stops it); without one it is
 pinned. `/health` answers 503 `{"status": "loading model"}` while a
 `POST /load` swaps models: that is starting, not down.
+
+It runs one inference at a time, under one lock (`whisper_mutex` in
+`examples/server/server.cpp`), and its `POST /inference` handler takes that
+lock *before* it looks for the `file` field. So an empty `POST /inference` is
+answered `{"error":"no 'file' field in the request"}` (400; 200 in the
+server's first versions, of November 2023) only once every inference it took
+before has ended: `work_barrier`, the evidence that work a client left is over.
+It costs no GPU time, and the server prints one line to its stderr.
 """
 
 from __future__ import annotations
 
-from gpumgr.drivers.base import BaseDriver, HttpReply
+from twisted.internet import defer
+
+from gpumgr.config import ConsumerConfig
+from gpumgr.drivers.base import BaseDriver, ControlHttp, HttpReply
 from gpumgr.states import Health
+
+#: What whisper-server answers a `POST /inference` without a `file` field.
+NO_FILE_FIELD = b"no 'file' field in the request"
+
+
+def passed_barrier(reply: HttpReply) -> bool | None:
+    """Is this whisper-server's answer to the empty `POST /inference`? (pure)"""
+    if reply.code in (200, 400) and NO_FILE_FIELD in reply.body:
+        return True
+    return None
 
 
 class WhisperCppDriver(BaseDriver):
@@ -25,3 +46,8 @@ class WhisperCppDriver(BaseDriver):
 
     def is_gpu_work(self, method: str, path: str) -> bool:
         return method == "POST" and path in ("/inference", "/load")
+
+    def work_barrier(self, http: ControlHttp,
+                     consumer: ConsumerConfig) -> defer.Deferred[bool | None]:
+        d = http.request("POST", consumer.url_for("/inference"), b"")
+        return d.addCallback(passed_barrier)

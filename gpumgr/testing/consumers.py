@@ -13,8 +13,11 @@ Flavours (see shared CONSUMERS-NOTES for the real behaviour they copy):
 - `ComfyUISim` (`gpumgr.testing.comfyui`): /prompt answers at once; one
   worker renders in order; /history, /queue, /interrupt, /free (a flag the
   worker honours between renders), /view, /upload/image and a WebSocket.
-- `WhisperSim`: /inference, /health; no unload route (pinned). For the real
-  shape, a separate process, see `gpumgr.testing.whisper_server`.
+- `WhisperSim`: /inference, /health; no unload route (pinned). Inference is
+  serialised under one lock, taken before the request's fields are read, so
+  an empty /inference is answered 400 "no 'file' field" once every inference
+  before it ended. For the real shape, a separate process, see
+  `gpumgr.testing.whisper_server`.
 - `MvoiceSim`: /tts returns a WAV and keeps it for GET /audio/<name>;
   /health, /load, /unload.
 """
@@ -38,6 +41,7 @@ from gpumgr.testing.base import (
 )
 from gpumgr.testing.comfyui import ComfyUISim
 from gpumgr.testing.contention import DEFAULT_CONTENTION, SharedCompute
+from gpumgr.testing.multipart import parse_multipart
 from gpumgr.testing.gpu import SimulatedGpu
 from gpumgr.testing.ollama import OllamaSim
 
@@ -69,8 +73,20 @@ class WhisperSim(SimulatedConsumer):
     def is_work(self, method, path, body_head):
         return path == "/inference"
 
+    def __init__(self, world, name, behaviour):
+        super().__init__(world, name, behaviour)
+        #: whisper-server's `whisper_mutex`: one inference at a time, taken
+        #: before the request's fields are looked at.
+        self.turn = defer.DeferredLock()
+
     def inference(self, request):
-        size = self.requests[-1].body_len
+        seen = self.requests[-1]
+        size = seen.body_len
+        # Any body but an empty one or a form without `file` is the audio (the
+        # real server wants the form; the in-process one is lenient for tests).
+        request.content.seek(0)
+        form = parse_multipart(seen.content_type, request.content.read())
+        no_file = size == 0 or (bool(form) and "file" not in form)
 
         @defer.inlineCallbacks
         def work(gone):
@@ -80,7 +96,26 @@ class WhisperSim(SimulatedConsumer):
                 self.finish_with(request, json.dumps(
                     {"text": f" simulated transcript of {size} bytes of audio."}).encode())
 
-        return self.run_job(request, work)
+        def my_turn(_):
+            released: list[bool] = []
+
+            def release():
+                if not released:
+                    released.append(True)
+                    self.turn.release()
+
+            if no_file:
+                release()
+                self.finish_with(request, json_body(
+                    request, {"error": "no 'file' field in the request"}, 400))
+                return
+            answer = self.run_job(request, work, ended=release)
+            if answer is not server.NOT_DONE_YET:
+                release()
+                self.finish_with(request, answer)
+
+        self.turn.acquire().addCallback(my_turn)
+        return server.NOT_DONE_YET
 
 
 class MvoiceSim(SimulatedConsumer):

@@ -14,8 +14,10 @@ to a supervisor:
   only during a ``POST /load``).
 - ``POST /inference``: multipart with a ``file`` field; answers ``{"text": ...}``
   (or ``response_format`` text, verbose_json, srt, vtt). Inference is
-  serialised. Without ``file`` it answers what the real server does: 200 with
-  ``{"error": "no 'file' field in the request"}``.
+  serialised, and the lock is taken before the fields are looked at: without
+  ``file`` it answers what the real server does, once every inference before
+  it ended: 400 ``{"error": "no 'file' field in the request"}`` (and a line on
+  stderr).
 - ``POST /load`` (multipart ``model``) reloads under the inference lock. There is
   no unload route: stopping the process is the unload.
 - SIGTERM or SIGINT: it frees its memory and exits 0 at once. After SIGKILL its
@@ -165,10 +167,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"", "text/plain")
 
     def _inference(self, fields: dict) -> None:
-        if "file" not in fields:
-            self._json({"error": "no 'file' field in the request"})
-            return
         with self.server.inference_lock:
+            if "file" not in fields:
+                _log("error: no 'file' field in the request")
+                self._json({"error": "no 'file' field in the request"}, 400)
+                return
             _log("[REQUEST] New inference request received")
             time.sleep(self.server.options.job_s)
             self.server.inferences += 1

@@ -19,7 +19,7 @@ from twisted.web.client import Agent, FileBodyProducer, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
 from gpumgr.testing import world_config
-from tests.helpers import Collector, wait_for
+from tests.helpers import AUDIO, Collector, wait_for
 
 STREAM = json.dumps({"model": "llama3", "prompt": "a long prompt"}).encode()
 JSON = Headers({b"Content-Type": [b"application/json"]})
@@ -35,6 +35,21 @@ async def locked_broker(world, start_broker, **consumers):
 
 def post(url: str, body: bytes) -> defer.Deferred:
     return Agent(reactor).request(b"POST", url.encode(), JSON, FileBodyProducer(io.BytesIO(body)))
+
+
+async def whisper_client_leaves(world, service, client, url: str):
+    """A transcription starts, a TTS queues behind it, and the transcription's
+    client leaves; returns the TTS's reply, pending."""
+    pending = Agent(reactor).request(
+        b"POST", (url + "/v1/stt").encode(),
+        Headers({b"Content-Type": [b"multipart/form-data; boundary=b"]}),
+        FileBodyProducer(io.BytesIO(AUDIO)))
+    pending.addErrback(lambda f: f.trap(defer.CancelledError, ResponseNeverReceived))
+    await wait_for(lambda: world.active_jobs == 1)
+    after = defer.ensureDeferred(tts(client, url))
+    await wait_for(lambda: service.scheduler.stats().queue_depth == 1)
+    pending.cancel()
+    return after
 
 
 async def tts(client, url: str):
@@ -148,18 +163,7 @@ async def test_a_whisper_inference_whose_client_left_holds_the_gpu_until_it_ends
     whisper = world["whisper"]
     whisper.behaviour.job_s = 1.5  # it looks at its client only when it is done
     service, url = await locked_broker(world, start_broker)
-    audio = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\n" \
-        b"RIFF....WAVE\r\n--b--\r\n"
-    pending = Agent(reactor).request(
-        b"POST", (url + "/v1/stt").encode(),
-        Headers({b"Content-Type": [b"multipart/form-data; boundary=b"]}),
-        FileBodyProducer(io.BytesIO(audio)))
-    pending.addErrback(lambda f: f.trap(defer.CancelledError, ResponseNeverReceived))
-    await wait_for(lambda: world.active_jobs == 1)
-    after = defer.ensureDeferred(tts(client, url))
-    await wait_for(lambda: service.scheduler.stats().queue_depth == 1)
-    pending.cancel()
-
+    after = await whisper_client_leaves(world, service, client, url)
     assert (await after).code == 200
     await wait_for(lambda: world.active_jobs == 0)
     assert whisper.jobs_cancelled == 1
@@ -185,6 +189,27 @@ async def test_without_utilisation_the_processes_memory_coming_back_is_the_evide
     await wait_for(lambda: world.active_jobs == 0)
     assert world.gpu.overlaps == []
     assert service.status()["scheduler"]["drains"] == {"memory_back": 1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_whisper_servers_own_lock_is_the_evidence_where_nothing_else_is(
+        world, start_broker, client):
+    """No utilisation (MIG) and no `gpu_process`: whisper-server answers an
+    empty /inference only once it holds its inference lock, so once the
+    inference the client left ended (the simulation, like the real server,
+    takes the lock before it looks for the file)."""
+    world.gpu.reports_utilization = False
+    whisper = world["whisper"]
+    whisper.behaviour.job_s = 1.5
+    service, url = await locked_broker(world, start_broker, whisper={"abandoned_grace_s": 60})
+    after = await whisper_client_leaves(world, service, client, url)
+    await wait_for(lambda: service.status()["scheduler"]["drains"], timeout_s=30)
+    assert service.status()["scheduler"]["drains"] == {"service_drained": 1}
+    assert whisper.jobs_cancelled == 1  # the inference had ended when the drain did
+    assert (await after).code == 200
+    assert world.gpu.overlaps == []
+    (probe,) = [r for r in whisper.requests if r.path == "/inference" and r.body_len == 0]
+    assert probe.headers.getRawHeaders(b"user-agent")[0].startswith(b"gpumgr/")
 
 
 @pytest_twisted.ensureDeferred

@@ -11,11 +11,10 @@ import os
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.web.client import Agent, FileBodyProducer, ResponseNeverReceived
-from twisted.web.http_headers import Headers
 
 from gpumgr.gpu_sample import GpuSample
 from gpumgr.testing import Behaviour, SimulatedGpu, SimulatedWorld, managed_whisper_entry, world_config
-from tests.helpers import AUDIO, MULTIPART, HeldStream, transcribe, wait_for
+from tests.helpers import HeldStream, transcribe, wait_for
 
 CARDS_MIB = (12288, 16384)
 
@@ -175,24 +174,25 @@ async def test_a_vanished_card_refuses_its_consumers_while_the_other_goes_on(
 @pytest_twisted.ensureDeferred
 async def test_work_a_client_left_on_one_card_ends_on_that_cards_evidence(
         tmp_path, start_broker, client):
-    """A whisper inference whose client left, on card 1, while an LLM stream
-    keeps card 0 busy throughout: card 1 going quiet is the evidence, not
-    the grace (card 0's work says nothing of card 1's)."""
+    """A TTS whose client left, on card 1, while an LLM stream keeps card 0
+    busy throughout: card 1 going quiet is the evidence, not the grace (card
+    0's work says nothing of card 1's). The TTS service has no other evidence
+    to give (the http driver), and computes on after its client left."""
     world = two_card_world(tmp_path, ollama=("ollama", Behaviour(vram_mib=5000), (0,)),
-                           whisper=("whisper", Behaviour(vram_mib=1500, job_s=1.0), (1,)))
+                           mvoice=("mvoice", Behaviour(vram_mib=1500, job_s=1.0), (1,)))
     try:
         service, url = await broker(
             world, start_broker, mode="locked", capacity=1,
-            consumers={"whisper": {**on_card(1), "abandoned_grace_s": 60}})
+            consumers={"mvoice": {**on_card(1), "abandoned_grace_s": 60}})
         held = await HeldStream(world["ollama"]).start(client, url)
-        pending = Agent(reactor).request(b"POST", (url + "/v1/stt").encode(),
-                                         Headers({k: [v] for k, v in MULTIPART.items()}),
-                                         FileBodyProducer(io.BytesIO(AUDIO)))
+        pending = Agent(reactor).request(b"POST", (url + "/v1/tts").encode(), None,
+                                         FileBodyProducer(io.BytesIO(b"hello")))
         pending.addErrback(lambda f: f.trap(defer.CancelledError, ResponseNeverReceived))
-        await wait_for(lambda: world["whisper"].jobs_started == 1)
+        await wait_for(lambda: world["mvoice"].jobs_started == 1)
         pending.cancel()
         await wait_for(lambda: service.broker.abandoned.outcomes, timeout_s=30.0)
         assert dict(service.broker.abandoned.outcomes) == {"gpu_idle": 1}
+        assert world["mvoice"].jobs_cancelled == 1  # its work was over first
         assert world.gpu.busy_on(0) and not held.reply.called
         held.release()
         assert (await held.reply).code == 200

@@ -133,10 +133,11 @@ async def test_serves_holds_its_memory_and_gives_it_back_on_sigterm(gpu, spawn, 
     reply = await client.request("POST", server.url + "/inference", body, {"Content-Type": ctype})
     assert reply.body.startswith(b" simulated transcript") and b"text/plain" in reply.header(
         "Content-Type")
-    # Like the real server: a missing file is an error inside a 200.
+    # Like the real server: a missing file is a 400, and a line on stderr.
     reply = await client.request("POST", server.url + "/inference", b"",
                                  {"Content-Type": "application/json"})
-    assert reply.code == 200 and reply.json() == {"error": "no 'file' field in the request"}
+    assert reply.code == 400 and reply.json() == {"error": "no 'file' field in the request"}
+    assert b"error: no 'file' field in the request" in server.stderr
     ctype, body = encode_multipart({"model": b"models/ggml-small.bin"})
     reply = await client.request("POST", server.url + "/load", body, {"Content-Type": ctype})
     assert reply.code == 200 and reply.body == b"Load was successful!"
@@ -165,6 +166,27 @@ async def test_inference_is_serialised(spawn, client):
     log = [line for line in server.stderr.decode().splitlines() if line.startswith("[REQUEST]")]
     # Inside the lock each request logs its start and its end: never two starts in a row.
     assert log == ["[REQUEST] New inference request received", "[REQUEST] inference done"] * 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_without_file_waits_for_the_inference_before_it(spawn, client):
+    """The lock comes before the field check (whisper.cpp's server.cpp): the
+    error answers only once the running inference ended (gpumgr's evidence)."""
+    server = spawn(load_s=0, job_s=1.0)
+    await healthy(client, server)
+    ctype, body = encode_multipart({"file": ("a.wav", b"RIFF", "audio/wav")})
+    other = Client()
+    try:
+        inference = defer.ensureDeferred(other.request("POST", server.url + "/inference", body,
+                                                       {"Content-Type": ctype}))
+        await wait_for(lambda: b"New inference request received" in server.stderr)
+        probe = await client.request("POST", server.url + "/inference", b"")
+        assert probe.code == 400 and (await inference).code == 200
+    finally:
+        await other.close()
+    lines = server.stderr.decode().splitlines()
+    assert lines.index("[REQUEST] inference done") < lines.index(
+        "error: no 'file' field in the request")
 
 
 @pytest_twisted.ensureDeferred

@@ -36,6 +36,7 @@ readings = st.builds(
     process_mib=st.one_of(st.none(), st.integers(0, 20000)),
     resident_mib=st.just(RESIDENT),
     service_says_stopped=st.one_of(st.none(), st.booleans()),
+    service_drained=st.booleans(),
 )
 
 
@@ -65,13 +66,17 @@ def test_every_verdict_rests_on_evidence(sequence):
     verdict = run(sequence)
     if verdict is None:
         # No verdict: nothing in the sequence was evidence of any kind.
-        assert not any(r.service_down for r in sequence)
+        assert not any(r.service_down or r.service_drained for r in sequence)
         return
     i, evidence = verdict
     reading, before = sequence[i], sequence[:i]
-    assert not any(r.service_down for r in before)  # that would have ended it earlier
+    # Either would have ended it earlier.
+    assert not any(r.service_down or r.service_drained for r in before)
     if evidence is Evidence.SERVICE_DOWN:
         assert reading.service_down
+    elif evidence is Evidence.SERVICE_DRAINED:
+        # The service answered a call that waited behind all it took before.
+        assert reading.service_drained
     elif evidence is Evidence.SERVICE_SAYS_DONE:
         # It said it ran the request, and now says nothing runs.
         assert reading.service_says_stopped is True
@@ -86,7 +91,8 @@ def test_every_verdict_rests_on_evidence(sequence):
         assert len(tail) == IDLE_SAMPLES and all(quiet(r) for r in tail)
 
 
-@given(st.lists(readings.filter(lambda r: not r.service_down), max_size=12))
+@given(st.lists(readings.filter(lambda r: not (r.service_down or r.service_drained)),
+                max_size=12))
 def test_a_busy_card_a_failed_sample_or_no_word_is_never_evidence(sequence):
     busy = [Reading(sample_ok=r.sample_ok, utilization_pct=None if r.utilization_pct is None
                     else max(r.utilization_pct, IDLE_UTILIZATION_PCT),
@@ -280,6 +286,61 @@ def test_the_services_own_word_counts_and_a_failing_question_does_not(clock, eve
     assert not d.called
     clock.advance(0.5)
     assert d.result is Evidence.SERVICE_SAYS_DONE
+
+
+class Turn:
+    """A fake work_barrier: each call is a Deferred the test fires."""
+
+    def __init__(self):
+        self.calls: list[defer.Deferred] = []
+
+    def __call__(self):
+        d: defer.Deferred = defer.Deferred()
+        self.calls.append(d)
+        return d
+
+
+def test_the_services_turn_is_taken_once_a_period_in_and_its_answer_ends_it(clock, events):
+    """A serialising service (whisper.cpp) answers the barrier once the work
+    the client left ended: evidence while other work keeps the card busy."""
+    card, turn = Card(clock, util=97), Turn()
+    work = waiter(clock, card, events)
+    d = defer.ensureDeferred(work.settle("whisper", 60.0, barrier=turn))
+    assert turn.calls == []  # the request the client left must reach the lock first
+    clock.advance(0.5)
+    (call,) = turn.calls
+    clock.pump([0.5] * 6)
+    assert not d.called and len(turn.calls) == 1  # one call, however long it waits
+    call.callback(True)
+    assert not d.called
+    clock.advance(0.5)
+    assert d.result is Evidence.SERVICE_DRAINED and work.outcomes == {"service_drained": 1}
+    assert clock.getDelayedCalls() == []
+
+
+def test_an_answer_not_understood_or_a_failed_turn_is_no_evidence(clock, events):
+    for answer in (None, RuntimeError("connection refused")):
+        card, turn = Card(clock, util=97), Turn()
+        work = waiter(clock, card, events)
+        d = defer.ensureDeferred(work.settle("whisper", 3.0, barrier=turn))
+        clock.advance(0.5)
+        turn.calls[0].errback(answer) if isinstance(answer, Exception) \
+            else turn.calls[0].callback(answer)
+        clock.pump([0.5] * 5)
+        assert d.result is Evidence.GRACE_EXPIRED and len(turn.calls) == 1
+
+
+def test_a_turn_still_waiting_when_the_drain_ends_is_cancelled(clock, events):
+    card, turn = Card(clock, util=97), Turn()
+    work = waiter(clock, card, events)
+    d = defer.ensureDeferred(work.settle("whisper", 2.0, barrier=turn))
+    clock.advance(0.5)
+    card.util = 0  # other evidence comes first
+    clock.pump([0.5] * 2)
+    assert d.result is Evidence.GPU_IDLE
+    (call,) = turn.calls
+    assert call.called and call.result is None  # cancelled: its connection is closed
+    assert clock.getDelayedCalls() == []
 
 
 def test_cancelling_a_drain_ends_it_and_leaves_the_shared_sample_alone(clock, events):

@@ -153,6 +153,23 @@ def test_whisper_loading_model_is_starting_and_other_failures_are_down():
         result_of(whisper.probe(broken, c))
 
 
+def test_whisper_waits_its_turn_behind_the_inference_before_it():
+    whisper, c = get_driver("whisper.cpp"), consumer("whisper.cpp")
+    for code in (400, 200):  # 200 in the server's first versions
+        http = FakeHttp({("POST", "/inference"): HttpReply(
+            code, b'{"error":"no \'file\' field in the request"}')})
+        assert result_of(whisper.work_barrier(http, c)) is True
+        assert http.calls == [("POST", "/inference", b"")]
+    # Anything else is not whisper-server's answer: no evidence.
+    for reply in (HttpReply(404, b"{}"), HttpReply(500, b"no 'file' field in the request"),
+                  HttpReply(200, b'{"text":"hello"}')):
+        http = FakeHttp({("POST", "/inference"): reply})
+        assert result_of(whisper.work_barrier(http, c)) is None
+    # A service that does not serialise its work has no barrier.
+    for name in ("ollama", "comfyui", "vllm"):
+        assert result_of(get_driver(name).work_barrier(FakeHttp(), consumer(name))) is None
+
+
 def test_comfyui_prompt_ids_and_history():
     comfy = get_driver("comfyui")
     assert comfy.render_id("POST", "/prompt", 200, b'{"prompt_id":"p1","number":3}') == "p1"
