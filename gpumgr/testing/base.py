@@ -184,6 +184,14 @@ class SimulatedConsumer(Resource):
 
     # -- what tests read ---------------------------------------------------
 
+    def client_requests(self) -> list[RecordedRequest]:
+        """Requests a client sent, through gpumgr or not: not gpumgr's own
+        (health probes, control calls, ollama's /api/ps asks), which say so in
+        their User-Agent (`gpumgr/<version>`) and come when they come."""
+        return [r for r in self.requests
+                if not any(ua.startswith(b"gpumgr/")
+                           for ua in r.headers.getRawHeaders(b"user-agent", []))]
+
     def work_requests(self) -> list[RecordedRequest]:
         """Requests that were GPU work (not health checks or control calls)."""
         return [r for r in self.requests if self.is_work(r.method, r.path, r.body_head)]

@@ -52,23 +52,23 @@ async def test_metadata_is_answered_while_a_generation_holds_the_gpu(world, star
 @pytest_twisted.ensureDeferred
 async def test_method_and_query_are_kept(world, start_broker, client):
     _, url = await locked_broker(world, start_broker)
-    before = len(world["mvoice"].requests)
+    before = len(world["mvoice"].client_requests())
     reply = await client.request("GET", url + "/v1/tts/audio/sample-1.wav?x=1&y=%20")
     assert reply.code == 200 and reply.header("Content-Type") == b"audio/wav"
-    seen = world["mvoice"].requests[before]
+    seen = world["mvoice"].client_requests()[before]
     assert (seen.method, seen.path, seen.query) == ("GET", "/audio/sample-1.wav", b"x=1&y=%20")
 
 
 @pytest_twisted.ensureDeferred
 async def test_bad_subpaths_are_refused_and_never_forwarded(world, start_broker, client):
     _, url = await locked_broker(world, start_broker)
-    before = len(world["ollama"].requests)
+    before = len(world["ollama"].client_requests())
     for path in ("/v1/llm/../status", "/v1/llm/api/%2e%2e/x", "/v1/llm/api%2fps",
                  "/v1/llm/api//ps", "/v1/llm/api/ps%00"):
         reply = await client.request("GET", url + path)
         assert reply.code == 400, path
         assert reply.json()["error"]["code"] == "bad_path"
-    assert len(world["ollama"].requests) == before
+    assert len(world["ollama"].client_requests()) == before
 
 
 @pytest_twisted.ensureDeferred

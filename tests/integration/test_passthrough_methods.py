@@ -24,10 +24,10 @@ async def test_percent_encoded_gpu_routes_are_still_scheduled(world, start_broke
 @pytest_twisted.ensureDeferred
 async def test_head_reaches_the_consumer_as_head(world, start_broker, client):
     _, url = await locked_broker(world, start_broker)
-    before = len(world["mvoice"].requests)
+    before = len(world["mvoice"].client_requests())
     reply = await client.request("HEAD", url + "/v1/tts/health")
     assert reply.code == 200
-    assert [r.method for r in world["mvoice"].requests[before:]] == ["HEAD"]
+    assert [r.method for r in world["mvoice"].client_requests()[before:]] == ["HEAD"]
 
 
 @pytest_twisted.ensureDeferred

@@ -118,13 +118,13 @@ async def test_audio_fetches_what_tts_produced(broker, world, client):
 @pytest_twisted.ensureDeferred
 async def test_audio_traversal_is_refused_and_never_forwarded(broker, world, client):
     _, url = broker
-    before = len(world["mvoice"].requests)
+    before = len(world["mvoice"].client_requests())
     for path in ("/audio/../etc/passwd", "/audio/%2e%2e/x", "/audio/a%2fb", "/audio//x",
                  "/audio/", "/audio/x/%2E%2E"):
         reply = await client.request("GET", url + path)
         assert reply.code == 400, path
         assert reply.json()["error"]["code"] == "bad_path"
-    assert len(world["mvoice"].requests) == before
+    assert len(world["mvoice"].client_requests()) == before
 
 
 @pytest_twisted.ensureDeferred
@@ -587,4 +587,4 @@ async def test_head_reaches_the_consumer_as_head(broker, world, client):
     _, url = broker
     reply = await client.request("HEAD", url + "/audio/sample-1.wav")
     assert reply.code == 200 and reply.body == b""
-    assert world["mvoice"].requests[-1].method == "HEAD"
+    assert world["mvoice"].client_requests()[-1].method == "HEAD"

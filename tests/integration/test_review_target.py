@@ -23,11 +23,11 @@ from tests.helpers import HeldStream, locked_broker, raw_exchange, token_broker,
 async def test_a_deeply_nested_unload_needs_the_token(world, start_broker):
     """Through the broker it was a 500 (an unhandled RecursionError)."""
     service, url = await token_broker(world, start_broker)
-    before = len(world["ollama"].requests)
+    before = len(world["ollama"].client_requests())
     body = b'{"model":"llama3","keep_alive":0,"x":' + b"[" * 3000 + b"]" * 3000 + b"}"
     code, answer = await raw_exchange(url, b"POST", b"/v1/llm/api/generate", body)
     assert code == 401 and json.loads(answer)["error"]["code"] == "unauthorized"
-    assert len(world["ollama"].requests) == before
+    assert len(world["ollama"].client_requests()) == before
 
 
 @pytest_twisted.ensureDeferred
@@ -79,10 +79,10 @@ async def test_a_lower_case_method_is_refused_not_relayed(world, start_broker, k
     method, so `post /unload` unloads there, and `post /speak` runs beside
     the job holding the GPU."""
     service, url = await token_broker(world, start_broker)
-    before = len(world[kind].requests)
+    before = len(world[kind].client_requests())
     code, answer = await raw_exchange(url, b"post", target, b"{}")
     assert code == 400 and json.loads(answer)["error"]["code"] == "bad_request"
-    assert len(world[kind].requests) == before
+    assert len(world[kind].client_requests()) == before
 
 
 # -- `;` parameters, for servers that strip them -----------------------------------------------
@@ -98,10 +98,10 @@ async def test_a_control_route_with_parameters_needs_the_token(world, start_brok
     control route is one by its name with or without its parameters."""
     service, url = await token_broker(world, start_broker)
     kind = "mvoice" if b"/tts/" in target else "comfyui"
-    before = len(world[kind].requests)
+    before = len(world[kind].client_requests())
     code, answer = await raw_exchange(url, b"POST", target, b"{}")
     assert code == 401 and json.loads(answer)["error"]["code"] == "unauthorized"
-    assert len(world[kind].requests) == before
+    assert len(world[kind].client_requests()) == before
 
 
 @pytest_twisted.ensureDeferred
@@ -112,13 +112,13 @@ async def test_gpu_work_with_parameters_waits_for_the_lock(world, start_broker, 
     service, url = await locked_broker(world, start_broker)
     ollama = world["ollama"]
     held = await HeldStream(ollama).start(client, url)
-    before = len(ollama.requests)
+    before = len(ollama.client_requests())
     reply = defer.ensureDeferred(raw_exchange(
         url, b"POST", b"/v1/llm/api/generate;v=1",
         b'{"model":"llama3","prompt":"x","stream":false}'))
     await wait_for(lambda: service.scheduler.stats().queue_depth == 1
-                   or len(ollama.requests) > before)
+                   or len(ollama.client_requests()) > before)
     assert service.scheduler.stats().queue_depth == 1
     held.release()
     code, _ = await reply
-    assert code == 404 and ollama.requests[-1].raw_target == b"/api/generate;v=1"
+    assert code == 404 and ollama.client_requests()[-1].raw_target == b"/api/generate;v=1"

@@ -55,16 +55,11 @@ async def test_gpu_work_variants_are_refused_never_sent_unscheduled(world, start
                                                                      target):
     _, url = await locked_broker(world, start_broker)
     consumer = world[kind]
-    def clients_requests():  # gpumgr's own probes and /api/ps asks say who sent them
-        return [r for r in consumer.requests
-                if not any(ua.startswith(b"gpumgr/")
-                           for ua in r.headers.getRawHeaders(b"user-agent", []))]
-
-    before = len(clients_requests())
+    before = len(consumer.client_requests())
     code, body = await raw_exchange(url, b"POST", target,
                                     PROMPT if kind == "comfyui" else GENERATE)
     assert code == 400 and json.loads(body)["error"]["code"] == "bad_path"
-    assert len(clients_requests()) == before  # today the service ran it, unscheduled
+    assert len(consumer.client_requests()) == before  # today the service ran it, unscheduled
 
 
 @pytest_twisted.ensureDeferred
@@ -89,19 +84,19 @@ async def test_a_semicolon_cannot_skip_the_lock_while_a_job_holds_it(world, star
 async def test_dot_segments_cannot_pass_with_a_parameter_or_a_fragment(world, start_broker,
                                                                        target):
     _, url = await locked_broker(world, start_broker)
-    before = {name: len(world[name].requests) for name in ("ollama", "mvoice")}
+    before = {name: len(world[name].client_requests()) for name in ("ollama", "mvoice")}
     code, body = await raw_exchange(url, b"GET", target)
     assert code == 400 and json.loads(body)["error"]["code"] == "bad_path"
-    assert {name: len(world[name].requests) for name in before} == before
+    assert {name: len(world[name].client_requests()) for name in before} == before
 
 
 @pytest_twisted.ensureDeferred
 async def test_the_service_receives_exactly_the_classified_target(world, start_broker):
     service, url = await locked_broker(world, start_broker)
     ollama = world["ollama"]
-    before = len(ollama.requests)
+    before = len(ollama.client_requests())
     code, _ = await raw_exchange(url, b"GET", b"/v1/llm/api/tags;v=1?x=%20&y")
-    seen = ollama.requests[before]
+    seen = ollama.client_requests()[before]
     # ';' is part of the segment: the service sees it, and so did the classification.
     assert seen.raw_target == b"/api/tags;v=1?x=%20&y"
     assert code == 404  # the simulated ollama, like gin, has no route /api/tags;v=1
@@ -118,8 +113,8 @@ async def test_a_percent_encoded_route_is_scheduled_and_forwarded_as_sent(world,
     held.release()
     code, _ = await reply
     assert code == 200
-    assert ollama.requests[-1].raw_target == b"/%61pi/generate"
-    assert ollama.requests[-1].path == "/api/generate"
+    assert ollama.client_requests()[-1].raw_target == b"/%61pi/generate"
+    assert ollama.client_requests()[-1].path == "/api/generate"
 
 
 @pytest_twisted.ensureDeferred
@@ -151,6 +146,6 @@ async def test_a_mixed_case_route_is_what_the_service_sees_too(world, start_brok
     started = ollama.jobs_started
     code, _ = await raw_exchange(url, b"POST", b"/v1/llm/API/generate", GENERATE)
     assert code == 404 and ollama.jobs_started == started
-    assert ollama.requests[-1].raw_target == b"/API/generate"
+    assert ollama.client_requests()[-1].raw_target == b"/API/generate"
     held.release()
     assert (await held.reply).code == 200
