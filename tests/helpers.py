@@ -455,7 +455,9 @@ AUDIO = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wa
          b"Content-Type: audio/wav\r\n\r\nRIFF....WAVE\r\n--b--\r\n")
 
 
-MULTIPART = {b"Content-Type": b"multipart/form-data; boundary=b"}
+#: AUDIO's Content-Type.
+FORM = "multipart/form-data; boundary=b"
+MULTIPART = {b"Content-Type": FORM.encode()}
 
 
 async def transcribe(client, url):

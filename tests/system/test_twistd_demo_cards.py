@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from tests.helpers import free_port, get_status, http_request, start_twistd, stop_twistd, \
-    wait_until
+from tests.helpers import AUDIO, FORM, free_port, get_status, http_request, start_twistd, \
+    stop_twistd, wait_until
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def test_the_two_card_demo_lists_both_cards_and_serves_every_kind(demo2):
     assert r.status == 200 and lines[-1]["done"] is True
     _, r = http_request(port, "POST", "/v1/image", b'{"prompt":{}}')
     assert r.status == 200 and "prompt_id" in json.loads(r.read())
-    _, r = http_request(port, "POST", "/v1/stt", b"audio")
+    _, r = http_request(port, "POST", "/v1/stt", AUDIO, {"Content-Type": FORM})
     assert r.status == 200, r.read()
     r.read()
 

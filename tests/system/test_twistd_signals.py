@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from tests.helpers import get_status, http_request, wait_until
+from tests.helpers import AUDIO, FORM, get_status, http_request, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,8 @@ def test_sighup_reloads_a_valid_config_and_keeps_running_on_an_invalid_one(demo_
 def test_sigterm_drains_then_exits_cleanly(demo_process):
     proc, port, tmp, output = demo_process
     results: dict[str, object] = {}
-    _, r = http_request(port, "POST", "/v1/stt", b"audio")  # starts the managed whisper process
+    # starts the managed whisper process
+    _, r = http_request(port, "POST", "/v1/stt", AUDIO, {"Content-Type": FORM})
     r.read()
     whisper_pid = get_status(port)["consumers"]["whisper"]["process"]["pid"]
     assert whisper_pid and _alive(whisper_pid)
