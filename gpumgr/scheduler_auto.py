@@ -40,7 +40,8 @@ from gpumgr.errors import GpumgrError, InsufficientVram, QueueFull, QueueTimeout
 from gpumgr.memory import FigureSource, MemoryFigure, MemoryProfile
 from gpumgr.queue_policy import QueuedJob, Waiting, effective_priority
 from gpumgr.registry import Registry
-from gpumgr.scheduler import Holder, Job, SchedulerStats, TicketState, _IdleWaiters
+from gpumgr.job_queue import _IdleWaiters
+from gpumgr.scheduler import Holder, Job, SchedulerStats, TicketState
 from gpumgr.states import SchedulerMode
 
 log = Logger()
