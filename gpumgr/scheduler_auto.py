@@ -12,8 +12,9 @@ wait until it runs alone (an out-of-memory replay). While a job unloads or
 loads, no other load or unload starts. A control job (preload, admin, idle
 unload) runs alone on the card.
 
-The slot is released in one place (`_finished`), which every path out of a
-running job reaches.
+The queue itself (bounded, the wait deadline, cancel, the running set, and
+the one place a job's slot is released) is gpumgr.job_queue's, shared with
+`Locked`; `Auto` adds its decision and the books it keeps beside it.
 
 With several cards (`cards`, gpumgr.auto_cards) each job lives on its
 consumer's cards and is decided on each card's own figures; loads, unloads,
@@ -34,11 +35,10 @@ from gpumgr.budget import Ask, Decision, Refuse, Start, Wait, WaitReason, decide
 from gpumgr.budget_figures import (BudgetStatus, Figures, ProfileOf, WaitingJob,
                                    budget_status, oom_peak_mib)
 from gpumgr.errors import InsufficientVram
-from gpumgr.job_queue import Job, JobQueue, Ticket
+from gpumgr.job_queue import Job, JobQueue, Ticket, TicketState
 from gpumgr.memory import FigureSource, MemoryFigure, MemoryProfile
 from gpumgr.queue_policy import QueuedJob, Waiting, effective_priority
 from gpumgr.registry import Registry
-from gpumgr.job_queue import TicketState
 from gpumgr.states import SchedulerMode
 
 log = Logger()
