@@ -13,72 +13,19 @@ the waiting jobs and the time (gpumgr.queue_policy).
 
 from __future__ import annotations
 
-import enum
 import itertools
-import math
 from typing import Any, Callable, Mapping, Protocol
 
-import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
 
-from gpumgr.errors import GpumgrError, QueueFull, QueueTimeout
-from gpumgr.events import Event
+from gpumgr.errors import GpumgrError
+from gpumgr.job_queue import (Holder, Job, JobQueue, SchedulerStats, Ticket, TicketState,
+                              _IdleWaiters)
 from gpumgr.queue_policy import (QueuedJob, Waiting, pick_next, pick_next_avoiding_swaps,
                                  pick_order)
 from gpumgr.registry import Registry
 from gpumgr.states import SchedulerMode
-
-Job = Callable[[], "defer.Deferred[Any]"]
-
-
-class _IdleWaiters:
-    """Deferreds waiting for the scheduler to have no running job."""
-
-    def __init__(self) -> None:
-        self._waiters: list[defer.Deferred[None]] = []
-
-    def wait(self, idle: bool) -> defer.Deferred[None]:
-        if idle:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._waiters.append(d)
-        return d
-
-    def fire(self) -> None:
-        fired, self._waiters = self._waiters, []
-        for d in fired:
-            d.callback(None)
-
-
-@attrs.frozen
-class Holder:
-    """A job holding the GPU now."""
-
-    consumer: str
-    kind: str | None
-    since: float
-    control: bool
-
-
-@attrs.frozen
-class SchedulerStats:
-    mode: SchedulerMode
-    capacity: int | None
-    queue_depth: int
-    in_flight: int
-    total_jobs: int
-    last_wait_ms: int
-    last_run_ms: int
-    evictions: int
-    oldest_queued: float | None
-    rejected: int = 0
-    queued_by_kind: dict[str, int] = attrs.field(factory=dict)
-    eviction_failures: int = 0
-    oom_retries: int = 0
-    recent_events: tuple[Event, ...] = ()
-    holders: tuple[Holder, ...] = ()
 
 
 class Scheduler(Protocol):
@@ -189,47 +136,24 @@ class Passthrough:
         )
 
 
-class TicketState(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    DONE = "done"
-    DROPPED = "dropped"  # left the queue: cancelled, timed out or refused
-
-
-class _Ticket:
-    __slots__ = ("seq", "consumer", "kind", "priority", "job", "enqueued_at", "outer",
-                 "inner", "timer", "state", "overtaken", "control", "started_at", "request_id")
+class _Ticket(Ticket):
+    __slots__ = ("overtaken",)
 
     def __init__(self, seq: int, consumer: str, kind: str | None, priority: int, job: Job,
-                 enqueued_at: float) -> None:
-        self.seq = seq
-        self.consumer = consumer
-        self.kind = kind
-        self.priority = priority
-        self.job = job
-        self.enqueued_at = enqueued_at
-        self.outer: defer.Deferred[Any] | None = None
-        self.inner: defer.Deferred[Any] | None = None
-        self.timer: Any = None
-        self.state = TicketState.WAITING
+                 enqueued_at: float, control: bool, request_id: str | None) -> None:
+        super().__init__(seq, consumer, kind, priority, job, enqueued_at, control, request_id)
         self.overtaken = 0
-        self.control = False
-        self.started_at = enqueued_at
-        self.request_id: str | None = None
 
     def waiting_view(self, cheap: bool = False) -> Waiting:
         return Waiting(self.seq, self.priority, self.enqueued_at, cheap, self.overtaken)
 
 
-class Locked:
-    """At most `capacity` jobs hold the GPU; the rest wait in a bounded queue.
-
-    The slot is released in exactly one place (`_finished`), which every path
-    out of a running job reaches: success, failure, a synchronous exception
-    from the job, and cancellation.
-    """
+class Locked(JobQueue[_Ticket]):
+    """At most `capacity` jobs hold the GPU; the rest wait in a bounded queue
+    (gpumgr.job_queue), and the next to start is `pick_next`'s choice."""
 
     mode = SchedulerMode.LOCKED  # the broker reports EVICTING when it evicts around it
+    capacity: int
 
     def __init__(
         self,
@@ -243,8 +167,7 @@ class Locked:
         is_loaded: Callable[[str], bool] | None = None,
         max_overtakes: int = 0,
     ) -> None:
-        self._clock = clock
-        self._registry = registry
+        super().__init__(clock, registry)
         self.capacity = capacity
         self._max_queue = max_queue
         self._queue_timeout_s = queue_timeout_s
@@ -252,17 +175,7 @@ class Locked:
         self._aging_s = aging_s
         self._is_loaded = is_loaded
         self._max_overtakes = max_overtakes
-        self._seq = itertools.count()
-        self._waiting: list[_Ticket] = []
-        self._running: set[_Ticket] = set()
-        self._total = 0
-        self._rejected = 0
-        self._last_wait_ms = 0
-        self._last_run_ms = 0
-        self._max_running_seen = 0
         self._dispatching = False
-        self._closed: GpumgrError | None = None
-        self._idle = _IdleWaiters()
 
     def configure(self, capacity: int, max_queue: int, queue_timeout_s: float,
                   priority: Mapping[str, int], aging_s: float, max_overtakes: int) -> None:
@@ -277,120 +190,31 @@ class Locked:
             self._max_overtakes = max_overtakes
         self._dispatch()
 
-    def close(self, error: GpumgrError) -> None:
-        self._closed = error
-        waiting, self._waiting = self._waiting, []
-        for ticket in waiting:
-            ticket.state = TicketState.DROPPED
-            if ticket.timer is not None and ticket.timer.active():
-                ticket.timer.cancel()
-            ticket.timer = None
-            assert ticket.outer is not None
-            ticket.outer.errback(error)
-
-    def cancel_running(self) -> None:
-        for ticket in sorted(self._running, key=lambda t: t.seq):
-            if ticket.inner is not None:
-                ticket.inner.cancel()
-
-    def when_idle(self) -> defer.Deferred[None]:
-        return self._idle.wait(not self._running)
-
     # -- the seam ----------------------------------------------------------
 
     def run(self, consumer: str, job: Job, kind: str | None = None,
             control: bool = False, request_id: str | None = None) -> defer.Deferred[Any]:
         if self._closed is not None:
             return defer.fail(self._closed)
-        now = self._clock.seconds()
-        ticket = _Ticket(next(self._seq), consumer, kind,
-                         self._priority.get(kind, 0) if kind else 0, job, now)
-        ticket.control = control
-        ticket.request_id = request_id
+        ticket = _Ticket(next(self._seq), consumer, kind, self._priority_of(kind), job,
+                         self._clock.seconds(), control, request_id)
         ticket.outer = defer.Deferred(lambda _d: self._cancel(ticket))
         if len(self._running) < self.capacity and not self._waiting:
-            self._start(ticket)
+            self._start(ticket, job)
             self._dispatch()
-        elif len(self._waiting) >= self._max_queue:
-            self._rejected += 1
-            ticket.state = TicketState.DROPPED
-            ticket.outer.errback(QueueFull(
-                f"{len(self._waiting)} jobs are already waiting (scheduler.max_queue)",
-                consumer=consumer, retry_after_s=self._retry_after_s()))
         else:
-            ticket.timer = self._clock.callLater(self._queue_timeout_s, self._expire, ticket)
-            self._waiting.append(ticket)
+            self._queue(ticket)
         return ticket.outer
 
-    def stats(self) -> SchedulerStats:
-        by_kind: dict[str, int] = {}
-        for t in self._waiting:
-            key = t.kind or "other"
-            by_kind[key] = by_kind.get(key, 0) + 1
-        return SchedulerStats(
-            mode=self.mode,
-            capacity=self.capacity,
-            queue_depth=len(self._waiting),
-            in_flight=len(self._running),
-            total_jobs=self._total,
-            last_wait_ms=self._last_wait_ms,
-            last_run_ms=self._last_run_ms,
-            evictions=0,
-            oldest_queued=min((t.enqueued_at for t in self._waiting), default=None),
-            rejected=self._rejected,
-            queued_by_kind=by_kind,
-            holders=tuple(Holder(t.consumer, t.kind, t.started_at, t.control)
-                          for t in sorted(self._running, key=lambda t: t.seq)),
-        )
-
-    @property
-    def max_running_seen(self) -> int:
-        return self._max_running_seen
+    def queue_order(self) -> tuple[QueuedJob, ...]:
+        views = [t.waiting_view(self._is_loaded(t.consumer) if self._is_loaded is not None
+                                else False) for t in self._waiting]
+        order = pick_order(views, self._clock.seconds(), self._aging_s,
+                           self._max_overtakes if self._is_loaded is not None else 0)
+        return tuple(QueuedJob(t.request_id, t.consumer, t.kind, t.enqueued_at, t.control)
+                     for t in (self._waiting[i] for i in order))
 
     # -- internals -----------------------------------------------------------
-
-    def _retry_after_s(self) -> float:
-        per_job_s = max(self._last_run_ms / 1000.0, 1.0)
-        return math.ceil(per_job_s * (len(self._waiting) + 1) / self.capacity)
-
-    def _start(self, ticket: _Ticket) -> None:
-        now = self._clock.seconds()
-        ticket.state = TicketState.RUNNING
-        if ticket.timer is not None and ticket.timer.active():
-            ticket.timer.cancel()
-        ticket.timer = None
-        ticket.started_at = now
-        self._running.add(ticket)
-        self._max_running_seen = max(self._max_running_seen, len(self._running))
-        self._total += 1
-        self._last_wait_ms = int((now - ticket.enqueued_at) * 1000)
-        if not ticket.control:
-            self._registry.job_started(ticket.consumer, now)
-        started_at = now
-        ticket.inner = defer.maybeDeferred(ticket.job)
-        ticket.inner.addBoth(self._finished, ticket, started_at)
-
-    def _finished(self, result: Any, ticket: _Ticket, started_at: float) -> None:
-        try:
-            now = self._clock.seconds()
-            ticket.state = TicketState.DONE
-            self._running.discard(ticket)
-            self._last_run_ms = int((now - started_at) * 1000)
-            if not ticket.control:
-                self._registry.job_ended(ticket.consumer, now)
-        finally:
-            self._dispatch()
-            if not self._running:
-                self._idle.fire()
-        # If the caller cancelled and the job did not stop at once, the caller
-        # already has its CancelledError; the late result goes nowhere.
-        outer = ticket.outer
-        assert outer is not None
-        if not outer.called:
-            if isinstance(result, Failure):
-                outer.errback(result)
-            else:
-                outer.callback(result)
 
     def _dispatch(self) -> None:
         # A job that finishes synchronously re-enters here from _finished; the
@@ -400,7 +224,8 @@ class Locked:
         self._dispatching = True
         try:
             while self._waiting and len(self._running) < self.capacity:
-                self._start(self._waiting.pop(self._choose()))
+                ticket = self._waiting.pop(self._choose())
+                self._start(ticket, ticket.job)
         finally:
             self._dispatching = False
 
@@ -418,40 +243,6 @@ class Locked:
         for i in passed:
             self._waiting[i].overtaken += 1
         return index
-
-    def queued_for(self, consumer: str) -> int:
-        return sum(1 for t in self._waiting if t.consumer == consumer)
-
-    def queue_order(self) -> tuple[QueuedJob, ...]:
-        views = [t.waiting_view(self._is_loaded(t.consumer) if self._is_loaded is not None
-                                else False) for t in self._waiting]
-        order = pick_order(views, self._clock.seconds(), self._aging_s,
-                           self._max_overtakes if self._is_loaded is not None else 0)
-        return tuple(QueuedJob(t.request_id, t.consumer, t.kind, t.enqueued_at, t.control)
-                     for t in (self._waiting[i] for i in order))
-
-    def _expire(self, ticket: _Ticket) -> None:
-        ticket.timer = None
-        if ticket.state is not TicketState.WAITING:
-            return
-        self._waiting.remove(ticket)
-        ticket.state = TicketState.DROPPED
-        self._rejected += 1
-        assert ticket.outer is not None
-        ticket.outer.errback(QueueTimeout(
-            f"waited {self._queue_timeout_s:g}s for the GPU (scheduler.queue_timeout_s)",
-            consumer=ticket.consumer))
-
-    def _cancel(self, ticket: _Ticket) -> None:
-        if ticket.state is TicketState.WAITING:
-            self._waiting.remove(ticket)
-            ticket.state = TicketState.DROPPED
-            if ticket.timer is not None and ticket.timer.active():
-                ticket.timer.cancel()
-            ticket.timer = None
-            # outer errbacks with CancelledError once we return.
-        elif ticket.state is TicketState.RUNNING and ticket.inner is not None:
-            ticket.inner.cancel()
 
 
 # Waiting and the pick_next functions: their old home, kept for imports.

@@ -12,8 +12,9 @@ wait until it runs alone (an out-of-memory replay). While a job unloads or
 loads, no other load or unload starts. A control job (preload, admin, idle
 unload) runs alone on the card.
 
-The slot is released in one place (`_finished`), which every path out of a
-running job reaches.
+The queue itself (bounded, the wait deadline, cancel, the running set, and
+the one place a job's slot is released) is gpumgr.job_queue's, shared with
+`Locked`; `Auto` adds its decision and the books it keeps beside it.
 
 With several cards (`cards`, gpumgr.auto_cards) each job lives on its
 consumer's cards and is decided on each card's own figures; loads, unloads,
@@ -23,24 +24,21 @@ wait for each other.
 
 from __future__ import annotations
 
-import itertools
-import math
 from typing import Any, Callable, Mapping
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from gpumgr.auto_cards import AutoCards, CardBooks, CardClaims, combine, heads_of, shares_card
 from gpumgr.budget import Ask, Decision, Refuse, Start, Wait, WaitReason, decide
 from gpumgr.budget_figures import (BudgetStatus, Figures, ProfileOf, WaitingJob,
                                    budget_status, oom_peak_mib)
-from gpumgr.errors import GpumgrError, InsufficientVram, QueueFull, QueueTimeout
+from gpumgr.errors import InsufficientVram
+from gpumgr.job_queue import Job, JobQueue, Ticket, TicketState
 from gpumgr.memory import FigureSource, MemoryFigure, MemoryProfile
 from gpumgr.queue_policy import QueuedJob, Waiting, effective_priority
 from gpumgr.registry import Registry
-from gpumgr.scheduler import Holder, Job, SchedulerStats, TicketState, _IdleWaiters
 from gpumgr.states import SchedulerMode
 
 log = Logger()
@@ -68,34 +66,25 @@ class Grant:
 GrantedJob = Callable[[Grant], "defer.Deferred[Any]"]
 
 
-class _Ticket:
+class _Ticket(Ticket):
+    __slots__ = ("model", "profile", "why", "alone", "bypassed_since", "cards")
+
     def __init__(self, seq: int, consumer: str, kind: str | None, model: str | None,
-                 priority: int, job: GrantedJob, control: bool, enqueued_at: float) -> None:
-        self.seq = seq
-        self.consumer = consumer
-        self.kind = kind
+                 priority: int, job: GrantedJob, control: bool, enqueued_at: float,
+                 request_id: str | None) -> None:
+        super().__init__(seq, consumer, kind, priority, job, enqueued_at, control, request_id)
         self.model = model
-        self.priority = priority
-        self.job = job
-        self.control = control
-        self.enqueued_at = enqueued_at
-        self.started_at = enqueued_at
-        self.state = TicketState.WAITING
-        self.outer: defer.Deferred[Any] | None = None
-        self.inner: defer.Deferred[Any] | None = None
-        self.timer: Any = None
         self.profile = _NOTHING
         self.why: Wait | None = None
         #: It runs with no other job (a control job, a job with no grant).
         self.alone = control
         #: When a later job first started ahead of it.
         self.bypassed_since: float | None = None
-        self.request_id: str | None = None
         #: The cards it runs on (one card: card 0).
         self.cards: tuple[int, ...] = (0,)
 
 
-class Auto:
+class Auto(JobQueue[_Ticket]):
     """Jobs start when `gpumgr.budget` says they fit; see the module docstring."""
 
     mode = SchedulerMode.LOCKED  # the broker reports its own mode
@@ -118,8 +107,7 @@ class Auto:
     ) -> None:
         """`figures`: the one card's; with `cards` (several cards), each card's
         figures come from `cards.figures` instead."""
-        self._clock = clock
-        self._registry = registry
+        super().__init__(clock, registry)
         self._cards = cards
         self._card_figures: Callable[[int], Figures] = (
             cards.figures if cards is not None else lambda _card: figures())
@@ -128,23 +116,13 @@ class Auto:
         self.capacity = None
         self.configure(max_queue, queue_timeout_s, priority or {}, aging_s, max_bypass_s,
                        max_running, dispatch=False)
-        self._seq = itertools.count()
-        self._waiting: list[_Ticket] = []
-        self._running: set[_Ticket] = set()
         #: Per card: a load or unload in progress, jobs waiting to run alone.
         self._claims: CardClaims[_Ticket] = CardClaims()
-        self._total = 0
-        self._rejected = 0
-        self._last_wait_ms = 0
-        self._last_run_ms = 0
-        self.max_running_seen = 0
         self._overlap_evict_idle_s = overlap_evict_idle_s
         #: Per card: job peaks that ended lately, others' memory when quiet.
         self._books = CardBooks()
         self._dispatching = False
         self._again = False
-        self._closed: GpumgrError | None = None
-        self._idle = _IdleWaiters()
 
     def configure(self, max_queue: int, queue_timeout_s: float, priority: Mapping[str, int],
                   aging_s: float, max_bypass_s: float, max_running: int,
@@ -185,25 +163,6 @@ class Auto:
         """Figures changed (a GPU sample, a profile, a reload): look at the queue again."""
         self._dispatch()
 
-    def queued_for(self, consumer: str) -> int:
-        return sum(1 for t in self._waiting if t.consumer == consumer)
-
-    def close(self, error: GpumgrError) -> None:
-        self._closed = error
-        waiting, self._waiting = self._waiting, []
-        for t in waiting:
-            self._drop(t)
-            assert t.outer is not None
-            t.outer.errback(error)
-
-    def cancel_running(self) -> None:
-        for t in sorted(self._running, key=lambda t: t.seq):
-            if t.inner is not None:
-                t.inner.cancel()
-
-    def when_idle(self) -> defer.Deferred[None]:
-        return self._idle.wait(not self._running)
-
     def waiting_reasons(self) -> tuple[tuple[str, str | None, WaitReason | None, str], ...]:
         """(consumer, kind, reason, detail) of every waiting job, in queue order."""
         return tuple((t.consumer, t.kind, t.why.reason if t.why else None,
@@ -234,29 +193,14 @@ class Auto:
                 if p is not None]
         return min(seen, default=None)
 
-    def stats(self) -> SchedulerStats:
-        by_kind: dict[str, int] = {}
-        for t in self._waiting:
-            by_kind[t.kind or "other"] = by_kind.get(t.kind or "other", 0) + 1
-        return SchedulerStats(
-            mode=self.mode, capacity=None, queue_depth=len(self._waiting),
-            in_flight=len(self._running), total_jobs=self._total,
-            last_wait_ms=self._last_wait_ms, last_run_ms=self._last_run_ms, evictions=0,
-            oldest_queued=min((t.enqueued_at for t in self._waiting), default=None),
-            rejected=self._rejected, queued_by_kind=by_kind,
-            holders=tuple(Holder(t.consumer, t.kind, t.started_at, t.control)
-                          for t in sorted(self._running, key=lambda t: t.seq)))
-
     def _enqueue(self, consumer: str, job: GrantedJob, kind: str | None, model: str | None,
                  control: bool, alone: bool,
                  request_id: str | None = None) -> defer.Deferred[Any]:
         if self._closed is not None:
             return defer.fail(self._closed)
-        t = _Ticket(next(self._seq), consumer, kind, model,
-                    self._priority.get(kind, 0) if kind else 0, job, control,
-                    self._clock.seconds())
+        t = _Ticket(next(self._seq), consumer, kind, model, self._priority_of(kind), job,
+                    control, self._clock.seconds(), request_id)
         t.alone = alone
-        t.request_id = request_id
         if self._cards is not None:
             try:
                 t.cards = tuple(sorted(set(self._cards.cards_for_job(consumer)))) or (0,)
@@ -267,20 +211,9 @@ class Auto:
             if refusal is not None:
                 return defer.fail(refusal)
         t.outer = defer.Deferred(lambda _d: self._cancel(t))
-        if len(self._waiting) >= self._max_queue:
-            self._rejected += 1
-            t.state = TicketState.DROPPED
-            t.outer.errback(QueueFull(
-                f"{len(self._waiting)} jobs are already waiting (scheduler.max_queue)",
-                consumer=consumer, retry_after_s=self._retry_after_s()))
-            return t.outer
-        t.timer = self._clock.callLater(self._queue_timeout_s, self._expire, t)
-        self._waiting.append(t)
-        self._dispatch()
+        if self._queue(t):
+            self._dispatch()
         return t.outer
-
-    def _retry_after_s(self) -> float:
-        return math.ceil(max(self._last_run_ms / 1000.0, 1.0) * (len(self._waiting) + 1))
 
     def _order(self) -> list[_Ticket]:
         now = self._clock.seconds()
@@ -354,11 +287,7 @@ class Auto:
         for t in order:
             decision = self._decide(t, figures)
             if isinstance(decision, Refuse):
-                self._waiting.remove(t)
-                self._drop(t)
-                self._rejected += 1
-                assert t.outer is not None
-                t.outer.errback(InsufficientVram(decision.message, consumer=t.consumer,
+                self._refuse(t, InsufficientVram(decision.message, consumer=t.consumer,
                                                  retry_after_s=5))
                 self._again = True
                 return
@@ -376,56 +305,29 @@ class Auto:
             for h in heads:
                 if h.bypassed_since is None:
                     h.bypassed_since = now
-            self._start(t, decision)
+            self._grant(t, decision)
             self._again = True
             return
 
-    def _start(self, t: _Ticket, start: Start) -> None:
-        now = self._clock.seconds()
+    def _grant(self, t: _Ticket, start: Start) -> None:
         self._waiting.remove(t)
-        if t.timer is not None and t.timer.active():
-            t.timer.cancel()
-        t.timer = None
-        t.state = TicketState.RUNNING
-        t.started_at = now
         t.why = None
-        self._running.add(t)
+        self._start(t, lambda: t.job(Grant(self, t, start)), lambda: self._took(t, start))
+
+    def _took(self, t: _Ticket, start: Start) -> None:
         if start.victims:
             log.info("{name} starts once {victims} are evicted ({card})", name=t.consumer,
                      victims=", ".join(start.victims), card=self._current_figures(t.cards[0]).card)
         if start.control:  # its load and unloads: its cards and its victims'
             cards_of = self._cards.cards_of if self._cards is not None else lambda _v: (0,)
             self._claims.take_control(t, {*t.cards, *(c for v in start.victims for c in cards_of(v))})
-        self.max_running_seen = max(self.max_running_seen, len(self._running))
-        self._total += 1
-        self._last_wait_ms = int((now - t.enqueued_at) * 1000)
-        if not t.control:
-            self._registry.job_started(t.consumer, now)
-        t.inner = defer.maybeDeferred(t.job, Grant(self, t, start))
-        t.inner.addBoth(self._finished, t, now)
 
-    def _finished(self, result: Any, t: _Ticket, started_at: float) -> None:
-        try:
-            now = self._clock.seconds()
-            t.state = TicketState.DONE
-            self._running.discard(t)
-            self._claims.ended(t)
-            self._last_run_ms = int((now - started_at) * 1000)
-            if not t.control:
-                self._registry.job_ended(t.consumer, now)
-            self._books.ended(t.cards, now, t.profile.job_peak.mib)
-        finally:
-            self._claims.fire(self._running)
-            self._dispatch()
-            if not self._running:
-                self._idle.fire()
-        outer = t.outer
-        assert outer is not None
-        if not outer.called:
-            if isinstance(result, Failure):
-                outer.errback(result)
-            else:
-                outer.callback(result)
+    def _ended(self, t: _Ticket, now: float) -> None:
+        self._claims.ended(t)
+        self._books.ended(t.cards, now, t.profile.job_peak.mib)
+
+    def _released(self) -> None:
+        self._claims.fire(self._running)
 
     def _control_done(self, t: _Ticket) -> None:
         if self._claims.release_control(t):
@@ -436,33 +338,11 @@ class Auto:
             return defer.succeed(None)
         return self._claims.wait_alone(t, self._running)
 
-    def _drop(self, t: _Ticket) -> None:
-        t.state = TicketState.DROPPED
-        if t.timer is not None and t.timer.active():
-            t.timer.cancel()
-        t.timer = None
-
-    def _expire(self, t: _Ticket) -> None:
-        t.timer = None
-        if t.state is not TicketState.WAITING:
-            return
-        self._waiting.remove(t)
-        self._drop(t)
-        self._rejected += 1
-        assert t.outer is not None
-        why = f" ({t.why.reason}: {t.why.detail})" if t.why else ""
-        t.outer.errback(QueueTimeout(
-            f"waited {self._queue_timeout_s:g}s for the GPU (scheduler.queue_timeout_s){why}",
-            consumer=t.consumer))
+    def _left_queue(self) -> None:
         self._dispatch()  # a head that leaves lets the jobs it held back go
 
-    def _cancel(self, t: _Ticket) -> None:
-        if t.state is TicketState.WAITING:
-            self._waiting.remove(t)
-            self._drop(t)
-            self._dispatch()
-        elif t.state is TicketState.RUNNING and t.inner is not None:
-            t.inner.cancel()
+    def _wait_reason(self, t: _Ticket) -> str:
+        return f" ({t.why.reason}: {t.why.detail})" if t.why else ""
 
 
 __all__ = ["Auto", "Grant", "GrantedJob"]
