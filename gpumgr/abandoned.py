@@ -148,9 +148,10 @@ def reading_of(sample: GpuSample, process_pattern: ProcessNameMatcher | None,
                service_drained: bool = False) -> Reading:
     """A Reading from one nvidia-smi sample (pure). `process_pattern` is
     the consumer's `gpu_process` pattern, or None. `cards`: the cards the
-    consumer lives on (a box of several, gpumgr.cards), whose utilisation
-    alone says whether its work stopped (another card's work says nothing);
-    None: every card (one lock for the box; its processes may use any)."""
+    consumer lives on (a box of several, gpumgr.cards), whose utilisation and
+    processes alone say whether its work stopped (another card's work, even
+    by a process of the same name, says nothing); None: every card (one lock
+    for the box; its processes may use any)."""
     if not sample.available:
         return Reading(service_down=service_down, sample_ok=False, resident_mib=resident_mib,
                        service_says_stopped=service_says_stopped,
@@ -160,7 +161,9 @@ def reading_of(sample: GpuSample, process_pattern: ProcessNameMatcher | None,
     util = max(known) if gpus and len(known) == len(gpus) else None
     process_mib = None
     if process_pattern is not None:
-        process_mib = sum(p.used_mib or 0 for p in sample.processes
+        processes = sample.processes if cards is None else [
+            p for card in cards for p in sample.processes_on(card)]
+        process_mib = sum(p.used_mib or 0 for p in processes
                           if process_pattern.search(p.name))
     return Reading(service_down=service_down, sample_ok=True, utilization_pct=util,
                    process_mib=process_mib, resident_mib=resident_mib,
@@ -240,7 +243,9 @@ class AbandonedWork:
     ) -> Evidence:
         """Return once the abandoned work of `name` stopped, or `grace_s` passed.
         `cards`: where it lives, on a box of several (see `reading_of`);
-        `barrier`: the driver's `work_barrier`, called once, a sample period in."""
+        `barrier`: the driver's `work_barrier`, called once, a sample period in
+        (by the clock: the request the client left must reach the service's
+        lock first), or None (the caller knows it proves nothing here)."""
         started = self._clock.seconds()
         deadline = started + grace_s
         self._seq += 1
@@ -266,7 +271,8 @@ class AbandonedWork:
                     outcome = evidence.value
                     self._ended(name, evidence, now - started, grace_s)
                     return evidence
-                if barrier is not None and waiting_turn is None and now > started:
+                if barrier is not None and waiting_turn is None \
+                        and now - started >= self._period_s():
                     waiting_turn = _take_turn(barrier, passed)
                 await task.deferLater(self._clock, min(self._period_s(), deadline - now),
                                       lambda: None)

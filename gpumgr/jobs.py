@@ -334,9 +334,13 @@ class Jobs:
                 self._config().health.timeout_s, self._reactor)
 
         cards = None if self.cards_of is None else self.cards_of(name)
-        await self._abandoned.settle(name, c.abandoned_grace_s, c.gpu_process,
-                                     c.vram_resident_mib, is_down, ask_service, cards,
-                                     lambda: driver.work_barrier(self._http, c))
+        # A service's lock is not a queue (std::mutex is not fair): its turn
+        # says the left work is over only if that work was its only one.
+        alone = len(self._running.get(name, {})) <= 1
+        await self._abandoned.settle(
+            name, c.abandoned_grace_s, c.gpu_process, c.vram_resident_mib, is_down,
+            ask_service, cards,
+            (lambda: driver.work_barrier(self._http, c)) if alone else None)
 
     # -- the bound, and the jobs a consumer that stays down ends -----------------------
 

@@ -61,8 +61,9 @@ _DEFAULTS = (
     DriverDefaults(
         "whisper.cpp",
         health="/health",
-        # It aborts an inference whose client disconnected (and answers 499);
-        # nothing in its API says whether an inference still runs.
+        # It aborts an inference whose client disconnected (and answers 499)
+        # since May 2025; an empty POST /inference waits for its inference
+        # lock (gpumgr.drivers.whisper_cpp, work_barrier).
         abandoned_grace_s=5.0,
     ),
     DriverDefaults(

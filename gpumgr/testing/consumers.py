@@ -15,8 +15,8 @@ Flavours (see shared CONSUMERS-NOTES for the real behaviour they copy):
   worker honours between renders), /view, /upload/image and a WebSocket.
 - `WhisperSim`: /inference, /health; no unload route (pinned). Inference is
   serialised under one lock, taken before the request's fields are read, so
-  an empty /inference is answered 400 "no 'file' field" once every inference
-  before it ended. For the real shape, a separate process, see
+  an empty /inference is answered (400 `Invalid request`, as whisper-server
+  since March 2026) once every inference before it ended. For the real shape, a separate process, see
   `gpumgr.testing.whisper_server`.
 - `MvoiceSim`: /tts returns a WAV and keeps it for GET /audio/<name>;
   /health, /load, /unload.
@@ -104,10 +104,11 @@ class WhisperSim(SimulatedConsumer):
                     released.append(True)
                     self.turn.release()
 
-            if no_file:
+            if no_file:  # its JSON error, replaced by the server's error handler
                 release()
-                self.finish_with(request, json_body(
-                    request, {"error": "no 'file' field in the request"}, 400))
+                request.setResponseCode(400)
+                request.setHeader(b"Content-Type", b"text/plain")
+                self.finish_with(request, b"Invalid request")
                 return
             answer = self.run_job(request, work, ended=release)
             if answer is not server.NOT_DONE_YET:

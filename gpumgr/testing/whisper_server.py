@@ -15,9 +15,9 @@ to a supervisor:
 - ``POST /inference``: multipart with a ``file`` field; answers ``{"text": ...}``
   (or ``response_format`` text, verbose_json, srt, vtt). Inference is
   serialised, and the lock is taken before the fields are looked at: without
-  ``file`` it answers what the real server does, once every inference before
-  it ended: 400 ``{"error": "no 'file' field in the request"}`` (and a line on
-  stderr).
+  ``file`` it answers what the real server (since March 2026) does, once
+  every inference before it ended: a line on stderr, then 400 ``Invalid
+  request`` (text/plain: its error handler replaces the handler's JSON).
 - ``POST /load`` (multipart ``model``) reloads under the inference lock. There is
   no unload route: stopping the process is the unload.
 - SIGTERM or SIGINT: it frees its memory and exits 0 at once. After SIGKILL its
@@ -170,7 +170,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.inference_lock:
             if "file" not in fields:
                 _log("error: no 'file' field in the request")
-                self._json({"error": "no 'file' field in the request"}, 400)
+                self._send(400, b"Invalid request", "text/plain")
                 return
             _log("[REQUEST] New inference request received")
             time.sleep(self.server.options.job_s)

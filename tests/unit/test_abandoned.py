@@ -166,6 +166,13 @@ def test_on_a_box_of_several_cards_only_the_consumers_own_cards_count():
     # Its card's row is gone, or it is placed nowhere yet: nothing is known.
     assert reading_of(busy_elsewhere, None, 0, cards=(5,)).utilization_pct is None
     assert reading_of(busy_elsewhere, None, 0, cards=()).utilization_pct is None
+    # Its processes are those on its cards: the same binary on another card is another's.
+    on_cards = GpuSample(sampled_at=0.0, gpus=tuple(
+        GpuInfo(i, "sim", 24576, 9000, 15576, 0, 40, uuid=f"GPU-{i}") for i in range(2)),
+        processes=(GpuProcess(1, "whisper-server", 1500, "GPU-0"),
+                   GpuProcess(2, "whisper-server", 2600, "GPU-1")))
+    assert reading_of(on_cards, re.compile("whisper"), 0, cards=(1,)).process_mib == 2600
+    assert reading_of(on_cards, re.compile("whisper"), 0).process_mib == 4100
     # Its card's utilisation unknown (MIG); another card's known one is no stand-in.
     assert reading_of(sample([0, None]), None, 0, cards=(1,)).utilization_pct is None
 
@@ -316,6 +323,27 @@ def test_the_services_turn_is_taken_once_a_period_in_and_its_answer_ends_it(cloc
     clock.advance(0.5)
     assert d.result is Evidence.SERVICE_DRAINED and work.outcomes == {"service_drained": 1}
     assert clock.getDelayedCalls() == []
+
+
+def test_the_turn_waits_a_period_of_the_clock_however_long_a_sample_takes(clock, events):
+    """Found in review: with `now > started`, a sample that took 30 ms was
+    enough, and the call could reach the lock before the request the client
+    left (whose body the service may still be reading)."""
+    card, turn = Card(clock, util=97), Turn()
+    plain = card.sample
+
+    def slow_sample():
+        clock.advance(0.03)  # nvidia-smi takes real time
+        return plain()
+
+    card.sample = slow_sample
+    work = waiter(clock, card, events)
+    d = defer.ensureDeferred(work.settle("whisper", 60.0, barrier=turn))
+    assert turn.calls == [] and clock.seconds() == pytest.approx(0.03)
+    clock.advance(0.5)
+    assert len(turn.calls) == 1 and clock.seconds() - 0.0 >= 0.5
+    d.cancel()
+    d.addErrback(lambda f: f.trap(defer.CancelledError))
 
 
 def test_an_answer_not_understood_or_a_failed_turn_is_no_evidence(clock, events):

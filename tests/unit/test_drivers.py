@@ -155,13 +155,20 @@ def test_whisper_loading_model_is_starting_and_other_failures_are_down():
 
 def test_whisper_waits_its_turn_behind_the_inference_before_it():
     whisper, c = get_driver("whisper.cpp"), consumer("whisper.cpp")
-    for code in (400, 200):  # 200 in the server's first versions
-        http = FakeHttp({("POST", "/inference"): HttpReply(
-            code, b'{"error":"no \'file\' field in the request"}')})
+    since_2026 = HttpReply(400, b"Invalid request")  # its error handler's body
+    until_2026 = HttpReply(200, b'{"error":"no \'file\' field in the request"}')
+    for reply in (since_2026, until_2026):
+        http = FakeHttp({("POST", "/inference"): reply})
         assert result_of(whisper.work_barrier(http, c)) is True
         assert http.calls == [("POST", "/inference", b"")]
+    # Its inference route where `--inference-path` moved it.
+    moved = consumer("whisper.cpp", paths={"stt": "/v1/audio/transcriptions"})
+    http = FakeHttp({("POST", "/v1/audio/transcriptions"): since_2026})
+    assert result_of(whisper.work_barrier(http, moved)) is True
     # Anything else is not whisper-server's answer: no evidence.
-    for reply in (HttpReply(404, b"{}"), HttpReply(500, b"no 'file' field in the request"),
+    for reply in (HttpReply(404, b"{}"), HttpReply(500, b"Invalid request"),
+                  HttpReply(400, b'{"error":"no \'file\' field in the request"}'),
+                  HttpReply(400, b"Invalid request: bad header"),
                   HttpReply(200, b'{"text":"hello"}')):
         http = FakeHttp({("POST", "/inference"): reply})
         assert result_of(whisper.work_barrier(http, c)) is None
