@@ -32,7 +32,7 @@ from gpumgr.eviction import Residency
 from gpumgr.fleet import Fleet
 from gpumgr.process import ManagedProcess, ProcessState
 from gpumgr.proxy import Outcome, Result, StreamingProxy, Timeouts
-from gpumgr.registry import Health, Registry
+from gpumgr.registry import Registry
 from gpumgr.renders import RenderTracker
 from gpumgr.routing import Route
 from gpumgr.auto_cards import AutoCards
@@ -320,14 +320,16 @@ class Jobs:
         if self._passthrough or c.abandoned_grace_s <= 0:
             return
         name = c.name
+        left_at = self._reactor.seconds()
 
         def is_down() -> bool:
             # Gone, not merely unhealthy: a service that answers its health
-            # route 503 (busy, flapping) may still compute.
+            # route 503 (busy, flapping) may still compute; and gone since it
+            # ran the work (a refusal seen before then is stale).
             if self._fleet.is_stopped(name):
                 return True
             state = self._registry[name] if name in self._registry else None
-            return state is not None and state.health is Health.DOWN and state.refused
+            return state is not None and state.gone_since(left_at)
 
         def ask_service() -> defer.Deferred[bool | None]:
             return driver.work_stopped(self._http, c).addTimeout(

@@ -28,6 +28,13 @@ class ConsumerState:
     errors: int = 0
     last_used: float | None = None
 
+    def gone_since(self, t: float) -> bool:
+        """A probe at or after `t` found nothing listening. A refusal seen
+        before `t` is stale for work the service took after it (it restarted
+        and took it): it says nothing of that work."""
+        return (self.health is Health.DOWN and self.refused
+                and self.last_probe is not None and self.last_probe >= t)
+
     @property
     def loaded(self) -> bool | None:
         """The JSON form: true, false, or null when unknown."""

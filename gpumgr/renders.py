@@ -128,8 +128,10 @@ class RenderTracker:
                 state_now = self._registry[name]
                 health = state_now.health
                 # Gone, not merely unhealthy: a health route that fails or is
-                # slow says nothing of a render (its prompt may be in /queue).
-                if health is Health.DOWN and state_now.refused:
+                # slow says nothing of a render (its prompt may be in /queue);
+                # and gone since it took the prompt (a refusal from before a
+                # restart says nothing of a prompt the new process took).
+                if state_now.gone_since(render.since):
                     self._lost(render, "its service is gone (connection refused)")
                     return
                 if health is Health.STOPPED:

@@ -514,6 +514,8 @@ class SimJobs:
         self.running: list[SimJob] = []
         self.overlaps: list[tuple[SimJob, SimJob]] = []
         self.renders_without_slot = 0
+        #: (when, (prompt id, client id)) of each render that started without the slot.
+        self.slotless: list[tuple[float, Any]] = []
         self._exchange: tuple[Any, dict[str, SimJob]] | None = None
         self._render: SimJob | None = None
         started, ended = world.job_started, world.job_ended
@@ -537,6 +539,8 @@ class SimJobs:
                 held = {h.consumer for h in service.scheduler.stats().holders}
                 if consumer.name not in held and not job.foreign:
                     self.renders_without_slot += 1
+                    self.slotless.append((reactor.seconds(), None if item is None else (
+                        item.prompt_id, item.client_id)))
             # Jobs on different cards of a box of several share nothing.
             mine = set(world.gpu.cards_of(consumer.name))
             self.overlaps.extend((other, job) for other in self.running
@@ -1513,8 +1517,12 @@ async def _fault_run(tmp_path: Any, seed: int, capsys: Any, two_cards: bool = Fa
                                                    after_cuts[0][1].started),
                                                max(after_cuts[0][0].ended or 0,
                                                    after_cuts[0][1].ended or 0)))
-        assert jobs.renders_without_slot == 0, \
-            f"{jobs.renders_without_slot} ComfyUI renders started without gpumgr's slot"
+        assert jobs.renders_without_slot == 0, (
+            f"{jobs.renders_without_slot} ComfyUI renders started without gpumgr's slot: "
+            f"{jobs.slotless[:3]}; faults then: "
+            f"{[w for w in injector.windows if abs(w.start - jobs.slotless[0][0]) < 10]}; "
+            f"gpumgr's log then:\n"
+            + watch.around(jobs.slotless[0][0] - 4.0, jobs.slotless[0][0]))
         assert world.active_jobs == 0, f"{world.active_jobs} simulated GPU jobs still running"
 
         # Memory and descriptors back where they were after the warm-up.

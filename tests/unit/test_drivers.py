@@ -395,9 +395,31 @@ def test_a_render_is_released_once_its_service_is_gone():
     broker.registry.set_health("comfy", Health.DOWN)  # ...nor a failing health route...
     clock.advance(1.0)
     assert not d.called
-    broker.registry["comfy"].refused = True  # ...but nothing listening on its port does
+    state = broker.registry["comfy"]
+    state.refused, state.last_probe = True, clock.seconds()  # ...but nothing listening does
     clock.advance(0.5)
     assert d.called and broker.renders == {} and broker.render_counts["lost"] == 1
+
+
+def test_a_refusal_seen_before_the_service_took_the_prompt_is_not_evidence():
+    """Found by the fault suite (a ComfyUI render started without gpumgr's
+    slot): ComfyUI restarted and took a prompt while the registry still held
+    the refusal its last probe saw during the restart. That refusal says
+    nothing of the new process's prompt: it is tracked until its evidence."""
+    clock, broker = make_broker()
+    state = broker.registry["comfy"]
+    broker.registry.set_health("comfy", Health.DOWN)
+    state.refused, state.last_probe = True, clock.seconds()  # seen while it restarted
+    clock.advance(0.2)
+    driver = Renders()
+    d = defer.ensureDeferred(broker._track_render(broker.config.consumers["comfy"], driver,
+                                                  "p1", clock.seconds()))
+    clock.advance(2.0)
+    assert not d.called and driver.polls > 0  # followed in /queue, not released
+    driver.state = RenderState.DONE
+    clock.advance(1.0)
+    assert d.called and broker.render_counts["lost"] == 0
+    assert broker.render_counts["completed"] == 1
 
 
 def test_cancelling_a_tracked_render_releases_it():
