@@ -1462,7 +1462,10 @@ async def _fault_run(tmp_path: Any, seed: int, capsys: Any, two_cards: bool = Fa
         internal = [r for r in records if r.code == "internal_error"]
         assert not internal, f"{len(internal)} internal errors: {internal[:3]}"
         relayed = [r for r in records if r.consumer_error is not None]
-        assert not relayed, f"{len(relayed)} consumer errors reached clients: {relayed[:3]}"
+        assert not relayed, (
+            f"{len(relayed)} consumer errors reached clients: {relayed[:3]}; simulated "
+            f"OOMs: {ooms.events[:3]}; gpumgr's log then:\n"
+            + watch.around(relayed[0].started - 3.0, relayed[0].ended or relayed[0].started))
         # Scheduled routes spelt otherwise: each answered as the README says.
         variants = [r for r in records if r.spec.expect is not None]
         assert variants, "no request-target variants were sent"
